@@ -1,0 +1,64 @@
+# Two commands on a fresh machine: `make run` and `make test`. Everything they need is installed here.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+CERTS := certs/dev
+ORIGIN := example-origin
+
+.PHONY: run test lint typecheck unit install certs origin system-deps bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# Debian tools the tests drive from outside: curl and openssl as clients.
+system-deps:
+	@missing=""; for t in curl openssl; do command -v $$t >/dev/null || missing="$$missing $$t"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+$(CERTS)/ca.pem: | $(STAMP)
+	$(BIN)/ota-gateway certs init --dir $(CERTS)
+
+certs: $(CERTS)/ca.pem
+
+$(ORIGIN)/com.example.app/releases.yaml: examples/build-origin.sh $(wildcard examples/webapp/*) | $(STAMP)
+	examples/build-origin.sh $(BIN)/ota-gateway $(ORIGIN)
+
+origin: $(ORIGIN)/com.example.app/releases.yaml
+
+run: $(STAMP) certs origin
+	@echo
+	@echo "Try (in another terminal):"
+	@echo "  curl --cacert $(CERTS)/ca.pem --cert $(CERTS)/client.pem --key $(CERTS)/client.key \\"
+	@echo "       https://127.0.0.1:8443/bundles/com.example.app/1.1.0.zip -o b.zip"
+	@echo "  curl --cacert $(CERTS)/ca.pem https://127.0.0.1:8443/bundles/com.example.app/1.1.0.zip   # no client cert: refused"
+	@echo "  curl http://127.0.0.1:9901/metrics"
+	@echo
+	$(BIN)/ota-gateway serve --config gateway.yaml
+
+lint: $(STAMP)
+	$(BIN)/ruff check gateway tests bench
+	$(BIN)/ruff format --check gateway tests bench
+
+typecheck: $(STAMP)
+	$(BIN)/mypy gateway
+
+unit: $(STAMP) system-deps
+	$(BIN)/pytest -q -p no:cacheprovider
+
+test: lint typecheck unit
+
+bench: $(STAMP)
+	$(PY) bench/run.py
+
+clean:
+	rm -rf $(VENV) $(CERTS) $(ORIGIN) state .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,128 @@
+"""The aiohttp applications: the public mTLS app (routes, identity and audit middleware) and the admin app.
+
+Owns routing and the request envelope: every request gets its client identity (from the TLS peer certificate,
+derived once per certificate), one audit record, a `requests` count, HSTS, and refusals turned into problem
+details. Handlers stay thin and raise `Refusal`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.openmetrics.exposition import CONTENT_TYPE_LATEST as OPENMETRICS_TYPE
+from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
+
+from gateway.audit import AuditRecord
+from gateway.core.identity import identity_from_der
+from gateway.core.reasons import Reason, Refusal
+from gateway.handlers.bundles import get_bundle
+from gateway.handlers.problem import problem_response
+from gateway.state_keys import AUDIT_KEY, IDENTITY_KEY, RUNTIME, Runtime
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _route_label(request: web.Request) -> str:
+    route = request.match_info.route
+    name = route.name if route is not None else None
+    return name if name in ("bundle",) else "other"
+
+
+def _peer_der(request: web.Request) -> bytes | None:
+    transport = request.transport
+    ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
+    if ssl_object is None:
+        return None
+    der: bytes | None = ssl_object.getpeercert(binary_form=True)
+    return der
+
+
+@web.middleware
+async def envelope(request: web.Request, handler: Handler) -> web.StreamResponse:
+    rt = request.app[RUNTIME]
+    started = time.monotonic()
+    route = _route_label(request)
+    peer = request.transport.get_extra_info("peername") if request.transport else None
+    record = AuditRecord(
+        route=route, method=request.method, path=request.path[:256], peer=str(peer[0]) if peer else None
+    )
+    request[AUDIT_KEY] = record
+    rt.active += 1
+    resp: web.StreamResponse
+    try:
+        der = _peer_der(request)
+        if der is None:
+            raise Refusal(Reason.NO_CLIENT_CERT, "a client certificate is required")
+        identity = identity_from_der(der)
+        request[IDENTITY_KEY] = identity
+        record.set_identity(identity)
+        resp = await handler(request)
+    except Refusal as refusal:
+        record.outcome, record.reason, record.detail = "refused", refusal.reason.label, refusal.detail
+        rt.metrics.refusals.labels(refusal.reason.label).inc()
+        resp = problem_response(refusal.reason, refusal.detail)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        reason = Reason.NOT_FOUND if exc.status in (404, 405) else Reason.BAD_REQUEST
+        record.outcome, record.reason = "refused", reason.label
+        rt.metrics.refusals.labels(reason.label).inc()
+        resp = problem_response(reason, exc.reason or "request refused", exc.status)
+    finally:
+        rt.active -= 1
+        record.duration_ms = round((time.monotonic() - started) * 1000, 3)
+    record.status = resp.status
+    if record.outcome == "ok" and resp.status >= 400:
+        record.outcome = "refused"
+    rt.metrics.requests.labels(route, record.outcome).inc()
+    rt.audit.write(record)
+    return resp
+
+
+async def _hsts(request: web.Request, response: web.StreamResponse) -> None:
+    rt = request.app[RUNTIME]
+    max_age = rt.config.listeners[0].hsts_max_age
+    if max_age:
+        response.headers.setdefault("Strict-Transport-Security", f"max-age={max_age}")
+    response.headers["Server"] = "ota-gateway"
+
+
+def create_app(runtime: Runtime) -> web.Application:
+    """The public application served on the mTLS listeners."""
+    app = web.Application(middlewares=[envelope], client_max_size=64 * 1024)
+    app[RUNTIME] = runtime
+    app.router.add_get(r"/bundles/{app_id}/{version}.zip", get_bundle, name="bundle", allow_head=False)
+    app.on_response_prepare.append(_hsts)
+    return app
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    rt = request.app[RUNTIME]
+    if "application/openmetrics-text" in request.headers.get("Accept", ""):
+        body = generate_openmetrics(rt.metrics.registry)  # type: ignore[no-untyped-call]
+        return web.Response(body=body, headers={"Content-Type": OPENMETRICS_TYPE})
+    return web.Response(body=generate_latest(rt.metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def _healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "alive"})
+
+
+async def _readyz(request: web.Request) -> web.Response:
+    rt = request.app[RUNTIME]
+    if rt.shutting_down:
+        return web.json_response({"status": "not ready", "reason": "shutting down"}, status=503)
+    return web.json_response({"status": "ready", "apps": len(rt.policies.apps), "origins": sorted(rt.origins)})
+
+
+def create_admin_app(runtime: Runtime) -> web.Application:
+    """Plain-HTTP admin application (loopback by default): /metrics, /healthz, /readyz."""
+    app = web.Application()
+    app[RUNTIME] = runtime
+    app.router.add_get("/metrics", _metrics)
+    app.router.add_get("/healthz", _healthz)
+    app.router.add_get("/readyz", _readyz)
+    return app

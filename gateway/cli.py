@@ -1,0 +1,149 @@
+"""The `ota-gateway` command: serve, check, certs, release.
+
+Owns argument parsing and how errors reach the user: a user error is one line per problem on stderr and exit
+code 2 (config errors name file, line and key path); `check` validates everything `serve` would load, like
+`nginx -t`. `main(argv)` returns the exit code so tests can call it in-process or as a subprocess.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from pathlib import Path
+
+from gateway import __version__
+from gateway.config import DEFAULT_CONFIG, load_config
+from gateway.errors import ConfigError
+
+EXIT_USAGE = 2
+
+
+def _fail(message: str) -> int:
+    for line in message.splitlines() or [message]:
+        print(f"ota-gateway: {line}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    from gateway.policy_store import load_policies
+    from gateway.tls import server_context
+
+    config = load_config(args.config)
+    for lst in config.listeners:
+        server_context(lst)
+    policies = load_policies(config.policies, config)
+    print(
+        f"ota-gateway: {args.config}: OK ({len(config.listeners)} listener(s), {len(config.origins)} origin(s), "
+        f"{len(policies.apps)} app(s))"
+    )
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from gateway.runner import serve
+
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    config = load_config(args.config)
+    try:
+        import uvloop  # optional: measurably faster on small requests
+
+        runner = uvloop.run if args.uvloop else asyncio.run
+    except ImportError:
+        runner = asyncio.run
+    return runner(serve(config))
+
+
+def _cmd_certs_init(args: argparse.Namespace) -> int:
+    from gateway import certs
+
+    for issued in certs.init(args.dir, force=args.force):
+        print(issued.describe())
+    return 0
+
+
+def _cmd_certs_issue(args: argparse.Namespace) -> int:
+    from gateway import certs
+
+    try:
+        issued = certs.issue_client(args.dir, args.name, days=args.days)
+    except (ValueError, FileNotFoundError) as exc:
+        return _fail(str(exc))
+    print(issued.describe())
+    return 0
+
+
+def _cmd_release_add(args: argparse.Namespace) -> int:
+    from gateway.publish import PublishError, add_release
+
+    try:
+        rel = add_release(
+            args.origin,
+            args.app,
+            args.version,
+            args.channel,
+            args.file,
+            capgo_key=args.capgo_key,
+            replace=args.replace,
+        )
+    except PublishError as exc:
+        return _fail(str(exc))
+    print(f"published {args.app} {rel.version} ({rel.channel}): {rel.file} {rel.size} bytes sha256 {rel.sha256}")
+    if rel.capgo is not None:
+        print(f"  capgo checksum    {rel.capgo.checksum}")
+        print(f"  capgo session_key {rel.capgo.session_key}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ota-gateway", description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--version", action="version", version=f"ota-gateway {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="run the gateway")
+    p.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+    p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--no-uvloop", dest="uvloop", action="store_false", help="use the stdlib event loop")
+    p.set_defaults(func=_cmd_serve)
+
+    p = sub.add_parser("check", help="validate the config and policies, like nginx -t (exit 0 or 2)")
+    p.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+    p.set_defaults(func=_cmd_check)
+
+    certs = sub.add_parser("certs", help="development PKI").add_subparsers(dest="certs_command", required=True)
+    p = certs.add_parser("init", help="CA, server, client, and a rogue CA + client for negative tests")
+    p.add_argument("--dir", type=Path, required=True)
+    p.add_argument("--force", action="store_true", help="replace existing material")
+    p.set_defaults(func=_cmd_certs_init)
+    p = certs.add_parser("issue-client", help="a new client certificate from the CA in --dir")
+    p.add_argument("--dir", type=Path, required=True)
+    p.add_argument("--days", type=int, default=825)
+    p.add_argument("name")
+    p.set_defaults(func=_cmd_certs_issue)
+
+    release = sub.add_parser("release", help="publish bundles").add_subparsers(dest="release_command", required=True)
+    p = release.add_parser("add", help="publish a zip into a directory origin")
+    p.add_argument("--origin", type=Path, required=True, help="the directory origin's root folder")
+    p.add_argument("--app", required=True)
+    p.add_argument("--version", required=True)
+    p.add_argument("--channel", default="production")
+    p.add_argument("--capgo-key", type=Path, help="Capgo v2 private key: encrypt and sign as the Capgo CLI does")
+    p.add_argument("--replace", action="store_true", help="overwrite an existing version")
+    p.add_argument("file", type=Path)
+    p.set_defaults(func=_cmd_release_add)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        result: int = args.func(args)
+        return result
+    except ConfigError as exc:
+        return _fail(str(exc))
+    except KeyboardInterrupt:
+        return 130

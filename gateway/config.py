@@ -1,0 +1,217 @@
+"""gateway.yaml: its schema, and loading it into a frozen `Config`.
+
+Owns the declaration of every key of gateway.yaml (pydantic models: strict types, unknown keys are errors,
+frozen) and the checks that need the file system: referenced files exist and are readable, a private key matches
+its certificate. Relative paths are relative to the config file's folder. Every problem is reported as
+`file:line: key.path: message`; `load_config` reports all problems of a file at once.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import pydantic
+from pydantic import AfterValidator, BeforeValidator, Field, ValidationInfo
+
+from gateway.errors import ConfigError, ConfigIssue
+from gateway.yamlsrc import KeyPath, YamlDoc, read_yaml, validation_issues
+
+DEFAULT_CONFIG = Path("gateway.yaml")
+
+
+def _resolve(value: Any, info: ValidationInfo) -> Any:
+    if not isinstance(value, str) or not value:
+        return value  # let the strict Path check name the wrong type
+    base = Path((info.context or {}).get("base", "."))
+    return (base / os.path.expanduser(value)).resolve()
+
+
+def _readable_file(path: Path) -> Path:
+    if not path.exists():
+        raise ValueError(f"file not found: {path}")
+    if not path.is_file():
+        raise ValueError(f"not a file: {path}")
+    if not os.access(path, os.R_OK):
+        raise ValueError(f"file not readable: {path}")
+    return path
+
+
+def _directory(path: Path) -> Path:
+    if not path.is_dir():
+        raise ValueError(f"directory not found: {path}")
+    return path
+
+
+def _tls_version(value: Any) -> Any:
+    # YAML reads 1.2 as a float; accept it as the version string it obviously is
+    return f"{value:.1f}" if isinstance(value, float) else value
+
+
+def _address(value: str) -> str:
+    if value == "localhost":
+        return value
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        raise ValueError(f"not an IP address: {value!r}") from None
+    return value
+
+
+File = Annotated[Path, BeforeValidator(_resolve), AfterValidator(_readable_file)]
+Directory = Annotated[Path, BeforeValidator(_resolve), AfterValidator(_directory)]
+LaterPath = Annotated[Path, BeforeValidator(_resolve)]  # created by the gateway if missing
+Port = Annotated[int, Field(ge=1, le=65535)]
+Address = Annotated[str, AfterValidator(_address)]
+Seconds = Annotated[float, Field(gt=0, le=86400)]
+PositiveInt = Annotated[int, Field(gt=0)]
+
+
+class Model(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class TlsListener(Model):
+    """A public mTLS listener."""
+
+    name: str = "main"
+    address: Address = "127.0.0.1"
+    port: Port = 8443
+    cert: File
+    key: File
+    client_ca: Annotated[list[File], Field(min_length=1)]
+    min_tls: Annotated[Literal["1.2", "1.3"], BeforeValidator(_tls_version)] = "1.2"
+    handshake_timeout: Seconds = 10.0
+    hsts_max_age: Annotated[int, Field(ge=0)] = 31536000
+
+
+class AdminListener(Model):
+    """Plain-HTTP admin listener for /metrics, /healthz and /readyz; loopback by default."""
+
+    enabled: bool = True
+    address: Address = "127.0.0.1"
+    port: Port = 9901
+
+
+class DirectoryOriginConfig(Model):
+    """Bundles and `releases.yaml` indexes in a local folder: `<path>/<app_id>/releases.yaml`."""
+
+    type: Literal["directory"]
+    path: Directory
+
+
+class HttpsOriginConfig(Model):
+    """A remote HTTPS origin: `<url>/<app_id>/releases.json` and the files it names."""
+
+    type: Literal["https"]
+    url: str
+    ca: File | None = None  # None: the system trust store
+    spki_pins: list[str] = []
+    connect_timeout: Seconds = 5.0
+    read_timeout: Seconds = 30.0
+    redirect_hosts: list[str] = []
+    max_redirects: Annotated[int, Field(ge=0, le=10)] = 3
+    index_ttl: Annotated[float, Field(ge=0)] = 5.0
+
+    @pydantic.field_validator("url")
+    @classmethod
+    def _https_only(cls, value: str) -> str:
+        from yarl import URL
+
+        url = URL(value)
+        if url.scheme != "https" or not url.host:
+            raise ValueError(f"origin url must be https://host[:port][/path], got {value!r}")
+        return value.rstrip("/") + "/"
+
+    @pydantic.field_validator("spki_pins")
+    @classmethod
+    def _pins(cls, value: list[str]) -> list[str]:
+        from gateway.core.pins import check_spki_pin
+
+        for pin in value:
+            check_spki_pin(pin)
+        return value
+
+
+OriginConfig = Annotated[DirectoryOriginConfig | HttpsOriginConfig, Field(discriminator="type")]
+
+
+class Limits(Model):
+    chunk_size: Annotated[int, Field(ge=4096, le=16 * 1024 * 1024)] = 256 * 1024
+    max_bundle_bytes: PositiveInt = 1024 * 1024 * 1024
+    shutdown_grace: Annotated[float, Field(ge=0, le=3600)] = 30.0
+    keepalive_timeout: Seconds = 75.0
+
+
+class StateConfig(Model):
+    path: LaterPath = Path("state/gateway.sqlite")
+
+
+class AuditConfig(Model):
+    path: str = "-"  # "-" is standard output
+
+
+class Config(Model):
+    """The whole of gateway.yaml."""
+
+    listeners: Annotated[list[TlsListener], Field(min_length=1)]
+    admin: AdminListener = AdminListener()
+    origins: Annotated[dict[str, OriginConfig], Field(min_length=1)]
+    policies: Directory
+    limits: Limits = Limits()
+    state: StateConfig = StateConfig()
+    audit: AuditConfig = AuditConfig()
+
+
+def _cross_checks(doc: YamlDoc, config: Config) -> list[ConfigIssue]:
+    from gateway.tls import TlsMaterialError, check_key_pair, load_ca_bundle
+
+    issues = []
+    names: dict[str, int] = {}
+    for i, lst in enumerate(config.listeners):
+        path: KeyPath = ("listeners", i)
+        if lst.name in names:
+            issues.append(
+                doc.issue(
+                    (*path, "name"),
+                    f"listener name {lst.name!r} already used by listeners[{names[lst.name]}]",
+                )
+            )
+        names[lst.name] = i
+        try:
+            check_key_pair(lst.cert, lst.key)
+        except TlsMaterialError as exc:
+            issues.append(doc.issue((*path, exc.field), str(exc)))
+        for j, ca in enumerate(lst.client_ca):
+            try:
+                load_ca_bundle(ca)
+            except TlsMaterialError as exc:
+                issues.append(doc.issue((*path, "client_ca", j), str(exc)))
+    ports = [(lst.address, lst.port) for lst in config.listeners]
+    if config.admin.enabled and (config.admin.address, config.admin.port) in ports:
+        issues.append(doc.issue(("admin", "port"), "admin port is also used by a TLS listener"))
+    for name, origin in config.origins.items():
+        if isinstance(origin, HttpsOriginConfig) and origin.ca is not None:
+            try:
+                load_ca_bundle(origin.ca)
+            except TlsMaterialError as exc:
+                issues.append(doc.issue(("origins", name, "ca"), str(exc)))
+    return issues
+
+
+def load_config(path: Path) -> Config:
+    """Read, validate and check gateway.yaml; raise `ConfigError` with every problem found."""
+    doc = read_yaml(path)
+    if not isinstance(doc.data, dict):
+        raise ConfigError([doc.issue((), "the top level must be a mapping of keys")])
+    context = {"base": str(path.resolve().parent)}
+    try:
+        config = Config.model_validate(doc.data, context=context)
+    except pydantic.ValidationError as exc:
+        raise ConfigError(validation_issues(doc, exc)) from None
+    issues = _cross_checks(doc, config)
+    if issues:
+        raise ConfigError(issues)
+    return config

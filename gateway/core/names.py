@@ -1,0 +1,33 @@
+"""Shapes of the names that reach the gateway from clients and indexes: app ids, versions, file names.
+
+Pure checks. A name that passes here is safe to use in a file path below an origin's root and in a URL path.
+"""
+
+from __future__ import annotations
+
+import re
+
+# reverse-domain app id, as the Capgo backend requires (com.example.app)
+APP_ID_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]*(\.[A-Za-z0-9_][A-Za-z0-9_-]*)+$")
+# a version as it appears in URLs and indexes: semver-like characters only, no path separators
+VERSION_RE = re.compile(r"^[0-9A-Za-z][0-9A-Za-z.+_-]{0,63}$")
+CHANNEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_FILE_PART_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._+-]{0,127}$")
+
+
+def is_app_id(value: str) -> bool:
+    return len(value) <= 128 and APP_ID_RE.match(value) is not None
+
+
+def is_version(value: str) -> bool:
+    return VERSION_RE.match(value) is not None and ".." not in value
+
+
+def is_channel(value: str) -> bool:
+    return CHANNEL_RE.match(value) is not None
+
+
+def is_relative_file(value: str) -> bool:
+    """A relative path of plain parts (no `..`, no absolute path, no backslash), at most 4 levels deep."""
+    parts = value.split("/")
+    return 0 < len(parts) <= 4 and all(_FILE_PART_RE.match(p) and p not in (".", "..") for p in parts)

@@ -1,0 +1,57 @@
+"""The closed set of refusal reasons.
+
+Every refusal, abort and audit `reason` is one of these values, and they are the only values the `reason`
+metric label may take. Nothing a client sends can add to this set. Each reason carries the HTTP status the
+gateway answers with when the refusal happens before the response has started.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class Reason(enum.Enum):
+    """A refusal reason: the value is the label and audit string, `status` the HTTP answer."""
+
+    NO_CLIENT_CERT = ("no_client_cert", 401)
+    UNTRUSTED_CERT = ("untrusted_cert", 403)
+    REVOKED = ("revoked", 403)
+    PIN_MISMATCH = ("pin_mismatch", 403)
+    IDENTITY_NOT_ALLOWED = ("identity_not_allowed", 403)
+    APP_UNKNOWN = ("app_unknown", 404)
+    RELEASE_UNKNOWN = ("release_unknown", 404)
+    NOT_HTTPS = ("not_https", 426)
+    DOWNGRADE = ("downgrade", 409)
+    ROLLBACK = ("rollback", 409)
+    BELOW_FLOOR = ("below_floor", 409)
+    CHECKSUM_MISMATCH = ("checksum_mismatch", 502)
+    SIGNATURE_INVALID = ("signature_invalid", 502)
+    SIZE_EXCEEDED = ("size_exceeded", 502)
+    SHORT_BODY = ("short_body", 502)
+    TOO_SLOW = ("too_slow", 504)
+    TICKET_INVALID = ("ticket_invalid", 403)
+    RATE_LIMITED = ("rate_limited", 429)
+    BAD_REQUEST = ("bad_request", 400)
+    NOT_FOUND = ("not_found", 404)
+    ORIGIN_ERROR = ("origin_error", 502)
+    CLIENT_GONE = ("client_gone", 499)
+    SHUTDOWN = ("shutdown", 503)
+
+    def __init__(self, label: str, status: int) -> None:
+        self.label = label
+        self.status = status
+
+    def __str__(self) -> str:
+        return self.label
+
+
+ALL_LABELS: tuple[str, ...] = tuple(r.label for r in Reason)
+
+
+class Refusal(Exception):
+    """Raised by the core (and the shell) to refuse a request for one closed-set reason."""
+
+    def __init__(self, reason: Reason, detail: str) -> None:
+        super().__init__(f"{reason.label}: {detail}")
+        self.reason = reason
+        self.detail = detail

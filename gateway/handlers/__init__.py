@@ -1,0 +1,1 @@
+"""HTTP handlers: thin shells that parse a request, ask the core, and stream or answer."""

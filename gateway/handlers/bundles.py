@@ -1,0 +1,151 @@
+"""GET /bundles/{app_id}/{version}.zip: look the release up and stream it through the verifier.
+
+A thin shell around `core/verify.py`. The expected size and digest come from the origin's release index before
+the first byte; the answer carries that Content-Length; the verifier holds back the newest chunk until the digest
+matches. On any failure after the headers went out the connection is aborted, so the client's transfer ends short
+and can never look complete. Before the headers, failures are problem-details answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from contextlib import AbstractAsyncContextManager
+
+from aiohttp import web
+
+from gateway.core.names import is_app_id, is_version
+from gateway.core.policy import admit
+from gateway.core.reasons import Reason, Refusal
+from gateway.core.verify import Expectation, Verifier
+from gateway.origins import Body, OriginError, ReleaseNotFound
+from gateway.state_keys import RUNTIME, Runtime, request_audit, request_identity
+
+CLIENT_WRITE_TIMEOUT = 60.0  # a client that takes longer than this to accept one chunk is cut off (too_slow)
+
+
+async def get_bundle(request: web.Request) -> web.StreamResponse:
+    rt = request.app[RUNTIME]
+    record = request_audit(request)
+    app_id = request.match_info["app_id"]
+    version = request.match_info["version"]
+    if not is_app_id(app_id) or not is_version(version):
+        raise Refusal(Reason.BAD_REQUEST, "app id or version is malformed")
+    record.app, record.version = app_id, version
+    app = admit(rt.policies, request_identity(request), app_id)
+    origin = rt.origins[app.origin]
+    record.origin = origin.name
+    started = time.monotonic()
+    try:
+        index = await origin.index(app_id)
+    except ReleaseNotFound as exc:
+        raise Refusal(Reason.RELEASE_UNKNOWN, f"no release index for {app_id}") from exc
+    except OriginError as exc:
+        rt.metrics.origin_errors.labels(origin.name).inc()
+        raise Refusal(Reason.ORIGIN_ERROR, str(exc)) from exc
+    release = index.find(version)
+    if release is None or release.channel not in app.channels.allowed:
+        raise Refusal(Reason.RELEASE_UNKNOWN, f"{app_id} has no release {version} on an allowed channel")
+    if release.size > rt.config.limits.max_bundle_bytes:
+        raise Refusal(Reason.SIZE_EXCEEDED, f"release is {release.size} bytes, above max_bundle_bytes")
+    expect = Expectation(release.sha256, release.size)
+    body_cm = origin.open(app_id, release, rt.config.limits.chunk_size)
+    return await stream_verified(request, rt, body_cm, expect, origin.name, started)
+
+
+async def stream_verified(
+    request: web.Request,
+    rt: Runtime,
+    body_cm: AbstractAsyncContextManager[Body],
+    expect: Expectation,
+    origin_name: str,
+    started: float,
+) -> web.StreamResponse:
+    """Stream an origin body to the client through a `Verifier`; abort the connection on any failure."""
+    try:
+        async with body_cm as body:
+            rt.metrics.origin_latency.labels(origin_name).observe(time.monotonic() - started)
+            return await _respond(request, rt, body, expect, origin_name)
+    except OriginError as exc:  # raised while opening: nothing has been sent yet
+        rt.metrics.origin_errors.labels(origin_name).inc()
+        raise Refusal(Reason.ORIGIN_ERROR, str(exc)) from exc
+
+
+async def _respond(
+    request: web.Request, rt: Runtime, body: Body, expect: Expectation, origin_name: str
+) -> web.StreamResponse:
+    record = request_audit(request)
+    declared = body.declared_size
+    if declared is not None and expect.size is not None and declared != expect.size:
+        reason = Reason.SIZE_EXCEEDED if declared > expect.size else Reason.SHORT_BODY
+        rt.metrics.verifications.labels(reason.label).inc()
+        raise Refusal(reason, f"origin declares {declared} bytes, the index says {expect.size}")
+    resp = web.StreamResponse(
+        status=200,
+        headers={
+            "Content-Type": "application/zip",
+            "Cache-Control": "no-store",
+            "ETag": f'"{expect.sha256}"',
+        },
+    )
+    if expect.size is not None:
+        resp.content_length = expect.size
+    else:
+        resp.enable_chunked_encoding()
+    verifier = Verifier(expect)
+    await resp.prepare(request)
+    rt.metrics.in_flight.inc()
+    try:
+        await _pump(resp, verifier, body)
+    except Refusal as refusal:
+        _abort(request, resp)
+        record.outcome, record.reason, record.detail = "aborted", refusal.reason.label, refusal.detail
+        rt.metrics.refusals.labels(refusal.reason.label).inc()
+        if refusal.reason not in (Reason.CLIENT_GONE, Reason.SHUTDOWN, Reason.TOO_SLOW):
+            rt.metrics.verifications.labels(refusal.reason.label).inc()
+        if refusal.reason is Reason.ORIGIN_ERROR:
+            rt.metrics.origin_errors.labels(origin_name).inc()
+    except asyncio.CancelledError:
+        reason = Reason.SHUTDOWN if rt.shutting_down else Reason.CLIENT_GONE
+        verifier.error(reason, "download cancelled")
+        _abort(request, resp)
+        record.outcome, record.reason = "aborted", reason.label
+        rt.metrics.refusals.labels(reason.label).inc()
+        raise
+    else:
+        rt.metrics.verifications.labels("passed").inc()
+    finally:
+        record.bytes = verifier.released
+        rt.metrics.bytes_streamed.inc(verifier.released)
+        rt.metrics.in_flight.dec()
+    return resp
+
+
+async def _pump(resp: web.StreamResponse, verifier: Verifier, body: Body) -> None:
+    async def send(data: bytes) -> None:
+        try:
+            async with asyncio.timeout(CLIENT_WRITE_TIMEOUT):
+                await resp.write(data)
+        except TimeoutError:
+            raise verifier.error(Reason.TOO_SLOW, "client did not accept data in time") from None
+        except (ConnectionError, RuntimeError) as exc:
+            raise verifier.error(Reason.CLIENT_GONE, f"client went away: {exc}") from None
+
+    try:
+        async for chunk in body.chunks:
+            out = verifier.feed(chunk)
+            if out:
+                await send(out)
+    except OriginError as exc:
+        raise verifier.error(Reason.ORIGIN_ERROR, str(exc)) from None
+    tail = verifier.finish()
+    await send(tail)
+    await resp.write_eof()
+
+
+def _abort(request: web.Request, resp: web.StreamResponse) -> None:
+    """Cut the connection without finishing the body: the client sees a short transfer, never a complete one."""
+    resp.force_close()
+    transport = request.transport
+    if transport is not None:
+        transport.abort()

@@ -1,0 +1,81 @@
+"""Prometheus metrics: every metric the gateway exports, on a registry of its own.
+
+Owns metric names (prefix `ota_gateway_`) and label sets. Label values come only from closed sets (reasons,
+handshake causes, routes, outcomes) or from names in the operator's config (listeners, origins, apps in policy);
+never from a string a client sent.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+
+from gateway.core.handshake import CAUSES
+from gateway.core.reasons import ALL_LABELS
+
+# `_created` series double the exposition and no dashboard uses them
+disable_created_metrics()  # type: ignore[no-untyped-call]
+
+ROUTES = ("bundle", "admin", "other")
+OUTCOMES = ("ok", "refused", "aborted")
+
+
+class Metrics:
+    """All metric objects, registered on `registry` (one per process; tests make their own)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "ota_gateway_requests",
+            "Requests answered, by route and outcome.",
+            ["route", "outcome"],
+            registry=r,
+        )
+        self.refusals = Counter(
+            "ota_gateway_refusals",
+            "Refused or aborted requests, by reason (a closed set).",
+            ["reason"],
+            registry=r,
+        )
+        self.handshakes = Counter(
+            "ota_gateway_tls_handshakes", "TLS handshakes completed, by listener.", ["listener"], registry=r
+        )
+        self.handshake_failures = Counter(
+            "ota_gateway_tls_handshake_failures",
+            "TLS handshakes that failed, by listener and cause.",
+            ["listener", "cause"],
+            registry=r,
+        )
+        self.bytes_streamed = Counter("ota_gateway_bundle_bytes_sent", "Bundle bytes sent to clients.", registry=r)
+        self.verifications = Counter(
+            "ota_gateway_bundle_verifications",
+            "Bundle verifications finished, by result (passed or a refusal reason).",
+            ["result"],
+            registry=r,
+        )
+        self.in_flight = Gauge("ota_gateway_downloads_in_flight", "Bundle downloads in progress.", registry=r)
+        self.origin_latency = Histogram(
+            "ota_gateway_origin_response_seconds",
+            "Time until the origin's response headers (or the file open), by origin.",
+            ["origin"],
+            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=r,
+        )
+        self.origin_errors = Counter("ota_gateway_origin_errors", "Origin failures, by origin.", ["origin"], registry=r)
+        self.config_loaded = Gauge(
+            "ota_gateway_config_last_load_success", "1 if the last config load succeeded.", registry=r
+        )
+        for reason in ALL_LABELS:
+            self.refusals.labels(reason)
+        for route in ROUTES:
+            for outcome in OUTCOMES:
+                self.requests.labels(route, outcome)
+
+    def listener(self, name: str) -> None:
+        """Create the label sets of one listener, so that zeros are exported before the first event."""
+        self.handshakes.labels(name)
+        for cause in CAUSES:
+            self.handshake_failures.labels(name, cause)
+
+    def origin(self, name: str) -> None:
+        self.origin_errors.labels(name)

@@ -1,0 +1,242 @@
+"""Origins: where bundles and release indexes come from. The client never chooses the upstream host.
+
+Owns `DirectoryOrigin` (a local folder: `<root>/<app_id>/releases.yaml` and the files it names) and `HttpsOrigin`
+(one pooled aiohttp `ClientSession` per origin, its own CA bundle, optional SPKI pins checked on every new
+connection, connect/read timeouts, redirects followed only to https on configured hosts). Both hand out a body
+as an async iterator of chunks together with the size the origin declared. Nothing here decides whether bytes are
+good; `core/verify.py` does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import ssl
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import aiohttp
+import yaml
+from yarl import URL
+
+from gateway.config import DirectoryOriginConfig, HttpsOriginConfig, OriginConfig
+from gateway.core.identity import spki_pin
+from gateway.core.releases import Release, ReleaseIndex, ReleaseIndexError, parse_index
+from gateway.tls import upstream_context
+
+
+class OriginError(Exception):
+    """The origin could not be used: unreachable, refused, wrong status, bad index, pin mismatch, timeout."""
+
+
+class ReleaseNotFound(OriginError):
+    """The origin answered, but has no such app or file."""
+
+
+@dataclass
+class Body:
+    """An open origin body: `declared_size` from Content-Length or the file size, and its chunks."""
+
+    declared_size: int | None
+    chunks: AsyncIterator[bytes]
+
+
+class Origin(Protocol):
+    name: str
+
+    async def index(self, app_id: str) -> ReleaseIndex: ...
+
+    def open(self, app_id: str, release: Release, chunk_size: int) -> Any: ...  # async context manager -> Body
+
+    async def close(self) -> None: ...
+
+
+class DirectoryOrigin:
+    """A local folder laid out as `<root>/<app_id>/releases.yaml` plus the files it lists."""
+
+    def __init__(self, name: str, config: DirectoryOriginConfig) -> None:
+        self.name = name
+        self.root = config.path
+        self._cache: dict[str, tuple[tuple[int, int], ReleaseIndex]] = {}
+
+    def _index_path(self, app_id: str) -> Path:
+        return self.root / app_id / "releases.yaml"
+
+    async def index(self, app_id: str) -> ReleaseIndex:
+        path = self._index_path(app_id)
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            raise ReleaseNotFound(f"origin {self.name} has no index for {app_id} ({path})") from None
+        except OSError as exc:
+            raise OriginError(f"origin {self.name}: cannot read {path}: {exc.strerror}") from None
+        stamp = (st.st_mtime_ns, st.st_ino)
+        cached = self._cache.get(app_id)
+        if cached and cached[0] == stamp:
+            return cached[1]
+        try:
+            text = await asyncio.to_thread(path.read_text, encoding="utf-8")
+            index = parse_index(app_id, yaml.safe_load(text))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+            raise OriginError(f"origin {self.name}: cannot read {path}: {exc}") from None
+        except ReleaseIndexError as exc:
+            raise OriginError(f"origin {self.name}: {path}: {exc}") from None
+        self._cache[app_id] = (stamp, index)
+        return index
+
+    @asynccontextmanager
+    async def open(self, app_id: str, release: Release, chunk_size: int) -> AsyncIterator[Body]:
+        path = self.root / app_id / release.file
+        try:
+            handle = await asyncio.to_thread(open, path, "rb")
+        except FileNotFoundError:
+            raise OriginError(f"origin {self.name}: {path} is listed in the index but missing") from None
+        except OSError as exc:
+            raise OriginError(f"origin {self.name}: cannot open {path}: {exc.strerror}") from None
+        try:
+            size = await asyncio.to_thread(lambda: Path(path).stat().st_size)
+
+            async def chunks() -> AsyncIterator[bytes]:
+                while True:
+                    try:
+                        data = await asyncio.to_thread(handle.read, chunk_size)
+                    except OSError as exc:
+                        raise OriginError(f"origin {self.name}: read error on {path}: {exc.strerror}") from None
+                    if not data:
+                        return
+                    yield data
+
+            yield Body(size, chunks())
+        finally:
+            handle.close()
+
+    async def close(self) -> None:
+        return None
+
+
+class _PinningConnector(aiohttp.TCPConnector):
+    """A connector that refuses a TLS connection whose leaf SPKI is not one of the pins (in addition to the CA)."""
+
+    def __init__(self, pins: frozenset[str], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._pins = pins
+
+    async def _wrap_create_connection(self, *args: Any, **kwargs: Any) -> Any:
+        transport, protocol = await super()._wrap_create_connection(*args, **kwargs)
+        if self._pins:
+            ssl_object = transport.get_extra_info("ssl_object")
+            der = ssl_object.getpeercert(binary_form=True) if ssl_object else None
+            from cryptography import x509
+
+            pin = spki_pin(x509.load_der_x509_certificate(der)) if der else None
+            if pin not in self._pins:
+                transport.abort()
+                raise OriginError(f"origin certificate SPKI {pin} matches no configured pin")
+        return transport, protocol
+
+
+class HttpsOrigin:
+    """A remote HTTPS origin: `<url>/<app_id>/releases.json` and the files it names."""
+
+    def __init__(self, name: str, config: HttpsOriginConfig) -> None:
+        self.name = name
+        self.config = config
+        self.base = URL(config.url)
+        self._ssl: ssl.SSLContext = upstream_context(config)
+        self._session: aiohttp.ClientSession | None = None
+        self._allowed_hosts = {self.base.host, *config.redirect_hosts}
+        self._cache: dict[str, tuple[float, ReleaseIndex]] = {}
+
+    def _get_session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            connector = _PinningConnector(frozenset(self.config.spki_pins), ssl=self._ssl, limit=256, ttl_dns_cache=60)
+            timeout = aiohttp.ClientTimeout(
+                total=None, sock_connect=self.config.connect_timeout, sock_read=self.config.read_timeout
+            )
+            self._session = aiohttp.ClientSession(
+                connector=connector,
+                timeout=timeout,
+                auto_decompress=False,
+                trust_env=False,
+                headers={"User-Agent": "ota-gateway"},
+            )
+        return self._session
+
+    @asynccontextmanager
+    async def _get(self, url: URL) -> AsyncIterator[aiohttp.ClientResponse]:
+        session = self._get_session()
+        for _ in range(self.config.max_redirects + 1):
+            try:
+                resp = await session.get(url, allow_redirects=False)
+            except OriginError:
+                raise
+            except (aiohttp.ClientError, TimeoutError, ssl.SSLError, OSError) as exc:
+                raise OriginError(f"origin {self.name}: {type(exc).__name__}: {exc}") from None
+            if resp.status in (301, 302, 303, 307, 308) and "Location" in resp.headers:
+                target = url.join(URL(resp.headers["Location"]))
+                resp.release()
+                if target.scheme != "https" or target.host not in self._allowed_hosts:
+                    raise OriginError(f"origin {self.name}: redirect to a host that is not configured: {target.host}")
+                url = target
+                continue
+            try:
+                yield resp
+            finally:
+                if resp.content.is_eof():
+                    resp.release()
+                else:
+                    resp.close()  # an unfinished body: never hand this connection to another request
+            return
+        raise OriginError(f"origin {self.name}: more than {self.config.max_redirects} redirects")
+
+    async def index(self, app_id: str) -> ReleaseIndex:
+        cached = self._cache.get(app_id)
+        now = time.monotonic()
+        if cached and now - cached[0] < self.config.index_ttl:
+            return cached[1]
+        async with self._get(self.base / app_id / "releases.json") as resp:
+            if resp.status == 404:
+                raise ReleaseNotFound(f"origin {self.name} has no index for {app_id}")
+            if resp.status != 200:
+                raise OriginError(f"origin {self.name}: index for {app_id} answered HTTP {resp.status}")
+            try:
+                raw = await resp.read()
+                if len(raw) > 4 * 1024 * 1024:
+                    raise OriginError(f"origin {self.name}: index for {app_id} is larger than 4 MiB")
+                index = parse_index(app_id, json.loads(raw))
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                raise OriginError(f"origin {self.name}: reading index: {exc}") from None
+            except (ValueError, UnicodeDecodeError) as exc:
+                raise OriginError(f"origin {self.name}: bad index for {app_id}: {exc}") from None
+        self._cache[app_id] = (now, index)
+        return index
+
+    @asynccontextmanager
+    async def open(self, app_id: str, release: Release, chunk_size: int) -> AsyncIterator[Body]:
+        async with self._get(self.base / app_id / release.file) as resp:
+            if resp.status != 200:
+                raise OriginError(f"origin {self.name}: {release.file} answered HTTP {resp.status}")
+
+            async def chunks() -> AsyncIterator[bytes]:
+                try:
+                    async for data in resp.content.iter_any():
+                        yield data
+                except (aiohttp.ClientError, TimeoutError) as exc:
+                    raise OriginError(f"origin {self.name}: body of {release.file}: {exc!r}") from None
+
+            yield Body(resp.content_length, chunks())
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+
+def make_origin(name: str, config: OriginConfig) -> DirectoryOrigin | HttpsOrigin:
+    if isinstance(config, DirectoryOriginConfig):
+        return DirectoryOrigin(name, config)
+    return HttpsOrigin(name, config)
