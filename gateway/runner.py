@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import ssl
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -157,6 +158,6 @@ async def _drain(
     assert runner.server is not None
     runner.server.pre_shutdown()
     deadline = time.monotonic() + grace
-    while rt.active > 0 and time.monotonic() < deadline and not hurry():
+    while rt.active > 0 and time.monotonic() < deadline and not hurry():  # noqa: ASYNC110 - shutdown-only poll
         await asyncio.sleep(0.05)
     return rt.active > 0
