@@ -1,0 +1,161 @@
+"""A real HTTPS origin for tests (aiohttp, its own CA), which a test can tell to misbehave.
+
+Serves `/<app_id>/releases.json` and the files it lists. `mode` per file: "ok", "flip:<offset>" (one flipped byte),
+"extra" (chunked, more bytes than declared in the index), "short" (closes before the end), "error" (HTTP 500),
+"stall" (sends half, then waits), "wrong_length" (Content-Length larger than the file). Records every request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import ssl
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import trustme
+from aiohttp import web
+
+
+@dataclass
+class OriginState:
+    files: dict[str, bytes] = field(default_factory=dict)  # "<app>/<file>" -> bytes
+    indexes: dict[str, Any] = field(default_factory=dict)  # app -> index document
+    modes: dict[str, str] = field(default_factory=dict)  # "<app>/<file>" -> mode
+    requests: list[str] = field(default_factory=list)
+    chunk: int = 16 * 1024
+
+
+def build_origin_app(state: OriginState) -> web.Application:
+    async def index(request: web.Request) -> web.StreamResponse:
+        state.requests.append(request.path)
+        doc = state.indexes.get(request.match_info["app"])
+        if doc is None:
+            raise web.HTTPNotFound()
+        return web.json_response(doc)
+
+    async def bundle(request: web.Request) -> web.StreamResponse:
+        state.requests.append(request.path)
+        key = f"{request.match_info['app']}/{request.match_info['file']}"
+        data = state.files.get(key)
+        if data is None:
+            raise web.HTTPNotFound()
+        mode = state.modes.get(key, "ok")
+        if mode == "error":
+            raise web.HTTPInternalServerError()
+        if mode.startswith("flip:"):
+            at = int(mode.split(":")[1]) % len(data)
+            data = data[:at] + bytes([data[at] ^ 0x01]) + data[at + 1 :]
+        resp = web.StreamResponse(headers={"Content-Type": "application/zip"})
+        if mode == "extra":
+            resp.enable_chunked_encoding()
+            data = data + b"\x00" * 4096
+        elif mode == "wrong_length":
+            resp.content_length = len(data) + 10
+        else:
+            resp.content_length = len(data)
+        await resp.prepare(request)
+        limit = len(data) // 2 if mode in ("short", "stall") else len(data)
+        for i in range(0, limit, state.chunk):
+            await resp.write(data[i : min(i + state.chunk, limit)])
+        if mode == "stall":
+            await asyncio.sleep(3600)
+        if mode in ("short", "wrong_length"):
+            assert request.transport is not None
+            request.transport.close()
+            return resp
+        await resp.write_eof()
+        return resp
+
+    app = web.Application()
+    app.router.add_get("/{app}/releases.json", index)
+    app.router.add_get("/{app}/{file}", bundle)
+    return app
+
+
+class HttpsOrigin:
+    """Runs `build_origin_app` on 127.0.0.1 with a certificate from its own CA, in a thread with its own loop,
+    so that tests can use blocking clients (curl, openssl, http.client) against a gateway in front of it."""
+
+    def __init__(self, directory: Path) -> None:
+        self.state = OriginState()
+        self.ca = trustme.CA()
+        self.ca_pem = directory / "origin-ca.pem"
+        self.ca.cert_pem.write_to_path(str(self.ca_pem))
+        self.cert = self.ca.issue_cert("127.0.0.1", "localhost")
+        self.port = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._stop: asyncio.Event | None = None
+
+    def server_context(self) -> ssl.SSLContext:
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        self.cert.configure_cert(ctx)
+        return ctx
+
+    def start(self) -> None:
+        ready = threading.Event()
+
+        async def main() -> None:
+            runner = web.AppRunner(build_origin_app(self.state), access_log=None, shutdown_timeout=0.5)
+            await runner.setup()
+            site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=self.server_context())
+            await site.start()
+            server = site._server
+            assert server is not None
+            self.port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+            self._loop = asyncio.get_running_loop()
+            self._stop = asyncio.Event()
+            ready.set()
+            await self._stop.wait()
+            await runner.cleanup()
+
+        self._thread = threading.Thread(target=asyncio.run, args=(main(),), daemon=True, name="test-origin")
+        self._thread.start()
+        if not ready.wait(10):
+            raise AssertionError("test origin did not start")
+
+    def stop(self) -> None:
+        if self._loop is not None and self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+        if self._thread is not None:
+            self._thread.join(10)
+
+    def __enter__(self) -> HttpsOrigin:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def url(self) -> str:
+        return f"https://127.0.0.1:{self.port}/"
+
+    def origin_config(self, **extra: Any) -> dict[str, Any]:
+        return {"type": "https", "url": self.url, "ca": str(self.ca_pem), **extra}
+
+    def publish(
+        self, app: str, version: str, data: bytes, *, channel: str = "production", file: str | None = None
+    ) -> None:
+        import hashlib
+
+        name = file or f"{version}.zip"
+        self.state.files[f"{app}/{name}"] = data
+        doc = self.state.indexes.setdefault(app, {"app_id": app, "releases": []})
+        doc["releases"] = [r for r in doc["releases"] if r["version"] != version]
+        doc["releases"].append(
+            {
+                "version": version,
+                "channel": channel,
+                "file": name,
+                "size": len(data),
+                "sha256": hashlib.sha256(data).hexdigest(),
+            }
+        )
+
+
+def dump_index(doc: dict[str, Any]) -> str:
+    return json.dumps(doc)

@@ -1,0 +1,301 @@
+"""Test support: PKI from trustme, a real `ota-gateway serve` subprocess, a scriptable HTTPS origin, clients.
+
+Everything binds to 127.0.0.1 and stops by itself (subprocesses get SIGTERM, then SIGKILL, at fixture teardown).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import hashlib
+import json
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import trustme
+import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID
+
+from gateway import certs as gw_certs
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = ROOT.parent / "shared"
+CAPGO_FIXTURES = SHARED / "fixtures" / "capgo"
+APP_ID = "com.example.app"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class CertFiles:
+    """A certificate and key on disk (PEM), with the two pin forms."""
+
+    cert: Path
+    key: Path
+    sha256: str = ""
+    spki: str = ""
+
+
+@dataclass
+class Pki:
+    """Test PKI in one folder: a CA with server and client certificates, a rogue CA, and broken clients."""
+
+    dir: Path
+    ca: trustme.CA
+    ca_pem: Path
+    server: CertFiles
+    client: CertFiles
+    client2: CertFiles
+    rogue_ca_pem: Path
+    rogue_client: CertFiles
+    expired_client: CertFiles
+    server_only_eku_client: CertFiles  # EKU serverAuth only: OpenSSL refuses it as a client certificate
+    no_eku_client: CertFiles  # no EKU at all: OpenSSL accepts it, the gateway does not
+
+    def client_context(self, who: CertFiles | None, *, max_tls: ssl.TLSVersion | None = None) -> ssl.SSLContext:
+        ctx = ssl.create_default_context(cafile=str(self.ca_pem))
+        if who is not None:
+            ctx.load_cert_chain(who.cert, who.key)
+        if max_tls is not None:
+            ctx.maximum_version = max_tls
+        return ctx
+
+
+def _describe(cert_pem: bytes) -> tuple[str, str]:
+    cert = x509.load_pem_x509_certificate(cert_pem)
+    from gateway.core.identity import spki_pin
+
+    return hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest(), spki_pin(cert)
+
+
+def _write_leaf(directory: Path, name: str, leaf: trustme.LeafCert) -> CertFiles:
+    cert, key = directory / f"{name}.pem", directory / f"{name}.key"
+    cert.write_bytes(b"".join(blob.bytes() for blob in leaf.cert_chain_pems))
+    leaf.private_key_pem.write_to_path(str(key))
+    sha, spki = _describe(leaf.cert_chain_pems[0].bytes())
+    return CertFiles(cert, key, sha, spki)
+
+
+def _write_custom(directory: Path, name: str, ca: trustme.CA, **kwargs: Any) -> CertFiles:
+    ca_cert = x509.load_pem_x509_certificate(ca.cert_pem.bytes())
+    ca_key = serialization.load_pem_private_key(ca.private_key_pem.bytes(), password=None)
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    cert, key = gw_certs.make_leaf(ca_cert, ca_key, name, server=False, **kwargs)
+    cert_pem = cert.public_bytes(serialization.Encoding.PEM)
+    (directory / f"{name}.pem").write_bytes(cert_pem)
+    (directory / f"{name}.key").write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    sha, spki = _describe(cert_pem)
+    return CertFiles(directory / f"{name}.pem", directory / f"{name}.key", sha, spki)
+
+
+def make_pki(directory: Path) -> Pki:
+    directory.mkdir(parents=True, exist_ok=True)
+    ca = trustme.CA(key_type=trustme.KeyType.ECDSA)
+    rogue = trustme.CA(key_type=trustme.KeyType.ECDSA)
+    ca_pem, rogue_pem = directory / "ca.pem", directory / "rogue-ca.pem"
+    ca.cert_pem.write_to_path(str(ca_pem))
+    rogue.cert_pem.write_to_path(str(rogue_pem))
+    past = dt.datetime.now(dt.UTC) - dt.timedelta(days=30)
+    return Pki(
+        dir=directory,
+        ca=ca,
+        ca_pem=ca_pem,
+        server=_write_leaf(directory, "server", ca.issue_cert("localhost", "127.0.0.1", "::1")),
+        client=_write_leaf(directory, "client", ca.issue_cert("device-1.example.app")),
+        client2=_write_leaf(directory, "client2", ca.issue_cert("device-2.example.app")),
+        rogue_ca_pem=rogue_pem,
+        rogue_client=_write_leaf(directory, "rogue-client", rogue.issue_cert("device-1.example.app")),
+        expired_client=_write_leaf(
+            directory,
+            "expired-client",
+            ca.issue_cert("expired.example.app", not_before=past, not_after=past + dt.timedelta(days=1)),
+        ),
+        server_only_eku_client=_write_custom(directory, "server-eku", ca, eku=[ExtendedKeyUsageOID.SERVER_AUTH]),
+        no_eku_client=_write_custom(directory, "no-eku", ca, eku=[]),
+    )
+
+
+def write_config(
+    directory: Path,
+    pki: Pki,
+    *,
+    origins: dict[str, Any],
+    apps: list[dict[str, Any]] | None = None,
+    port: int | None = None,
+    admin_port: int | None = None,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write gateway.yaml and policies/ into `directory`; returns the config path."""
+    directory.mkdir(parents=True, exist_ok=True)
+    policies = directory / "policies"
+    policies.mkdir(exist_ok=True)
+    apps = (
+        apps
+        if apps is not None
+        else [
+            {
+                "app_id": APP_ID,
+                "origin": next(iter(origins)),
+                "channels": {"default": "production", "allowed": ["production", "beta"]},
+            }
+        ]
+    )
+    (policies / "apps.yaml").write_text(yaml.safe_dump({"apps": apps}))
+    config: dict[str, Any] = {
+        "listeners": [
+            {
+                "name": "main",
+                "address": "127.0.0.1",
+                "port": port or free_port(),
+                "cert": str(pki.server.cert),
+                "key": str(pki.server.key),
+                "client_ca": [str(pki.ca_pem)],
+                "handshake_timeout": 5,
+            }
+        ],
+        "admin": {"address": "127.0.0.1", "port": admin_port or free_port()},
+        "origins": origins,
+        "policies": "policies",
+        "state": {"path": "state/gateway.sqlite"},
+        "audit": {"path": "audit.log"},
+        "limits": {"shutdown_grace": 5},
+    }
+    for key, value in (extra or {}).items():
+        if isinstance(value, dict) and isinstance(config.get(key), dict):
+            config[key] = {**config[key], **value}
+        else:
+            config[key] = value
+    path = directory / "gateway.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+@dataclass
+class GatewayProcess:
+    """A running `python -m gateway serve` subprocess."""
+
+    config_path: Path
+    proc: subprocess.Popen[str]
+    port: int
+    admin_port: int
+    stderr_lines: list[str] = field(default_factory=list)
+
+    @property
+    def base_url(self) -> str:
+        return f"https://127.0.0.1:{self.port}"
+
+    @property
+    def admin_url(self) -> str:
+        return f"http://127.0.0.1:{self.admin_port}"
+
+    @property
+    def audit_path(self) -> Path:
+        return self.config_path.parent / "audit.log"
+
+    def audit(self) -> list[dict[str, Any]]:
+        if not self.audit_path.exists():
+            return []
+        return [json.loads(line) for line in self.audit_path.read_text().splitlines() if line.strip()]
+
+    def scrape(self) -> str:
+        import urllib.request
+
+        with urllib.request.urlopen(f"{self.admin_url}/metrics", timeout=5) as resp:
+            return str(resp.read().decode())
+
+    def metric(self, name: str, **labels: str) -> float:
+        """The value of one sample from /metrics (0.0 if absent)."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        for family in text_string_to_metric_families(self.scrape()):
+            for sample in family.samples:
+                if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                    return float(sample.value)
+        return 0.0
+
+    def rss_peak_kib(self) -> int:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+        raise AssertionError("no VmHWM")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise AssertionError("gateway did not stop in time") from None
+
+
+def _pump_stderr(proc: subprocess.Popen[str], lines: list[str], ready: threading.Event) -> None:
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        lines.append(line.rstrip("\n"))
+        if "ota-gateway: admin on" in line:  # printed after every listener is up
+            ready.set()
+    ready.set()
+
+
+@contextlib.contextmanager
+def run_gateway(config_path: Path, *args: str, timeout: float = 20) -> Iterator[GatewayProcess]:
+    """Start `python -m gateway serve --config config_path` and wait until it listens; stop it afterwards."""
+    config = yaml.safe_load(config_path.read_text())
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gateway", "serve", "--config", str(config_path), *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=config_path.parent,
+    )
+    gw = GatewayProcess(config_path, proc, config["listeners"][0]["port"], config["admin"]["port"])
+    ready = threading.Event()
+    pump = threading.Thread(target=_pump_stderr, args=(proc, gw.stderr_lines, ready), daemon=True)
+    pump.start()
+    try:
+        if not ready.wait(timeout) or proc.poll() is not None:
+            raise AssertionError("gateway did not start:\n" + "\n".join(gw.stderr_lines))
+        yield gw
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        pump.join(5)
+        assert proc.stderr is not None
+        proc.stderr.close()
+
+
+def wait_until(predicate: Any, timeout: float = 5.0, interval: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return bool(predicate())
