@@ -7,6 +7,7 @@ details. Handlers stay thin and raise `Refusal`.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Awaitable, Callable
 
@@ -16,11 +17,11 @@ from prometheus_client.openmetrics.exposition import CONTENT_TYPE_LATEST as OPEN
 from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 
 from gateway.audit import AuditRecord
-from gateway.core.identity import identity_from_der
 from gateway.core.reasons import Reason, Refusal
 from gateway.handlers.bundles import get_bundle
 from gateway.handlers.problem import problem_response
-from gateway.state_keys import AUDIT_KEY, IDENTITY_KEY, RUNTIME, Runtime
+from gateway.peer import resolve_peer
+from gateway.state_keys import AUDIT_KEY, PEER_KEY, RUNTIME, Runtime
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -29,15 +30,6 @@ def _route_label(request: web.Request) -> str:
     route = request.match_info.route
     name = route.name if route is not None else None
     return name if name in ("bundle",) else "other"
-
-
-def _peer_der(request: web.Request) -> bytes | None:
-    transport = request.transport
-    ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
-    if ssl_object is None:
-        return None
-    der: bytes | None = ssl_object.getpeercert(binary_form=True)
-    return der
 
 
 @web.middleware
@@ -53,12 +45,10 @@ async def envelope(request: web.Request, handler: Handler) -> web.StreamResponse
     rt.active += 1
     resp: web.StreamResponse
     try:
-        der = _peer_der(request)
-        if der is None:
-            raise Refusal(Reason.NO_CLIENT_CERT, "a client certificate is required")
-        identity = identity_from_der(der)
-        request[IDENTITY_KEY] = identity
-        record.set_identity(identity)
+        peer = resolve_peer(request, rt)
+        request[PEER_KEY] = peer
+        record.set_identity(peer.identity)
+        record.via_proxy = peer.via_proxy
         resp = await handler(request)
     except Refusal as refusal:
         record.outcome, record.reason, record.detail = "refused", refusal.reason.label, refusal.detail
@@ -125,4 +115,35 @@ def create_admin_app(runtime: Runtime) -> web.Application:
     app.router.add_get("/metrics", _metrics)
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
+    return app
+
+
+_HOST_RE = re.compile(r"^[A-Za-z0-9.-]{1,253}$|^\[[0-9A-Fa-f:.]{2,45}\]$")
+
+
+def create_plain_app(runtime: Runtime, https_port: int) -> web.Application:
+    """The optional plain-HTTP listener: 308 to https for GET/HEAD, 426 with problem details otherwise.
+
+    It never contacts an origin and never reads a body. The redirect keeps the path and query and names the
+    TLS port; the host comes from the Host header only when it is a plain host name or address.
+    """
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        host = (request.host or "").rsplit(":", 1)[0] if not (request.host or "").startswith("[") else request.host
+        if host.startswith("[") and "]:" in host:
+            host = host.split("]:")[0] + "]"
+        if not _HOST_RE.match(host or ""):
+            host = "localhost"
+        target = f"https://{host}:{https_port}{request.rel_url}"
+        if request.method in ("GET", "HEAD"):
+            runtime.metrics.plain_http.labels("redirect").inc()
+            return web.Response(status=308, headers={"Location": target, "Cache-Control": "no-store"})
+        runtime.metrics.plain_http.labels("upgrade_required").inc()
+        resp = problem_response(Reason.NOT_HTTPS, f"plain HTTP is refused; use {target}", 426)
+        resp.headers["Upgrade"] = "TLS/1.2, HTTP/1.1"
+        resp.headers["Connection"] = "Upgrade, close"  # no HSTS here: it is ignored over plain HTTP (RFC 6797 8.1)
+        return resp
+
+    app = web.Application(client_max_size=1024)
+    app.router.add_route("*", "/{tail:.*}", answer)
     return app

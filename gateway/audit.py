@@ -30,6 +30,7 @@ class AuditRecord:
     origin: str | None = None
     identity_sha256: str | None = None
     identity_subject: str | None = None
+    via_proxy: str | None = None
     peer: str | None = None
     bytes: int = 0
     duration_ms: float = 0.0

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from gateway import __version__
-from gateway.config import DEFAULT_CONFIG, load_config
+from gateway.config import DEFAULT_CONFIG
 from gateway.errors import ConfigError
 
 EXIT_USAGE = 2
@@ -27,16 +27,12 @@ def _fail(message: str) -> int:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
-    from gateway.policy_store import load_policies
-    from gateway.tls import server_context
+    from gateway.reload import load_all
 
-    config = load_config(args.config)
-    for lst in config.listeners:
-        server_context(lst)
-    policies = load_policies(config.policies, config)
+    loaded = load_all(args.config)
     print(
-        f"ota-gateway: {args.config}: OK ({len(config.listeners)} listener(s), {len(config.origins)} origin(s), "
-        f"{len(policies.apps)} app(s))"
+        f"ota-gateway: {args.config}: OK ({len(loaded.config.listeners)} listener(s), "
+        f"{len(loaded.config.origins)} origin(s), {len(loaded.policies.apps)} app(s))"
     )
     return 0
 
@@ -48,14 +44,13 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         level=getattr(logging, args.log_level.upper()),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    config = load_config(args.config)
     try:
         import uvloop  # optional: measurably faster on small requests
 
         runner = uvloop.run if args.uvloop else asyncio.run
     except ImportError:
         runner = asyncio.run
-    return runner(serve(config))
+    return runner(serve(args.config))
 
 
 def _cmd_certs_init(args: argparse.Namespace) -> int:

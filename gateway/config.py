@@ -73,6 +73,23 @@ class Model(pydantic.BaseModel):
     model_config = pydantic.ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
+class ClientCa(Model):
+    """A CA that issues client certificates; written as a path, or as a mapping with a name and CRLs."""
+
+    file: File
+    name: str | None = None  # default: the file name without extension (ca.pem -> ca)
+    crl: list[File] = []  # PEM or DER CRLs issued by this CA
+
+    @pydantic.model_validator(mode="before")
+    @classmethod
+    def _from_path(cls, data: Any) -> Any:
+        return {"file": data} if isinstance(data, str) else data
+
+    @property
+    def label(self) -> str:
+        return self.name or self.file.stem
+
+
 class TlsListener(Model):
     """A public mTLS listener."""
 
@@ -81,10 +98,12 @@ class TlsListener(Model):
     port: Port = 8443
     cert: File
     key: File
-    client_ca: Annotated[list[File], Field(min_length=1)]
+    client_ca: Annotated[list[ClientCa], Field(min_length=1)]
     min_tls: Annotated[Literal["1.2", "1.3"], BeforeValidator(_tls_version)] = "1.2"
     handshake_timeout: Seconds = 10.0
     hsts_max_age: Annotated[int, Field(ge=0)] = 31536000
+    crl_check: Literal["leaf", "chain"] = "leaf"
+    crl_expired: Literal["fail_closed", "keep_serving"] = "fail_closed"
 
 
 class AdminListener(Model):
@@ -114,6 +133,7 @@ class HttpsOriginConfig(Model):
     redirect_hosts: list[str] = []
     max_redirects: Annotated[int, Field(ge=0, le=10)] = 3
     index_ttl: Annotated[float, Field(ge=0)] = 5.0
+    forward_identity: Literal["none", "client-cert", "xfcc"] = "client-cert"
 
     @pydantic.field_validator("url")
     @classmethod
@@ -145,6 +165,41 @@ class Limits(Model):
     keepalive_timeout: Seconds = 75.0
 
 
+class FrontProxy(Model):
+    """A TLS client trusted to vouch for device identities in a header (a CDN doing authenticated origin pulls)."""
+
+    name: str
+    spki_pins: list[str] = []
+    cert_sha256: list[str] = []
+    header: Literal["client-cert", "xfcc"] = "client-cert"
+
+    @pydantic.model_validator(mode="after")
+    def _pinned(self) -> FrontProxy:
+        from gateway.core.pins import check_spki_pin, normalize_cert_sha256
+
+        if not self.spki_pins and not self.cert_sha256:
+            raise ValueError("a front proxy is identified by spki_pins or cert_sha256; give at least one")
+        for pin in self.spki_pins:
+            check_spki_pin(pin)
+        for pin in self.cert_sha256:
+            normalize_cert_sha256(pin)
+        return self
+
+
+class PlainHttp(Model):
+    """Optional plain-HTTP listener: 308 to https for GET/HEAD, 426 otherwise. It never contacts an origin."""
+
+    enabled: bool = False
+    address: Address = "127.0.0.1"
+    port: Port = 8080
+    https_port: Port | None = None  # port in the redirect; default: the first TLS listener's
+
+
+class ReloadConfig(Model):
+    watch: bool = True  # poll certificate, CA, CRL, policy and config files for changes
+    interval: Annotated[float, Field(ge=0.2, le=3600)] = 2.0
+
+
 class StateConfig(Model):
     path: LaterPath = Path("state/gateway.sqlite")
 
@@ -163,10 +218,13 @@ class Config(Model):
     limits: Limits = Limits()
     state: StateConfig = StateConfig()
     audit: AuditConfig = AuditConfig()
+    front_proxies: list[FrontProxy] = []
+    plain_http: PlainHttp = PlainHttp()
+    reload: ReloadConfig = ReloadConfig()
 
 
 def _cross_checks(doc: YamlDoc, config: Config) -> list[ConfigIssue]:
-    from gateway.tls import TlsMaterialError, check_key_pair, load_ca_bundle
+    from gateway.tls import TlsMaterialError, check_key_pair, load_ca_bundle, load_crl
 
     issues = []
     names: dict[str, int] = {}
@@ -186,12 +244,30 @@ def _cross_checks(doc: YamlDoc, config: Config) -> list[ConfigIssue]:
             issues.append(doc.issue((*path, exc.field), str(exc)))
         for j, ca in enumerate(lst.client_ca):
             try:
-                load_ca_bundle(ca)
+                load_ca_bundle(ca.file)
             except TlsMaterialError as exc:
                 issues.append(doc.issue((*path, "client_ca", j), str(exc)))
+                continue
+            for k, crl in enumerate(ca.crl):
+                try:
+                    load_crl(crl, ca.file)
+                except TlsMaterialError as exc:
+                    issues.append(doc.issue((*path, "client_ca", j, "crl", k), str(exc)))
     ports = [(lst.address, lst.port) for lst in config.listeners]
     if config.admin.enabled and (config.admin.address, config.admin.port) in ports:
         issues.append(doc.issue(("admin", "port"), "admin port is also used by a TLS listener"))
+    if config.plain_http.enabled and (config.plain_http.address, config.plain_http.port) in ports:
+        issues.append(doc.issue(("plain_http", "port"), "plain_http port is also used by a TLS listener"))
+    seen_cas: dict[str, Path] = {}
+    for i, lst in enumerate(config.listeners):
+        for j, ca in enumerate(lst.client_ca):
+            other = seen_cas.setdefault(ca.label, ca.file)
+            if other != ca.file:
+                issues.append(
+                    doc.issue(
+                        ("listeners", i, "client_ca", j), f"client CA name {ca.label!r} is already used for {other}"
+                    )
+                )
     for name, origin in config.origins.items():
         if isinstance(origin, HttpsOriginConfig) and origin.ca is not None:
             try:
@@ -199,6 +275,11 @@ def _cross_checks(doc: YamlDoc, config: Config) -> list[ConfigIssue]:
             except TlsMaterialError as exc:
                 issues.append(doc.issue(("origins", name, "ca"), str(exc)))
     return issues
+
+
+def client_ca_names(config: Config) -> dict[str, Path]:
+    """Client CA name -> CA file, over all listeners."""
+    return {ca.label: ca.file for lst in config.listeners for ca in lst.client_ca}
 
 
 def load_config(path: Path) -> Config:

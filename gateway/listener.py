@@ -12,15 +12,17 @@ Bytes that arrive between the end of the handshake and the switch to the HTTP pr
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import logging
 import socket
 import ssl
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import Any, cast
 
 from gateway.core.handshake import classify
 from gateway.core.identity import identity_from_der
 from gateway.metrics import Metrics
+from gateway.tls import ListenerMaterial
 
 log = logging.getLogger("ota_gateway.tls")
 
@@ -50,11 +52,19 @@ class _Acceptor(asyncio.Protocol):
     async def _handshake(self, raw: asyncio.Transport) -> None:
         listener = self._listener
         loop = asyncio.get_running_loop()
+        early = bytes(self._pending)
+        self._pending.clear()
+        if early:
+            # uvloop starts reading right after connection_made, so the ClientHello can reach this protocol before
+            # start_tls takes the transport over. start_tls swaps the protocol synchronously and schedules the
+            # handshake with call_soon, so this callback (scheduled first) runs in between and hands the bytes over.
+            loop.call_soon(_feed_early, raw, self, early)
+        material = listener.material()
         try:
             tls = await loop.start_tls(
                 raw,
                 self,
-                listener.context(),
+                material.context,
                 server_side=True,
                 ssl_handshake_timeout=listener.handshake_timeout,
             )
@@ -84,8 +94,14 @@ class _Acceptor(asyncio.Protocol):
             listener.failed("no_cert", None)
             tls.abort()
             return
-        if not identity_from_der(der).client_auth_eku:
+        identity = identity_from_der(der)
+        if not identity.client_auth_eku:
             listener.failed("purpose", None)
+            tls.abort()
+            return
+        revoked = material.revocation.check(identity, dt.datetime.now(dt.UTC))
+        if revoked:
+            listener.failed("revoked", revoked)
             tls.abort()
             return
         listener.metrics.handshakes.labels(listener.name).inc()
@@ -97,19 +113,36 @@ class _Acceptor(asyncio.Protocol):
             self._pending.clear()
 
 
+def _feed_early(raw: asyncio.Transport, acceptor: _Acceptor, data: bytes) -> None:
+    """Give bytes read before start_tls to the TLS protocol, which buffers them until its handshake starts."""
+    # both asyncio's and uvloop's SSLProtocol take data through get_buffer/buffer_updated
+    current = raw.get_protocol()
+    if current is acceptor or raw.is_closing() or not hasattr(current, "get_buffer"):
+        return  # start_tls failed before taking the transport over; it reports that itself
+    proto = cast(asyncio.BufferedProtocol, current)
+    view = memoryview(data)
+    while view:
+        buf = memoryview(proto.get_buffer(len(view)))
+        n = min(len(buf), len(view))
+        buf[:n] = view[:n]
+        proto.buffer_updated(n)
+        view = view[n:]
+
+
 class TlsListenerServer:
-    """One public listening socket whose connections get TLS from `context()` and HTTP from `protocol_factory`."""
+    """One listening socket: connections get TLS from `material()` (looked up per connection, so a reload that
+    swaps it takes effect for the next handshake) and HTTP from `protocol_factory`."""
 
     def __init__(
         self,
         name: str,
-        context: Callable[[], ssl.SSLContext],
+        material: Callable[[], ListenerMaterial],
         protocol_factory: Callable[[], asyncio.Protocol],
         metrics: Metrics,
         handshake_timeout: float,
     ) -> None:
         self.name = name
-        self.context = context
+        self.material = material
         self.protocol_factory = protocol_factory
         self.metrics = metrics
         self.handshake_timeout = handshake_timeout
@@ -122,7 +155,7 @@ class TlsListenerServer:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def failed(self, cause: str, exc: BaseException | None) -> None:
+    def failed(self, cause: str, exc: BaseException | str | None) -> None:
         self.metrics.handshake_failures.labels(self.name, cause).inc()
         log.info("tls handshake failed on %s: %s (%s)", self.name, cause, exc)
 

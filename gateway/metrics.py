@@ -63,8 +63,39 @@ class Metrics:
         )
         self.origin_errors = Counter("ota_gateway_origin_errors", "Origin failures, by origin.", ["origin"], registry=r)
         self.config_loaded = Gauge(
-            "ota_gateway_config_last_load_success", "1 if the last config load succeeded.", registry=r
+            "ota_gateway_config_last_reload_success",
+            "1 if the last load or reload of config, policies and certificates succeeded, else 0.",
+            registry=r,
         )
+        self.config_load_time = Gauge(
+            "ota_gateway_config_last_reload_success_timestamp_seconds",
+            "Unix time of the last successful load or reload.",
+            registry=r,
+        )
+        self.reloads = Counter(
+            "ota_gateway_config_reloads", "Reload attempts, by result (success, failure).", ["result"], registry=r
+        )
+        self.expiry = Gauge(
+            "ota_gateway_certificate_expiry_timestamp_seconds",
+            "End of validity (Unix time) of the server certificates, client CAs (not_after) and CRLs (nextUpdate).",
+            ["kind", "name"],
+            registry=r,
+        )
+        self.spoofed_identity_headers = Counter(
+            "ota_gateway_spoofed_identity_headers",
+            "Requests carrying Client-Cert or x-forwarded-client-cert from a client that is not a front proxy.",
+            registry=r,
+        )
+        self.plain_http = Counter(
+            "ota_gateway_plain_http_requests",
+            "Requests on the plain-HTTP listener, by answer (redirect, upgrade_required).",
+            ["answer"],
+            registry=r,
+        )
+        for result in ("success", "failure"):
+            self.reloads.labels(result)
+        for answer in ("redirect", "upgrade_required"):
+            self.plain_http.labels(answer)
         for reason in ALL_LABELS:
             self.refusals.labels(reason)
         for route in ROUTES:

@@ -24,7 +24,9 @@ import yaml
 from yarl import URL
 
 from gateway.config import DirectoryOriginConfig, HttpsOriginConfig, OriginConfig
+from gateway.core.forwarded import CLIENT_CERT, XFCC, client_cert_value, xfcc_value
 from gateway.core.identity import spki_pin
+from gateway.core.policy import Peer
 from gateway.core.releases import Release, ReleaseIndex, ReleaseIndexError, parse_index
 from gateway.tls import upstream_context
 
@@ -50,7 +52,7 @@ class Origin(Protocol):
 
     async def index(self, app_id: str) -> ReleaseIndex: ...
 
-    def open(self, app_id: str, release: Release, chunk_size: int) -> Any: ...  # async context manager -> Body
+    def open(self, app_id: str, release: Release, chunk_size: int, peer: Peer | None = None) -> Any: ...  # -> Body
 
     async def close(self) -> None: ...
 
@@ -89,7 +91,9 @@ class DirectoryOrigin:
         return index
 
     @asynccontextmanager
-    async def open(self, app_id: str, release: Release, chunk_size: int) -> AsyncIterator[Body]:
+    async def open(
+        self, app_id: str, release: Release, chunk_size: int, peer: Peer | None = None
+    ) -> AsyncIterator[Body]:
         path = self.root / app_id / release.file
         try:
             handle = await asyncio.to_thread(open, path, "rb")
@@ -167,11 +171,11 @@ class HttpsOrigin:
         return self._session
 
     @asynccontextmanager
-    async def _get(self, url: URL) -> AsyncIterator[aiohttp.ClientResponse]:
+    async def _get(self, url: URL, headers: dict[str, str] | None = None) -> AsyncIterator[aiohttp.ClientResponse]:
         session = self._get_session()
         for _ in range(self.config.max_redirects + 1):
             try:
-                resp = await session.get(url, allow_redirects=False)
+                resp = await session.get(url, allow_redirects=False, headers=headers)
             except OriginError:
                 raise
             except (aiohttp.ClientError, TimeoutError, ssl.SSLError, OSError) as exc:
@@ -215,9 +219,19 @@ class HttpsOrigin:
         self._cache[app_id] = (now, index)
         return index
 
+    def identity_headers(self, peer: Peer | None) -> dict[str, str]:
+        """What the origin learns about the client: set by the gateway alone, never copied from the request."""
+        if peer is None or self.config.forward_identity == "none":
+            return {}
+        if self.config.forward_identity == "xfcc":
+            return {XFCC: xfcc_value(peer.identity, by=None)}
+        return {CLIENT_CERT: client_cert_value(peer.identity.der)}
+
     @asynccontextmanager
-    async def open(self, app_id: str, release: Release, chunk_size: int) -> AsyncIterator[Body]:
-        async with self._get(self.base / app_id / release.file) as resp:
+    async def open(
+        self, app_id: str, release: Release, chunk_size: int, peer: Peer | None = None
+    ) -> AsyncIterator[Body]:
+        async with self._get(self.base / app_id / release.file, self.identity_headers(peer)) as resp:
             if resp.status != 200:
                 raise OriginError(f"origin {self.name}: {release.file} answered HTTP {resp.status}")
 

@@ -2,7 +2,8 @@
 
 Owns the schema of a policy file (pydantic, strict, unknown keys are errors) and loading a whole folder: every
 problem in every file is collected and reported at once, each naming file, key path and line. An app named in two
-files is an error. Reloading (validate, then swap) builds on `load_policies`.
+files, an origin or client CA that gateway.yaml does not define, a malformed pin, version or public key are errors.
+Reloading (validate, then swap) is `reload.py`'s job; this module only loads.
 """
 
 from __future__ import annotations
@@ -11,11 +12,24 @@ from pathlib import Path
 from typing import Annotated
 
 import pydantic
+import semver
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 from pydantic import AfterValidator, Field
 
-from gateway.config import Config, Model
+from gateway.config import Config, Model, client_ca_names
 from gateway.core.names import is_app_id, is_channel
-from gateway.core.policy import AppPolicy, Channels, PolicySet
+from gateway.core.pins import check_spki_pin, normalize_cert_sha256
+from gateway.core.policy import (
+    AppPolicy,
+    Channels,
+    ClientRule,
+    Deny,
+    PolicySet,
+    RateLimits,
+    Verification,
+    Versions,
+)
 from gateway.errors import ConfigError, ConfigIssue
 from gateway.yamlsrc import read_yaml, validation_issues
 
@@ -32,12 +46,48 @@ def _channel(value: str) -> str:
     return value
 
 
+def _version(value: str) -> str:
+    if not semver.Version.is_valid(value):
+        raise ValueError(f"not a semantic version (MAJOR.MINOR.PATCH): {value!r}")
+    return value
+
+
+def _spki(value: str) -> str:
+    return check_spki_pin(value)
+
+
+def _cert_sha256(value: str) -> str:
+    return normalize_cert_sha256(value)
+
+
+def _serial(value: str | int) -> str:
+    if isinstance(value, int):
+        return format(value, "x")
+    text = value.replace(":", "").lower().lstrip("0") or "0"
+    if any(c not in "0123456789abcdef" for c in text):
+        raise ValueError(f"serial must be hex (colons allowed) or an integer, got {value!r}")
+    return text
+
+
+def _public_key(value: str) -> str:
+    try:
+        key = serialization.load_pem_public_key(value.encode())
+    except ValueError:
+        raise ValueError("not a PEM public key (expected -----BEGIN RSA PUBLIC KEY----- or PUBLIC KEY)") from None
+    if not isinstance(key, rsa.RSAPublicKey):
+        raise ValueError("a Capgo v2 public key is an RSA key")
+    return value
+
+
 ChannelName = Annotated[str, AfterValidator(_channel)]
+Version = Annotated[str, AfterValidator(_version)]
+Patterns = list[Annotated[str, Field(min_length=1, max_length=256)]]
 
 
 class ChannelsModel(Model):
     default: ChannelName = "production"
     allowed: list[ChannelName] = []
+    self_set: bool = False
 
     @pydantic.model_validator(mode="after")
     def _default_allowed(self) -> ChannelsModel:
@@ -46,25 +96,129 @@ class ChannelsModel(Model):
         return self
 
 
+class SubjectModel(Model):
+    cn: Patterns = []
+    o: Patterns = []
+    ou: Patterns = []
+
+
+class ClientRuleModel(Model):
+    name: str = ""
+    issuer: list[str] = []  # names of client CAs from gateway.yaml
+    subject: SubjectModel = SubjectModel()
+    san_dns: Patterns = []
+    san_uri: Patterns = []
+    san_email: Patterns = []
+    spki_pins: list[Annotated[str, AfterValidator(_spki)]] = []
+    cert_sha256: list[Annotated[str, AfterValidator(_cert_sha256)]] = []
+    pin_only: bool = False
+
+    @pydantic.model_validator(mode="after")
+    def _explicit(self) -> ClientRuleModel:
+        names = self.issuer or self.subject.cn or self.subject.o or self.subject.ou
+        names = names or self.san_dns or self.san_uri or self.san_email
+        pins = self.spki_pins or self.cert_sha256
+        if not names and not pins:
+            raise ValueError("a client rule needs at least one condition (issuer, subject, SAN or pins)")
+        if pins and not names and not self.pin_only:
+            raise ValueError(
+                "this rule admits by pin alone: say so with 'pin_only: true' (the certificate chain is still verified)"
+            )
+        if self.pin_only and not pins:
+            raise ValueError("pin_only is set but the rule has no spki_pins or cert_sha256")
+        return self
+
+
+class DenyModel(Model):
+    cert_sha256: list[Annotated[str, AfterValidator(_cert_sha256)]] = []
+    serials: list[Annotated[str | int, AfterValidator(_serial)]] = []
+
+
+class VersionsModel(Model):
+    min_version: Version | None = None
+    blocked_versions: list[Version] = []
+    rollback_to: Version | None = None
+    max_version_jump: Annotated[int, Field(ge=0)] | None = None
+
+
+class VerificationModel(Model):
+    require_checksum: bool = True
+    public_keys: list[Annotated[str, AfterValidator(_public_key)]] = []
+    max_bundle_bytes: Annotated[int, Field(gt=0)] | None = None
+
+
+class RateLimitsModel(Model):
+    updates_per_minute: Annotated[int, Field(gt=0, le=100000)] = 60
+    stats_per_minute: Annotated[int, Field(gt=0, le=100000)] = 120
+
+
 class AppModel(Model):
     app_id: Annotated[str, AfterValidator(_app_id)]
     origin: str
     channels: ChannelsModel = ChannelsModel()
+    clients: Annotated[list[ClientRuleModel], Field(min_length=1)]
+    deny: DenyModel = DenyModel()
+    versions: VersionsModel = VersionsModel()
+    verification: VerificationModel = VerificationModel()
+    rate_limits: RateLimitsModel = RateLimitsModel()
 
 
 class PolicyFile(Model):
     apps: Annotated[list[AppModel], Field(min_length=1)]
 
 
+def _to_policy(app: AppModel, source: str) -> AppPolicy:
+    rules = tuple(
+        ClientRule(
+            name=r.name or f"rule{i}",
+            issuers=tuple(r.issuer),
+            cn=tuple(r.subject.cn),
+            o=tuple(r.subject.o),
+            ou=tuple(r.subject.ou),
+            san_dns=tuple(r.san_dns),
+            san_uri=tuple(r.san_uri),
+            san_email=tuple(r.san_email),
+            spki_pins=frozenset(r.spki_pins),
+            cert_sha256=frozenset(r.cert_sha256),
+            pin_only=r.pin_only,
+        )
+        for i, r in enumerate(app.clients)
+    )
+    return AppPolicy(
+        app_id=app.app_id,
+        origin=app.origin,
+        channels=Channels(
+            app.channels.default, tuple(app.channels.allowed) or (app.channels.default,), app.channels.self_set
+        ),
+        source=source,
+        clients=rules,
+        deny=Deny(frozenset(app.deny.cert_sha256), frozenset(str(s) for s in app.deny.serials)),
+        versions=Versions(
+            app.versions.min_version,
+            tuple(app.versions.blocked_versions),
+            app.versions.rollback_to,
+            app.versions.max_version_jump,
+        ),
+        verification=Verification(
+            app.verification.require_checksum, tuple(app.verification.public_keys), app.verification.max_bundle_bytes
+        ),
+        rate_limits=RateLimits(app.rate_limits.updates_per_minute, app.rate_limits.stats_per_minute),
+    )
+
+
+def policy_files(folder: Path) -> list[Path]:
+    return sorted(p for p in [*folder.glob("*.yaml"), *folder.glob("*.yml")] if p.is_file())
+
+
 def load_policies(folder: Path, config: Config) -> PolicySet:
     """Read every `*.yaml` in `folder`; raise `ConfigError` listing every problem in every file."""
-    files = sorted(p for p in folder.glob("*.yaml") if p.is_file())
-    files += sorted(p for p in folder.glob("*.yml") if p.is_file())
+    files = policy_files(folder)
     issues: list[ConfigIssue] = []
     apps: dict[str, AppPolicy] = {}
     where: dict[str, str] = {}
     if not files:
         raise ConfigError.single(str(folder), "", None, "no policy files (*.yaml) in this folder")
+    ca_names = client_ca_names(config)
     for path in files:
         try:
             doc = read_yaml(path)
@@ -81,18 +235,21 @@ def load_policies(folder: Path, config: Config) -> PolicySet:
             if app.origin not in config.origins:
                 known = ", ".join(sorted(config.origins))
                 issues.append(doc.issue((*key, "origin"), f"unknown origin {app.origin!r} (configured: {known})"))
+            for j, rule in enumerate(app.clients):
+                for k, issuer in enumerate(rule.issuer):
+                    if issuer not in ca_names:
+                        known = ", ".join(sorted(ca_names))
+                        issues.append(
+                            doc.issue(
+                                (*key, "clients", j, "issuer", k), f"unknown client CA {issuer!r} (configured: {known})"
+                            )
+                        )
             if app.app_id in apps:
                 issues.append(
                     doc.issue((*key, "app_id"), f"app {app.app_id} is already defined in {where[app.app_id]}")
                 )
                 continue
-            allowed = tuple(app.channels.allowed) or (app.channels.default,)
-            apps[app.app_id] = AppPolicy(
-                app_id=app.app_id,
-                origin=app.origin,
-                channels=Channels(app.channels.default, allowed),
-                source=str(path),
-            )
+            apps[app.app_id] = _to_policy(app, str(path))
             where[app.app_id] = f"{path}:{doc.line_of(key)}"
     if issues:
         raise ConfigError(issues)

@@ -12,22 +12,21 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-import ssl
 import sys
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 from aiohttp import web
 
-from gateway.app import create_admin_app, create_app
+from gateway.app import create_admin_app, create_app, create_plain_app
 from gateway.audit import AuditLog
-from gateway.config import Config
 from gateway.listener import TlsListenerServer
 from gateway.metrics import Metrics
 from gateway.origins import make_origin
-from gateway.policy_store import load_policies
+from gateway.reload import Loaded, Reloader, load_all, publish_state_metrics
 from gateway.state_keys import Runtime
-from gateway.tls import server_context
+from gateway.tls import ListenerMaterial
 
 log = logging.getLogger("ota_gateway")
 
@@ -35,30 +34,37 @@ EXIT_OK = 0
 EXIT_FORCED = 3
 
 
-def build_runtime(config: Config, metrics: Metrics | None = None) -> Runtime:
-    """Everything `serve` loads, without opening a socket (also what `check` validates)."""
-    policies = load_policies(config.policies, config)
+def build_runtime(loaded: Loaded, metrics: Metrics | None = None) -> Runtime:
     metrics = metrics or Metrics()
-    origins = {name: make_origin(name, oc) for name, oc in config.origins.items()}
+    origins = {name: make_origin(name, oc) for name, oc in loaded.config.origins.items()}
     for name in origins:
         metrics.origin(name)
-    metrics.config_loaded.set(1)
+    publish_state_metrics(metrics, loaded)
     return Runtime(
-        config=config, policies=policies, origins=origins, metrics=metrics, audit=AuditLog(config.audit.path)
+        config=loaded.config,
+        policies=loaded.policies,
+        origins=origins,
+        metrics=metrics,
+        audit=AuditLog(loaded.config.audit.path),
+        material=loaded.material,
     )
 
 
+def _say(message: str) -> None:
+    print(f"ota-gateway: {message}", file=sys.stderr, flush=True)
+
+
 async def serve(
-    config: Config,
+    config_path: Path,
     *,
     shutdown_trigger: Callable[[], Awaitable[object]] | None = None,
-    on_ready: Callable[[Runtime, list[TlsListenerServer]], None] | None = None,
 ) -> int:
-    rt = build_runtime(config)
-    contexts = {lst.name: server_context(lst) for lst in config.listeners}
-    app = create_app(rt)
+    """Run until SIGTERM/SIGINT (or `shutdown_trigger`), then drain; return the exit code."""
+    rt = build_runtime(await asyncio.to_thread(load_all, config_path))
+    config = rt.config
+    reloader = Reloader(config_path, rt)
     runner = web.AppRunner(
-        app,
+        create_app(rt),
         handler_cancellation=True,
         access_log=None,
         keepalive_timeout=config.limits.keepalive_timeout,
@@ -67,81 +73,89 @@ async def serve(
     await runner.setup()
     assert runner.server is not None
     listeners: list[TlsListenerServer] = []
-    admin_runner: web.AppRunner | None = None
+    side_runners: list[web.AppRunner] = []
+    tasks: set[asyncio.Task[object]] = set()
     stop = asyncio.Event()
     signals = 0
 
-    def on_signal() -> None:
+    def on_stop() -> None:
         nonlocal signals
         signals += 1
         stop.set()
 
+    def on_hup() -> None:
+        task = loop.create_task(reloader.reload("SIGHUP"), name="reload-sighup")
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, on_signal)
+    loop.add_signal_handler(signal.SIGTERM, on_stop)
+    loop.add_signal_handler(signal.SIGINT, on_stop)
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
     forced = False
     try:
         for lst in config.listeners:
             listener = TlsListenerServer(
-                lst.name,
-                _current(contexts, lst.name),
-                runner.server,
-                rt.metrics,
-                lst.handshake_timeout,
+                lst.name, _current(rt, lst.name), runner.server, rt.metrics, lst.handshake_timeout
             )
             await listener.start(lst.address, lst.port)
             listeners.append(listener)
-        if config.admin.enabled:
-            admin_runner = web.AppRunner(create_admin_app(rt), access_log=None)
-            await admin_runner.setup()
-            await web.TCPSite(admin_runner, config.admin.address, config.admin.port).start()
-        for listener in listeners:
             for sock in listener.sockets:
                 host, port = sock.getsockname()[:2]
-                print(
-                    f"ota-gateway: listening on https://{host}:{port} ({listener.name})",
-                    file=sys.stderr,
-                    flush=True,
-                )
-        if admin_runner is not None:
-            print(
-                f"ota-gateway: admin on http://{config.admin.address}:{config.admin.port} (/metrics /healthz /readyz)",
-                file=sys.stderr,
-                flush=True,
+                _say(f"listening on https://{host}:{port} ({lst.name})")
+        if config.plain_http.enabled:
+            https_port = config.plain_http.https_port or config.listeners[0].port
+            side_runners.append(
+                await _site(create_plain_app(rt, https_port), config.plain_http.address, config.plain_http.port)
             )
-        if on_ready is not None:
-            on_ready(rt, listeners)
+            _say(f"plain HTTP on http://{config.plain_http.address}:{config.plain_http.port} (redirects only)")
+        if config.admin.enabled:
+            side_runners.append(await _site(create_admin_app(rt), config.admin.address, config.admin.port))
+            _say(f"admin on http://{config.admin.address}:{config.admin.port} (/metrics /healthz /readyz)")
+        watcher = loop.create_task(reloader.watch(), name="reload-watch")
+        tasks.add(watcher)
         waiters: list[asyncio.Future[object]] = [asyncio.ensure_future(stop.wait())]
         if shutdown_trigger is not None:
             waiters.append(asyncio.ensure_future(shutdown_trigger()))
         await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
         for w in waiters:
             w.cancel()
-        print("ota-gateway: shutting down, draining in-flight requests", file=sys.stderr, flush=True)
+        _say("shutting down, draining in-flight requests")
         forced = await _drain(rt, listeners, runner, config.limits.shutdown_grace, lambda: signals > 1)
     finally:
         rt.shutting_down = True
+        for task in list(tasks):
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         for listener in listeners:
             listener.close()
             await listener.wait_closed()
         await runner.cleanup()
-        if admin_runner is not None:
-            await admin_runner.cleanup()
+        for side in side_runners:
+            await side.cleanup()
+        await reloader.close()
         for origin in rt.origins.values():
             await origin.close()
         rt.audit.close()
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
     if forced:
-        print("ota-gateway: stopped; in-flight requests were aborted after the grace period", file=sys.stderr)
+        _say("stopped; in-flight requests were aborted after the grace period")
         return EXIT_FORCED
-    print("ota-gateway: stopped cleanly", file=sys.stderr)
+    _say("stopped cleanly")
     return EXIT_OK
 
 
-def _current(contexts: dict[str, ssl.SSLContext], name: str) -> Callable[[], ssl.SSLContext]:
-    """The listener asks for its context on every connection, so replacing `contexts[name]` takes effect at once."""
-    return lambda: contexts[name]
+async def _site(app: web.Application, address: str, port: int) -> web.AppRunner:
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
+    await runner.setup()
+    await web.TCPSite(runner, address, port).start()
+    return runner
+
+
+def _current(rt: Runtime, name: str) -> Callable[[], ListenerMaterial]:
+    """The listener asks for its material on every connection, so a reload's swap takes effect at once."""
+    return lambda: rt.material[name]
 
 
 async def _drain(

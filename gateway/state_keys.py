@@ -2,40 +2,77 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import datetime as dt
+from dataclasses import dataclass, field
 
 from aiohttp import web
+from cryptography import x509
 
 from gateway.audit import AuditLog, AuditRecord
-from gateway.config import Config
+from gateway.config import Config, FrontProxy
 from gateway.core.identity import ClientIdentity
-from gateway.core.policy import PolicySet
+from gateway.core.pins import normalize_cert_sha256
+from gateway.core.policy import Peer, PolicySet
 from gateway.metrics import Metrics
 from gateway.origins import DirectoryOrigin, HttpsOrigin
+from gateway.tls import ListenerMaterial
 
 
 @dataclass
 class Runtime:
-    """What handlers need: the current config and policies, the origins, metrics and the audit log."""
+    """What handlers need: the current config, policies and TLS material, the origins, metrics and the audit log.
+
+    `swap()` replaces config, policies and material together (validate-then-swap reloads); requests in flight
+    keep the objects they already hold.
+    """
 
     config: Config
     policies: PolicySet
     origins: dict[str, DirectoryOrigin | HttpsOrigin]
     metrics: Metrics
     audit: AuditLog
+    material: dict[str, ListenerMaterial] = field(default_factory=dict)
     active: int = 0  # requests being handled, for draining
     shutting_down: bool = False
+    cas: dict[str, tuple[str, x509.Certificate]] = field(default_factory=dict)
+    proxies: dict[str, FrontProxy] = field(default_factory=dict)  # pin (spki or sha256) -> front proxy
+
+    def __post_init__(self) -> None:
+        self._derive()
+
+    def _derive(self) -> None:
+        self.cas = {k: v for m in self.material.values() for k, v in m.cas.items()}
+        self.proxies = {}
+        for proxy in self.config.front_proxies:
+            for pin in proxy.spki_pins:
+                self.proxies[pin] = proxy
+            for pin in proxy.cert_sha256:
+                self.proxies[normalize_cert_sha256(pin)] = proxy
+
+    def swap(self, config: Config, policies: PolicySet, material: dict[str, ListenerMaterial]) -> None:
+        self.config, self.policies, self.material = config, policies, material
+        self._derive()
+
+    def front_proxy(self, identity: ClientIdentity) -> FrontProxy | None:
+        return self.proxies.get(identity.spki_sha256) or self.proxies.get(identity.sha256)
+
+    def revoked(self, identity: ClientIdentity, now: dt.datetime) -> str | None:
+        for material in self.material.values():
+            why = material.revocation.check(identity, now)
+            if why:
+                return why
+        return None
 
 
 RUNTIME = web.AppKey("runtime", Runtime)
-IDENTITY_KEY = "ota_gateway.identity"
+PEER_KEY = "ota_gateway.peer"
 AUDIT_KEY = "ota_gateway.audit"
 
 
-def request_identity(request: web.Request) -> ClientIdentity:
-    identity = request.get(IDENTITY_KEY)
-    assert isinstance(identity, ClientIdentity), "identity middleware did not run"
-    return identity
+def request_peer(request: web.Request) -> Peer:
+    peer = request.get(PEER_KEY)
+    assert isinstance(peer, Peer), "identity middleware did not run"
+    return peer
 
 
 def request_audit(request: web.Request) -> AuditRecord:

@@ -9,13 +9,17 @@ a CRL or CA reload). It never accepts connections; `listener.py` does.
 
 from __future__ import annotations
 
+import datetime as dt
 import ssl
+import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from gateway.config import HttpsOriginConfig, TlsListener
+from gateway.core.revocation import RevocationList, RevocationSet
 
 # Mozilla server-side TLS guidelines, "intermediate" configuration (TLS 1.2 suites; TLS 1.3 suites are
 # OpenSSL's defaults, which match the guideline). DHE suites are left out: no DH parameters are configured.
@@ -89,8 +93,73 @@ def check_key_pair(cert_path: Path, key_path: Path) -> None:
         raise TlsMaterialError("key", f"{key_path} does not match the certificate in {cert_path}")
 
 
-def server_context(listener: TlsListener) -> ssl.SSLContext:
-    """The mTLS server context for one listener."""
+def load_crl(path: Path, ca_file: Path, field: str = "crl") -> x509.CertificateRevocationList:
+    """A PEM or DER CRL, which must be signed by the CA in `ca_file`."""
+    data = _read(path, field)
+    try:
+        crl = x509.load_pem_x509_crl(data) if b"-----BEGIN" in data else x509.load_der_x509_crl(data)
+    except ValueError:
+        raise TlsMaterialError(field, f"{path} is not a PEM or DER CRL") from None
+    for ca in load_ca_bundle(ca_file):
+        if ca.subject == crl.issuer and crl.is_signature_valid(ca.public_key()):  # type: ignore[arg-type]
+            return crl
+    raise TlsMaterialError(field, f"{path} is not signed by the CA in {ca_file} (issuer {crl.issuer.rfc4514_string()})")
+
+
+@dataclass(frozen=True)
+class Expiry:
+    """One certificate or CRL whose end of validity is exported as a metric."""
+
+    kind: str  # server_cert | client_ca | crl
+    name: str  # from config: listener name, CA name
+    not_after: dt.datetime
+
+
+@dataclass(frozen=True)
+class ListenerMaterial:
+    """Everything a listener needs per connection; built whole and swapped whole on reload."""
+
+    context: ssl.SSLContext
+    revocation: RevocationSet
+    cas: dict[str, tuple[str, x509.Certificate]]  # CA subject (RFC 4514) -> (client CA name, certificate)
+    expiries: tuple[Expiry, ...] = field(default=())
+
+
+def build_material(listener: TlsListener, now: dt.datetime | None = None) -> ListenerMaterial:
+    """Load and check everything of one listener; raise `TlsMaterialError` or `ssl.SSLError` on any problem."""
+    now = now or dt.datetime.now(dt.UTC)
+    check_key_pair(listener.cert, listener.key)
+    leaf = load_certificates(listener.cert, "cert")[0]
+    expiries = [Expiry("server_cert", listener.name, leaf.not_valid_after_utc)]
+    lists: list[RevocationList] = []
+    cas: dict[str, tuple[str, x509.Certificate]] = {}
+    crl_pems: list[str] = []
+    for ca in listener.client_ca:
+        for cert in load_ca_bundle(ca.file):
+            cas[cert.subject.rfc4514_string()] = (ca.label, cert)
+            expiries.append(Expiry("client_ca", ca.label, cert.not_valid_after_utc))
+        for crl_path in ca.crl:
+            crl = load_crl(crl_path, ca.file)
+            lists.append(
+                RevocationList(
+                    ca_name=ca.label,
+                    issuer=crl.issuer.rfc4514_string(),
+                    serials=frozenset(format(r.serial_number, "x") for r in crl),
+                    next_update=crl.next_update_utc,
+                    source=str(crl_path),
+                )
+            )
+            if crl.next_update_utc is not None:
+                expiries.append(Expiry("crl", ca.label, crl.next_update_utc))
+            crl_pems.append(crl.public_bytes(serialization.Encoding.PEM).decode())
+    revocation = RevocationSet(tuple(lists), listener.crl_expired)
+    context = server_context(listener, crl_pems if listener.crl_check == "chain" else [])
+    return ListenerMaterial(context, revocation, cas, tuple(expiries))
+
+
+def server_context(listener: TlsListener, chain_crls: list[str] | None = None) -> ssl.SSLContext:
+    """The mTLS server context for one listener. With `chain_crls`, OpenSSL checks every certificate of the
+    chain against them (crl_check: chain); leaf checks are made by the gateway itself after the handshake."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = _VERSIONS[listener.min_tls]
     ctx.maximum_version = ssl.TLSVersion.TLSv1_3
@@ -101,7 +170,14 @@ def server_context(listener: TlsListener) -> ssl.SSLContext:
     ctx.verify_flags |= ssl.VERIFY_X509_STRICT
     ctx.load_cert_chain(listener.cert, listener.key)
     for ca in listener.client_ca:
-        ctx.load_verify_locations(cafile=str(ca))
+        ctx.load_verify_locations(cafile=str(ca.file))
+    if chain_crls:
+        # the ssl module reads CRLs only from files, not from `cadata`
+        with tempfile.NamedTemporaryFile("w", suffix=".pem", prefix="ota-crls-") as fh:
+            fh.write("".join(chain_crls))
+            fh.flush()
+            ctx.load_verify_locations(cafile=fh.name)
+        ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_CHAIN
     ctx.set_alpn_protocols(["http/1.1"])
     return ctx
 

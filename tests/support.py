@@ -156,6 +156,7 @@ def write_config(
                 "app_id": APP_ID,
                 "origin": next(iter(origins)),
                 "channels": {"default": "production", "allowed": ["production", "beta"]},
+                "clients": [{"name": "fleet", "issuer": ["ca"]}],
             }
         ]
     )

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from functools import lru_cache
 
@@ -35,6 +35,7 @@ class ClientIdentity:
     san_email: tuple[str, ...]
     san_ip: tuple[str, ...]
     client_auth_eku: bool  # the certificate may be used for TLS client authentication
+    der: bytes = field(default=b"", repr=False, compare=False)  # for RFC 9440 forwarding; never logged
 
     @property
     def spiffe_ids(self) -> tuple[str, ...]:
@@ -87,4 +88,5 @@ def identity_from_der(der: bytes) -> ClientIdentity:
         san_email=email,
         san_ip=ips,
         client_auth_eku=_client_auth_allowed(cert),
+        der=der,
     )

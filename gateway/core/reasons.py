@@ -18,6 +18,7 @@ class Reason(enum.Enum):
     REVOKED = ("revoked", 403)
     PIN_MISMATCH = ("pin_mismatch", 403)
     IDENTITY_NOT_ALLOWED = ("identity_not_allowed", 403)
+    DENIED = ("denied", 403)
     APP_UNKNOWN = ("app_unknown", 404)
     RELEASE_UNKNOWN = ("release_unknown", 404)
     NOT_HTTPS = ("not_https", 426)

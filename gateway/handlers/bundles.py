@@ -19,7 +19,7 @@ from gateway.core.policy import admit
 from gateway.core.reasons import Reason, Refusal
 from gateway.core.verify import Expectation, Verifier
 from gateway.origins import Body, OriginError, ReleaseNotFound
-from gateway.state_keys import RUNTIME, Runtime, request_audit, request_identity
+from gateway.state_keys import RUNTIME, Runtime, request_audit, request_peer
 
 CLIENT_WRITE_TIMEOUT = 60.0  # a client that takes longer than this to accept one chunk is cut off (too_slow)
 
@@ -32,7 +32,8 @@ async def get_bundle(request: web.Request) -> web.StreamResponse:
     if not is_app_id(app_id) or not is_version(version):
         raise Refusal(Reason.BAD_REQUEST, "app id or version is malformed")
     record.app, record.version = app_id, version
-    app = admit(rt.policies, request_identity(request), app_id)
+    peer = request_peer(request)
+    app = admit(rt.policies, peer, app_id)
     origin = rt.origins[app.origin]
     record.origin = origin.name
     started = time.monotonic()
@@ -46,10 +47,11 @@ async def get_bundle(request: web.Request) -> web.StreamResponse:
     release = index.find(version)
     if release is None or release.channel not in app.channels.allowed:
         raise Refusal(Reason.RELEASE_UNKNOWN, f"{app_id} has no release {version} on an allowed channel")
-    if release.size > rt.config.limits.max_bundle_bytes:
-        raise Refusal(Reason.SIZE_EXCEEDED, f"release is {release.size} bytes, above max_bundle_bytes")
+    limit = min(rt.config.limits.max_bundle_bytes, app.verification.max_bundle_bytes or release.size)
+    if release.size > limit:
+        raise Refusal(Reason.SIZE_EXCEEDED, f"release is {release.size} bytes, above the limit of {limit}")
     expect = Expectation(release.sha256, release.size)
-    body_cm = origin.open(app_id, release, rt.config.limits.chunk_size)
+    body_cm = origin.open(app_id, release, rt.config.limits.chunk_size, peer)
     return await stream_verified(request, rt, body_cm, expect, origin.name, started)
 
 

@@ -1,0 +1,80 @@
+"""Who is asking: the `Peer` of a request, from its TLS client certificate or, behind a trusted front proxy,
+from the identity header that proxy sends.
+
+Owns the trust decision for identity headers. Only a TLS client whose certificate matches a configured front
+proxy pin may speak for a device; its header must carry a certificate issued directly by one of the configured
+client CAs, valid now, made for client authentication and not revoked. From any other client the identity headers
+are ignored (the gateway never forwards a client's headers) and the attempt is counted.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from aiohttp import web
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+
+from gateway.core.forwarded import CLIENT_CERT, IDENTITY_HEADERS, XFCC, parse_client_cert, parse_xfcc
+from gateway.core.identity import ClientIdentity, identity_from_der
+from gateway.core.policy import Peer
+from gateway.core.reasons import Reason, Refusal
+from gateway.state_keys import Runtime
+
+
+def peer_der(request: web.Request) -> bytes | None:
+    transport = request.transport
+    ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
+    if ssl_object is None:
+        return None
+    der: bytes | None = ssl_object.getpeercert(binary_form=True)
+    return der
+
+
+def _forwarded_identity(rt: Runtime, der: bytes, now: dt.datetime) -> tuple[ClientIdentity, str]:
+    try:
+        identity = identity_from_der(der)
+        cert = x509.load_der_x509_certificate(der)
+    except ValueError:
+        raise Refusal(Reason.BAD_REQUEST, "forwarded client certificate is not a valid certificate") from None
+    entry = rt.cas.get(identity.issuer)
+    if entry is None:
+        raise Refusal(Reason.UNTRUSTED_CERT, "forwarded client certificate is not from a configured client CA")
+    ca_name, ca_cert = entry
+    try:
+        cert.verify_directly_issued_by(ca_cert)
+    except (ValueError, TypeError, InvalidSignature):
+        raise Refusal(Reason.UNTRUSTED_CERT, "forwarded client certificate does not verify against its CA") from None
+    if not (cert.not_valid_before_utc <= now <= cert.not_valid_after_utc):
+        raise Refusal(Reason.UNTRUSTED_CERT, "forwarded client certificate is expired or not yet valid")
+    if not identity.client_auth_eku:
+        raise Refusal(Reason.UNTRUSTED_CERT, "forwarded client certificate is not made for client authentication")
+    return identity, ca_name
+
+
+def resolve_peer(request: web.Request, rt: Runtime) -> Peer:
+    der = peer_der(request)
+    if der is None:
+        raise Refusal(Reason.NO_CLIENT_CERT, "a client certificate is required")
+    identity = identity_from_der(der)
+    now = dt.datetime.now(dt.UTC)
+    proxy = rt.front_proxy(identity)
+    if proxy is None:
+        if any(h in request.headers for h in IDENTITY_HEADERS):
+            rt.metrics.spoofed_identity_headers.inc()
+        peer = Peer(identity, rt.cas.get(identity.issuer, (None, None))[0])
+    else:
+        name = CLIENT_CERT if proxy.header == "client-cert" else XFCC
+        value = request.headers.get(name)
+        if not value:
+            raise Refusal(Reason.NO_CLIENT_CERT, f"front proxy {proxy.name} sent no {name} header")
+        try:
+            forwarded = parse_client_cert(value) if proxy.header == "client-cert" else parse_xfcc(value)
+        except ValueError as exc:
+            raise Refusal(Reason.BAD_REQUEST, f"{name} from front proxy {proxy.name}: {exc}") from None
+        device, ca_name = _forwarded_identity(rt, forwarded, now)
+        peer = Peer(device, ca_name, via_proxy=proxy.name)
+    why = rt.revoked(peer.identity, now)
+    if why:
+        raise Refusal(Reason.REVOKED, why)
+    return peer

@@ -1,0 +1,151 @@
+"""Reloads: validate everything, then swap it all at once, or keep the last good state.
+
+Owns when and how config, policies and TLS material (server certificate and key, client CAs, CRLs) are reloaded:
+on SIGHUP and when a watched file changes (new mtime, new inode, a symlink swap as cert-manager and Kubernetes
+secrets do: files are watched through `stat`, which follows links, and `lstat` of the link itself). A reload
+builds the whole new state off the event loop; only if every part is valid is it swapped in, so new handshakes and
+requests see the new state while connections in flight keep theirs. A broken reload logs one line, keeps serving
+the last good state, sets `ota_gateway_config_last_reload_success` to 0 and counts a failure.
+Listener addresses and ports are not changed by a reload (that needs a restart; a warning says so).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import ssl
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from gateway.config import Config, load_config
+from gateway.core.policy import PolicySet
+from gateway.errors import ConfigError
+from gateway.metrics import Metrics
+from gateway.origins import make_origin
+from gateway.policy_store import load_policies, policy_files
+from gateway.state_keys import Runtime
+from gateway.tls import ListenerMaterial, TlsMaterialError, build_material
+
+log = logging.getLogger("ota_gateway.reload")
+
+
+@dataclass(frozen=True)
+class Loaded:
+    config: Config
+    policies: PolicySet
+    material: dict[str, ListenerMaterial]
+
+
+def load_all(config_path: Path) -> Loaded:
+    """Everything `serve` needs from disk, checked; raises `ConfigError` (one line per problem)."""
+    config = load_config(config_path)
+    material: dict[str, ListenerMaterial] = {}
+    for i, lst in enumerate(config.listeners):
+        try:
+            material[lst.name] = build_material(lst)
+        except TlsMaterialError as exc:
+            raise ConfigError.single(str(config_path), f"listeners[{i}].{exc.field}", None, str(exc)) from None
+        except ssl.SSLError as exc:
+            raise ConfigError.single(str(config_path), f"listeners[{i}]", None, f"TLS setup failed: {exc}") from None
+    policies = load_policies(config.policies, config)
+    return Loaded(config, policies, material)
+
+
+def publish_state_metrics(metrics: Metrics, loaded: Loaded) -> None:
+    metrics.config_loaded.set(1)
+    metrics.config_load_time.set(time.time())
+    metrics.expiry.clear()
+    for material in loaded.material.values():
+        for exp in material.expiries:
+            metrics.expiry.labels(exp.kind, exp.name).set(exp.not_after.timestamp())
+
+
+def watched_files(config_path: Path, config: Config) -> list[Path]:
+    paths = [config_path, config.policies, *policy_files(config.policies)]
+    for lst in config.listeners:
+        paths += [lst.cert, lst.key]
+        for ca in lst.client_ca:
+            paths += [ca.file, *ca.crl]
+    return paths
+
+
+def _stamp(path: Path) -> tuple[object, ...]:
+    try:
+        st, lst = os.stat(path), os.lstat(path)
+    except OSError as exc:
+        return (str(path), "missing", exc.errno)
+    return (str(path), st.st_mtime_ns, st.st_ino, st.st_dev, st.st_size, lst.st_mtime_ns, lst.st_ino)
+
+
+def fingerprint(paths: list[Path]) -> tuple[tuple[object, ...], ...]:
+    return tuple(_stamp(p) for p in paths)
+
+
+class Reloader:
+    def __init__(self, config_path: Path, rt: Runtime) -> None:
+        self.config_path = config_path
+        self.rt = rt
+        self._lock = asyncio.Lock()
+        self._last = fingerprint(watched_files(config_path, rt.config))
+        self._retired: set[asyncio.Task[None]] = set()
+
+    async def reload(self, trigger: str) -> bool:
+        async with self._lock:
+            self._last = fingerprint(watched_files(self.config_path, self.rt.config))
+            try:
+                loaded = await asyncio.to_thread(load_all, self.config_path)
+            except ConfigError as exc:
+                self.rt.metrics.reloads.labels("failure").inc()
+                self.rt.metrics.config_loaded.set(0)
+                first = str(exc.issues[0]) + (f" (and {len(exc.issues) - 1} more)" if len(exc.issues) > 1 else "")
+                print(f"ota-gateway: reload ({trigger}) failed, keeping the last good state: {first}", file=sys.stderr)
+                log.warning("reload (%s) failed: %s", trigger, exc)
+                return False
+            self._swap(loaded)
+            self._last = fingerprint(watched_files(self.config_path, loaded.config))
+            self.rt.metrics.reloads.labels("success").inc()
+            publish_state_metrics(self.rt.metrics, loaded)
+            print(f"ota-gateway: reloaded ({trigger}): {len(loaded.policies.apps)} app(s)", file=sys.stderr)
+            return True
+
+    def _swap(self, loaded: Loaded) -> None:
+        old = self.rt.config
+        for new_lst, old_lst in zip(loaded.config.listeners, old.listeners, strict=False):
+            if (new_lst.address, new_lst.port) != (old_lst.address, old_lst.port):
+                print(f"ota-gateway: listener {new_lst.name}: address/port change needs a restart", file=sys.stderr)
+        origins = dict(self.rt.origins)
+        for name, oc in loaded.config.origins.items():
+            if old.origins.get(name) != oc:
+                if name in origins:
+                    self._retire(origins[name], loaded.config.limits.shutdown_grace)
+                origins[name] = make_origin(name, oc)
+                self.rt.metrics.origin(name)
+        self.rt.origins = origins
+        self.rt.swap(loaded.config, loaded.policies, loaded.material)
+
+    def _retire(self, origin: object, after: float) -> None:
+        async def close_later() -> None:
+            await asyncio.sleep(after)  # downloads in flight keep using it until then
+            await origin.close()  # type: ignore[attr-defined]
+
+        task = asyncio.get_running_loop().create_task(close_later(), name="retire-origin")
+        self._retired.add(task)
+        task.add_done_callback(self._retired.discard)
+
+    async def watch(self) -> None:
+        """Poll the watched files every `reload.interval` seconds; reload on any change."""
+        while True:
+            await asyncio.sleep(self.rt.config.reload.interval)
+            if not self.rt.config.reload.watch:
+                continue
+            current = await asyncio.to_thread(fingerprint, watched_files(self.config_path, self.rt.config))
+            if current != self._last:
+                await self.reload("file change")
+
+    async def close(self) -> None:
+        for task in list(self._retired):
+            task.cancel()
+        await asyncio.gather(*self._retired, return_exceptions=True)
