@@ -72,6 +72,10 @@ async def envelope(request: web.Request, handler: Handler) -> web.StreamResponse
     return resp
 
 
+async def _server_header(request: web.Request, response: web.StreamResponse) -> None:
+    response.headers["Server"] = "ota-gateway"
+
+
 async def _hsts(request: web.Request, response: web.StreamResponse) -> None:
     rt = request.app[RUNTIME]
     max_age = rt.config.listeners[0].hsts_max_age
@@ -146,4 +150,5 @@ def create_plain_app(runtime: Runtime, https_port: int) -> web.Application:
 
     app = web.Application(client_max_size=1024)
     app.router.add_route("*", "/{tail:.*}", answer)
+    app.on_response_prepare.append(_server_header)
     return app

@@ -81,6 +81,12 @@ class Metrics:
             ["kind", "name"],
             registry=r,
         )
+        self.crl_stale = Gauge(
+            "ota_gateway_crl_stale",
+            "1 while a CRL is past its nextUpdate (see crl_expired for whether its CA's clients are refused).",
+            ["name"],
+            registry=r,
+        )
         self.spoofed_identity_headers = Counter(
             "ota_gateway_spoofed_identity_headers",
             "Requests carrying Client-Cert or x-forwarded-client-cert from a client that is not a front proxy.",

@@ -12,6 +12,7 @@ Listener addresses and ports are not changed by a reload (that needs a restart; 
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import logging
 import os
 import ssl
@@ -91,6 +92,7 @@ class Reloader:
         self._lock = asyncio.Lock()
         self._last = fingerprint(watched_files(config_path, rt.config))
         self._retired: set[asyncio.Task[None]] = set()
+        self._reported_stale: set[str] = set()
 
     async def reload(self, trigger: str) -> bool:
         async with self._lock:
@@ -102,7 +104,6 @@ class Reloader:
                 self.rt.metrics.config_loaded.set(0)
                 first = str(exc.issues[0]) + (f" (and {len(exc.issues) - 1} more)" if len(exc.issues) > 1 else "")
                 print(f"ota-gateway: reload ({trigger}) failed, keeping the last good state: {first}", file=sys.stderr)
-                log.warning("reload (%s) failed: %s", trigger, exc)
                 return False
             self._swap(loaded)
             self._last = fingerprint(watched_files(self.config_path, loaded.config))
@@ -135,9 +136,31 @@ class Reloader:
         self._retired.add(task)
         task.add_done_callback(self._retired.discard)
 
+    def report_stale_crls(self) -> None:
+        """Log each CRL once when it goes past its nextUpdate, and keep `ota_gateway_crl_stale` current."""
+        now = dt.datetime.now(dt.UTC)
+        all_stale: set[str] = set()
+        for name, material in self.rt.material.items():
+            stale = {crl.source for crl in material.revocation.stale_lists(now)}
+            all_stale |= stale
+            for crl in material.revocation.lists:
+                self.rt.metrics.crl_stale.labels(crl.ca_name).set(1 if crl.source in stale else 0)
+                if crl.source in stale and crl.source not in self._reported_stale:
+                    mode = material.revocation.expired_mode
+                    effect = (
+                        "clients of this CA are refused" if mode == "fail_closed" else "still applied (keep_serving)"
+                    )
+                    print(
+                        f"ota-gateway: listener {name}: CRL {crl.source} is past its nextUpdate "
+                        f"{crl.next_update:%Y-%m-%dT%H:%M:%SZ}; {effect}",
+                        file=sys.stderr,
+                    )
+        self._reported_stale = all_stale
+
     async def watch(self) -> None:
         """Poll the watched files every `reload.interval` seconds; reload on any change."""
         while True:
+            self.report_stale_crls()
             await asyncio.sleep(self.rt.config.reload.interval)
             if not self.rt.config.reload.watch:
                 continue
