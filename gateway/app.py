@@ -20,6 +20,7 @@ from gateway.audit import AuditRecord
 from gateway.core.reasons import Reason, Refusal
 from gateway.handlers.bundles import get_bundle
 from gateway.handlers.problem import problem_response
+from gateway.metrics import exposition_registry
 from gateway.peer import resolve_peer
 from gateway.state_keys import AUDIT_KEY, PEER_KEY, RUNTIME, Runtime
 
@@ -96,9 +97,11 @@ def create_app(runtime: Runtime) -> web.Application:
 async def _metrics(request: web.Request) -> web.Response:
     rt = request.app[RUNTIME]
     if "application/openmetrics-text" in request.headers.get("Accept", ""):
-        body = generate_openmetrics(rt.metrics.registry)  # type: ignore[no-untyped-call]
+        body = generate_openmetrics(exposition_registry(rt.metrics.registry))  # type: ignore[no-untyped-call]
         return web.Response(body=body, headers={"Content-Type": OPENMETRICS_TYPE})
-    return web.Response(body=generate_latest(rt.metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+    return web.Response(
+        body=generate_latest(exposition_registry(rt.metrics.registry)), headers={"Content-Type": CONTENT_TYPE_LATEST}
+    )
 
 
 async def _healthz(request: web.Request) -> web.Response:

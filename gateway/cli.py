@@ -38,6 +38,12 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
+    from gateway import workers
+
+    count = args.workers or workers.default_workers()
+    if count > 1 and not workers.is_worker():
+        extra = ["--log-level", args.log_level] + ([] if args.uvloop else ["--no-uvloop"])
+        return workers.supervise(args.config, count, extra)
     from gateway.runner import serve
 
     logging.basicConfig(
@@ -50,7 +56,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         runner = uvloop.run if args.uvloop else asyncio.run
     except ImportError:
         runner = asyncio.run
-    return runner(serve(args.config))
+    return runner(serve(args.config, reuse_port=workers.is_worker()))
 
 
 def _cmd_certs_init(args: argparse.Namespace) -> int:
@@ -103,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
     p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
     p.add_argument("--no-uvloop", dest="uvloop", action="store_false", help="use the stdlib event loop")
+    p.add_argument("--workers", type=int, default=0, help="worker processes sharing the ports (default: one per core)")
     p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("check", help="validate the config and policies, like nginx -t (exit 0 or 2)")

@@ -60,6 +60,7 @@ class _Acceptor(asyncio.Protocol):
             # handshake with call_soon, so this callback (scheduled first) runs in between and hands the bytes over.
             loop.call_soon(_feed_early, raw, self, early)
         material = listener.material()
+        started = loop.time()
         try:
             tls = await loop.start_tls(
                 raw,
@@ -81,7 +82,9 @@ class _Acceptor(asyncio.Protocol):
             raw.abort()
             return
         except (ConnectionError, OSError) as exc:
-            listener.failed("aborted", exc)
+            # asyncio's and uvloop's SSLProtocol report their own handshake timeout as ConnectionAbortedError
+            timed_out = isinstance(exc, ConnectionAbortedError) and loop.time() - started >= listener.handshake_timeout
+            listener.failed("timeout" if timed_out else "aborted", exc)
             raw.abort()
             return
         if tls is None or self._lost:

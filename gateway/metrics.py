@@ -7,7 +7,9 @@ never from a string a client sent.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+import os
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, multiprocess
 
 from gateway.core.handshake import CAUSES
 from gateway.core.reasons import ALL_LABELS
@@ -17,6 +19,15 @@ disable_created_metrics()  # type: ignore[no-untyped-call]
 
 ROUTES = ("bundle", "admin", "other")
 OUTCOMES = ("ok", "refused", "aborted")
+
+
+def exposition_registry(own: CollectorRegistry) -> CollectorRegistry:
+    """What /metrics serves: this process's registry, or in multi-worker mode the sum over all workers."""
+    if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+        return own
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+    return registry
 
 
 class Metrics:
@@ -53,7 +64,9 @@ class Metrics:
             ["result"],
             registry=r,
         )
-        self.in_flight = Gauge("ota_gateway_downloads_in_flight", "Bundle downloads in progress.", registry=r)
+        self.in_flight = Gauge(
+            "ota_gateway_downloads_in_flight", "Bundle downloads in progress.", registry=r, multiprocess_mode="livesum"
+        )
         self.origin_latency = Histogram(
             "ota_gateway_origin_response_seconds",
             "Time until the origin's response headers (or the file open), by origin.",
@@ -66,11 +79,13 @@ class Metrics:
             "ota_gateway_config_last_reload_success",
             "1 if the last load or reload of config, policies and certificates succeeded, else 0.",
             registry=r,
+            multiprocess_mode="livemin",
         )
         self.config_load_time = Gauge(
             "ota_gateway_config_last_reload_success_timestamp_seconds",
             "Unix time of the last successful load or reload.",
             registry=r,
+            multiprocess_mode="livemax",
         )
         self.reloads = Counter(
             "ota_gateway_config_reloads", "Reload attempts, by result (success, failure).", ["result"], registry=r
@@ -80,12 +95,14 @@ class Metrics:
             "End of validity (Unix time) of the server certificates, client CAs (not_after) and CRLs (nextUpdate).",
             ["kind", "name"],
             registry=r,
+            multiprocess_mode="livemin",
         )
         self.crl_stale = Gauge(
             "ota_gateway_crl_stale",
             "1 while a CRL is past its nextUpdate (see crl_expired for whether its CA's clients are refused).",
             ["name"],
             registry=r,
+            multiprocess_mode="livemax",
         )
         self.spoofed_identity_headers = Counter(
             "ota_gateway_spoofed_identity_headers",

@@ -58,6 +58,7 @@ async def serve(
     config_path: Path,
     *,
     shutdown_trigger: Callable[[], Awaitable[object]] | None = None,
+    reuse_port: bool = False,
 ) -> int:
     """Run until SIGTERM/SIGINT (or `shutdown_trigger`), then drain; return the exit code."""
     rt = build_runtime(await asyncio.to_thread(load_all, config_path))
@@ -98,7 +99,7 @@ async def serve(
             listener = TlsListenerServer(
                 lst.name, _current(rt, lst.name), runner.server, rt.metrics, lst.handshake_timeout
             )
-            await listener.start(lst.address, lst.port)
+            await listener.start(lst.address, lst.port, reuse_port=reuse_port)
             listeners.append(listener)
             for sock in listener.sockets:
                 host, port = sock.getsockname()[:2]
@@ -106,11 +107,13 @@ async def serve(
         if config.plain_http.enabled:
             https_port = config.plain_http.https_port or config.listeners[0].port
             side_runners.append(
-                await _site(create_plain_app(rt, https_port), config.plain_http.address, config.plain_http.port)
+                await _site(
+                    create_plain_app(rt, https_port), config.plain_http.address, config.plain_http.port, reuse_port
+                )
             )
             _say(f"plain HTTP on http://{config.plain_http.address}:{config.plain_http.port} (redirects only)")
         if config.admin.enabled:
-            side_runners.append(await _site(create_admin_app(rt), config.admin.address, config.admin.port))
+            side_runners.append(await _site(create_admin_app(rt), config.admin.address, config.admin.port, reuse_port))
             _say(f"admin on http://{config.admin.address}:{config.admin.port} (/metrics /healthz /readyz)")
         watcher = loop.create_task(reloader.watch(), name="reload-watch")
         tasks.add(watcher)
@@ -146,10 +149,10 @@ async def serve(
     return EXIT_OK
 
 
-async def _site(app: web.Application, address: str, port: int) -> web.AppRunner:
+async def _site(app: web.Application, address: str, port: int, reuse_port: bool) -> web.AppRunner:
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
     await runner.setup()
-    await web.TCPSite(runner, address, port).start()
+    await web.TCPSite(runner, address, port, reuse_port=reuse_port or None).start()
     return runner
 
 

@@ -263,9 +263,10 @@ def _pump_stderr(proc: subprocess.Popen[str], lines: list[str], ready: threading
 def run_gateway(config_path: Path, *args: str, timeout: float = 20) -> Iterator[GatewayProcess]:
     """Start `python -m gateway serve --config config_path` and wait until it listens; stop it afterwards."""
     config = yaml.safe_load(config_path.read_text())
+    workers = [] if any(a.startswith("--workers") for a in args) else ["--workers", "1"]  # one process: its pid is it
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "gateway", "serve", "--config", str(config_path), *args],
+        [sys.executable, "-m", "gateway", "serve", "--config", str(config_path), *workers, *args],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,

@@ -16,18 +16,18 @@ _FILE_PART_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._+-]{0,127}$")
 
 
 def is_app_id(value: str) -> bool:
-    return len(value) <= 128 and APP_ID_RE.match(value) is not None
+    return len(value) <= 128 and APP_ID_RE.fullmatch(value) is not None
 
 
 def is_version(value: str) -> bool:
-    return VERSION_RE.match(value) is not None and ".." not in value
+    return VERSION_RE.fullmatch(value) is not None and ".." not in value
 
 
 def is_channel(value: str) -> bool:
-    return CHANNEL_RE.match(value) is not None
+    return CHANNEL_RE.fullmatch(value) is not None
 
 
 def is_relative_file(value: str) -> bool:
     """A relative path of plain parts (no `..`, no absolute path, no backslash), at most 4 levels deep."""
     parts = value.split("/")
-    return 0 < len(parts) <= 4 and all(_FILE_PART_RE.match(p) and p not in (".", "..") for p in parts)
+    return 0 < len(parts) <= 4 and all(_FILE_PART_RE.fullmatch(p) and p not in (".", "..") for p in parts)
