@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 CERTS := certs/dev
 ORIGIN := example-origin
 
-.PHONY: run test lint typecheck unit install certs origin system-deps bench clean
+.PHONY: run test lint typecheck unit install certs origin system-deps deploy-check bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,11 +18,13 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# Debian tools the tests drive from outside: curl and openssl as clients.
+# Debian tools the tests drive from outside: curl and openssl as clients, promtool (package prometheus).
 system-deps:
-	@missing=""; for t in curl openssl; do command -v $$t >/dev/null || missing="$$missing $$t"; done; \
+	@missing=""; for t in curl:curl openssl:openssl promtool:prometheus; do \
+	  command -v $${t%%:*} >/dev/null || missing="$$missing $${t#*:}"; done; \
 	if [ -n "$$missing" ]; then \
-	  echo "installing:$$missing"; apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	  echo "installing:$$missing"; apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	fi
 
 $(CERTS)/ca.pem: | $(STAMP)
@@ -55,7 +57,12 @@ typecheck: $(STAMP)
 unit: $(STAMP) system-deps
 	$(BIN)/pytest -q -p no:cacheprovider
 
-test: lint typecheck unit
+deploy-check: system-deps
+	promtool check rules deploy/alerts.yml
+	promtool test rules deploy/alerts_test.yml
+	$(PYTHON) -c "import json; json.load(open('deploy/grafana-dashboard.json'))"
+
+test: lint typecheck deploy-check unit
 
 bench: $(STAMP)
 	$(PY) bench/run.py
