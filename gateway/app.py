@@ -7,6 +7,7 @@ details. Handlers stay thin and raise `Refusal`.
 
 from __future__ import annotations
 
+import datetime as dt
 import re
 import time
 from collections.abc import Awaitable, Callable
@@ -108,11 +109,38 @@ async def _healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "alive"})
 
 
+ORIGIN_FAILURE_WINDOW = 60.0  # an origin whose last answer within this many seconds was a failure is not ready
+
+
+def readiness(rt: Runtime, now: dt.datetime, monotonic: float) -> list[str]:
+    """Why the gateway should not get traffic now; empty when it is ready."""
+    problems = []
+    if rt.shutting_down:
+        problems.append("shutting down")
+    for material in rt.material.values():
+        for exp in material.expiries:
+            if exp.kind != "crl" and exp.not_after <= now:
+                problems.append(f"{exp.kind} {exp.name} expired at {exp.not_after:%Y-%m-%dT%H:%M:%SZ}")
+        for crl in material.revocation.stale_lists(now):
+            if material.revocation.expired_mode == "fail_closed":
+                problems.append(f"CRL {crl.source} of {crl.ca_name} is past its nextUpdate (fail_closed)")
+    for name, (ok, when, detail) in sorted(rt.origin_health.items()):
+        if not ok and monotonic - when < ORIGIN_FAILURE_WINDOW:
+            problems.append(f"origin {name} failing: {detail}")
+    return problems
+
+
 async def _readyz(request: web.Request) -> web.Response:
     rt = request.app[RUNTIME]
-    if rt.shutting_down:
-        return web.json_response({"status": "not ready", "reason": "shutting down"}, status=503)
-    return web.json_response({"status": "ready", "apps": len(rt.policies.apps), "origins": sorted(rt.origins)})
+    problems = readiness(rt, dt.datetime.now(dt.UTC), time.monotonic())
+    body = {
+        "status": "not ready" if problems else "ready",
+        "reasons": problems,
+        "apps": len(rt.policies.apps),
+        "origins": sorted(rt.origins),
+        "last_reload_ok": bool(rt.metrics.config_loaded._value.get()),
+    }
+    return web.json_response(body, status=503 if problems else 200)
 
 
 def create_admin_app(runtime: Runtime) -> web.Application:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import time
 from dataclasses import dataclass, field
 
 from aiohttp import web
@@ -36,6 +37,7 @@ class Runtime:
     shutting_down: bool = False
     cas: dict[str, tuple[str, x509.Certificate]] = field(default_factory=dict)
     proxies: dict[str, FrontProxy] = field(default_factory=dict)  # pin (spki or sha256) -> front proxy
+    origin_health: dict[str, tuple[bool, float, str]] = field(default_factory=dict)  # name -> (ok, when, detail)
 
     def __post_init__(self) -> None:
         self._derive()
@@ -55,6 +57,14 @@ class Runtime:
 
     def front_proxy(self, identity: ClientIdentity) -> FrontProxy | None:
         return self.proxies.get(identity.spki_sha256) or self.proxies.get(identity.sha256)
+
+    def origin_failed(self, name: str, detail: str) -> None:
+        """Count an origin failure and remember it for /readyz."""
+        self.metrics.origin_errors.labels(name).inc()
+        self.origin_health[name] = (False, time.monotonic(), detail)
+
+    def origin_ok(self, name: str) -> None:
+        self.origin_health[name] = (True, time.monotonic(), "")
 
     def revoked(self, identity: ClientIdentity, now: dt.datetime) -> str | None:
         for material in self.material.values():

@@ -42,7 +42,7 @@ async def get_bundle(request: web.Request) -> web.StreamResponse:
     except ReleaseNotFound as exc:
         raise Refusal(Reason.RELEASE_UNKNOWN, f"no release index for {app_id}") from exc
     except OriginError as exc:
-        rt.metrics.origin_errors.labels(origin.name).inc()
+        rt.origin_failed(origin.name, str(exc))
         raise Refusal(Reason.ORIGIN_ERROR, str(exc)) from exc
     release = index.find(version)
     if release is None or release.channel not in app.channels.allowed:
@@ -67,9 +67,10 @@ async def stream_verified(
     try:
         async with body_cm as body:
             rt.metrics.origin_latency.labels(origin_name).observe(time.monotonic() - started)
+            rt.origin_ok(origin_name)
             return await _respond(request, rt, body, expect, origin_name)
     except OriginError as exc:  # raised while opening: nothing has been sent yet
-        rt.metrics.origin_errors.labels(origin_name).inc()
+        rt.origin_failed(origin_name, str(exc))
         raise Refusal(Reason.ORIGIN_ERROR, str(exc)) from exc
 
 
@@ -106,7 +107,7 @@ async def _respond(
         if refusal.reason not in (Reason.CLIENT_GONE, Reason.SHUTDOWN, Reason.TOO_SLOW):
             rt.metrics.verifications.labels(refusal.reason.label).inc()
         if refusal.reason is Reason.ORIGIN_ERROR:
-            rt.metrics.origin_errors.labels(origin_name).inc()
+            rt.origin_failed(origin_name, refusal.detail)
     except asyncio.CancelledError:
         reason = Reason.SHUTDOWN if rt.shutting_down else Reason.CLIENT_GONE
         verifier.error(reason, "download cancelled")
