@@ -138,7 +138,7 @@ async def _readyz(request: web.Request) -> web.Response:
         "reasons": problems,
         "apps": len(rt.policies.apps),
         "origins": sorted(rt.origins),
-        "last_reload_ok": bool(rt.metrics.config_loaded._value.get()),
+        "last_reload_ok": rt.last_reload_ok,
     }
     return web.json_response(body, status=503 if problems else 200)
 

@@ -102,12 +102,14 @@ class Reloader:
             except ConfigError as exc:
                 self.rt.metrics.reloads.labels("failure").inc()
                 self.rt.metrics.config_loaded.set(0)
+                self.rt.last_reload_ok = False
                 first = str(exc.issues[0]) + (f" (and {len(exc.issues) - 1} more)" if len(exc.issues) > 1 else "")
                 print(f"ota-gateway: reload ({trigger}) failed, keeping the last good state: {first}", file=sys.stderr)
                 return False
             self._swap(loaded)
             self._last = fingerprint(watched_files(self.config_path, loaded.config))
             self.rt.metrics.reloads.labels("success").inc()
+            self.rt.last_reload_ok = True
             publish_state_metrics(self.rt.metrics, loaded)
             print(f"ota-gateway: reloaded ({trigger}): {len(loaded.policies.apps)} app(s)", file=sys.stderr)
             return True

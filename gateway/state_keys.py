@@ -35,6 +35,7 @@ class Runtime:
     material: dict[str, ListenerMaterial] = field(default_factory=dict)
     active: int = 0  # requests being handled, for draining
     shutting_down: bool = False
+    last_reload_ok: bool = True
     cas: dict[str, tuple[str, x509.Certificate]] = field(default_factory=dict)
     proxies: dict[str, FrontProxy] = field(default_factory=dict)  # pin (spki or sha256) -> front proxy
     origin_health: dict[str, tuple[bool, float, str]] = field(default_factory=dict)  # name -> (ok, when, detail)
