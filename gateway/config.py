@@ -106,12 +106,21 @@ class TlsListener(Model):
     crl_expired: Literal["fail_closed", "keep_serving"] = "fail_closed"
 
 
+class AdminTls(Model):
+    """Optional mTLS for the admin listener (for scrapers that hold a client certificate)."""
+
+    cert: File
+    key: File
+    client_ca: Annotated[list[File], Field(min_length=1)]
+
+
 class AdminListener(Model):
-    """Plain-HTTP admin listener for /metrics, /healthz and /readyz; loopback by default."""
+    """Admin listener for /metrics, /healthz and /readyz: plain HTTP on loopback by default, or mTLS."""
 
     enabled: bool = True
     address: Address = "127.0.0.1"
     port: Port = 9901
+    tls: AdminTls | None = None
 
 
 class DirectoryOriginConfig(Model):
@@ -268,6 +277,16 @@ def _cross_checks(doc: YamlDoc, config: Config) -> list[ConfigIssue]:
                         ("listeners", i, "client_ca", j), f"client CA name {ca.label!r} is already used for {other}"
                     )
                 )
+    if config.admin.tls is not None:
+        try:
+            check_key_pair(config.admin.tls.cert, config.admin.tls.key)
+        except TlsMaterialError as exc:
+            issues.append(doc.issue(("admin", "tls", exc.field), str(exc)))
+        for j, ca_file in enumerate(config.admin.tls.client_ca):
+            try:
+                load_ca_bundle(ca_file)
+            except TlsMaterialError as exc:
+                issues.append(doc.issue(("admin", "tls", "client_ca", j), str(exc)))
     for name, origin in config.origins.items():
         if isinstance(origin, HttpsOriginConfig) and origin.ca is not None:
             try:

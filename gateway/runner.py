@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import ssl
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -26,7 +27,7 @@ from gateway.metrics import Metrics
 from gateway.origins import make_origin
 from gateway.reload import Loaded, Reloader, load_all, publish_state_metrics
 from gateway.state_keys import Runtime
-from gateway.tls import ListenerMaterial
+from gateway.tls import ListenerMaterial, admin_context
 
 log = logging.getLogger("ota_gateway")
 
@@ -113,8 +114,11 @@ async def serve(
             )
             _say(f"plain HTTP on http://{config.plain_http.address}:{config.plain_http.port} (redirects only)")
         if config.admin.enabled:
-            side_runners.append(await _site(create_admin_app(rt), config.admin.address, config.admin.port, reuse_port))
-            _say(f"admin on http://{config.admin.address}:{config.admin.port} (/metrics /healthz /readyz)")
+            admin_tls = admin_context(config.admin.tls) if config.admin.tls else None
+            admin = create_admin_app(rt)
+            side_runners.append(await _site(admin, config.admin.address, config.admin.port, reuse_port, admin_tls))
+            scheme = "https" if admin_tls else "http"
+            _say(f"admin on {scheme}://{config.admin.address}:{config.admin.port} (/metrics /healthz /readyz)")
         watcher = loop.create_task(reloader.watch(), name="reload-watch")
         tasks.add(watcher)
         waiters: list[asyncio.Future[object]] = [asyncio.ensure_future(stop.wait())]
@@ -149,10 +153,12 @@ async def serve(
     return EXIT_OK
 
 
-async def _site(app: web.Application, address: str, port: int, reuse_port: bool) -> web.AppRunner:
+async def _site(
+    app: web.Application, address: str, port: int, reuse_port: bool, ssl_context: ssl.SSLContext | None = None
+) -> web.AppRunner:
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
     await runner.setup()
-    await web.TCPSite(runner, address, port, reuse_port=reuse_port or None).start()
+    await web.TCPSite(runner, address, port, reuse_port=reuse_port or None, ssl_context=ssl_context).start()
     return runner
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from gateway.config import HttpsOriginConfig, TlsListener
+from gateway.config import AdminTls, HttpsOriginConfig, TlsListener
 from gateway.core.revocation import RevocationList, RevocationSet
 
 # Mozilla server-side TLS guidelines, "intermediate" configuration (TLS 1.2 suites; TLS 1.3 suites are
@@ -179,6 +179,19 @@ def server_context(listener: TlsListener, chain_crls: list[str] | None = None) -
             ctx.load_verify_locations(cafile=fh.name)
         ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_CHAIN
     ctx.set_alpn_protocols(["http/1.1"])
+    return ctx
+
+
+def admin_context(tls: AdminTls) -> ssl.SSLContext:
+    """mTLS for the admin listener: the same settings as a public listener, its own certificate and CAs."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_ciphers(INTERMEDIATE_CIPHERS)
+    ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.load_cert_chain(tls.cert, tls.key)
+    for ca in tls.client_ca:
+        ctx.load_verify_locations(cafile=str(ca))
     return ctx
 
 
