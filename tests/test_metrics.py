@@ -188,15 +188,10 @@ def test_readyz_503_when_the_origin_fails(tmp_path: Path, pki: Pki) -> None:
         assert "origin cdn failing" in body
 
 
-def test_workers_share_the_port_and_one_scrape_sums_them(tmp_path: Path, pki: Pki) -> None:
+def test_workers_share_the_port_and_one_scrape_sums_them(tmp_path: Path, pki: Pki, capgo_dir: Path) -> None:
     origin = tmp_path / "origin"
     origin.mkdir()
-    (tmp_path / "z.zip").write_bytes(
-        Path(__file__)
-        .parent.joinpath("..", "..", "shared", "fixtures", "capgo", "app_1.0.0.zip")
-        .resolve()
-        .read_bytes()
-    )
+    shutil.copy(capgo_dir / "app_1.0.0.zip", tmp_path / "z.zip")
     add_release(origin, APP_ID, "1.0.0", "production", tmp_path / "z.zip")
     cfg = write_config(tmp_path / "gw", pki, origins={"local": {"type": "directory", "path": str(origin)}})
     with run_gateway(cfg, "--workers", "2") as gw:
