@@ -18,6 +18,14 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# sslyze, the TLS scanner the tests judge the listener with, in its own venv: it pins an older cryptography.
+SCAN_STAMP := .venv-scan/.installed
+$(SCAN_STAMP):
+	$(PYTHON) -m venv .venv-scan
+	.venv-scan/bin/python -m pip install -q --upgrade pip
+	.venv-scan/bin/python -m pip install -q 'sslyze>=6.1,<7'
+	touch $(SCAN_STAMP)
+
 # Debian tools the tests drive from outside: curl and openssl as clients, promtool (package prometheus).
 system-deps:
 	@missing=""; for t in curl:curl openssl:openssl promtool:prometheus; do \
@@ -54,7 +62,7 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy gateway
 
-unit: $(STAMP) system-deps
+unit: $(STAMP) $(SCAN_STAMP) system-deps
 	$(BIN)/pytest -q -p no:cacheprovider
 
 deploy-check: system-deps
@@ -68,4 +76,4 @@ bench: $(STAMP)
 	$(PY) bench/run.py
 
 clean:
-	rm -rf $(VENV) $(CERTS) $(ORIGIN) state .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .venv-scan $(CERTS) $(ORIGIN) state .pytest_cache .mypy_cache .ruff_cache

@@ -137,12 +137,20 @@ def init(directory: Path, *, force: bool = False) -> list[Issued]:
     directory.mkdir(parents=True, exist_ok=True)
     os.chmod(directory, 0o700)
     names = ["ca", "server", "client", "rogue-ca", "rogue-client"]
-    if not force and all((directory / f"{n}.pem").exists() and (directory / f"{n}.key").exists() for n in names):
+    files = [directory / f"{n}.{ext}" for n in names for ext in ("pem", "key")]
+    missing = [p.name for p in files if not p.exists()]
+    if not force and not missing:
         return [_describe(directory, n) for n in names]
+    if not force and len(missing) < len(files):
+        # never replace an existing CA (and orphan every client issued from it) without --force
+        raise FileExistsError(
+            f"{directory} holds part of a dev PKI ({', '.join(missing)} missing): use --force to replace all of it"
+        )
     ca_cert, ca_key = make_ca("ota-gateway dev CA")
     rogue_cert, rogue_key = make_ca("ota-gateway ROGUE CA (negative tests only)")
     out = [_save("ca", directory, ca_cert, ca_key)]
-    out.append(_save("server", directory, *make_leaf(ca_cert, ca_key, "localhost", server=True)))
+    # 365 days: Mozilla's guidelines (and TLS scanners) want server certificates to live less than 366 days
+    out.append(_save("server", directory, *make_leaf(ca_cert, ca_key, "localhost", server=True, days=365)))
     out.append(_save("client", directory, *make_leaf(ca_cert, ca_key, "device-1.example.app", server=False)))
     out.append(_save("rogue-ca", directory, rogue_cert, rogue_key))
     out.append(_save("rogue-client", directory, *make_leaf(rogue_cert, rogue_key, "rogue-device", server=False)))

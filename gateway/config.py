@@ -26,7 +26,9 @@ def _resolve(value: Any, info: ValidationInfo) -> Any:
     if not isinstance(value, str) or not value:
         return value  # let the strict Path check name the wrong type
     base = Path((info.context or {}).get("base", "."))
-    return (base / os.path.expanduser(value)).resolve()
+    # absolute, but symlinks kept: a watched `current/tls.crt` must follow a swap of `current` (cert-manager,
+    # Kubernetes secrets); a resolved path would stay pinned to the old target
+    return Path(os.path.abspath(base / os.path.expanduser(value)))
 
 
 def _readable_file(path: Path) -> Path:
@@ -101,7 +103,7 @@ class TlsListener(Model):
     client_ca: Annotated[list[ClientCa], Field(min_length=1)]
     min_tls: Annotated[Literal["1.2", "1.3"], BeforeValidator(_tls_version)] = "1.2"
     handshake_timeout: Seconds = 10.0
-    hsts_max_age: Annotated[int, Field(ge=0)] = 31536000
+    hsts_max_age: Annotated[int, Field(ge=0)] = 63072000  # two years, as Mozilla recommends
     crl_check: Literal["leaf", "chain"] = "leaf"
     crl_expired: Literal["fail_closed", "keep_serving"] = "fail_closed"
 
@@ -306,7 +308,7 @@ def load_config(path: Path) -> Config:
     doc = read_yaml(path)
     if not isinstance(doc.data, dict):
         raise ConfigError([doc.issue((), "the top level must be a mapping of keys")])
-    context = {"base": str(path.resolve().parent)}
+    context = {"base": os.path.dirname(os.path.abspath(path))}
     try:
         config = Config.model_validate(doc.data, context=context)
     except pydantic.ValidationError as exc:

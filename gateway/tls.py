@@ -34,6 +34,8 @@ INTERMEDIATE_CIPHERS = ":".join(
     ]
 )
 
+KEY_EXCHANGE_GROUP = "prime256v1"
+
 _VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
 
 
@@ -164,6 +166,9 @@ def server_context(listener: TlsListener, chain_crls: list[str] | None = None) -
     ctx.minimum_version = _VERSIONS[listener.min_tls]
     ctx.maximum_version = ssl.TLSVersion.TLSv1_3
     ctx.set_ciphers(INTERMEDIATE_CIPHERS)
+    # Mozilla intermediate allows X25519, P-256 and P-384; the ssl module sets one group only, and P-256 is the
+    # one every client of that profile supports (Java 8 has no X25519).
+    ctx.set_ecdh_curve(KEY_EXCHANGE_GROUP)
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION | ssl.OP_NO_TICKET
     ctx.num_tickets = 0
     ctx.verify_mode = ssl.CERT_REQUIRED
@@ -187,6 +192,7 @@ def admin_context(tls: AdminTls) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.set_ciphers(INTERMEDIATE_CIPHERS)
+    ctx.set_ecdh_curve(KEY_EXCHANGE_GROUP)
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
     ctx.verify_mode = ssl.CERT_REQUIRED
     ctx.load_cert_chain(tls.cert, tls.key)
