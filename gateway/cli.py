@@ -62,7 +62,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 def _cmd_certs_init(args: argparse.Namespace) -> int:
     from gateway import certs
 
-    for issued in certs.init(args.dir, force=args.force):
+    try:
+        issued_all = certs.init(args.dir, force=args.force)
+    except FileExistsError as exc:
+        return _fail(str(exc))
+    for issued in issued_all:
         print(issued.describe())
     return 0
 

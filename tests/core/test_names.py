@@ -1,0 +1,97 @@
+"""Name shapes (core/names.py): what may reach a file path or URL path from a client or an index."""
+
+from __future__ import annotations
+
+import pytest
+
+from gateway.core.names import is_app_id, is_channel, is_relative_file, is_version
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["com.example.app", "io.ionic.starter", "com.example.my_app", "a.b", "Com.Example.App", "com.ex-ample.app1"],
+)
+def test_good_app_ids(value: str) -> None:
+    assert is_app_id(value)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "",
+        "myapp",  # not reverse-domain
+        "com.",
+        ".com.example",
+        "com..example",
+        "1com.example",
+        "com.example/app",
+        "com.example.app/../x",
+        "com.example.app\n",
+        "com.example.app ",
+        "com.example.-app",
+        "com.exämple.app",
+        "c." + "a" * 127,  # 129 characters
+    ],
+)
+def test_bad_app_ids(value: str) -> None:
+    assert not is_app_id(value)
+
+
+def test_app_id_length_limit() -> None:
+    assert is_app_id("c." + "a" * 126)  # 128 characters
+    assert not is_app_id("c." + "a" * 127)
+
+
+@pytest.mark.parametrize("value", ["1.0.0", "2.0.0-beta.1", "1.0.0+build.5", "10", "v1.2.3", "1_0_0", "a" * 64])
+def test_good_versions(value: str) -> None:
+    assert is_version(value)
+
+
+@pytest.mark.parametrize(
+    "value", ["", "..", "1..0", "../1.0.0", "1.0.0/..", "1.0/0", ".1.0", "-1.0", "1.0.0\\x", "1 0", "a" * 65, "1.0.0\n"]
+)
+def test_bad_versions(value: str) -> None:
+    assert not is_version(value)
+
+
+@pytest.mark.parametrize("value", ["production", "beta", "dev-1", "qa.eu", "a", "A_b", "x" * 64])
+def test_good_channels(value: str) -> None:
+    assert is_channel(value)
+
+
+@pytest.mark.parametrize("value", ["", "-beta", ".beta", "be ta", "beta/1", "béta", "x" * 65, "beta\n"])
+def test_bad_channels(value: str) -> None:
+    assert not is_channel(value)
+
+
+@pytest.mark.parametrize(
+    "value", ["1.0.0.zip", "bundles/1.0.0.zip", "a/b/c/d.zip", "_x.zip", "v1+build.zip", "1.0.0.enc.zip"]
+)
+def test_good_relative_files(value: str) -> None:
+    assert is_relative_file(value)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "",
+        "/etc/passwd",
+        "../x.zip",
+        "a/../x.zip",
+        "..",
+        ".",
+        "./x.zip",
+        "a//b.zip",
+        "a/b/",
+        "a\\b.zip",
+        ".hidden",
+        "a/b/c/d/e.zip",  # five levels
+        "x y.zip",
+        "%2e%2e/x.zip",
+        "x.zip\x00",
+        "x.zip\n",  # `$` alone would accept a trailing newline
+        "a\n/x.zip",
+    ],
+)
+def test_bad_relative_files(value: str) -> None:
+    assert not is_relative_file(value)
