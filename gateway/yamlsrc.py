@@ -127,8 +127,9 @@ def _message(err: Mapping[str, Any]) -> str:
         return "required key is missing"
     msg = str(err.get("msg", "invalid value"))
     msg = msg.removeprefix("Value error, ")
-    if "input" in err and kind not in ("missing",) and not isinstance(err["input"], dict | list):
-        msg += f" (got {err['input']!r})"
+    shown = repr(err.get("input"))
+    if "input" in err and not isinstance(err["input"], dict | list) and shown not in msg:
+        msg += f" (got {shown})"
     return msg
 
 
