@@ -2,11 +2,12 @@
 
 Owns routing and the request envelope: every request gets its client identity (from the TLS peer certificate,
 derived once per certificate), one audit record, a `requests` count, HSTS, and refusals turned into problem
-details. Handlers stay thin and raise `Refusal`.
+details (Capgo-shaped JSON on the Capgo routes). Handlers stay thin and raise `Refusal`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import re
 import time
@@ -20,7 +21,12 @@ from prometheus_client.openmetrics.exposition import generate_latest as generate
 from gateway.audit import AuditRecord
 from gateway.core.reasons import Reason, Refusal
 from gateway.handlers.bundles import get_bundle
+from gateway.handlers.capgo_common import refusal_response
+from gateway.handlers.channel import channel_self
 from gateway.handlers.problem import problem_response
+from gateway.handlers.stats import get_stats, post_stats
+from gateway.handlers.ticket_download import get_ticket_bundle
+from gateway.handlers.updates import get_updates, post_updates
 from gateway.metrics import exposition_registry
 from gateway.peer import resolve_peer
 from gateway.state_keys import AUDIT_KEY, PEER_KEY, RUNTIME, Runtime
@@ -31,7 +37,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 def _route_label(request: web.Request) -> str:
     route = request.match_info.route
     name = route.name if route is not None else None
-    return name if name in ("bundle",) else "other"
+    return name if name in ("bundle", "updates", "stats", "channel", "ticket") else "other"
 
 
 @web.middleware
@@ -55,14 +61,24 @@ async def envelope(request: web.Request, handler: Handler) -> web.StreamResponse
     except Refusal as refusal:
         record.outcome, record.reason, record.detail = "refused", refusal.reason.label, refusal.detail
         rt.metrics.refusals.labels(refusal.reason.label).inc()
-        resp = problem_response(refusal.reason, refusal.detail)
+        resp = refusal_response(route, refusal)  # Capgo-shaped on Capgo routes, problem details elsewhere
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
         reason = Reason.NOT_FOUND if exc.status in (404, 405) else Reason.BAD_REQUEST
         record.outcome, record.reason = "refused", reason.label
         rt.metrics.refusals.labels(reason.label).inc()
-        resp = problem_response(reason, exc.reason or "request refused", exc.status)
+        resp = refusal_response(route, Refusal(reason, exc.reason or "request refused"), exc.status)
+    except asyncio.CancelledError:
+        # the client went away (handler_cancellation) or shutdown cancelled the request: still one audit line
+        if record.outcome == "ok":  # cancelled before the handler could record why
+            cancelled = Reason.SHUTDOWN if rt.shutting_down else Reason.CLIENT_GONE
+            record.outcome, record.reason = "aborted", cancelled.label
+            rt.metrics.refusals.labels(cancelled.label).inc()
+        record.duration_ms = round((time.monotonic() - started) * 1000, 3)
+        rt.metrics.requests.labels(route, record.outcome).inc()
+        rt.audit.write(record)
+        raise
     finally:
         rt.active -= 1
         record.duration_ms = round((time.monotonic() - started) * 1000, 3)
@@ -91,6 +107,13 @@ def create_app(runtime: Runtime) -> web.Application:
     app = web.Application(middlewares=[envelope], client_max_size=64 * 1024)
     app[RUNTIME] = runtime
     app.router.add_get(r"/bundles/{app_id}/{version}.zip", get_bundle, name="bundle", allow_head=False)
+    # the Capgo updater protocol (shared/reference/capgo-protocol.md) and the downloads its answers hand out
+    app.router.add_post("/updates", post_updates, name="updates")
+    app.router.add_get("/updates", get_updates, allow_head=False)
+    app.router.add_post("/stats", post_stats, name="stats")
+    app.router.add_get("/stats", get_stats, allow_head=False)
+    app.router.add_route("*", "/channel_self", channel_self, name="channel")
+    app.router.add_get("/bundles/t/{ticket}/{filename}", get_ticket_bundle, name="ticket", allow_head=False)
     app.on_response_prepare.append(_hsts)
     return app
 
@@ -153,7 +176,7 @@ def create_admin_app(runtime: Runtime) -> web.Application:
     return app
 
 
-_HOST_RE = re.compile(r"^[A-Za-z0-9.-]{1,253}$|^\[[0-9A-Fa-f:.]{2,45}\]$")
+_HOST_RE = re.compile(r"[A-Za-z0-9.-]{1,253}|\[[0-9A-Fa-f:.]{2,45}\]")
 
 
 def create_plain_app(runtime: Runtime, https_port: int) -> web.Application:
@@ -167,7 +190,7 @@ def create_plain_app(runtime: Runtime, https_port: int) -> web.Application:
         host = (request.host or "").rsplit(":", 1)[0] if not (request.host or "").startswith("[") else request.host
         if host.startswith("[") and "]:" in host:
             host = host.split("]:")[0] + "]"
-        if not _HOST_RE.match(host or ""):
+        if not _HOST_RE.fullmatch(host or ""):
             host = "localhost"
         target = f"https://{host}:{https_port}{request.rel_url}"
         if request.method in ("GET", "HEAD"):

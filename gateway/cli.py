@@ -1,4 +1,4 @@
-"""The `ota-gateway` command: serve, check, certs, release.
+"""The `ota-gateway` command: serve, check, certs, release, device.
 
 Owns argument parsing and how errors reach the user: a user error is one line per problem on stderr and exit
 code 2 (config errors name file, line and key path); `check` validates everything `serve` would load, like
@@ -104,6 +104,29 @@ def _cmd_release_add(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_device(args: argparse.Namespace) -> int:
+    from gateway.device import Device, DeviceOptions
+
+    opts = DeviceOptions(
+        gateway=args.gateway,
+        cert=args.cert,
+        key=args.key,
+        app_id=args.app,
+        version=args.version,
+        ca=args.ca,
+        public_key=args.public_key,
+        channel=args.channel,
+        device_id=args.device_id,
+        platform=args.platform,
+        out=args.out,
+    )
+    try:
+        device = Device(opts)
+    except (OSError, ValueError) as exc:
+        return _fail(str(exc))
+    return device.run()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ota-gateway", description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--version", action="version", version=f"ota-gateway {__version__}")
@@ -141,6 +164,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--replace", action="store_true", help="overwrite an existing version")
     p.add_argument("file", type=Path)
     p.set_defaults(func=_cmd_release_add)
+
+    p = sub.add_parser("device", help="act as a Capgo device: update check, download, checksum, stats (exit 0 or 1)")
+    p.add_argument("--gateway", required=True, help="https://host:port of the gateway")
+    p.add_argument("--cert", type=Path, required=True, help="client certificate (PEM)")
+    p.add_argument("--key", type=Path, required=True, help="its private key (PEM)")
+    p.add_argument("--ca", type=Path, help="CA that signs the gateway's certificate (default: the system store)")
+    p.add_argument("--app", required=True, help="app id, e.g. com.example.app")
+    p.add_argument("--version", required=True, help="the bundle the device runs now, or builtin")
+    p.add_argument("--public-key", type=Path, help="the app's Capgo public key: decrypt and check as the plugin does")
+    p.add_argument("--channel", help="defaultChannel to send")
+    p.add_argument("--device-id", help="device UUID (default: a new random one)")
+    p.add_argument("--platform", default="android", choices=["android", "ios", "electron"])
+    p.add_argument("--out", type=Path, help="write the verified (decrypted) zip here")
+    p.set_defaults(func=_cmd_device)
     return parser
 
 

@@ -62,6 +62,13 @@ def _address(value: str) -> str:
     return value
 
 
+def _endpoint_path(value: str) -> str:
+    parts = value.split("/")
+    if not value or "://" in value or "?" in value or "#" in value or ".." in parts or len(value) > 256:
+        raise ValueError(f"must be a path relative to the origin url, like 'updates', got {value!r}")
+    return value
+
+
 File = Annotated[Path, BeforeValidator(_resolve), AfterValidator(_readable_file)]
 Directory = Annotated[Path, BeforeValidator(_resolve), AfterValidator(_directory)]
 LaterPath = Annotated[Path, BeforeValidator(_resolve)]  # created by the gateway if missing
@@ -145,6 +152,10 @@ class HttpsOriginConfig(Model):
     max_redirects: Annotated[int, Field(ge=0, le=10)] = 3
     index_ttl: Annotated[float, Field(ge=0)] = 5.0
     forward_identity: Literal["none", "client-cert", "xfcc"] = "client-cert"
+    # Capgo-style update server endpoints on this origin (relative to `url`); unset: answers from the release index
+    updates_path: Annotated[str, AfterValidator(_endpoint_path)] | None = None
+    stats_path: Annotated[str, AfterValidator(_endpoint_path)] | None = None
+    channel_path: Annotated[str, AfterValidator(_endpoint_path)] | None = None
 
     @pydantic.field_validator("url")
     @classmethod
@@ -215,6 +226,33 @@ class StateConfig(Model):
     path: LaterPath = Path("state/gateway.sqlite")
 
 
+class TicketKeyConfig(Model):
+    """A download-ticket key: an id (named in every ticket it signs) and a file holding at least 32 secret bytes."""
+
+    id: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,32}$")]
+    secret_file: File
+
+
+class TicketsConfig(Model):
+    """Download tickets: the first key signs, every key verifies (rotate by adding a key in front)."""
+
+    keys: list[TicketKeyConfig] = []  # empty: a key generated once into the state folder (ticket.key)
+    ttl: Annotated[int, Field(ge=10, le=7 * 86400)] = 3600
+    public_url: str | None = None  # https://host[:port] devices reach the gateway at; default: the request's Host
+
+    @pydantic.field_validator("public_url")
+    @classmethod
+    def _public_url(cls, value: str | None) -> str | None:
+        from yarl import URL
+
+        if value is None:
+            return None
+        url = URL(value)
+        if url.scheme != "https" or not url.host or url.query_string or url.fragment:
+            raise ValueError(f"public_url must be https://host[:port][/path], got {value!r}")
+        return value.rstrip("/")
+
+
 class AuditConfig(Model):
     path: str = "-"  # "-" is standard output
 
@@ -232,6 +270,7 @@ class Config(Model):
     front_proxies: list[FrontProxy] = []
     plain_http: PlainHttp = PlainHttp()
     reload: ReloadConfig = ReloadConfig()
+    tickets: TicketsConfig = TicketsConfig()
 
 
 def _cross_checks(doc: YamlDoc, config: Config) -> list[ConfigIssue]:
@@ -289,12 +328,37 @@ def _cross_checks(doc: YamlDoc, config: Config) -> list[ConfigIssue]:
                 load_ca_bundle(ca_file)
             except TlsMaterialError as exc:
                 issues.append(doc.issue(("admin", "tls", "client_ca", j), str(exc)))
+    issues += _ticket_key_checks(doc, config)
     for name, origin in config.origins.items():
         if isinstance(origin, HttpsOriginConfig) and origin.ca is not None:
             try:
                 load_ca_bundle(origin.ca)
             except TlsMaterialError as exc:
                 issues.append(doc.issue(("origins", name, "ca"), str(exc)))
+    return issues
+
+
+def _ticket_key_checks(doc: YamlDoc, config: Config) -> list[ConfigIssue]:
+    from gateway.core.tickets import MIN_SECRET_BYTES
+
+    issues = []
+    seen: set[str] = set()
+    for i, key in enumerate(config.tickets.keys):
+        if key.id in seen:
+            issues.append(doc.issue(("tickets", "keys", i, "id"), f"ticket key id {key.id!r} is used twice"))
+        seen.add(key.id)
+        try:
+            size = len(key.secret_file.read_bytes().strip())
+        except OSError as exc:
+            issues.append(doc.issue(("tickets", "keys", i, "secret_file"), f"cannot read: {exc.strerror}"))
+            continue
+        if size < MIN_SECRET_BYTES:
+            issues.append(
+                doc.issue(
+                    ("tickets", "keys", i, "secret_file"),
+                    f"holds {size} bytes; a ticket key needs at least {MIN_SECRET_BYTES} (e.g. openssl rand -hex 32)",
+                )
+            )
     return issues
 
 

@@ -11,13 +11,15 @@ import os
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, multiprocess
 
+from gateway.core.capgo import ACTION_LABELS, KIND_LABELS
 from gateway.core.handshake import CAUSES
 from gateway.core.reasons import ALL_LABELS
 
 # `_created` series double the exposition and no dashboard uses them
 disable_created_metrics()  # type: ignore[no-untyped-call]
 
-ROUTES = ("bundle", "admin", "other")
+ROUTES = ("bundle", "admin", "other", "updates", "stats", "channel", "ticket")
+TICKET_RESULTS = ("issued", "redeemed", "refused")
 OUTCOMES = ("ok", "refused", "aborted")
 
 
@@ -115,6 +117,29 @@ class Metrics:
             ["answer"],
             registry=r,
         )
+        self.device_events = Counter(
+            "ota_gateway_device_events",
+            "Device events received on /stats, by app (apps named in policy) and action (a closed list, else other).",
+            ["app", "action"],
+            registry=r,
+        )
+        self.update_answers = Counter(
+            "ota_gateway_update_answers",
+            "Answers to update checks, by kind (new_version, builtin, up_to_date, blocked, failed).",
+            ["kind"],
+            registry=r,
+        )
+        self.tickets = Counter(
+            "ota_gateway_download_tickets",
+            "Download tickets, by result (issued, redeemed, refused).",
+            ["result"],
+            registry=r,
+        )
+        self._event_apps: set[str] = set()
+        for kind in KIND_LABELS:
+            self.update_answers.labels(kind)
+        for result in TICKET_RESULTS:
+            self.tickets.labels(result)
         for result in ("success", "failure"):
             self.reloads.labels(result)
         for answer in ("redirect", "upgrade_required"):
@@ -133,3 +158,11 @@ class Metrics:
 
     def origin(self, name: str) -> None:
         self.origin_errors.labels(name)
+
+    def app_events(self, app_id: str) -> None:
+        """Create an app's device-event label sets (zeros for every action) the first time it sends events."""
+        if app_id in self._event_apps:
+            return
+        self._event_apps.add(app_id)
+        for action in ACTION_LABELS:
+            self.device_events.labels(app_id, action)

@@ -227,22 +227,61 @@ class HttpsOrigin:
             return {XFCC: xfcc_value(peer.identity, by=None)}
         return {CLIENT_CERT: client_cert_value(peer.identity.der)}
 
+    def open(self, app_id: str, release: Release, chunk_size: int, peer: Peer | None = None) -> Any:
+        return self.open_url(self.base / app_id / release.file, peer)
+
+    @property
+    def hosts(self) -> frozenset[str]:
+        """The hosts this origin's urls may name (its own and `redirect_hosts`), lowercase."""
+        return frozenset(h.lower() for h in self._allowed_hosts if h)
+
+    def url(self, path: str) -> URL:
+        """A path relative to the origin's url (`updates_path` and the like)."""
+        return self.base.join(URL(path))
+
     @asynccontextmanager
-    async def open(
-        self, app_id: str, release: Release, chunk_size: int, peer: Peer | None = None
-    ) -> AsyncIterator[Body]:
-        async with self._get(self.base / app_id / release.file, self.identity_headers(peer)) as resp:
+    async def open_url(self, url: URL, peer: Peer | None = None) -> AsyncIterator[Body]:
+        """GET a file by its URL, which must be https on this origin's hosts (download tickets name such URLs)."""
+        if url.scheme != "https" or (url.host or "").lower() not in self.hosts:
+            raise OriginError(f"origin {self.name}: {url.host} is not one of its hosts")
+        async with self._get(url, self.identity_headers(peer)) as resp:
             if resp.status != 200:
-                raise OriginError(f"origin {self.name}: {release.file} answered HTTP {resp.status}")
+                raise OriginError(f"origin {self.name}: {url.path} answered HTTP {resp.status}")
 
             async def chunks() -> AsyncIterator[bytes]:
                 try:
                     async for data in resp.content.iter_any():
                         yield data
                 except (aiohttp.ClientError, TimeoutError) as exc:
-                    raise OriginError(f"origin {self.name}: body of {release.file}: {exc!r}") from None
+                    raise OriginError(f"origin {self.name}: body of {url.path}: {exc!r}") from None
 
             yield Body(resp.content_length, chunks())
+
+    async def exchange(
+        self,
+        method: str,
+        url: URL,
+        *,
+        body: bytes | None = None,
+        headers: dict[str, str] | None = None,
+        peer: Peer | None = None,
+        limit: int = 1024 * 1024,
+    ) -> tuple[int, bytes]:
+        """One API call (Capgo update, stats, channel endpoints): no redirects followed, at most `limit` bytes read."""
+        session = self._get_session()
+        sent = {**(headers or {}), **self.identity_headers(peer)}
+        try:
+            async with session.request(method, url, data=body, headers=sent, allow_redirects=False) as resp:
+                data = bytearray()
+                async for chunk in resp.content.iter_any():
+                    data += chunk
+                    if len(data) > limit:
+                        raise OriginError(f"origin {self.name}: answer of {url.path} is larger than {limit} bytes")
+                return resp.status, bytes(data)
+        except OriginError:
+            raise
+        except (aiohttp.ClientError, TimeoutError, ssl.SSLError, OSError) as exc:
+            raise OriginError(f"origin {self.name}: {type(exc).__name__}: {exc}") from None
 
     async def close(self) -> None:
         if self._session is not None:

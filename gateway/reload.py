@@ -93,6 +93,7 @@ class Reloader:
         self._last = fingerprint(watched_files(config_path, rt.config))
         self._retired: set[asyncio.Task[None]] = set()
         self._reported_stale: set[str] = set()
+        self._crl_cas: set[str] = set()  # CA names exported in ota_gateway_crl_stale
 
     async def reload(self, trigger: str) -> bool:
         async with self._lock:
@@ -142,11 +143,13 @@ class Reloader:
         """Log each CRL once when it goes past its nextUpdate, and keep `ota_gateway_crl_stale` current."""
         now = dt.datetime.now(dt.UTC)
         all_stale: set[str] = set()
+        # per CA name: stale if any of its CRLs is; a CA whose CRLs a reload removed goes back to 0
+        by_ca = dict.fromkeys(self._crl_cas, 0)
         for name, material in self.rt.material.items():
             stale = {crl.source for crl in material.revocation.stale_lists(now)}
             all_stale |= stale
             for crl in material.revocation.lists:
-                self.rt.metrics.crl_stale.labels(crl.ca_name).set(1 if crl.source in stale else 0)
+                by_ca[crl.ca_name] = max(by_ca.get(crl.ca_name, 0), 1 if crl.source in stale else 0)
                 if crl.source in stale and crl.source not in self._reported_stale:
                     mode = material.revocation.expired_mode
                     effect = (
@@ -158,6 +161,9 @@ class Reloader:
                         file=sys.stderr,
                     )
         self._reported_stale = all_stale
+        for ca_name, value in by_ca.items():
+            self.rt.metrics.crl_stale.labels(ca_name).set(value)
+        self._crl_cas = set(by_ca)
 
     async def watch(self) -> None:
         """Poll the watched files every `reload.interval` seconds; reload on any change."""

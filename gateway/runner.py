@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import sqlite3
 import ssl
 import sys
 import time
@@ -22,10 +23,12 @@ from aiohttp import web
 
 from gateway.app import create_admin_app, create_app, create_plain_app
 from gateway.audit import AuditLog
+from gateway.errors import ConfigError
 from gateway.listener import TlsListenerServer
 from gateway.metrics import Metrics
 from gateway.origins import make_origin
 from gateway.reload import Loaded, Reloader, load_all, publish_state_metrics
+from gateway.state import SqliteState, StateStore
 from gateway.state_keys import Runtime
 from gateway.tls import ListenerMaterial, admin_context
 
@@ -51,6 +54,20 @@ def build_runtime(loaded: Loaded, metrics: Metrics | None = None) -> Runtime:
     )
 
 
+async def open_state(config_path: Path, rt: Runtime) -> StateStore:
+    """The state store at `state.path`, and the ticket keys (generated on first start); problems are config errors."""
+    try:
+        await asyncio.to_thread(rt.ticket_keys)
+    except (OSError, ValueError) as exc:
+        raise ConfigError.single(str(config_path), "tickets", None, f"ticket keys: {exc}") from None
+    try:
+        return await SqliteState.open(rt.config.state.path)
+    except (OSError, sqlite3.Error) as exc:
+        raise ConfigError.single(
+            str(config_path), "state.path", None, f"cannot open the state store {rt.config.state.path}: {exc}"
+        ) from None
+
+
 def _say(message: str) -> None:
     print(f"ota-gateway: {message}", file=sys.stderr, flush=True)
 
@@ -64,6 +81,7 @@ async def serve(
     """Run until SIGTERM/SIGINT (or `shutdown_trigger`), then drain; return the exit code."""
     rt = build_runtime(await asyncio.to_thread(load_all, config_path))
     config = rt.config
+    rt.state = await open_state(config_path, rt)
     reloader = Reloader(config_path, rt)
     runner = web.AppRunner(
         create_app(rt),
@@ -143,6 +161,7 @@ async def serve(
         await reloader.close()
         for origin in rt.origins.values():
             await origin.close()
+        await rt.state.close()
         rt.audit.close()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)

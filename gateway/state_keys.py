@@ -14,8 +14,10 @@ from gateway.config import Config, FrontProxy
 from gateway.core.identity import ClientIdentity
 from gateway.core.pins import normalize_cert_sha256
 from gateway.core.policy import Peer, PolicySet
+from gateway.core.tickets import TicketKey
 from gateway.metrics import Metrics
 from gateway.origins import DirectoryOrigin, HttpsOrigin
+from gateway.state import MemoryState, StateStore
 from gateway.tls import ListenerMaterial
 
 
@@ -38,6 +40,8 @@ class Runtime:
     last_reload_ok: bool = True
     cas: dict[str, tuple[str, x509.Certificate]] = field(default_factory=dict)
     proxies: dict[str, FrontProxy] = field(default_factory=dict)  # pin (spki or sha256) -> front proxy
+    state: StateStore = field(default_factory=MemoryState)  # the runner opens the configured store at start
+    _keyring: tuple[Config | None, tuple[TicketKey, ...]] = field(default=(None, ()), repr=False)
     origin_health: dict[str, tuple[bool, float, str]] = field(default_factory=dict)  # name -> (ok, when, detail)
 
     def __post_init__(self) -> None:
@@ -55,6 +59,14 @@ class Runtime:
     def swap(self, config: Config, policies: PolicySet, material: dict[str, ListenerMaterial]) -> None:
         self.config, self.policies, self.material = config, policies, material
         self._derive()
+
+    def ticket_keys(self) -> tuple[TicketKey, ...]:
+        """The download-ticket keys of the current config (read once per config; the first signs)."""
+        if self._keyring[0] is not self.config:
+            from gateway.ticket_keys import load_keyring
+
+            self._keyring = (self.config, load_keyring(self.config))
+        return self._keyring[1]
 
     def front_proxy(self, identity: ClientIdentity) -> FrontProxy | None:
         return self.proxies.get(identity.spki_sha256) or self.proxies.get(identity.sha256)

@@ -2,7 +2,15 @@
 
 Serves `/<app_id>/releases.json` and the files it lists. `mode` per file: "ok", "flip:<offset>" (one flipped byte),
 "extra" (chunked, more bytes than declared in the index), "short" (closes before the end), "error" (HTTP 500),
-"stall" (sends half, then waits), "wrong_length" (Content-Length larger than the file). Records every request.
+"stall" (sends half, then waits), "wrong_length" (Content-Length larger than the file), "stall_watch" (sends half,
+then waits until the peer disconnects and records that in `disconnects`), "redirect:<url>" (302 to that URL).
+"slow:<seconds>" (the whole body, spread over that many seconds). Records every request (`requests`) and its
+headers (`headers`).
+
+Also a Capgo-style update server: POST /updates answers `update_answers[app_id]` (a dict, or a function of the
+request body returning one; default: no new version), POST /stats records the events and answers like the
+backend, /channel_self records the call and answers `channel_answer`. Bodies and User-Agents are recorded in
+`capgo_calls` as (path, method, body, user agent).
 """
 
 from __future__ import annotations
@@ -25,12 +33,19 @@ class OriginState:
     indexes: dict[str, Any] = field(default_factory=dict)  # app -> index document
     modes: dict[str, str] = field(default_factory=dict)  # "<app>/<file>" -> mode
     requests: list[str] = field(default_factory=list)
+    # (path, every request header as (name, value) pairs, repeats kept), in the order the requests came
+    headers: list[tuple[str, list[tuple[str, str]]]] = field(default_factory=list)
+    disconnects: list[str] = field(default_factory=list)  # "<app>/<file>" of "stall_watch" bodies the peer left
     chunk: int = 16 * 1024
+    update_answers: dict[str, Any] = field(default_factory=dict)  # app -> answer dict or fn(body) -> answer
+    channel_answer: Any = None
+    capgo_calls: list[tuple[str, str, Any, str]] = field(default_factory=list)
 
 
 def build_origin_app(state: OriginState) -> web.Application:
     async def index(request: web.Request) -> web.StreamResponse:
         state.requests.append(request.path)
+        state.headers.append((request.path, list(request.headers.items())))
         doc = state.indexes.get(request.match_info["app"])
         if doc is None:
             raise web.HTTPNotFound()
@@ -38,11 +53,14 @@ def build_origin_app(state: OriginState) -> web.Application:
 
     async def bundle(request: web.Request) -> web.StreamResponse:
         state.requests.append(request.path)
+        state.headers.append((request.path, list(request.headers.items())))
         key = f"{request.match_info['app']}/{request.match_info['file']}"
         data = state.files.get(key)
         if data is None:
             raise web.HTTPNotFound()
         mode = state.modes.get(key, "ok")
+        if mode.startswith("redirect:"):
+            raise web.HTTPFound(mode.split(":", 1)[1])
         if mode == "error":
             raise web.HTTPInternalServerError()
         if mode.startswith("flip:"):
@@ -57,11 +75,28 @@ def build_origin_app(state: OriginState) -> web.Application:
         else:
             resp.content_length = len(data)
         await resp.prepare(request)
-        limit = len(data) // 2 if mode in ("short", "stall") else len(data)
+        if mode.startswith("slow:"):
+            # the whole body, spread evenly over that many seconds: first piece at once, last one at the end
+            seconds, pieces = float(mode.split(":", 1)[1]), 20
+            step = max(1, -(-len(data) // pieces))
+            for i in range(0, len(data), step):
+                if i:
+                    await asyncio.sleep(seconds / (pieces - 1))
+                await resp.write(data[i : i + step])
+            await resp.write_eof()
+            return resp
+        limit = len(data) // 2 if mode in ("short", "stall", "stall_watch") else len(data)
         for i in range(0, limit, state.chunk):
             await resp.write(data[i : min(i + state.chunk, limit)])
         if mode == "stall":
             await asyncio.sleep(3600)
+        if mode == "stall_watch":
+            for _ in range(1200):  # at most a minute
+                if request.transport is None or request.transport.is_closing():
+                    state.disconnects.append(key)
+                    break
+                await asyncio.sleep(0.05)
+            return resp
         if mode in ("short", "wrong_length"):
             assert request.transport is not None
             request.transport.close()
@@ -69,7 +104,28 @@ def build_origin_app(state: OriginState) -> web.Application:
         await resp.write_eof()
         return resp
 
+    async def capgo(request: web.Request) -> web.StreamResponse:
+        body: Any = dict(request.query) if request.method == "GET" else await request.json()
+        state.capgo_calls.append((request.path, request.method, body, request.headers.get("User-Agent", "")))
+        if request.path == "/updates":
+            answer = state.update_answers.get(body.get("app_id"))
+            if callable(answer):
+                answer = answer(body)
+            if answer is None:
+                answer = {"error": "no_new_version_available", "message": "No new version available"}
+            return web.json_response(answer)
+        if request.path == "/stats":
+            if isinstance(body, list):
+                return web.json_response(
+                    {"status": "ok", "results": [{"status": "ok", "index": i} for i in range(len(body))]}
+                )
+            return web.json_response({"status": "ok"})
+        return web.json_response(state.channel_answer if state.channel_answer is not None else {"status": "ok"})
+
     app = web.Application()
+    app.router.add_post("/updates", capgo)
+    app.router.add_post("/stats", capgo)
+    app.router.add_route("*", "/channel_self", capgo)
     app.router.add_get("/{app}/releases.json", index)
     app.router.add_get("/{app}/{file}", bundle)
     return app
@@ -111,6 +167,13 @@ class HttpsOrigin:
             ready.set()
             await self._stop.wait()
             await runner.cleanup()
+            # A connection whose peer hung up mid-body can still be in its TLS shutdown here; left to the garbage
+            # collector it would warn about an unclosed transport (an error under filterwarnings=error).
+            loop = asyncio.get_running_loop()
+            for transport in list(getattr(loop, "_transports", {}).values()):
+                transport.abort()
+            for _ in range(3):
+                await asyncio.sleep(0)
 
         self._thread = threading.Thread(target=asyncio.run, args=(main(),), daemon=True, name="test-origin")
         self._thread.start()
@@ -118,10 +181,13 @@ class HttpsOrigin:
             raise AssertionError("test origin did not start")
 
     def stop(self) -> None:
+        """Stop serving (idempotent: a test may stop the origin before the fixture does)."""
         if self._loop is not None and self._stop is not None:
             self._loop.call_soon_threadsafe(self._stop.set)
+            self._loop = None
         if self._thread is not None:
             self._thread.join(10)
+            self._thread = None
 
     def __enter__(self) -> HttpsOrigin:
         self.start()

@@ -301,3 +301,176 @@ def wait_until(predicate: Any, timeout: float = 5.0, interval: float = 0.05) -> 
             return True
         time.sleep(interval)
     return bool(predicate())
+
+
+# ---- revocation, config edits and raw HTTPS requests (reload, revocation, front-proxy and plain-HTTP tests) ----
+
+
+def leaf_certificate(files: CertFiles) -> x509.Certificate:
+    """The leaf (first) certificate of a `CertFiles` chain."""
+    return x509.load_pem_x509_certificate(files.cert.read_bytes())
+
+
+def make_crl(
+    pki: Pki,
+    revoked: list[CertFiles],
+    *,
+    next_update: dt.datetime | None = None,
+    last_update: dt.datetime | None = None,
+) -> x509.CertificateRevocationList:
+    """A CRL signed by the test CA listing the serials of `revoked`; nextUpdate one day ahead by default."""
+    from cryptography.hazmat.primitives import hashes
+
+    now = dt.datetime.now(dt.UTC)
+    key = serialization.load_pem_private_key(pki.ca.private_key_pem.bytes(), password=None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    issuer = x509.load_pem_x509_certificate(pki.ca.cert_pem.bytes()).subject
+    next_update = next_update or now + dt.timedelta(days=1)
+    last_update = last_update or min(now - dt.timedelta(minutes=5), next_update - dt.timedelta(hours=1))
+    builder = x509.CertificateRevocationListBuilder().issuer_name(issuer).last_update(last_update)
+    builder = builder.next_update(next_update)
+    for files in revoked:
+        builder = builder.add_revoked_certificate(
+            x509.RevokedCertificateBuilder()
+            .serial_number(leaf_certificate(files).serial_number)
+            .revocation_date(last_update)
+            .build()
+        )
+    return builder.sign(key, hashes.SHA256())
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Replace `path` in one step (new inode), as config management and cert-manager do."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def write_crl(path: Path, crl: x509.CertificateRevocationList, *, der: bool = False) -> Path:
+    write_atomic(path, crl.public_bytes(serialization.Encoding.DER if der else serialization.Encoding.PEM))
+    return path
+
+
+def edit_config(path: Path, edit: Any) -> Path:
+    """Load gateway.yaml, let `edit(dict)` change it in place, write it back."""
+    config = yaml.safe_load(path.read_text())
+    edit(config)
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+@dataclass
+class Answer:
+    """One HTTPS exchange on a fresh connection: status, headers, body and the server certificate's SHA-256."""
+
+    status: int
+    headers: dict[str, str]
+    body: bytes
+    server_sha256: str
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+def https_request(
+    url: str,
+    ctx: ssl.SSLContext,
+    *,
+    method: str = "GET",
+    headers: dict[str, str] | None = None,
+    body: bytes | None = None,
+    timeout: float = 10,
+) -> Answer:
+    """Send one request on a new TLS connection. A refused handshake raises OSError or http.client errors."""
+    import http.client
+    import urllib.parse
+
+    parts = urllib.parse.urlsplit(url)
+    conn = http.client.HTTPSConnection(parts.hostname or "127.0.0.1", parts.port, context=ctx, timeout=timeout)
+    try:
+        conn.connect()
+        assert conn.sock is not None
+        server_der = conn.sock.getpeercert(binary_form=True) or b""  # type: ignore[attr-defined]
+        target = parts.path + (f"?{parts.query}" if parts.query else "")
+        conn.request(method, target, body=body, headers=headers or {})
+        resp = conn.getresponse()
+        data = resp.read()
+        return Answer(
+            resp.status, {k.lower(): v for k, v in resp.getheaders()}, data, hashlib.sha256(server_der).hexdigest()
+        )
+    finally:
+        conn.close()
+
+
+def refused_request(url: str, ctx: ssl.SSLContext) -> BaseException:
+    """Assert that the gateway gives no HTTP answer at all (handshake refused or connection cut); return why."""
+    import http.client
+
+    try:
+        answer = https_request(url, ctx)
+    except (OSError, http.client.HTTPException) as exc:
+        return exc
+    raise AssertionError(f"expected no HTTP answer, got {answer.status} {answer.body[:200]!r}")
+
+
+def make_zip(path: Path, size: int) -> Path:
+    """A zip of about `size` bytes of incompressible data (stored), for download tests."""
+    import zipfile
+
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as zf:
+        zf.writestr("www/bundle.bin", os.urandom(size))
+    return path
+
+
+def metric_value(gw: GatewayProcess, name: str, labels: dict[str, str] | None = None) -> float:
+    """Like `GatewayProcess.metric`, for label names that clash with its parameters (such as `name`)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(gw.scrape()):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in (labels or {}).items()):
+                return float(sample.value)
+    return 0.0
+
+
+# ---- the Capgo protocol: device bodies, calls to /updates /stats /channel_self, the real Capgo fixtures ----
+
+DEVICE_ID = "6f1c2f7e-3f5a-4c2e-9a55-0b1f7e9d2c11"
+PLUGIN_AGENT = "CapacitorUpdater/8.51.14 ({app}) android/14"
+
+
+def capgo_fixture(version: str) -> dict[str, Any]:
+    """One version of shared/fixtures/capgo/fixtures.json (checksum, encrypted_checksum, iv_session_key, files)."""
+    for item in json.loads((CAPGO_FIXTURES / "fixtures.json").read_text()):
+        if item["version"] == version:
+            return dict(item)
+    raise KeyError(version)
+
+
+def device_body(app_id: str = APP_ID, version: str = "1.0.0", **extra: Any) -> dict[str, Any]:
+    """An update-check body as the Android plugin sends it."""
+    return {
+        "platform": "android",
+        "device_id": DEVICE_ID,
+        "app_id": app_id,
+        "custom_id": "",
+        "version_build": "1.0.0",
+        "version_code": "1",
+        "version_os": "14",
+        "version_name": version,
+        "plugin_version": "8.51.14",
+        "is_emulator": False,
+        "is_prod": True,
+        "install_source": "google_play",
+        **extra,
+    }
+
+
+def capgo_call(
+    url: str, ctx: ssl.SSLContext, payload: Any, *, method: str = "POST", raw: bytes | None = None
+) -> Answer:
+    """POST (or PUT) JSON to a Capgo route the way the plugin's OkHttp does."""
+    app = payload.get("app_id", APP_ID) if isinstance(payload, dict) else APP_ID
+    headers = {"Content-Type": "application/json; charset=utf-8", "User-Agent": PLUGIN_AGENT.format(app=app)}
+    body = raw if raw is not None else json.dumps(payload).encode()
+    return https_request(url, ctx, method=method, headers=headers, body=body)

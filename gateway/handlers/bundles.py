@@ -9,7 +9,10 @@ and can never look complete. Before the headers, failures are problem-details an
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import hashlib
 import time
+from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 
 from aiohttp import web
@@ -17,11 +20,25 @@ from aiohttp import web
 from gateway.core.names import is_app_id, is_version
 from gateway.core.policy import admit
 from gateway.core.reasons import Reason, Refusal
-from gateway.core.verify import Expectation, Verifier
+from gateway.core.verify import Digest, Expectation, Verifier
+from gateway.handlers.problem import problem_response
 from gateway.origins import Body, OriginError, ReleaseNotFound
 from gateway.state_keys import RUNTIME, Runtime, request_audit, request_peer
 
 CLIENT_WRITE_TIMEOUT = 60.0  # a client that takes longer than this to accept one chunk is cut off (too_slow)
+
+
+@dataclasses.dataclass(frozen=True)
+class Delivery:
+    """How a verified body goes out: the digest pipeline, an open-ended `Range: bytes=N-`, the content type.
+
+    With `range_from` the answer is 206 with exactly the bytes from N on: the skipped prefix is still fetched and
+    hashed (never sent), and the tail is still held back until the digest matches.
+    """
+
+    digest_factory: Callable[[], Digest] = hashlib.sha256
+    range_from: int | None = None
+    content_type: str = "application/zip"
 
 
 async def get_bundle(request: web.Request) -> web.StreamResponse:
@@ -62,20 +79,34 @@ async def stream_verified(
     expect: Expectation,
     origin_name: str,
     started: float,
+    delivery: Delivery = Delivery(),
 ) -> web.StreamResponse:
     """Stream an origin body to the client through a `Verifier`; abort the connection on any failure."""
     try:
         async with body_cm as body:
             rt.metrics.origin_latency.labels(origin_name).observe(time.monotonic() - started)
             rt.origin_ok(origin_name)
-            return await _respond(request, rt, body, expect, origin_name)
+            return await _respond(request, rt, body, expect, origin_name, delivery)
     except OriginError as exc:  # raised while opening: nothing has been sent yet
         rt.origin_failed(origin_name, str(exc))
         raise Refusal(Reason.ORIGIN_ERROR, str(exc)) from exc
 
 
+def _unsatisfiable(request: web.Request, rt: Runtime, size: int | None, start: int) -> web.Response:
+    """416 to a range the gateway cannot answer exactly (never a 200 with the whole file: the plugin appends it)."""
+    record = request_audit(request)
+    reason = Reason.RANGE_NOT_SATISFIABLE
+    detail = f"range from byte {start} of {size if size is not None else 'an unknown number of'} bytes"
+    record.outcome, record.reason, record.detail = "refused", reason.label, detail
+    rt.metrics.refusals.labels(reason.label).inc()
+    resp = problem_response(reason, detail)
+    if size is not None:
+        resp.headers["Content-Range"] = f"bytes */{size}"
+    return resp
+
+
 async def _respond(
-    request: web.Request, rt: Runtime, body: Body, expect: Expectation, origin_name: str
+    request: web.Request, rt: Runtime, body: Body, expect: Expectation, origin_name: str, delivery: Delivery
 ) -> web.StreamResponse:
     record = request_audit(request)
     declared = body.declared_size
@@ -83,19 +114,28 @@ async def _respond(
         reason = Reason.SIZE_EXCEEDED if declared > expect.size else Reason.SHORT_BODY
         rt.metrics.verifications.labels(reason.label).inc()
         raise Refusal(reason, f"origin declares {declared} bytes, the index says {expect.size}")
+    start = delivery.range_from
+    if start is not None:
+        size = expect.size if expect.size is not None else declared
+        if size is None or start >= size:
+            return _unsatisfiable(request, rt, size, start)
+        expect = dataclasses.replace(expect, size=size)
     resp = web.StreamResponse(
-        status=200,
+        status=200 if start is None else 206,
         headers={
-            "Content-Type": "application/zip",
+            "Content-Type": delivery.content_type,
             "Cache-Control": "no-store",
             "ETag": f'"{expect.sha256}"',
         },
     )
-    if expect.size is not None:
+    if start is not None and expect.size is not None:
+        resp.headers["Content-Range"] = f"bytes {start}-{expect.size - 1}/{expect.size}"
+        resp.content_length = expect.size - start
+    elif expect.size is not None:
         resp.content_length = expect.size
     else:
         resp.enable_chunked_encoding()
-    verifier = Verifier(expect)
+    verifier = Verifier(expect, send_from=start or 0, digest_factory=delivery.digest_factory)
     await resp.prepare(request)
     rt.metrics.in_flight.inc()
     try:
@@ -112,7 +152,7 @@ async def _respond(
         reason = Reason.SHUTDOWN if rt.shutting_down else Reason.CLIENT_GONE
         verifier.error(reason, "download cancelled")
         _abort(request, resp)
-        record.outcome, record.reason = "aborted", reason.label
+        record.outcome, record.reason, record.status = "aborted", reason.label, resp.status
         rt.metrics.refusals.labels(reason.label).inc()
         raise
     else:

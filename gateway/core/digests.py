@@ -1,0 +1,103 @@
+"""Digests for the verifier that hash what the device will check, not the bytes on the wire.
+
+Owns the digest pipelines of `core/verify.py`'s `Digest` protocol: SHA-256 of the bytes as served (plain bundles),
+SHA-256 after AES-128-CBC decryption with PKCS#7 padding checked at the end (Capgo encrypted bundles: the device
+compares the checksum with the *plain* zip), and SHA-256 after Brotli decompression (delta manifest `.br` files).
+The client still receives the bytes as served; these only decide whether they are the right ones. A stream that
+does not decode (bad padding, length not a multiple of the block, unfinished Brotli stream) yields `INVALID`,
+which never equals a SHA-256, so the verifier fails it as a checksum mismatch. Pure: keys are passed in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import brotli as _brotli
+from cryptography.hazmat.primitives import padding as sym_padding
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+from gateway.core.verify import Digest
+
+INVALID = "invalid-encoding"
+
+
+class Decompressor(Protocol):
+    def process(self, data: bytes, /) -> bytes: ...
+
+    def is_finished(self) -> bool: ...
+
+
+class DecryptingDigest:
+    """AES-128-CBC decrypts what it is fed and passes the plain bytes to `inner`; the padding is checked last."""
+
+    def __init__(self, aes_key: bytes, iv: bytes, inner: Digest) -> None:
+        if len(aes_key) != 16 or len(iv) != 16:
+            raise ValueError("AES-128 key and IV must be 16 bytes each")
+        self._decryptor = Cipher(algorithms.AES(aes_key), modes.CBC(iv)).decryptor()
+        self._unpadder = sym_padding.PKCS7(128).unpadder()  # keeps the last block back until finalize
+        self._inner = inner
+        self._result: str | None = None
+
+    def update(self, data: bytes, /) -> None:
+        if self._result is None:
+            self._inner.update(self._unpadder.update(self._decryptor.update(data)))
+
+    def hexdigest(self) -> str:
+        if self._result is None:
+            try:
+                tail = self._unpadder.update(self._decryptor.finalize()) + self._unpadder.finalize()
+            except ValueError:  # not a whole number of blocks, or bad PKCS#7 padding
+                self._result = INVALID
+            else:
+                self._inner.update(tail)
+                self._result = self._inner.hexdigest()
+        return self._result
+
+
+class DecompressingDigest:
+    """Decompresses what it is fed and passes the result to `inner`; an unfinished stream is `INVALID`."""
+
+    def __init__(self, decompressor: Decompressor, inner: Digest) -> None:
+        self._decompressor = decompressor
+        self._inner = inner
+        self._failed = False
+
+    def update(self, data: bytes, /) -> None:
+        if self._failed:
+            return
+        try:
+            self._inner.update(self._decompressor.process(data))
+        except Exception:  # the decoder's own error type; any of them means "not this file"
+            self._failed = True
+
+    def hexdigest(self) -> str:
+        if self._failed or not self._decompressor.is_finished():
+            return INVALID
+        return self._inner.hexdigest()
+
+
+def _brotli_decompressor() -> Decompressor:
+    decompressor: Any = _brotli.Decompressor()
+    return decompressor  # type: ignore[no-any-return]
+
+
+def pipeline(
+    *,
+    aes: tuple[bytes, bytes] | None = None,
+    brotli: bool = False,
+    decompressor_factory: Callable[[], Decompressor] | None = None,
+) -> Callable[[], Digest]:
+    """A digest factory for `Verifier`: SHA-256 of the bytes after decryption (`aes=(key, iv)`) and decompression."""
+    make_decompressor = decompressor_factory or _brotli_decompressor
+
+    def factory() -> Digest:
+        digest: Digest = hashlib.sha256()
+        if brotli:
+            digest = DecompressingDigest(make_decompressor(), digest)
+        if aes is not None:
+            digest = DecryptingDigest(aes[0], aes[1], digest)
+        return digest
+
+    return factory

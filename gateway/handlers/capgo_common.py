@@ -1,0 +1,121 @@
+"""What the Capgo routes (/updates, /stats, /channel_self) share: bodies, answers, rate limits, upstream calls.
+
+Owns the Capgo shape of every answer on those routes, refusals included: JSON with `error`, `message` and `kind`
+(`invalid_request` for a malformed body, `rate_limited` with Retry-After for a 429), always `Cache-Control:
+no-store`. Other routes keep RFC 9457 problem details; `refusal_response` picks the shape by route. Bodies are
+read with a per-route size cap; client strings never become metric labels.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from typing import Any
+
+from aiohttp import web
+
+from gateway.core.capgo import InvalidRequest, error_body, kind_for
+from gateway.core.policy import AppPolicy, Peer
+from gateway.core.reasons import Reason, Refusal
+from gateway.handlers.problem import problem_response
+from gateway.origins import HttpsOrigin, OriginError
+from gateway.state_keys import Runtime
+
+CAPGO_ROUTES = frozenset({"updates", "stats", "channel"})
+RATE_WINDOW = 60.0
+_UA_RE = re.compile(r"^[\x20-\x7e]{1,256}$")
+
+
+class RateLimited(Refusal):
+    """Too many requests from one identity: answered 429 with Retry-After (the plugin honours it)."""
+
+    def __init__(self, retry_after: float) -> None:
+        self.retry_after = max(1, math.ceil(retry_after))
+        super().__init__(Reason.RATE_LIMITED, f"too many requests; retry after {self.retry_after} s")
+
+
+def capgo_json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(
+        status=status,
+        body=json.dumps(body, separators=(",", ":")).encode(),
+        content_type="application/json",
+        headers={"Cache-Control": "no-store", **(headers or {})},
+    )
+
+
+def refusal_response(route: str, refusal: Refusal, status: int | None = None) -> web.Response:
+    """The answer to a refusal: Capgo-shaped on Capgo routes, problem details elsewhere."""
+    if route not in CAPGO_ROUTES:
+        return problem_response(refusal.reason, refusal.detail, status)
+    error = "invalid_request" if refusal.reason is Reason.BAD_REQUEST else refusal.reason.label
+    headers = {}
+    if isinstance(refusal, RateLimited):
+        headers["Retry-After"] = str(refusal.retry_after)
+    body = error_body(error, refusal.detail, kind_for(refusal.reason))
+    return capgo_json(body, status or refusal.reason.status, headers)
+
+
+async def read_json(request: web.Request, limit: int) -> Any:
+    """The request body as JSON, at most `limit` bytes; a malformed or oversized body is `bad_request`."""
+    if request.content_length is not None and request.content_length > limit:
+        raise Refusal(Reason.BAD_REQUEST, f"the body is larger than {limit} bytes")
+    data = bytearray()
+    async for chunk in request.content.iter_any():
+        data += chunk
+        if len(data) > limit:
+            raise Refusal(Reason.BAD_REQUEST, f"the body is larger than {limit} bytes")
+    try:
+        return json.loads(data)
+    except (ValueError, UnicodeDecodeError):
+        raise Refusal(Reason.BAD_REQUEST, "the body is not JSON") from None
+
+
+def invalid(exc: InvalidRequest) -> Refusal:
+    return Refusal(Reason.BAD_REQUEST, str(exc))
+
+
+async def rate_limit(rt: Runtime, route: str, app: AppPolicy, peer: Peer, per_minute: int) -> None:
+    """Count one request of this identity on this route and app; raise `RateLimited` past the policy's limit."""
+    key = f"{route}|{app.app_id}|{peer.identity.sha256}"
+    retry = await rt.state.hit(key, per_minute, RATE_WINDOW, time.time())
+    if retry is not None:
+        raise RateLimited(retry)
+
+
+def upstream_headers(request: web.Request) -> dict[str, str]:
+    """Headers for a Capgo endpoint of the origin: JSON, and the device's User-Agent when it is plain text."""
+    headers = {"Content-Type": "application/json"}
+    agent = request.headers.get("User-Agent", "")
+    if _UA_RE.fullmatch(agent):
+        headers["User-Agent"] = agent
+    return headers
+
+
+async def call_origin(
+    rt: Runtime,
+    origin: HttpsOrigin,
+    path: str,
+    request: web.Request,
+    peer: Peer,
+    *,
+    method: str = "POST",
+    payload: Any = None,
+    query: dict[str, str] | None = None,
+) -> tuple[int, Any]:
+    """Call a Capgo endpoint of an HTTPS origin; (status, parsed JSON or None). Unreachable: `origin_error`."""
+    url = origin.url(path)
+    if query:
+        url = url.with_query(query)
+    body = None if payload is None else json.dumps(payload, separators=(",", ":")).encode()
+    try:
+        status, data = await origin.exchange(method, url, body=body, headers=upstream_headers(request), peer=peer)
+    except OriginError as exc:
+        rt.origin_failed(origin.name, str(exc))
+        raise Refusal(Reason.ORIGIN_ERROR, str(exc)) from None
+    rt.origin_ok(origin.name)
+    try:
+        return status, json.loads(data) if data else None
+    except (ValueError, UnicodeDecodeError):
+        return status, None

@@ -1,0 +1,96 @@
+"""/channel_self: a device sets (POST), reads (PUT), lists (GET) or unsets (DELETE) its channel.
+
+A thin shell: check the info object (`core/capgo.py`; GET carries it as query parameters), admit the client to
+the app, refuse self-setting when the app's policy forbids it (`channels.self_set`, counted as
+`channel_not_allowed`) or names a channel the policy does not allow, then forward to the HTTPS origin's channel
+endpoint (`channel_path`). Without one the gateway answers reads from the policy (the app's allowed channels and
+default) and refuses writes, which it has nowhere to keep. Answers are the backend's JSON.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+from gateway.core.capgo import InvalidRequest, Kind, error_body, parse_info
+from gateway.core.names import is_channel
+from gateway.core.policy import AppPolicy, admit
+from gateway.core.reasons import Reason, Refusal
+from gateway.handlers.capgo_common import call_origin, capgo_json, invalid, read_json
+from gateway.origins import HttpsOrigin
+from gateway.state_keys import RUNTIME, Runtime, request_audit, request_peer
+
+BODY_LIMIT = 16 * 1024
+_BOOLS = {"true": True, "false": False}
+
+
+def _from_query(query: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {}
+    for key in query:
+        value = query.get(key)
+        body[key] = _BOOLS.get(value.lower(), value) if key in ("is_emulator", "is_prod") and value else value
+    return body
+
+
+def _refuse_set(rt: Runtime, request: web.Request, message: str) -> web.Response:
+    """The backend's refusal of a self-set channel (HTTP 400), with the `kind` the plugin needs."""
+    record = request_audit(request)
+    record.outcome, record.reason, record.detail = "refused", Reason.CHANNEL_NOT_ALLOWED.label, message
+    rt.metrics.refusals.labels(Reason.CHANNEL_NOT_ALLOWED.label).inc()
+    return capgo_json(error_body("channel_set_from_plugin_not_allowed", message, Kind.BLOCKED), 400)
+
+
+def _local(request: web.Request, app: AppPolicy, default_channel: str | None) -> web.Response:
+    if request.method == "GET":
+        channels = app.channels
+        return capgo_json(
+            [
+                {"id": i + 1, "name": name, "public": name == channels.default, "allow_self_set": channels.self_set}
+                for i, name in enumerate(channels.allowed)
+            ]
+        )
+    if request.method == "PUT":
+        current = default_channel if default_channel in app.channels.allowed else app.channels.default
+        return capgo_json({"channel": current, "status": "default", "allowSet": app.channels.self_set})
+    message = "the app's origin has no channel endpoint (channel_path): the gateway cannot keep a device's channel"
+    return capgo_json(error_body("channel_self_unsupported", message, Kind.FAILED), 400)
+
+
+async def channel_self(request: web.Request) -> web.StreamResponse:
+    rt = request.app[RUNTIME]
+    record = request_audit(request)
+    peer = request_peer(request)
+    if request.method not in ("GET", "PUT", "POST", "DELETE"):
+        raise Refusal(Reason.BAD_REQUEST, f"method {request.method} is not used on /channel_self")
+    body = _from_query(request.query) if request.method == "GET" else await read_json(request, BODY_LIMIT)
+    try:
+        device = parse_info(body)
+    except InvalidRequest as exc:
+        raise invalid(exc) from None
+    record.app = device.app_id
+    app = admit(rt.policies, peer, device.app_id)
+    if request.method in ("POST", "DELETE"):
+        if not app.channels.self_set:
+            return _refuse_set(rt, request, f"{app.app_id} does not allow devices to set their own channel")
+        channel = body.get("channel")
+        if request.method == "POST" and not (isinstance(channel, str) and is_channel(channel)):
+            raise Refusal(Reason.BAD_REQUEST, "channel is required and must be a channel name")
+        if request.method == "POST" and channel not in app.channels.allowed:
+            return _refuse_set(rt, request, f"channel {channel} is not allowed for {app.app_id}")
+    origin = rt.origins[app.origin]
+    record.origin = origin.name
+    if not (isinstance(origin, HttpsOrigin) and origin.config.channel_path):
+        return _local(request, app, device.default_channel)
+    if request.method == "GET":
+        query = {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in device.fields.items()}
+        status, answer = await call_origin(
+            rt, origin, origin.config.channel_path, request, peer, method="GET", query=query
+        )
+    else:
+        status, answer = await call_origin(
+            rt, origin, origin.config.channel_path, request, peer, method=request.method, payload=dict(device.fields)
+        )
+    if not isinstance(answer, dict | list) or status >= 500:
+        raise Refusal(Reason.ORIGIN_ERROR, f"origin {origin.name}: channel endpoint answered HTTP {status}")
+    return capgo_json(answer, status)

@@ -1,0 +1,197 @@
+"""POST /updates: a device's update check, asked of the origin and reviewed before the device sees the answer.
+
+A thin shell: check the body (`core/capgo.py`), admit the client to the app, apply the rate limit, get an answer
+(the HTTPS origin's Capgo update endpoint, `updates_path`, or else the newest release of the device's channel in
+the origin's release index), review it (`core/review.py`) against the policy and the channel high-water mark in the
+state store, then hand out download tickets in place of the origin's urls. Every answer is Capgo-shaped JSON with
+`Cache-Control: no-store`; a refused offer is HTTP 200 with `error`, `message` and `kind`, as the plugin expects.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from typing import Any
+
+from aiohttp import web
+
+from gateway.core.capgo import DeviceInfo, InvalidRequest, Kind, parse_info
+from gateway.core.policy import AppPolicy, Peer, admit
+from gateway.core.reasons import Reason, Refusal
+from gateway.core.review import (
+    Builtin,
+    Decline,
+    Offer,
+    Outcome,
+    Served,
+    index_answer,
+    load_public_keys,
+    new_version_body,
+    review_answer,
+)
+from gateway.core.tickets import Ticket, seal
+from gateway.handlers.capgo_common import call_origin, capgo_json, invalid, rate_limit, read_json
+from gateway.origins import DirectoryOrigin, HttpsOrigin, OriginError, ReleaseNotFound
+from gateway.state_keys import RUNTIME, Runtime, request_audit, request_peer
+
+BODY_LIMIT = 64 * 1024
+_HOST_RE = re.compile(r"^([A-Za-z0-9.-]{1,253}|\[[0-9A-Fa-f:.]{2,45}\])(:\d{1,5})?$")
+_FILE_RE = re.compile(r"[^A-Za-z0-9._-]")
+
+Origin = DirectoryOrigin | HttpsOrigin
+
+
+async def get_updates(request: web.Request) -> web.StreamResponse:
+    """GET /updates: the official backend's liveness answer."""
+    return capgo_json({"status": "ok"})
+
+
+async def _ask(
+    rt: Runtime, origin: Origin, app: AppPolicy, device: DeviceInfo, channel: str, request: web.Request, peer: Peer
+) -> tuple[Any, frozenset[str] | None, Served | None]:
+    """(answer, hosts its urls may name, what the index knows of the file)."""
+    if isinstance(origin, HttpsOrigin) and origin.config.updates_path:
+        status, answer = await call_origin(
+            rt, origin, origin.config.updates_path, request, peer, payload=dict(device.fields)
+        )
+        if status != 200 and not (isinstance(answer, dict) and "error" in answer):
+            rt.origin_failed(origin.name, f"update endpoint answered HTTP {status}")
+            raise Refusal(Reason.ORIGIN_ERROR, f"origin {origin.name}: update endpoint answered HTTP {status}")
+        return answer, origin.hosts, None
+    try:
+        index = await origin.index(app.app_id)
+    except ReleaseNotFound as exc:
+        raise Refusal(Reason.RELEASE_UNKNOWN, f"no release index for {app.app_id}") from exc
+    except OriginError as exc:
+        rt.origin_failed(origin.name, str(exc))
+        raise Refusal(Reason.ORIGIN_ERROR, str(exc)) from exc
+    answer, release = index_answer(index, channel, device)
+    if release is None:
+        return answer, None, None
+    if isinstance(origin, HttpsOrigin):
+        answer["url"] = str(origin.base / app.app_id / release.file)
+        return answer, origin.hosts, Served(release.sha256, release.size)
+    answer["url"] = release.file
+    return answer, None, Served(release.sha256, release.size)
+
+
+def _base_url(rt: Runtime, request: web.Request) -> str:
+    if rt.config.tickets.public_url:
+        return rt.config.tickets.public_url
+    host = request.headers.get("Host", "")
+    if not _HOST_RE.fullmatch(host):
+        raise Refusal(Reason.BAD_REQUEST, "the Host header is not a host name (set tickets.public_url)")
+    return f"https://{host}"
+
+
+def _file_name(name: str) -> str:
+    return _FILE_RE.sub("_", name.rsplit("/", 1)[-1])[:128] or "file"
+
+
+def _tickets(
+    rt: Runtime, request: web.Request, app: AppPolicy, origin: Origin, offer: Offer, peer: Peer, served: Served | None
+) -> dict[str, Any]:
+    """The answer with the gateway's ticket urls in place of the origin's (unverified files keep their url)."""
+    if offer.digest is None:
+        return new_version_body(offer, offer.location, [e.location for e in offer.manifest])
+    key = rt.ticket_keys()[0]
+    base = f"{_base_url(rt, request)}/bundles/t"
+    expires = int(time.time()) + rt.config.tickets.ttl
+    session_key = offer.session_key if offer.decrypt else None
+
+    def url(location: str, digest: str, file_name: str | None, size: int | None, checksum: str | None) -> str:
+        ticket = Ticket(
+            app_id=app.app_id,
+            version=offer.version,
+            sha256=digest,
+            origin=origin.name,
+            location=location,
+            identity=peer.identity.sha256,
+            expires=expires,
+            size=size,
+            checksum=checksum,
+            session_key=session_key,
+            file_name=file_name,
+        )
+        rt.metrics.tickets.labels("issued").inc()
+        shown = _file_name(file_name) if file_name else f"{_file_name(offer.version)}.zip"
+        return f"{base}/{seal(ticket, key)}/{shown}"
+
+    main = url(
+        offer.location,
+        offer.digest,
+        None,
+        served.size if served else None,
+        offer.checksum if offer.decrypt else None,
+    )
+    manifest = [
+        e.location if e.digest is None else url(e.location, e.digest, e.file_name, None, None) for e in offer.manifest
+    ]
+    return new_version_body(offer, main, manifest)
+
+
+async def _answer(
+    request: web.Request,
+    rt: Runtime,
+    app: AppPolicy,
+    channel: str,
+    origin: Origin,
+    outcome: Outcome,
+    peer: Peer,
+    served: Served | None,
+) -> web.Response:
+    record = request_audit(request)
+    if isinstance(outcome, Decline):
+        if outcome.reason is not None:
+            rt.metrics.refusals.labels(outcome.reason.label).inc()
+            record.outcome, record.reason = "refused", outcome.reason.label
+        record.detail = outcome.message
+        rt.metrics.update_answers.labels(outcome.kind.value).inc()
+        return capgo_json(outcome.body())
+    if isinstance(outcome, Builtin):
+        rt.metrics.update_answers.labels("builtin").inc()
+        return capgo_json({"version": "builtin"})
+    body = _tickets(rt, request, app, origin, outcome, peer, served)
+    await rt.state.record_offer(app.app_id, channel, outcome.version, lower=outcome.lowers_channel)
+    record.detail = f"offered {outcome.version}"
+    rt.metrics.update_answers.labels("new_version").inc()
+    return capgo_json(body)
+
+
+async def post_updates(request: web.Request) -> web.StreamResponse:
+    rt = request.app[RUNTIME]
+    record = request_audit(request)
+    peer = request_peer(request)
+    try:
+        device = parse_info(await read_json(request, BODY_LIMIT))
+    except InvalidRequest as exc:
+        raise invalid(exc) from None
+    record.app, record.version = device.app_id, device.version_name
+    app = admit(rt.policies, peer, device.app_id)
+    await rate_limit(rt, "updates", app, peer, app.rate_limits.updates_per_minute)
+    origin = rt.origins[app.origin]
+    record.origin = origin.name
+    channel = device.default_channel or app.channels.default
+    if channel not in app.channels.allowed:
+        outcome: Outcome = Decline(
+            "channel_not_allowed",
+            f"channel {channel} is not allowed for {app.app_id}",
+            Kind.BLOCKED,
+            Reason.CHANNEL_NOT_ALLOWED,
+        )
+        return await _answer(request, rt, app, channel, origin, outcome, peer, None)
+    try:
+        answer, hosts, served = await _ask(rt, origin, app, device, channel, request, peer)
+    except Refusal as refusal:  # the origin failed: a distinct failure for the plugin, never a fake "up to date"
+        outcome = Decline(refusal.reason.label, refusal.detail, Kind.FAILED, refusal.reason)
+        return await _answer(request, rt, app, channel, origin, outcome, peer, None)
+    outcome = review_answer(
+        answer,
+        device,
+        app,
+        public_keys=load_public_keys(app.verification.public_keys),
+        high_water=await rt.state.high_water(app.app_id, channel),
+        hosts=hosts,
+        served=served,
+    )
+    return await _answer(request, rt, app, channel, origin, outcome, peer, served)

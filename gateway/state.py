@@ -1,0 +1,190 @@
+"""The state store: channel high-water marks and rate-limit counters, behind one small interface.
+
+Owns the little the gateway must remember between requests (and, with several workers or instances, share):
+the highest version it has offered per app and channel (the third downgrade floor), and fixed-window request
+counters per client identity. `SqliteState` is the default: one file (`state.path`), WAL mode so several worker
+processes share it, every statement run on one dedicated thread so the event loop never waits on the disk.
+`MemoryState` keeps the same contract in a dict (tests, or a single process that may forget on restart).
+Another store (Redis, for several hosts) implements `StateStore`. Version order is `core/versions.py`'s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import sqlite3
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Protocol, TypeVar
+
+from gateway.core.versions import VersionError, parse
+
+T = TypeVar("T")
+_PRUNE_EVERY = 512
+
+
+class StateStore(Protocol):
+    async def high_water(self, app_id: str, channel: str) -> str | None:
+        """The highest version offered on this app and channel, or None."""
+        ...
+
+    async def record_offer(self, app_id: str, channel: str, version: str, *, lower: bool = False) -> None:
+        """Raise the mark to `version` if it is higher; with `lower` (a rollback the policy allows) set it."""
+        ...
+
+    async def hit(self, key: str, limit: int, window: float, now: float) -> float | None:
+        """Count one request for `key`; None if within `limit` per `window` seconds, else seconds to wait."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+def _raised(current: str | None, version: str, lower: bool) -> str | None:
+    """The new mark, or None to keep the current one."""
+    if current is None or lower:
+        return version
+    try:
+        return version if parse(version) > parse(current) else None
+    except VersionError:  # a mark written by something else: replace it with a version that parses
+        return version
+
+
+def _window(now: float, window: float) -> float:
+    return math.floor(now / window) * window
+
+
+def _retry_after(count: int, limit: int, start: float, window: float, now: float) -> float | None:
+    return None if count <= limit else max(1.0, math.ceil(start + window - now))
+
+
+class MemoryState:
+    """The state store in a dict: forgets on restart and is not shared between processes."""
+
+    def __init__(self) -> None:
+        self._marks: dict[tuple[str, str], str] = {}
+        self._counts: dict[tuple[str, float], int] = {}
+        self._hits = 0
+
+    async def high_water(self, app_id: str, channel: str) -> str | None:
+        return self._marks.get((app_id, channel))
+
+    async def record_offer(self, app_id: str, channel: str, version: str, *, lower: bool = False) -> None:
+        new = _raised(self._marks.get((app_id, channel)), version, lower)
+        if new is not None:
+            self._marks[(app_id, channel)] = new
+
+    async def hit(self, key: str, limit: int, window: float, now: float) -> float | None:
+        start = _window(now, window)
+        self._hits += 1
+        if self._hits % _PRUNE_EVERY == 0:
+            self._counts = {k: v for k, v in self._counts.items() if k[1] >= start}
+        count = self._counts.get((key, start), 0) + 1
+        self._counts[(key, start)] = count
+        return _retry_after(count, limit, start, window, now)
+
+    async def close(self) -> None:
+        return None
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS high_water (
+    app_id TEXT NOT NULL, channel TEXT NOT NULL, version TEXT NOT NULL, PRIMARY KEY (app_id, channel)
+);
+CREATE TABLE IF NOT EXISTS rate (
+    key TEXT NOT NULL, window REAL NOT NULL, count INTEGER NOT NULL, PRIMARY KEY (key, window)
+);
+"""
+
+
+class SqliteState:
+    """The state store in one SQLite file; statements run on a dedicated thread, one connection."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ota-state")
+        self._conn: sqlite3.Connection | None = None
+        self._hits = 0
+
+    @classmethod
+    async def open(cls, path: Path) -> SqliteState:
+        store = cls(path)
+        try:
+            await store._run(store._connect)
+        except BaseException:
+            store._executor.shutdown(wait=False)
+            raise
+        return store
+
+    async def _run(self, fn: Callable[..., T], *args: object) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    def _connect(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(self.path, isolation_level=None, timeout=5.0)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.executescript(_SCHEMA)
+        self._conn = conn
+
+    def _db(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise RuntimeError("state store is closed")
+        return self._conn
+
+    def _high_water(self, app_id: str, channel: str) -> str | None:
+        row = (
+            self._db()
+            .execute("SELECT version FROM high_water WHERE app_id = ? AND channel = ?", (app_id, channel))
+            .fetchone()
+        )
+        return None if row is None else str(row[0])
+
+    def _record(self, app_id: str, channel: str, version: str, lower: bool) -> None:
+        db = self._db()
+        db.execute("BEGIN IMMEDIATE")  # read-compare-write under the write lock: workers share the file
+        try:
+            new = _raised(self._high_water(app_id, channel), version, lower)
+            if new is not None:
+                db.execute(
+                    "INSERT INTO high_water (app_id, channel, version) VALUES (?, ?, ?) "
+                    "ON CONFLICT (app_id, channel) DO UPDATE SET version = excluded.version",
+                    (app_id, channel, new),
+                )
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    def _hit(self, key: str, limit: int, window: float, now: float) -> float | None:
+        db = self._db()
+        start = _window(now, window)
+        self._hits += 1
+        if self._hits % _PRUNE_EVERY == 0:
+            db.execute("DELETE FROM rate WHERE window < ?", (start - 3600,))
+        row = db.execute(
+            "INSERT INTO rate (key, window, count) VALUES (?, ?, 1) "
+            "ON CONFLICT (key, window) DO UPDATE SET count = count + 1 RETURNING count",
+            (key, start),
+        ).fetchone()
+        return _retry_after(int(row[0]), limit, start, window, now)
+
+    def _close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    async def high_water(self, app_id: str, channel: str) -> str | None:
+        return await self._run(self._high_water, app_id, channel)
+
+    async def record_offer(self, app_id: str, channel: str, version: str, *, lower: bool = False) -> None:
+        await self._run(self._record, app_id, channel, version, lower)
+
+    async def hit(self, key: str, limit: int, window: float, now: float) -> float | None:
+        return await self._run(self._hit, key, limit, window, now)
+
+    async def close(self) -> None:
+        try:
+            await self._run(self._close)
+        finally:
+            self._executor.shutdown(wait=False)

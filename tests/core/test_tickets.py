@@ -1,0 +1,84 @@
+"""Download tickets (core/tickets.py): bound to identity, expiry and content; any change is refused."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from gateway.core.tickets import MAX_TOKEN_LENGTH, Ticket, TicketError, TicketKey, open_ticket, seal
+
+KEY = TicketKey("k1", b"s" * 32)
+NEW = TicketKey("k2", b"n" * 32)
+ME = "ab" * 32
+NOW = 1_800_000_000.0
+TICKET = Ticket(
+    app_id="com.example.app",
+    version="1.1.0",
+    sha256="cd" * 32,
+    origin="capgo",
+    location="https://origin.example/com.example.app/1.1.0.zip",
+    identity=ME,
+    expires=int(NOW) + 3600,
+)
+FULL = dataclasses.replace(
+    TICKET, size=1234, checksum="ef" * 256, session_key="aXY=:YmxvY2s=", file_name="assets/index.js.br"
+)
+
+
+@pytest.mark.parametrize("ticket", [TICKET, FULL])
+def test_round_trip(ticket: Ticket) -> None:
+    token = seal(ticket, KEY)
+    assert len(token) < MAX_TOKEN_LENGTH
+    assert all(c.isalnum() or c in "._-" for c in token)  # one URL path segment, no escaping
+    assert open_ticket(token, [KEY], now=NOW, identity=ME) == ticket
+
+
+def test_rotation_by_adding_a_key() -> None:
+    old_token = seal(TICKET, KEY)
+    new_token = seal(TICKET, NEW)
+    assert open_ticket(old_token, [NEW, KEY], now=NOW, identity=ME) == TICKET
+    assert open_ticket(new_token, [NEW, KEY], now=NOW, identity=ME) == TICKET
+    with pytest.raises(TicketError, match="unknown key id"):
+        open_ticket(old_token, [NEW], now=NOW, identity=ME)
+
+
+def test_other_identity_is_refused() -> None:
+    with pytest.raises(TicketError, match="another client certificate"):
+        open_ticket(seal(TICKET, KEY), [KEY], now=NOW, identity="00" * 32)
+
+
+def test_expired_is_refused() -> None:
+    token = seal(TICKET, KEY)
+    with pytest.raises(TicketError, match="expired"):
+        open_ticket(token, [KEY], now=TICKET.expires, identity=ME)
+
+
+def test_every_altered_character_is_refused() -> None:
+    token = seal(FULL, KEY)
+    for i in range(0, len(token), 7):
+        if token[i] == ".":
+            continue
+        altered = token[:i] + ("A" if token[i] != "A" else "B") + token[i + 1 :]
+        with pytest.raises(TicketError):
+            open_ticket(altered, [KEY], now=NOW, identity=ME)
+
+
+def test_same_key_id_other_secret_is_refused() -> None:
+    with pytest.raises(TicketError, match="signature"):
+        open_ticket(seal(TICKET, TicketKey("k1", b"x" * 32)), [KEY], now=NOW, identity=ME)
+
+
+@pytest.mark.parametrize("token", ["", "v1", "v2.k1.e30.AAAA", "v1.k1.!!!.AAAA", "v1.k1.e30." + "A" * 43, "x" * 5000])
+def test_garbage_is_refused(token: str) -> None:
+    with pytest.raises(TicketError):
+        open_ticket(token, [KEY], now=NOW, identity=ME)
+
+
+def test_keys_and_fields_are_checked() -> None:
+    with pytest.raises(ValueError, match="at least 32"):
+        TicketKey("k1", b"short")
+    with pytest.raises(ValueError, match="key id"):
+        TicketKey("bad id", b"s" * 32)
+    with pytest.raises(ValueError, match="64 lowercase hex"):
+        seal(dataclasses.replace(TICKET, sha256="XY"), KEY)

@@ -1,0 +1,63 @@
+"""Version order (core/versions.py): semantic versions via `semver`, `builtin` below everything, no guessing."""
+
+from __future__ import annotations
+
+import pytest
+
+from gateway.core.versions import BUILTIN, VersionError, is_valid, major_jump, newest, parse
+
+
+@pytest.mark.parametrize(
+    ("lower", "higher"),
+    [
+        ("1.0.0", "1.0.1"),
+        ("1.0.9", "1.0.10"),  # numeric, not lexical
+        ("1.2.0-beta.1", "1.2.0"),  # a pre-release is below its release
+        ("1.2.0-beta.2", "1.2.0-beta.10"),
+        ("1.2.0-alpha", "1.2.0-beta"),
+        (BUILTIN, "0.0.1"),
+        (BUILTIN, "0.0.0-0"),
+    ],
+)
+def test_order(lower: str, higher: str) -> None:
+    assert parse(lower) < parse(higher)
+    assert parse(higher) > parse(lower)
+    assert not parse(higher) < parse(lower)
+
+
+def test_build_metadata_does_not_order() -> None:
+    assert parse("1.0.0+a") == parse("1.0.0+b")
+    assert not parse("1.0.0+a") < parse("1.0.0+b")
+    assert hash(parse("1.0.0+a")) == hash(parse("1.0.0+b"))
+
+
+def test_builtin_equals_only_itself() -> None:
+    assert parse(BUILTIN) == parse(BUILTIN)
+    assert parse(BUILTIN) != parse("0.0.0")
+    assert parse(BUILTIN).is_builtin and parse(BUILTIN).major is None
+
+
+@pytest.mark.parametrize(
+    "text", ["", "1", "1.0", "v1.0.0", "01.0.0", "1.0.0.0", "latest", "1.0.0-", "x" * 65, "Builtin"]
+)
+def test_unparsable_versions_are_refused(text: str) -> None:
+    with pytest.raises(VersionError):
+        parse(text)
+    assert not is_valid(text)
+
+
+def test_newest_skips_unparsable() -> None:
+    assert newest(["1.0.0", "1.10.0", "1.9.0", "junk", "2.0.0-rc.1"]) == "2.0.0-rc.1"
+    assert newest(["junk"]) is None and newest([]) is None
+
+
+def test_major_jump() -> None:
+    assert major_jump(parse("1.2.3"), parse("3.0.0")) == 2
+    assert major_jump(parse("3.0.0"), parse("1.0.0")) == 0
+    assert major_jump(parse(BUILTIN), parse("9.0.0")) == 0
+
+
+def test_comparison_with_other_types_is_refused() -> None:
+    with pytest.raises(TypeError):
+        _ = parse("1.0.0") < "1.0.1"  # type: ignore[operator]
+    assert parse("1.0.0") != "1.0.0"
