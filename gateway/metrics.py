@@ -20,6 +20,14 @@ disable_created_metrics()  # type: ignore[no-untyped-call]
 
 ROUTES = ("bundle", "admin", "other", "updates", "stats", "channel", "ticket")
 TICKET_RESULTS = ("issued", "redeemed", "refused")
+VERIFICATION_RESULTS = (
+    "passed",
+    "checksum_mismatch",
+    "signature_invalid",
+    "size_exceeded",
+    "short_body",
+    "origin_error",
+)
 OUTCOMES = ("ok", "refused", "aborted")
 
 
@@ -144,6 +152,15 @@ class Metrics:
             self.reloads.labels(result)
         for answer in ("redirect", "upgrade_required"):
             self.plain_http.labels(answer)
+        for result in (
+            "passed",
+            "checksum_mismatch",
+            "signature_invalid",
+            "size_exceeded",
+            "short_body",
+            "origin_error",
+        ):
+            self.verifications.labels(result)
         for reason in ALL_LABELS:
             self.refusals.labels(reason)
         for route in ROUTES:
