@@ -252,6 +252,10 @@ class HttpsOrigin:
                 try:
                     async for data in resp.content.iter_any():
                         yield data
+                except aiohttp.ClientPayloadError:
+                    # the origin closed before its body was complete: end the stream here and let the verifier
+                    # judge what arrived (fewer bytes than expected: short_body)
+                    return
                 except (aiohttp.ClientError, TimeoutError) as exc:
                     raise OriginError(f"origin {self.name}: body of {url.path}: {exc!r}") from None
 

@@ -146,7 +146,7 @@ async def _respond(
         rt.metrics.refusals.labels(refusal.reason.label).inc()
         if refusal.reason not in (Reason.CLIENT_GONE, Reason.SHUTDOWN, Reason.TOO_SLOW):
             rt.metrics.verifications.labels(refusal.reason.label).inc()
-        if refusal.reason is Reason.ORIGIN_ERROR:
+        if refusal.reason in (Reason.ORIGIN_ERROR, Reason.SHORT_BODY):  # the origin's connection failed
             rt.origin_failed(origin_name, refusal.detail)
     except asyncio.CancelledError:
         reason = Reason.SHUTDOWN if rt.shutting_down else Reason.CLIENT_GONE
@@ -165,10 +165,11 @@ async def _respond(
 
 
 async def _pump(resp: web.StreamResponse, verifier: Verifier, body: Body) -> None:
-    async def send(data: bytes) -> None:
+    async def send(data: bytes | None) -> None:
+        """Write `data`, or finish the response when it is None; a slow or vanished client is a refusal."""
         try:
             async with asyncio.timeout(CLIENT_WRITE_TIMEOUT):
-                await resp.write(data)
+                await (resp.write_eof() if data is None else resp.write(data))
         except TimeoutError:
             raise verifier.error(Reason.TOO_SLOW, "client did not accept data in time") from None
         except (ConnectionError, RuntimeError) as exc:
@@ -183,7 +184,7 @@ async def _pump(resp: web.StreamResponse, verifier: Verifier, body: Body) -> Non
         raise verifier.error(Reason.ORIGIN_ERROR, str(exc)) from None
     tail = verifier.finish()
     await send(tail)
-    await resp.write_eof()
+    await send(None)
 
 
 def _abort(request: web.Request, resp: web.StreamResponse) -> None:
