@@ -56,8 +56,8 @@ run: $(STAMP) certs origin
 	$(BIN)/ota-gateway serve --config gateway.yaml
 
 lint: $(STAMP)
-	$(BIN)/ruff check gateway tests bench
-	$(BIN)/ruff format --check gateway tests bench
+	$(BIN)/ruff check gateway tests $(wildcard bench)
+	$(BIN)/ruff format --check gateway tests $(wildcard bench)
 
 typecheck: $(STAMP)
 	$(BIN)/mypy gateway
