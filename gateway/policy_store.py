@@ -139,6 +139,7 @@ class VersionsModel(Model):
     blocked_versions: list[Version] = []
     rollback_to: Version | None = None
     max_version_jump: Annotated[int, Field(ge=0)] | None = None
+    allow_builtin: bool = True
 
 
 class VerificationModel(Model):
@@ -198,6 +199,7 @@ def _to_policy(app: AppModel, source: str) -> AppPolicy:
             tuple(app.versions.blocked_versions),
             app.versions.rollback_to,
             app.versions.max_version_jump,
+            app.versions.allow_builtin,
         ),
         verification=Verification(
             app.verification.require_checksum, tuple(app.verification.public_keys), app.verification.max_bundle_bytes

@@ -71,6 +71,7 @@ class Versions:
     blocked: tuple[str, ...] = ()
     rollback_to: str | None = None
     max_version_jump: int | None = None  # largest allowed increase of the major version in one update
+    allow_builtin: bool = True  # may the origin reset devices to the bundle of their store binary
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,6 +21,7 @@ public keys, the high-water mark and the allowed hosts are passed in.
 
 from __future__ import annotations
 
+import base64
 import urllib.parse
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -104,6 +105,26 @@ def load_public_keys(pems: tuple[str, ...]) -> tuple[rsa.RSAPublicKey, ...]:
         if isinstance(key, rsa.RSAPublicKey):
             keys.append(key)
     return tuple(keys)
+
+
+def key_id(key: rsa.RSAPublicKey) -> str:
+    """What the plugin sends as `key_id`: the first 20 base64 characters of its embedded (PKCS#1) public key."""
+    der = key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.PKCS1)
+    return base64.b64encode(der).decode("ascii")[:20]
+
+
+def _key_mismatch(device: DeviceInfo, public_keys: Sequence[rsa.RSAPublicKey]) -> Decline | None:
+    sent = device.fields.get("key_id")
+    if not public_keys or not isinstance(sent, str) or not sent:
+        return None
+    if sent in {key_id(k) for k in public_keys}:
+        return None
+    return Decline(
+        "key_id_mismatch",
+        "the device's public key is not one this app's policy lists; it could not verify the bundle",
+        Kind.BLOCKED,
+        Reason.SIGNATURE_INVALID,
+    )
 
 
 def _is_hex(value: Any, length: int) -> bool:
@@ -247,6 +268,13 @@ def _extras(answer: Mapping[str, Any]) -> dict[str, Any]:
 def _review_builtin(device: DeviceInfo, app: AppPolicy) -> Builtin | Decline:
     if device.version_name == BUILTIN:
         return Decline("already_on_builtin", "the device already runs the builtin bundle", Kind.UP_TO_DATE)
+    if not app.versions.allow_builtin:
+        return Decline(
+            "builtin_not_allowed",
+            "the policy does not allow resetting devices to the builtin bundle",
+            Kind.BLOCKED,
+            Reason.ROLLBACK,
+        )
     floor = app.versions.min_version
     if floor is not None:
         # the builtin bundle ships with the store binary, whose version is version_build
@@ -338,6 +366,9 @@ def review_answer(
     problem = _url_problem(answer.get("url"), hosts)
     if problem is not None:
         return problem
+    mismatch = _key_mismatch(device, public_keys)
+    if mismatch is not None:
+        return mismatch
     signed = _signature(answer, app, public_keys)
     if isinstance(signed, Decline) and signed.reason is Reason.UNVERIFIABLE and served is not None:
         session_key = str(answer.get("session_key") or "")

@@ -23,6 +23,7 @@ from gateway.core.review import (
     Outcome,
     Served,
     index_answer,
+    key_id,
     load_public_keys,
     new_version_body,
     review_answer,
@@ -172,6 +173,18 @@ def test_key_rotation_accepts_either_key() -> None:
     assert isinstance(review(encrypted(), app=app), Offer)
 
 
+def test_key_id_of_another_key_is_blocked_and_the_right_one_passes() -> None:
+    assert key_id(KEYS[0]) == "".join(PUB.splitlines()[1:])[:20]  # as the plugin computes it from its PEM
+    assert isinstance(review(encrypted(), device(key_id=key_id(KEYS[0])), SIGNED), Offer)
+    declined(
+        review(encrypted(), device(key_id="MIIBCgKCAQEAxxxxxxxx"), SIGNED),
+        "key_id_mismatch",
+        Kind.BLOCKED,
+        Reason.SIGNATURE_INVALID,
+    )
+    assert isinstance(review(plain(), device(key_id="MIIBCgKCAQEAxxxxxxxx")), Offer)  # no keys in policy: not checked
+
+
 def test_manifest_entries_are_checked_one_by_one() -> None:
     entry = {
         "file_name": "assets/index.js",
@@ -221,6 +234,8 @@ def test_builtin_reset() -> None:
     floor = dataclasses.replace(APP, versions=Versions(min_version="1.1.0"))
     declined(review({"version": "builtin"}, app=floor), "below_floor", Kind.BLOCKED, Reason.BELOW_FLOOR)
     assert isinstance(review({"version": "builtin"}, device(version_build="1.2.0"), floor), Builtin)
+    no_reset = dataclasses.replace(APP, versions=Versions(allow_builtin=False))
+    declined(review({"version": "builtin"}, app=no_reset), "builtin_not_allowed", Kind.BLOCKED, Reason.ROLLBACK)
 
 
 def test_served_digest_verifies_an_encrypted_index_release_without_a_key() -> None:
