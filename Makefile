@@ -51,6 +51,8 @@ run: $(STAMP) certs origin
 	@echo "  curl --cacert $(CERTS)/ca.pem --cert $(CERTS)/client.pem --key $(CERTS)/client.key \\"
 	@echo "       https://127.0.0.1:8443/bundles/com.example.app/1.1.0.zip -o b.zip"
 	@echo "  curl --cacert $(CERTS)/ca.pem https://127.0.0.1:8443/bundles/com.example.app/1.1.0.zip   # no client cert: refused"
+	@echo "  $(BIN)/ota-gateway device --gateway https://127.0.0.1:8443 --ca $(CERTS)/ca.pem \\"
+	@echo "       --cert $(CERTS)/client.pem --key $(CERTS)/client.key --app com.example.app --version 1.0.0"
 	@echo "  curl http://127.0.0.1:9901/metrics"
 	@echo
 	$(BIN)/ota-gateway serve --config gateway.yaml
