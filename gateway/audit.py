@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
@@ -56,7 +56,8 @@ class AuditLog:
 
     def write(self, record: AuditRecord) -> None:
         record.time = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + f".{int(time.time() * 1000) % 1000:03d}Z"
-        line = json.dumps({k: v for k, v in asdict(record).items() if v is not None}, separators=(",", ":"))
+        # vars(), not dataclasses.asdict(): the fields are flat and asdict deep-copies each one (~150 us a line)
+        line = json.dumps({k: v for k, v in vars(record).items() if v is not None}, separators=(",", ":"))
         try:
             self._out.write(line + "\n")
             self._out.flush()

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import ssl
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, BinaryIO, Protocol
 
 import aiohttp
 import yaml
@@ -29,6 +30,8 @@ from gateway.core.identity import spki_pin
 from gateway.core.policy import Peer
 from gateway.core.releases import Release, ReleaseIndex, ReleaseIndexError, parse_index
 from gateway.tls import upstream_context
+
+INLINE_READ_BYTES = 64 * 1024  # directory-origin files up to this size are read on the event loop
 
 
 class OriginError(Exception):
@@ -96,23 +99,30 @@ class DirectoryOrigin:
     ) -> AsyncIterator[Body]:
         path = self.root / app_id / release.file
         try:
-            handle = await asyncio.to_thread(open, path, "rb")
+            if release.size <= INLINE_READ_BYTES:
+                # a small file costs less to read at once than a trip to a worker thread (~100 us of CPU)
+                handle, size, first = _open_first(path, chunk_size)
+            else:
+                # one trip to a worker thread opens, sizes and reads the first chunk
+                handle, size, first = await asyncio.to_thread(_open_first, path, chunk_size)
         except FileNotFoundError:
             raise OriginError(f"origin {self.name}: {path} is listed in the index but missing") from None
         except OSError as exc:
             raise OriginError(f"origin {self.name}: cannot open {path}: {exc.strerror}") from None
         try:
-            size = await asyncio.to_thread(lambda: Path(path).stat().st_size)
 
             async def chunks() -> AsyncIterator[bytes]:
-                while True:
+                data, read = first, 0
+                while data:
+                    yield data
+                    read += len(data)
                     try:
-                        data = await asyncio.to_thread(handle.read, chunk_size)
+                        if read >= size:
+                            data = handle.read(chunk_size)  # at end of file: returns at once (or shows growth)
+                        else:
+                            data = await asyncio.to_thread(handle.read, chunk_size)
                     except OSError as exc:
                         raise OriginError(f"origin {self.name}: read error on {path}: {exc.strerror}") from None
-                    if not data:
-                        return
-                    yield data
 
             yield Body(size, chunks())
         finally:
@@ -120,6 +130,15 @@ class DirectoryOrigin:
 
     async def close(self) -> None:
         return None
+
+
+def _open_first(path: Path, chunk_size: int) -> tuple[BinaryIO, int, bytes]:
+    handle = open(path, "rb")  # noqa: SIM115 - closed by the caller's finally
+    try:
+        return handle, os.fstat(handle.fileno()).st_size, handle.read(chunk_size)
+    except BaseException:
+        handle.close()
+        raise
 
 
 class _PinningConnector(aiohttp.TCPConnector):

@@ -120,7 +120,7 @@ async def _respond(
         if size is None or start >= size:
             return _unsatisfiable(request, rt, size, start)
         expect = dataclasses.replace(expect, size=size)
-    resp = web.StreamResponse(
+    resp = _BundleResponse(
         status=200 if start is None else 206,
         headers={
             "Content-Type": delivery.content_type,
@@ -185,6 +185,13 @@ async def _pump(resp: web.StreamResponse, verifier: Verifier, body: Body) -> Non
     tail = verifier.finish()
     await send(tail)
     await send(None)
+
+
+class _BundleResponse(web.StreamResponse):
+    """Headers leave with the first released bytes (one TLS record and one send for a small bundle, as aiohttp's
+    own `Response` does), not alone at `prepare()`."""
+
+    _send_headers_immediately = False
 
 
 def _abort(request: web.Request, resp: web.StreamResponse) -> None:
