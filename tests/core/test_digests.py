@@ -6,7 +6,6 @@ released are the encrypted ones, unchanged; any flipped byte, a cut-off block or
 
 from __future__ import annotations
 
-import random
 import zlib
 
 import pytest
@@ -15,8 +14,9 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from gateway.core import digests
 from gateway.core.capgo_crypto import encrypt_bundle, open_session_key, recover_checksum
-from gateway.core.reasons import Reason, Refusal
+from gateway.core.reasons import Reason
 from gateway.core.verify import Expectation, Verifier
+from tests.core.verifying import random_chunks, run
 from tests.support import CAPGO_FIXTURES, capgo_fixture
 
 FX = capgo_fixture("1.1.0")
@@ -35,23 +35,7 @@ DIGEST = recover_checksum(public_key(), FX["encrypted_checksum"])
 
 
 def chunks(data: bytes, seed: int) -> list[bytes]:
-    rnd, out, i = random.Random(seed), [], 0
-    while i < len(data):
-        n = rnd.randint(1, 5000)
-        out.append(data[i : i + n])
-        i += n
-    return out
-
-
-def run(verifier: Verifier, parts: list[bytes]) -> tuple[bytes, Refusal | None]:
-    released = b""
-    try:
-        for part in parts:
-            released += verifier.feed(part)
-        released += verifier.finish()
-    except Refusal as refusal:
-        return released, refusal
-    return released, None
+    return random_chunks(data, seed, largest=5000)
 
 
 @pytest.mark.parametrize("seed", range(5))

@@ -13,6 +13,7 @@ import pytest
 
 from gateway.core.reasons import Reason, Refusal
 from gateway.core.verify import Expectation, State, Verifier, VerifierStateError
+from tests.core.verifying import random_chunks, run
 
 DATA = random.Random(1234).randbytes(10_000)
 SHA = hashlib.sha256(DATA).hexdigest()
@@ -20,28 +21,6 @@ SHA = hashlib.sha256(DATA).hexdigest()
 
 def chunks_of(data: bytes, size: int) -> list[bytes]:
     return [data[i : i + size] for i in range(0, len(data), size)]
-
-
-def random_chunks(data: bytes, seed: int) -> list[bytes]:
-    rnd = random.Random(seed)
-    out, i = [], 0
-    while i < len(data):
-        n = rnd.randint(1, 1500)
-        out.append(data[i : i + n])
-        i += n
-    return out
-
-
-def run(verifier: Verifier, chunks: list[bytes]) -> tuple[bytes, Refusal | None]:
-    """Feed all chunks and finish; return what was released and the refusal, if any."""
-    released = b""
-    try:
-        for chunk in chunks:
-            released += verifier.feed(chunk)
-        released += verifier.finish()
-    except Refusal as refusal:
-        return released, refusal
-    return released, None
 
 
 def flip(data: bytes, at: int) -> bytes:
