@@ -181,7 +181,7 @@ OriginConfig = Annotated[DirectoryOriginConfig | HttpsOriginConfig, Field(discri
 
 
 class Limits(Model):
-    chunk_size: Annotated[int, Field(ge=4096, le=16 * 1024 * 1024)] = 256 * 1024
+    chunk_size: Annotated[int, Field(ge=4096, le=16 * 1024 * 1024)] = 1024 * 1024  # bench/README.md: best per CPU
     max_bundle_bytes: PositiveInt = 1024 * 1024 * 1024
     shutdown_grace: Annotated[float, Field(ge=0, le=3600)] = 30.0
     keepalive_timeout: Seconds = 75.0
