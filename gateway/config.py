@@ -113,6 +113,24 @@ class TlsListener(Model):
     hsts_max_age: Annotated[int, Field(ge=0)] = 63072000  # two years, as Mozilla recommends
     crl_check: Literal["leaf", "chain"] = "leaf"
     crl_expired: Literal["fail_closed", "keep_serving"] = "fail_closed"
+    # listener-wide pins: when set, a client certificate must also match one of them or its connection is cut
+    # right after the handshake (cause "pin"); per-app pins belong in policies
+    client_spki_pins: list[str] = []
+    client_cert_sha256: list[str] = []
+
+    @pydantic.field_validator("client_spki_pins")
+    @classmethod
+    def _spki(cls, value: list[str]) -> list[str]:
+        from gateway.core.pins import check_spki_pin
+
+        return [check_spki_pin(pin) for pin in value]
+
+    @pydantic.field_validator("client_cert_sha256")
+    @classmethod
+    def _sha(cls, value: list[str]) -> list[str]:
+        from gateway.core.pins import normalize_cert_sha256
+
+        return [normalize_cert_sha256(pin) for pin in value]
 
 
 class AdminTls(Model):

@@ -102,6 +102,10 @@ class _Acceptor(asyncio.Protocol):
             listener.failed("purpose", None)
             tls.abort()
             return
+        if material.pinned_out(identity.spki_sha256, identity.sha256):
+            listener.failed("pin", identity.sha256)
+            tls.abort()
+            return
         revoked = material.revocation.check(identity, dt.datetime.now(dt.UTC))
         if revoked:
             listener.failed("revoked", revoked)

@@ -125,6 +125,11 @@ class ListenerMaterial:
     revocation: RevocationSet
     cas: dict[str, tuple[str, x509.Certificate]]  # CA subject (RFC 4514) -> (client CA name, certificate)
     expiries: tuple[Expiry, ...] = field(default=())
+    pins: frozenset[str] = frozenset()  # listener-wide client pins (SPKI base64 or certificate sha256 hex)
+
+    def pinned_out(self, spki: str, sha256: str) -> bool:
+        """True if the listener has pins and the certificate matches none of them."""
+        return bool(self.pins) and spki not in self.pins and sha256 not in self.pins
 
 
 def build_material(listener: TlsListener, now: dt.datetime | None = None) -> ListenerMaterial:
@@ -156,7 +161,8 @@ def build_material(listener: TlsListener, now: dt.datetime | None = None) -> Lis
             crl_pems.append(crl.public_bytes(serialization.Encoding.PEM).decode())
     revocation = RevocationSet(tuple(lists), listener.crl_expired)
     context = server_context(listener, crl_pems if listener.crl_check == "chain" else [])
-    return ListenerMaterial(context, revocation, cas, tuple(expiries))
+    pins = frozenset([*listener.client_spki_pins, *listener.client_cert_sha256])
+    return ListenerMaterial(context, revocation, cas, tuple(expiries), pins)
 
 
 def server_context(listener: TlsListener, chain_crls: list[str] | None = None) -> ssl.SSLContext:
