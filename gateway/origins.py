@@ -14,7 +14,7 @@ import json
 import os
 import ssl
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,10 +44,43 @@ class ReleaseNotFound(OriginError):
 
 @dataclass
 class Body:
-    """An open origin body: `declared_size` from Content-Length or the file size, and its chunks."""
+    """An open origin body: `declared_size` from Content-Length or the file size, and either `chunks` (network)
+    or `read_file` (a local file: a blocking read of the next chunk, b"" at its end)."""
 
     declared_size: int | None
-    chunks: AsyncIterator[bytes]
+    chunks: AsyncIterator[bytes] | None = None
+    read_file: Callable[[], bytes] | None = None
+    small: bool = False  # `read_file` is cheap enough to call on the event loop
+
+    async def through(self, feed: Callable[[bytes], bytes]) -> AsyncIterator[bytes]:
+        """Each chunk passed through `feed` (the verifier), yielding what it releases. For a file, reading and
+        feeding (hashing, decrypting) run together in one worker-thread call per chunk, off the event loop."""
+        if self.chunks is not None:
+            async for chunk in self.chunks:
+                yield feed(chunk)
+            return
+        read = self.read_file
+        assert read is not None
+
+        def step() -> bytes | None:
+            data = read()
+            return feed(data) if data else None
+
+        while (out := step() if self.small else await _finish_in_thread(step)) is not None:
+            yield out
+
+
+async def _finish_in_thread(step: Callable[[], bytes | None]) -> bytes | None:
+    """Run `step` in a worker thread. If the caller is cancelled meanwhile, wait until the step has finished before
+    the cancellation goes on, so that nobody touches the verifier while the thread still feeds it."""
+    future = asyncio.ensure_future(asyncio.to_thread(step))
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        await asyncio.wait([future])
+        if not future.cancelled():
+            future.exception()  # retrieved: a refusal raised by the abandoned step is of no further interest
+        raise
 
 
 class Origin(Protocol):
@@ -109,22 +142,18 @@ class DirectoryOrigin:
             raise OriginError(f"origin {self.name}: {path} is listed in the index but missing") from None
         except OSError as exc:
             raise OriginError(f"origin {self.name}: cannot open {path}: {exc.strerror}") from None
+        pending = [first] if first else []
+
+        def read_next() -> bytes:
+            if pending:
+                return pending.pop()
+            try:
+                return handle.read(chunk_size)  # reads on to the real end of the file, so growth is seen
+            except OSError as exc:
+                raise OriginError(f"origin {self.name}: read error on {path}: {exc.strerror}") from None
+
         try:
-
-            async def chunks() -> AsyncIterator[bytes]:
-                data, read = first, 0
-                while data:
-                    yield data
-                    read += len(data)
-                    try:
-                        if read >= size:
-                            data = handle.read(chunk_size)  # at end of file: returns at once (or shows growth)
-                        else:
-                            data = await asyncio.to_thread(handle.read, chunk_size)
-                    except OSError as exc:
-                        raise OriginError(f"origin {self.name}: read error on {path}: {exc.strerror}") from None
-
-            yield Body(size, chunks())
+            yield Body(size, read_file=read_next, small=release.size <= INLINE_READ_BYTES)
         finally:
             handle.close()
 
@@ -278,7 +307,7 @@ class HttpsOrigin:
                 except (aiohttp.ClientError, TimeoutError) as exc:
                     raise OriginError(f"origin {self.name}: body of {url.path}: {exc!r}") from None
 
-            yield Body(resp.content_length, chunks())
+            yield Body(resp.content_length, chunks=chunks())
 
     async def exchange(
         self,

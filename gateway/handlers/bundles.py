@@ -176,8 +176,7 @@ async def _pump(resp: web.StreamResponse, verifier: Verifier, body: Body) -> Non
             raise verifier.error(Reason.CLIENT_GONE, f"client went away: {exc}") from None
 
     try:
-        async for chunk in body.chunks:
-            out = verifier.feed(chunk)
+        async for out in body.through(verifier.feed):
             if out:
                 await send(out)
     except OriginError as exc:
