@@ -58,7 +58,8 @@ def load_all(config_path: Path) -> Loaded:
 def publish_state_metrics(metrics: Metrics, loaded: Loaded) -> None:
     metrics.config_loaded.set(1)
     metrics.config_load_time.set(time.time())
-    metrics.expiry.clear()
+    if not metrics.multiprocess:  # prometheus_client cannot clear labels across worker processes
+        metrics.expiry.clear()
     for material in loaded.material.values():
         for exp in material.expiries:
             metrics.expiry.labels(exp.kind, exp.name).set(exp.not_after.timestamp())
