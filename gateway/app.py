@@ -26,7 +26,7 @@ from gateway.handlers.channel import channel_self
 from gateway.handlers.problem import problem_response
 from gateway.handlers.stats import get_stats, post_stats
 from gateway.handlers.ticket_download import get_ticket_bundle
-from gateway.handlers.updates import get_updates, post_updates
+from gateway.handlers.updates import get_updates, post_manifest_size, post_updates
 from gateway.metrics import exposition_registry
 from gateway.peer import resolve_peer
 from gateway.state_keys import AUDIT_KEY, PEER_KEY, RUNTIME, Runtime
@@ -36,8 +36,9 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 def _route_label(request: web.Request) -> str:
     route = request.match_info.route
-    name = route.name if route is not None else None
-    return name if name in ("bundle", "updates", "stats", "channel", "ticket") else "other"
+    name = (route.name or "") if route is not None else ""
+    label = name.partition("_")[0]  # updates_size counts as updates
+    return label if label in ("bundle", "updates", "stats", "channel", "ticket") else "other"
 
 
 @web.middleware
@@ -110,6 +111,7 @@ def create_app(runtime: Runtime) -> web.Application:
     # the Capgo updater protocol (shared/reference/capgo-protocol.md) and the downloads its answers hand out
     app.router.add_post("/updates", post_updates, name="updates")
     app.router.add_get("/updates", get_updates, allow_head=False)
+    app.router.add_post("/updates/manifest_size", post_manifest_size, name="updates_size")
     app.router.add_post("/stats", post_stats, name="stats")
     app.router.add_get("/stats", get_stats, allow_head=False)
     app.router.add_route("*", "/channel_self", channel_self, name="channel")

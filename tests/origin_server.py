@@ -114,6 +114,9 @@ def build_origin_app(state: OriginState) -> web.Application:
             if answer is None:
                 answer = {"error": "no_new_version_available", "message": "No new version available"}
             return web.json_response(answer)
+        if request.path == "/updates/manifest_size":
+            sizes = {e.get("file_name"): 1000 + i for i, e in enumerate(body.get("manifest", []))}
+            return web.json_response({"version": body.get("version"), "sizes": sizes})
         if request.path == "/stats":
             if isinstance(body, list):
                 return web.json_response(
@@ -125,6 +128,7 @@ def build_origin_app(state: OriginState) -> web.Application:
     app = web.Application()
     app.router.add_post("/updates", capgo)
     app.router.add_post("/stats", capgo)
+    app.router.add_post("/updates/manifest_size", capgo)
     app.router.add_route("*", "/channel_self", capgo)
     app.router.add_get("/{app}/releases.json", index)
     app.router.add_get("/{app}/{file}", bundle)

@@ -131,3 +131,19 @@ def test_directory_origin_counts_stats_and_answers_channels_itself(tmp_path: Pat
         assert listed.json()[0]["public"] is True
         bad = https_request(f"{gw.base_url}/channel_self?app_id=x", ctx)
         assert bad.status == 400 and json.loads(bad.body)["error"] == "invalid_request"
+
+
+def test_manifest_size_estimate_is_checked_and_passed_to_the_update_server(env: CapgoEnv) -> None:
+    url = f"{env.gw.base_url}/updates/manifest_size"
+    manifest = [{"file_name": "index.html", "file_hash": "ab" * 32, "download_url": "https://x/y", "extra": "no"}]
+    answer = capgo_call(url, env.ctx(), {**device_body(APP_ID, "1.0.0"), "version": "1.1.0", "manifest": manifest})
+    assert answer.status == 200
+    assert answer.json() == {"version": "1.1.0", "sizes": {"index.html": 1000}}
+    assert answer.headers["cache-control"] == "no-store"
+    path, method, forwarded, _ = env.origin.state.capgo_calls[-1]
+    assert (path, method, forwarded["version"]) == ("/updates/manifest_size", "POST", "1.1.0")
+    assert forwarded["manifest"] == [{k: v for k, v in manifest[0].items() if k != "extra"}]
+    calls = len(env.origin.state.capgo_calls)
+    bad = capgo_call(url, env.ctx(), {**device_body(APP_ID, "1.0.0"), "version": "1.1.0", "manifest": "all"})
+    assert bad.status == 400 and bad.json()["error"] == "invalid_request" and bad.json()["kind"] == "failed"
+    assert len(env.origin.state.capgo_calls) == calls  # a malformed request never reaches the update server

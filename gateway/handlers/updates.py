@@ -195,3 +195,62 @@ async def post_updates(request: web.Request) -> web.StreamResponse:
         served=served,
     )
     return await _answer(request, rt, app, channel, origin, outcome, peer, served)
+
+
+MANIFEST_BODY_LIMIT = 1024 * 1024
+MAX_SIZE_ENTRIES = 10_000
+
+
+def _size_request(raw: Any) -> tuple[str, list[dict[str, str]]]:
+    """The `version` and `manifest` of a size-estimate request, checked; raise InvalidRequest otherwise."""
+    version, manifest = raw.get("version"), raw.get("manifest")
+    if not isinstance(version, str) or not 0 < len(version) <= 64:
+        raise InvalidRequest("version must be a string of at most 64 characters")
+    if not isinstance(manifest, list) or len(manifest) > MAX_SIZE_ENTRIES:
+        raise InvalidRequest(f"manifest must be a list of at most {MAX_SIZE_ENTRIES} entries")
+    entries = []
+    for entry in manifest:
+        if not isinstance(entry, dict) or not all(isinstance(v, str) and len(v) <= 1024 for v in entry.values()):
+            raise InvalidRequest("manifest entries must be objects of strings")
+        entries.append({k: v for k, v in entry.items() if k in ("file_name", "file_hash", "download_url")})
+    return version, entries
+
+
+async def post_manifest_size(request: web.Request) -> web.StreamResponse:
+    """POST /updates/manifest_size: the plugin's download-size estimate, passed to the update server.
+
+    It moves no bundle, so there is nothing to verify: the body is checked, the client admitted and rate-limited
+    like an update check, and only the known fields are forwarded. An app whose origin has no update endpoint
+    gets a Capgo-shaped 404.
+    """
+    rt = request.app[RUNTIME]
+    record = request_audit(request)
+    peer = request_peer(request)
+    try:
+        raw = await read_json(request, MANIFEST_BODY_LIMIT)
+        device = parse_info(raw)
+        version, manifest = _size_request(raw)
+    except InvalidRequest as exc:
+        raise invalid(exc) from None
+    record.app, record.version = device.app_id, version
+    app = admit(rt.policies, peer, device.app_id)
+    await rate_limit(rt, "updates", app, peer, app.rate_limits.updates_per_minute)
+    origin = rt.origins[app.origin]
+    record.origin = origin.name
+    if not (isinstance(origin, HttpsOrigin) and origin.config.updates_path):
+        return capgo_json(
+            {
+                "error": "not_found",
+                "message": "this app's origin has no update server for size estimates",
+                "kind": "failed",
+            },
+            404,
+        )
+    path = origin.config.updates_path.rstrip("/") + "/manifest_size"
+    payload = {**device.fields, "version": version, "manifest": manifest}
+    status, answer = await call_origin(rt, origin, path, request, peer, payload=payload)
+    if not isinstance(answer, dict | list) or status >= 500:
+        return capgo_json(
+            {"error": "origin_error", "message": f"the update server answered HTTP {status}", "kind": "failed"}, 502
+        )
+    return capgo_json(answer, status)
