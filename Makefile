@@ -26,9 +26,10 @@ $(SCAN_STAMP):
 	.venv-scan/bin/python -m pip install -q 'sslyze>=6.1,<7'
 	touch $(SCAN_STAMP)
 
-# Debian tools the tests drive from outside: curl and openssl as clients, promtool (package prometheus).
+# Debian tools the tests drive from outside: curl and openssl as clients, promtool (package prometheus), and a
+# redis-server for the shared state store.
 system-deps:
-	@missing=""; for t in curl:curl openssl:openssl promtool:prometheus; do \
+	@missing=""; for t in curl:curl openssl:openssl promtool:prometheus redis-server:redis-server; do \
 	  command -v $${t%%:*} >/dev/null || missing="$$missing $${t#*:}"; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:$$missing"; apt-get update -qq && \

@@ -242,6 +242,14 @@ class ReloadConfig(Model):
 
 class StateConfig(Model):
     path: LaterPath = Path("state/gateway.sqlite")
+    redis_url: str | None = None  # redis:// or rediss://: share marks and rate limits between hosts
+
+    @pydantic.field_validator("redis_url")
+    @classmethod
+    def _redis(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(f"redis_url must start with redis://, rediss:// or unix://, got {value!r}")
+        return value
 
 
 class TicketKeyConfig(Model):

@@ -28,7 +28,7 @@ from gateway.listener import TlsListenerServer
 from gateway.metrics import Metrics
 from gateway.origins import make_origin
 from gateway.reload import Loaded, Reloader, load_all, publish_state_metrics
-from gateway.state import SqliteState, StateStore
+from gateway.state import RedisState, SqliteState, StateStore
 from gateway.state_keys import Runtime
 from gateway.tls import ListenerMaterial, admin_context
 
@@ -60,6 +60,16 @@ async def open_state(config_path: Path, rt: Runtime) -> StateStore:
         await asyncio.to_thread(rt.ticket_keys)
     except (OSError, ValueError) as exc:
         raise ConfigError.single(str(config_path), "tickets", None, f"ticket keys: {exc}") from None
+    redis_url = rt.config.state.redis_url
+    if redis_url is not None:
+        from redis.exceptions import RedisError
+
+        try:
+            return await RedisState.open(redis_url)
+        except (OSError, RedisError) as exc:
+            raise ConfigError.single(
+                str(config_path), "state.redis_url", None, f"cannot reach the Redis state store: {exc}"
+            ) from None
     try:
         return await SqliteState.open(rt.config.state.path)
     except (OSError, sqlite3.Error) as exc:

@@ -5,7 +5,7 @@ the highest version it has offered per app and channel (the third downgrade floo
 counters per client identity. `SqliteState` is the default: one file (`state.path`), WAL mode so several worker
 processes share it, every statement run on one dedicated thread so the event loop never waits on the disk.
 `MemoryState` keeps the same contract in a dict (tests, or a single process that may forget on restart).
-Another store (Redis, for several hosts) implements `StateStore`. Version order is `core/versions.py`'s.
+`RedisState` shares it between several hosts (`state.redis_url`). Version order is `core/versions.py`'s.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import sqlite3
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from gateway.core.versions import VersionError, parse
 
@@ -188,3 +188,66 @@ class SqliteState:
             await self._run(self._close)
         finally:
             self._executor.shutdown(wait=False)
+
+
+class RedisState:
+    """The state store in Redis, for several gateway hosts behind one load balancer (`state.redis_url`).
+
+    High-water marks are raised with an optimistic transaction (WATCH, compare versions here, MULTI/SET), so two
+    hosts offering at once keep the higher one; rate-limit windows are INCR counters that expire on their own.
+    """
+
+    def __init__(self, client: Any, prefix: str = "ota-gateway:") -> None:
+        self._client = client
+        self._prefix = prefix
+
+    @classmethod
+    async def open(cls, url: str, prefix: str = "ota-gateway:") -> RedisState:
+        import redis.asyncio as aioredis
+
+        client: Any = aioredis.from_url(url, socket_connect_timeout=5, socket_timeout=5, health_check_interval=30)
+        try:
+            await client.ping()
+        except BaseException:
+            await client.aclose()
+            raise
+        return cls(client, prefix)
+
+    def _mark_key(self, app_id: str, channel: str) -> str:
+        return f"{self._prefix}high_water:{app_id}:{channel}"
+
+    async def high_water(self, app_id: str, channel: str) -> str | None:
+        value = await self._client.get(self._mark_key(app_id, channel))
+        return None if value is None else value.decode() if isinstance(value, bytes) else str(value)
+
+    async def record_offer(self, app_id: str, channel: str, version: str, *, lower: bool = False) -> None:
+        from redis.exceptions import WatchError
+
+        key = self._mark_key(app_id, channel)
+        async with self._client.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    await pipe.watch(key)
+                    current = await pipe.get(key)
+                    new = _raised(current.decode() if isinstance(current, bytes) else current, version, lower)
+                    if new is None:
+                        await pipe.unwatch()
+                        return
+                    pipe.multi()
+                    pipe.set(key, new)
+                    await pipe.execute()
+                    return
+                except WatchError:
+                    continue  # another host changed the mark meanwhile: compare again
+
+    async def hit(self, key: str, limit: int, window: float, now: float) -> float | None:
+        start = _window(now, window)
+        counter = f"{self._prefix}rate:{key}:{start:.0f}"
+        async with self._client.pipeline(transaction=True) as pipe:
+            pipe.incr(counter)
+            pipe.expire(counter, math.ceil(window) + 60)
+            count, _ = await pipe.execute()
+        return _retry_after(int(count), limit, start, window, now)
+
+    async def close(self) -> None:
+        await self._client.aclose()

@@ -474,3 +474,38 @@ def capgo_call(
     headers = {"Content-Type": "application/json; charset=utf-8", "User-Agent": PLUGIN_AGENT.format(app=app)}
     body = raw if raw is not None else json.dumps(payload).encode()
     return https_request(url, ctx, method=method, headers=headers, body=body)
+
+
+@contextlib.contextmanager
+def redis_server() -> Iterator[str]:
+    """A real redis-server (Debian's package, installed by `make test`) on a free loopback port; yields its URL."""
+    import shutil
+
+    binary = shutil.which("redis-server")
+    assert binary, "redis-server is installed by `make test` (Debian package redis-server)"
+    port = free_port()
+    proc = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        ready = wait_until(lambda: _redis_ping(port), timeout=10)
+        assert ready, "redis-server did not start"
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _redis_ping(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+            s.sendall(b"PING\r\n")
+            return s.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False

@@ -3,17 +3,32 @@ windows count per key, the SQLite store persists and is shared by several connec
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
-from gateway.state import MemoryState, SqliteState, StateStore
+from gateway.state import MemoryState, RedisState, SqliteState, StateStore
+from tests.support import free_port, redis_server
 
 
-@pytest.fixture(params=["memory", "sqlite"])
+@pytest.fixture(scope="module")
+def redis_url() -> Iterator[str]:
+    with redis_server() as url:
+        yield url
+
+
+@pytest.fixture(params=["memory", "sqlite", "redis"])
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[StateStore]:
-    state: StateStore = MemoryState() if request.param == "memory" else await SqliteState.open(tmp_path / "s.sqlite")
+    state: StateStore
+    if request.param == "memory":
+        state = MemoryState()
+    elif request.param == "sqlite":
+        state = await SqliteState.open(tmp_path / "s.sqlite")
+    else:  # a fresh key prefix per test on the module's server
+        state = await RedisState.open(request.getfixturevalue("redis_url"), prefix=f"test-{uuid.uuid4().hex}:")
     yield state
     await state.close()
 
@@ -63,3 +78,26 @@ async def test_closed_store_refuses(tmp_path: Path) -> None:
     await state.close()
     with pytest.raises(RuntimeError):
         await state.high_water("a", "b")
+
+
+async def test_redis_is_shared_between_hosts_and_keeps_the_highest_mark(redis_url: str) -> None:
+    prefix = f"test-{uuid.uuid4().hex}:"
+    one, two = await RedisState.open(redis_url, prefix), await RedisState.open(redis_url, prefix)
+    try:
+        versions = [f"1.{minor}.0" for minor in range(30)]
+        # thirty concurrent offers from two "hosts": optimistic transactions must keep the highest
+        pairs = zip([one, two] * 15, versions, strict=True)
+        await asyncio.gather(*(host.record_offer("com.example.app", "production", v) for host, v in pairs))
+        assert await two.high_water("com.example.app", "production") == "1.29.0"
+        await one.hit("k", 1, 60, 1000.0)
+        assert await two.hit("k", 1, 60, 1000.0) is not None  # one budget across hosts
+    finally:
+        await one.close()
+        await two.close()
+
+
+async def test_unreachable_redis_is_an_error_at_open() -> None:
+    from redis.exceptions import RedisError
+
+    with pytest.raises((OSError, RedisError)):
+        await RedisState.open(f"redis://127.0.0.1:{free_port()}/0")
