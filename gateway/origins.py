@@ -10,6 +10,7 @@ good; `core/verify.py` does.
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import json
 import os
 import ssl
@@ -36,6 +37,29 @@ INLINE_READ_BYTES = 64 * 1024  # directory-origin files up to this size are read
 
 class OriginError(Exception):
     """The origin could not be used: unreachable, refused, wrong status, bad index, pin mismatch, timeout."""
+
+
+class OriginBusy(OriginError):
+    """The origin answered 429: it is healthy but asks clients to come back after `retry_after` seconds."""
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+def retry_after_seconds(value: str | None, now: float, default: float = 60.0) -> float:
+    """Seconds from a Retry-After header (delta-seconds or HTTP-date), between 1 s and the plugin's cap of 24 h."""
+    seconds = default
+    if value:
+        value = value.strip()
+        if value.isdigit():
+            seconds = float(value)
+        else:
+            try:
+                seconds = email.utils.parsedate_to_datetime(value).timestamp() - now
+            except (TypeError, ValueError, IndexError, OverflowError):
+                seconds = default
+    return min(max(seconds, 1.0), 86400.0)
 
 
 class ReleaseNotFound(OriginError):
@@ -324,6 +348,9 @@ class HttpsOrigin:
         sent = {**(headers or {}), **self.identity_headers(peer)}
         try:
             async with session.request(method, url, data=body, headers=sent, allow_redirects=False) as resp:
+                if resp.status == 429:
+                    wait = retry_after_seconds(resp.headers.get("Retry-After"), time.time())
+                    raise OriginBusy(f"origin {self.name}: {url.path} answered 429 (retry after {wait:.0f} s)", wait)
                 data = bytearray()
                 async for chunk in resp.content.iter_any():
                     data += chunk

@@ -40,6 +40,7 @@ class OriginState:
     update_answers: dict[str, Any] = field(default_factory=dict)  # app -> answer dict or fn(body) -> answer
     channel_answer: Any = None
     capgo_calls: list[tuple[str, str, Any, str]] = field(default_factory=list)
+    busy_retry_after: str | None = None  # when set, every Capgo endpoint answers 429 with this Retry-After
 
 
 def build_origin_app(state: OriginState) -> web.Application:
@@ -107,6 +108,10 @@ def build_origin_app(state: OriginState) -> web.Application:
     async def capgo(request: web.Request) -> web.StreamResponse:
         body: Any = dict(request.query) if request.method == "GET" else await request.json()
         state.capgo_calls.append((request.path, request.method, body, request.headers.get("User-Agent", "")))
+        if state.busy_retry_after is not None:
+            return web.json_response(
+                {"error": "too_many_requests"}, status=429, headers={"Retry-After": state.busy_retry_after}
+            )
         if request.path == "/updates":
             answer = state.update_answers.get(body.get("app_id"))
             if callable(answer):

@@ -147,3 +147,16 @@ def test_manifest_size_estimate_is_checked_and_passed_to_the_update_server(env: 
     bad = capgo_call(url, env.ctx(), {**device_body(APP_ID, "1.0.0"), "version": "1.1.0", "manifest": "all"})
     assert bad.status == 400 and bad.json()["error"] == "invalid_request" and bad.json()["kind"] == "failed"
     assert len(env.origin.state.capgo_calls) == calls  # a malformed request never reaches the update server
+
+
+def test_an_origin_that_asks_devices_to_wait_is_passed_on_as_429(env: CapgoEnv) -> None:
+    env.origin.state.busy_retry_after = "120"
+    try:
+        for route, body in (("updates", device_body(APP_ID, "1.0.0")), ("stats", event("set"))):
+            answer = capgo_call(f"{env.gw.base_url}/{route}", env.ctx(), body)
+            assert answer.status == 429, (route, answer.body)
+            assert answer.headers["retry-after"] == "120"
+            assert answer.json()["error"] == "rate_limited" and answer.json()["kind"] == "failed"
+    finally:
+        env.origin.state.busy_retry_after = None
+    assert capgo_call(f"{env.gw.base_url}/updates", env.ctx(), device_body(APP_ID, "1.0.0")).status == 200

@@ -20,7 +20,7 @@ from gateway.core.capgo import InvalidRequest, error_body, kind_for
 from gateway.core.policy import AppPolicy, Peer
 from gateway.core.reasons import Reason, Refusal
 from gateway.handlers.problem import problem_response
-from gateway.origins import HttpsOrigin, OriginError
+from gateway.origins import HttpsOrigin, OriginBusy, OriginError
 from gateway.state_keys import Runtime
 
 CAPGO_ROUTES = frozenset({"updates", "stats", "channel"})
@@ -111,6 +111,8 @@ async def call_origin(
     body = None if payload is None else json.dumps(payload, separators=(",", ":")).encode()
     try:
         status, data = await origin.exchange(method, url, body=body, headers=upstream_headers(request), peer=peer)
+    except OriginBusy as exc:  # healthy but busy: the device is told to wait as long as the origin asked
+        raise RateLimited(exc.retry_after) from None
     except OriginError as exc:
         rt.origin_failed(origin.name, str(exc))
         raise Refusal(Reason.ORIGIN_ERROR, str(exc)) from None

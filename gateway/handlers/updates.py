@@ -30,7 +30,7 @@ from gateway.core.review import (
     review_answer,
 )
 from gateway.core.tickets import Ticket, seal
-from gateway.handlers.capgo_common import call_origin, capgo_json, invalid, rate_limit, read_json
+from gateway.handlers.capgo_common import RateLimited, call_origin, capgo_json, invalid, rate_limit, read_json
 from gateway.origins import DirectoryOrigin, HttpsOrigin, OriginError, ReleaseNotFound
 from gateway.state_keys import RUNTIME, Runtime, request_audit, request_peer
 
@@ -182,6 +182,8 @@ async def post_updates(request: web.Request) -> web.StreamResponse:
         return await _answer(request, rt, app, channel, origin, outcome, peer, None)
     try:
         answer, hosts, served = await _ask(rt, origin, app, device, channel, request, peer)
+    except RateLimited:
+        raise  # the origin asked devices to wait: a 429 with its Retry-After, which the plugin honours
     except Refusal as refusal:  # the origin failed: a distinct failure for the plugin, never a fake "up to date"
         outcome = Decline(refusal.reason.label, refusal.detail, Kind.FAILED, refusal.reason)
         return await _answer(request, rt, app, channel, origin, outcome, peer, None)
