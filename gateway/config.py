@@ -280,7 +280,12 @@ class TicketsConfig(Model):
 
 
 class AuditConfig(Model):
-    path: str = "-"  # "-" is standard output
+    path: str = "-"  # "-" is standard output; a file path is relative to the config file's folder
+
+    @pydantic.field_validator("path")
+    @classmethod
+    def _relative_to_config(cls, value: str, info: ValidationInfo) -> str:
+        return value if value == "-" else str(_resolve(value, info))
 
 
 class Config(Model):

@@ -435,3 +435,11 @@ def test_check_subprocess_bad_policy(layout: Layout) -> None:
     lines = done.stderr.splitlines()
     assert len(lines) == 1
     assert lines[0].startswith(f"ota-gateway: {layout.policy}:2: apps[0].app_id: app_id must be a reverse-domain")
+
+
+def test_audit_path_is_relative_to_the_config_file(tmp_path: Path) -> None:
+    from gateway.config import AuditConfig
+
+    config = AuditConfig.model_validate({"path": "logs/audit.log"}, context={"base": str(tmp_path)})
+    assert config.path == str(tmp_path / "logs" / "audit.log")
+    assert AuditConfig.model_validate({"path": "-"}, context={"base": str(tmp_path)}).path == "-"
