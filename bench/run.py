@@ -473,13 +473,11 @@ def run_nginx(name: str, conf: Path, port: int, core: int) -> Iterator[Server]:
 
 
 @contextlib.contextmanager
-def run_gateway(
-    name: str, config: Path, core: int | None, *extra: str, launcher: list[str] | None = None
-) -> Iterator[Server]:
-    """`ota-gateway serve --config config` (or a bench launcher), pinned to `core`; waits for the admin line."""
+def run_gateway(name: str, config: Path, core: int | None, *extra: str) -> Iterator[Server]:
+    """`ota-gateway serve --config config`, pinned to `core`; waits for the admin line."""
     cfg = yaml.safe_load(config.read_text())
     port = cfg["listeners"][0]["port"]
-    base = launcher if launcher is not None else GATEWAY_CMD
+    base = GATEWAY_CMD
     pin = pin_prefix(core) if core is not None else []
     proc = subprocess.Popen(
         [*pin, *base, "serve", "--config", str(config), *extra],
