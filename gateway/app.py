@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import re
 import time
 from collections.abc import Awaitable, Callable
 
@@ -19,6 +18,7 @@ from prometheus_client.openmetrics.exposition import CONTENT_TYPE_LATEST as OPEN
 from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 
 from gateway.audit import AuditRecord
+from gateway.core.names import host_of
 from gateway.core.reasons import Reason, Refusal
 from gateway.handlers.bundles import get_bundle
 from gateway.handlers.capgo_common import refusal_response
@@ -178,9 +178,6 @@ def create_admin_app(runtime: Runtime) -> web.Application:
     return app
 
 
-_HOST_RE = re.compile(r"[A-Za-z0-9.-]{1,253}|\[[0-9A-Fa-f:.]{2,45}\]")
-
-
 def create_plain_app(runtime: Runtime, https_port: int) -> web.Application:
     """The optional plain-HTTP listener: 308 to https for GET/HEAD, 426 with problem details otherwise.
 
@@ -189,11 +186,7 @@ def create_plain_app(runtime: Runtime, https_port: int) -> web.Application:
     """
 
     async def answer(request: web.Request) -> web.StreamResponse:
-        host = (request.host or "").rsplit(":", 1)[0] if not (request.host or "").startswith("[") else request.host
-        if host.startswith("[") and "]:" in host:
-            host = host.split("]:")[0] + "]"
-        if not _HOST_RE.fullmatch(host or ""):
-            host = "localhost"
+        host = host_of(request.host or "") or "localhost"
         target = f"https://{host}:{https_port}{request.rel_url}"
         if request.method in ("GET", "HEAD"):
             runtime.metrics.plain_http.labels("redirect").inc()

@@ -12,6 +12,8 @@ APP_ID_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]*(\.[A-Za-z0-9_][A-Za-z0-9_-]*)+$"
 # a version as it appears in URLs and indexes: semver-like characters only, no path separators
 VERSION_RE = re.compile(r"^[0-9A-Za-z][0-9A-Za-z.+_-]{0,63}$")
 CHANNEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+# a Host header value: a name or bracketed IPv6 address, optionally with a port
+_HOST_RE = re.compile(r"(?P<host>[A-Za-z0-9.-]{1,253}|\[[0-9A-Fa-f:.]{2,45}\])(?::\d{1,5})?")
 _FILE_PART_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._+-]{0,127}$")
 
 
@@ -31,3 +33,9 @@ def is_relative_file(value: str) -> bool:
     """A relative path of plain parts (no `..`, no absolute path, no backslash), at most 4 levels deep."""
     parts = value.split("/")
     return 0 < len(parts) <= 4 and all(_FILE_PART_RE.fullmatch(p) and p not in (".", "..") for p in parts)
+
+
+def host_of(value: str) -> str | None:
+    """The host part of a Host header (port dropped), or None unless it is a plain name or address."""
+    match = _HOST_RE.fullmatch(value)
+    return match.group("host") if match else None

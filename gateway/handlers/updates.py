@@ -16,6 +16,7 @@ from typing import Any
 from aiohttp import web
 
 from gateway.core.capgo import DeviceInfo, InvalidRequest, Kind, parse_info
+from gateway.core.names import host_of
 from gateway.core.policy import AppPolicy, Peer, admit
 from gateway.core.reasons import Reason, Refusal
 from gateway.core.review import (
@@ -35,7 +36,6 @@ from gateway.origins import DirectoryOrigin, HttpsOrigin, OriginError, ReleaseNo
 from gateway.state_keys import RUNTIME, Runtime, request_audit, request_peer
 
 BODY_LIMIT = 64 * 1024
-_HOST_RE = re.compile(r"^([A-Za-z0-9.-]{1,253}|\[[0-9A-Fa-f:.]{2,45}\])(:\d{1,5})?$")
 _FILE_RE = re.compile(r"[^A-Za-z0-9._-]")
 
 Origin = DirectoryOrigin | HttpsOrigin
@@ -79,7 +79,7 @@ def _base_url(rt: Runtime, request: web.Request) -> str:
     if rt.config.tickets.public_url:
         return rt.config.tickets.public_url
     host = request.headers.get("Host", "")
-    if not _HOST_RE.fullmatch(host):
+    if host_of(host) is None:
         raise Refusal(Reason.BAD_REQUEST, "the Host header is not a host name (set tickets.public_url)")
     return f"https://{host}"
 

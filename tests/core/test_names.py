@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.core.names import is_app_id, is_channel, is_relative_file, is_version
+from gateway.core.names import host_of, is_app_id, is_channel, is_relative_file, is_version
 
 
 @pytest.mark.parametrize(
@@ -95,3 +95,21 @@ def test_good_relative_files(value: str) -> None:
 )
 def test_bad_relative_files(value: str) -> None:
     assert not is_relative_file(value)
+
+
+@pytest.mark.parametrize(
+    ("value", "host"),
+    [
+        ("gw.example.com", "gw.example.com"),
+        ("gw.example.com:8443", "gw.example.com"),
+        ("127.0.0.1:8080", "127.0.0.1"),
+        ("[::1]:8443", "[::1]"),
+        ("[::1]", "[::1]"),
+        ("evil.com/path", None),
+        ("a b", None),
+        ("host:99999x", None),
+        ("", None),
+    ],
+)
+def test_host_of_a_host_header(value: str, host: str | None) -> None:
+    assert host_of(value) == host
