@@ -108,7 +108,7 @@ def create_app(runtime: Runtime) -> web.Application:
     app = web.Application(middlewares=[envelope], client_max_size=64 * 1024)
     app[RUNTIME] = runtime
     app.router.add_get(r"/bundles/{app_id}/{version}.zip", get_bundle, name="bundle", allow_head=False)
-    # the Capgo updater protocol (shared/reference/capgo-protocol.md) and the downloads its answers hand out
+    # the Capgo updater protocol (docs/capgo-protocol.md) and the downloads its answers hand out
     app.router.add_post("/updates", post_updates, name="updates")
     app.router.add_get("/updates", get_updates, allow_head=False)
     app.router.add_post("/updates/manifest_size", post_manifest_size, name="updates_size")

@@ -32,8 +32,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from gateway import certs as gw_certs
 
 ROOT = Path(__file__).resolve().parent.parent
-SHARED = ROOT.parent / "shared"
-CAPGO_FIXTURES = SHARED / "fixtures" / "capgo"
+CAPGO_FIXTURES = ROOT / "tests" / "fixtures" / "capgo"  # made by tools/make_capgo_fixtures.sh
 APP_ID = "com.example.app"
 
 
@@ -440,7 +439,7 @@ PLUGIN_AGENT = "CapacitorUpdater/8.51.14 ({app}) android/14"
 
 
 def capgo_fixture(version: str) -> dict[str, Any]:
-    """One version of shared/fixtures/capgo/fixtures.json (checksum, encrypted_checksum, iv_session_key, files)."""
+    """One version of tests/fixtures/capgo/fixtures.json (checksum, encrypted_checksum, iv_session_key, files)."""
     for item in json.loads((CAPGO_FIXTURES / "fixtures.json").read_text()):
         if item["version"] == version:
             return dict(item)

@@ -1,7 +1,7 @@
 """The Capgo updater protocol's shapes: device requests as the official backend validates them, and answers.
 
 Owns what a device may send to /updates, /stats and /channel_self (types, reverse-domain app id, UUID device id,
-known platform, size limits; see shared/reference/capgo-protocol.md), the closed list of stats actions used as
+known platform, size limits; see docs/capgo-protocol.md), the closed list of stats actions used as
 metric labels, and the JSON the plugin expects back: `{"error", "message", "kind"}` for everything that is not a
 new version (the plugin treats an `error` without `kind` as a failure, so `kind` is always sent). Reviewing an
 origin's update answer is `core/review.py`. Pure: takes parsed JSON, returns frozen values or raises
