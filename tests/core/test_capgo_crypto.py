@@ -1,8 +1,9 @@
 """Capgo v2 cryptography (core/capgo_crypto.py) against artifacts made by the real Capgo CLI.
 
-`tests/fixtures/capgo` (made by tools/make_capgo_fixtures.sh) holds an RSA-2048 key pair from `capgo key create`, plain zips, the zips as
-`capgo bundle encrypt` encrypted them, and the checksum and session key the CLI printed. PKCS#1 v1.5 type-1 padding
-and AES-CBC are deterministic, so the publisher side must reproduce the CLI's output byte for byte.
+`tests/fixtures/capgo` (made by tools/make_capgo_fixtures.sh) holds an RSA-2048 key pair from `capgo key create`,
+plain zips, the zips as `capgo bundle encrypt` encrypted them, and the checksum and session key the CLI printed.
+PKCS#1 v1.5 type-1 padding and AES-CBC are deterministic, so the publisher side must reproduce the CLI's output byte
+for byte.
 """
 
 from __future__ import annotations
