@@ -37,10 +37,12 @@ class Reason(enum.Enum):
     RATE_LIMITED = ("rate_limited", 429)
     RANGE_NOT_SATISFIABLE = ("range_not_satisfiable", 416)
     BAD_REQUEST = ("bad_request", 400)
+    REQUEST_TIMEOUT = ("request_timeout", 408)
     NOT_FOUND = ("not_found", 404)
     ORIGIN_ERROR = ("origin_error", 502)
     CLIENT_GONE = ("client_gone", 499)
     SHUTDOWN = ("shutdown", 503)
+    INTERNAL_ERROR = ("internal_error", 500)
 
     def __init__(self, label: str, status: int) -> None:
         self.label = label

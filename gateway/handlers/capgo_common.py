@@ -17,6 +17,7 @@ from typing import Any
 from aiohttp import web
 
 from gateway.core.capgo import InvalidRequest, error_body, kind_for
+from gateway.core.jsonsafe import JsonRejected, loads_bounded
 from gateway.core.policy import AppPolicy, Peer
 from gateway.core.reasons import Reason, Refusal
 from gateway.handlers.problem import problem_response
@@ -67,9 +68,14 @@ async def read_json(request: web.Request, limit: int) -> Any:
         if len(data) > limit:
             raise Refusal(Reason.BAD_REQUEST, f"the body is larger than {limit} bytes")
     try:
-        return json.loads(data)
-    except (ValueError, UnicodeDecodeError):
-        raise Refusal(Reason.BAD_REQUEST, "the body is not JSON") from None
+        return loads_bounded(data)
+    except JsonRejected as exc:
+        raise Refusal(Reason.BAD_REQUEST, _json_problem(exc)) from None
+
+
+def _json_problem(exc: JsonRejected) -> str:
+    # a decoder message names a position; the client needs no more than "not JSON" (and never its own bytes)
+    return "the body is not JSON" if str(exc).startswith("not JSON") else f"the body is refused: {exc}"
 
 
 def invalid(exc: InvalidRequest) -> Refusal:

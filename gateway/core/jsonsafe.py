@@ -1,0 +1,55 @@
+"""Bounded JSON parsing for bytes that come from outside (client bodies, origin answers).
+
+Pure: no I/O. `json.loads` recurses once per nesting level, so a body nested ~1,000 deep raises RecursionError
+(an unexpected 500) and a deep but smaller one costs stack; a body that is too large costs memory before anyone
+looks at it. `loads_bounded` checks size and nesting depth first, with one linear scan that never recurses, and
+only then parses. Every rejection is a `JsonRejected` (a ValueError): callers turn it into their own refusal
+(`bad_request` / `invalid_request` for a client, `origin_error` for an origin).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+DEFAULT_MAX_DEPTH = 32  # Capgo bodies and release indexes are 3-4 levels deep
+
+# a JSON string (escapes included) as one token, or a bracket: strings are skipped whole, so brackets inside them
+# never count; written "unrolled" so that the regex engine does not backtrack on long strings
+_TOKENS = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"?|[\[\]{}]', re.DOTALL)
+
+
+class JsonRejected(ValueError):
+    """Bytes that are not acceptable JSON: too large, nested too deep, not UTF-8 or not JSON."""
+
+
+def nesting_depth(data: bytes) -> int:
+    """The deepest nesting of arrays and objects in `data` (0 for a scalar); malformed input gives a bound."""
+    depth = deepest = 0
+    for match in _TOKENS.finditer(data):
+        token = match.group()
+        if token in (b"[", b"{"):
+            depth += 1
+            deepest = max(deepest, depth)
+        elif token in (b"]", b"}"):
+            depth = max(0, depth - 1)
+    return deepest
+
+
+def loads_bounded(
+    data: bytes | bytearray | str, *, max_depth: int = DEFAULT_MAX_DEPTH, max_bytes: int | None = None
+) -> Any:
+    """Parse JSON after checking its size (`max_bytes`, when given) and its nesting depth (`max_depth`)."""
+    raw = data.encode() if isinstance(data, str) else bytes(data)
+    if max_bytes is not None and len(raw) > max_bytes:
+        raise JsonRejected(f"JSON larger than {max_bytes} bytes")
+    depth = nesting_depth(raw)
+    if depth > max_depth:
+        raise JsonRejected(f"JSON nested deeper than {max_depth} levels")
+    try:
+        return json.loads(raw)
+    except UnicodeDecodeError:
+        raise JsonRejected("JSON is not UTF-8") from None
+    except (ValueError, RecursionError) as exc:  # RecursionError cannot happen below max_depth; kept as a net
+        raise JsonRejected(f"not JSON: {exc}") from None
