@@ -91,6 +91,19 @@ async def envelope(request: web.Request, handler: Handler) -> web.StreamResponse
     return resp
 
 
+@web.middleware
+async def audit_gate(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """With `audit.on_failure: fail_closed`, no request is served while the audit log cannot be written.
+
+    Inside the envelope, so the refusal is counted and its own audit line attempted: the first one that gets
+    written ends the failure (as does the periodic probe), and requests are served again.
+    """
+    rt = request.app[RUNTIME]
+    if rt.audit.failing and rt.config.audit.on_failure == "fail_closed":
+        raise Refusal(Reason.AUDIT_UNAVAILABLE, "the audit log cannot be written (audit.on_failure: fail_closed)")
+    return await handler(request)
+
+
 async def _server_header(request: web.Request, response: web.StreamResponse) -> None:
     response.headers["Server"] = "ota-gateway"
 
@@ -105,7 +118,7 @@ async def _hsts(request: web.Request, response: web.StreamResponse) -> None:
 
 def create_app(runtime: Runtime) -> web.Application:
     """The public application served on the mTLS listeners."""
-    app = web.Application(middlewares=[envelope], client_max_size=64 * 1024)
+    app = web.Application(middlewares=[envelope, audit_gate], client_max_size=64 * 1024)
     app[RUNTIME] = runtime
     app.router.add_get(r"/bundles/{app_id}/{version}.zip", get_bundle, name="bundle", allow_head=False)
     # the Capgo updater protocol (docs/capgo-protocol.md) and the downloads its answers hand out
@@ -152,6 +165,10 @@ def readiness(rt: Runtime, now: dt.datetime, monotonic: float) -> list[str]:
     for name, (ok, when, detail) in sorted(rt.origin_health.items()):
         if not ok and monotonic - when < ORIGIN_FAILURE_WINDOW:
             problems.append(f"origin {name} failing: {detail}")
+    if rt.state_fault.failing:  # until an operation or the periodic probe succeeds
+        problems.append(rt.state_fault.describe(monotonic))
+    if rt.audit.failing and rt.config.audit.on_failure == "fail_closed":
+        problems.append(rt.audit.fault.describe(monotonic) + " (fail_closed: requests are refused)")
     return problems
 
 

@@ -1,19 +1,29 @@
 """The audit log: one JSON line per request decision, to standard output or a file.
 
-Owns the record's fields (documented in the README). Never writes a ticket secret, a private key or a whole
-certificate: identities appear as fingerprint and subject only.
+Owns the record's fields (documented in the README) and how a line reaches the disk: whole, or not at all.
+Never writes a ticket secret, a private key or a whole certificate: identities appear as fingerprint and subject
+only.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
+import logging
+import os
+import stat
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
+from gateway.core.faults import Fault
 from gateway.core.identity import ClientIdentity
+
+log = logging.getLogger("ota_gateway.audit")
 
 
 @dataclass
@@ -43,28 +53,108 @@ class AuditRecord:
 
 
 class AuditLog:
-    """Writes `AuditRecord`s as JSON lines; line-buffered so that a crash loses at most the current line."""
+    """Writes `AuditRecord`s as JSON lines, each with one `write(2)`, and never leaves a partial line behind.
 
-    def __init__(self, target: str) -> None:
-        self._own: TextIO | None = None
+    A write that fails (full disk, EIO, a file past its size limit) loses that line: it is counted (`on_failure`,
+    ota_gateway_audit_write_failures_total), logged at most once a minute, and `failing` is true until a write
+    succeeds again. A short write (the disk filled up mid-line) is cut back to the line's start; where that is not
+    possible the next line starts with a newline, so a reader never sees two records run together. The first
+    line written after a failure is an `audit_gap` record saying how many lines were lost since when; `probe()`
+    (run periodically) writes it without waiting for the next request.
+    """
+
+    def __init__(self, target: str, on_failure: Callable[[], None] | None = None) -> None:
+        self._own: int | None = None
+        self._stream: TextIO | None = None
+        self._fd: int | None = None
         if target == "-":
-            self._out: TextIO = sys.stdout
+            try:
+                self._fd = sys.stdout.fileno()
+            except (AttributeError, OSError, ValueError):  # a stdout without a descriptor (an embedding host)
+                self._stream = sys.stdout
         else:
             Path(target).parent.mkdir(parents=True, exist_ok=True)
-            self._own = open(target, "a", encoding="utf-8", buffering=1)  # noqa: SIM115 - closed in close()
-            self._out = self._own
+            self._own = self._fd = os.open(target, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        self._seekable = self._fd is not None and stat.S_ISREG(os.fstat(self._fd).st_mode)
+        self._count_failure = on_failure or (lambda: None)
+        self.fault = Fault("audit log")
+        self._lost = 0
+        self._lost_since = ""
+        self._torn = False  # the file may end in the middle of a line: start the next one on a new line
+
+    @property
+    def failing(self) -> bool:
+        return self.fault.failing
 
     def write(self, record: AuditRecord) -> None:
-        record.time = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + f".{int(time.time() * 1000) % 1000:03d}Z"
+        record.time = _now()
         # vars(), not dataclasses.asdict(): the fields are flat and asdict deep-copies each one (~150 us a line)
         line = json.dumps({k: v for k, v in vars(record).items() if v is not None}, separators=(",", ":"))
+        self._emit(line + "\n", lines=1)
+
+    def probe(self) -> None:
+        """While failing: try to write the `audit_gap` record alone, so that recovery needs no request."""
+        if self.fault.failing:
+            self._emit("", lines=0)
+
+    def _emit(self, text: str, lines: int) -> None:
+        if self.fault.failing:
+            gap = {"time": _now(), "event": "audit_gap", "lost": self._lost, "since": self._lost_since}
+            text = json.dumps(gap, separators=(",", ":")) + "\n" + text
+        if self._torn:
+            text = "\n" + text
         try:
-            self._out.write(line + "\n")
-            self._out.flush()
-        except (OSError, ValueError):
-            pass  # a closed stdout must not break serving
+            self._write(text.encode())
+        except (OSError, ValueError) as exc:  # ValueError: a closed stream
+            if lines:
+                if not self._lost:
+                    self._lost_since = _now()
+                self._lost += lines
+                self._count_failure()
+            message = self.fault.failed(time.monotonic(), (isinstance(exc, OSError) and exc.strerror) or str(exc))
+            if message:
+                log.error("%s (%d line(s) lost so far)", message, self._lost)
+            return
+        self._lost = 0
+        message = self.fault.succeeded(time.monotonic())
+        if message:
+            log.warning("%s", message)
+
+    def _write(self, data: bytes) -> None:
+        if self._fd is None:
+            if self._stream is None:
+                raise ValueError("the audit log is closed")
+            self._stream.write(data.decode())
+            self._stream.flush()
+            return
+        written = os.write(self._fd, data)
+        if written == len(data):
+            self._torn = False
+            return
+        if not self._seekable:  # a pipe or terminal: the rest must follow, or the line stays torn
+            self._torn = True
+            view = memoryview(data)[written:]
+            while view:
+                view = view[os.write(self._fd, view) :]
+            self._torn = False
+            return
+        # a regular file that filled up mid-line: cut the partial line off again, unless another worker has
+        # appended after it meanwhile (then the next line starts on a new line instead)
+        end = os.lseek(self._fd, 0, os.SEEK_CUR)  # with O_APPEND, the end of what this write put there
+        cut = False
+        with contextlib.suppress(OSError):
+            if os.fstat(self._fd).st_size == end:
+                os.ftruncate(self._fd, end - written)
+                cut = True
+        self._torn = self._torn or not cut
+        raise OSError(errno.ENOSPC, f"short write ({written} of {len(data)} bytes{', cut back' if cut else ''})")
 
     def close(self) -> None:
         if self._own is not None:
-            self._own.close()
-            self._own = None
+            os.close(self._own)
+            self._own = self._fd = None
+
+
+def _now() -> str:
+    now = time.time()
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now * 1000) % 1000:03d}Z"

@@ -243,6 +243,9 @@ class ReloadConfig(Model):
 class StateConfig(Model):
     path: LaterPath = Path("state/gateway.sqlite")
     redis_url: str | None = None  # redis:// or rediss://: share marks and rate limits between hosts
+    # while the store fails: let requests pass the rate limit (fail_open, as Envoy's failure_mode_deny: false)
+    rate_limit_on_failure: Literal["fail_open", "fail_closed"] = "fail_open"
+    probe_interval: Annotated[float, Field(ge=0.1, le=3600)] = 10.0  # seconds between write probes of the store
 
     @pydantic.field_validator("redis_url")
     @classmethod
@@ -281,6 +284,7 @@ class TicketsConfig(Model):
 
 class AuditConfig(Model):
     path: str = "-"  # "-" is standard output; a file path is relative to the config file's folder
+    on_failure: Literal["keep_serving", "fail_closed"] = "keep_serving"  # fail_closed: 503 while lines are lost
 
     @pydantic.field_validator("path")
     @classmethod

@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disa
 from gateway.core.capgo import ACTION_LABELS, KIND_LABELS
 from gateway.core.handshake import CAUSES
 from gateway.core.reasons import ALL_LABELS
+from gateway.state import STATE_OPS
 
 # `_created` series double the exposition and no dashboard uses them
 disable_created_metrics()  # type: ignore[no-untyped-call]
@@ -144,7 +145,20 @@ class Metrics:
             ["result"],
             registry=r,
         )
+        self.state_errors = Counter(
+            "ota_gateway_state_errors",
+            "Failed state-store operations (SQLite, Redis), by operation.",
+            ["op"],
+            registry=r,
+        )
+        self.audit_write_failures = Counter(
+            "ota_gateway_audit_write_failures",
+            "Audit lines that could not be written (full disk, I/O error); each is a lost line.",
+            registry=r,
+        )
         self._event_apps: set[str] = set()
+        for op in STATE_OPS:
+            self.state_errors.labels(op)
         for kind in KIND_LABELS:
             self.update_answers.labels(kind)
         for result in TICKET_RESULTS:

@@ -3,6 +3,8 @@
 Owns the process lifecycle. Shutdown order (as uvicorn does it): stop accepting on every listener, close idle
 keep-alive connections, let in-flight requests finish within `limits.shutdown_grace`, then cancel what is left
 (a cancelled download is aborted, so its client sees a short transfer), then close origins and the audit log.
+While it runs, a probe writes to the state store every `state.probe_interval` seconds (and retries a failing
+audit log), so that /readyz sees a failing store, and its recovery, without waiting for traffic.
 `serve()` returns the exit code: 0 after a clean drain, `EXIT_FORCED` when requests had to be aborted.
 `shutdown_trigger` lets tests stop the gateway without signals.
 """
@@ -10,6 +12,7 @@ keep-alive connections, let in-flight requests finish within `limits.shutdown_gr
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import sqlite3
@@ -28,7 +31,7 @@ from gateway.listener import TlsListenerServer
 from gateway.metrics import Metrics
 from gateway.origins import make_origin
 from gateway.reload import Loaded, Reloader, load_all, publish_state_metrics
-from gateway.state import RedisState, SqliteState, StateStore
+from gateway.state import GuardedState, RedisState, SqliteState, StateError, StateStore
 from gateway.state_keys import Runtime
 from gateway.tls import ListenerMaterial, admin_context
 
@@ -49,7 +52,7 @@ def build_runtime(loaded: Loaded, metrics: Metrics | None = None) -> Runtime:
         policies=loaded.policies,
         origins=origins,
         metrics=metrics,
-        audit=AuditLog(loaded.config.audit.path),
+        audit=AuditLog(loaded.config.audit.path, on_failure=metrics.audit_write_failures.inc),
         material=loaded.material,
     )
 
@@ -78,6 +81,20 @@ async def open_state(config_path: Path, rt: Runtime) -> StateStore:
         ) from None
 
 
+def guard_state(rt: Runtime, store: StateStore) -> StateStore:
+    """The store with its failures counted, logged and reported (`GuardedState`)."""
+    return GuardedState(store, rt.state_fault, lambda op: rt.metrics.state_errors.labels(op).inc())
+
+
+async def _probe(rt: Runtime) -> None:
+    """Write to the state store every `state.probe_interval` s; retry a failing audit log. Failures are recorded."""
+    while True:
+        await asyncio.sleep(rt.config.state.probe_interval)
+        with contextlib.suppress(StateError):
+            await rt.state.probe()
+        rt.audit.probe()
+
+
 def _say(message: str) -> None:
     print(f"ota-gateway: {message}", file=sys.stderr, flush=True)
 
@@ -91,7 +108,7 @@ async def serve(
     """Run until SIGTERM/SIGINT (or `shutdown_trigger`), then drain; return the exit code."""
     rt = build_runtime(await asyncio.to_thread(load_all, config_path))
     config = rt.config
-    rt.state = await open_state(config_path, rt)
+    rt.state = guard_state(rt, await open_state(config_path, rt))
     reloader = Reloader(config_path, rt)
     runner = web.AppRunner(
         create_app(rt),
@@ -149,6 +166,7 @@ async def serve(
             _say(f"admin on {scheme}://{config.admin.address}:{config.admin.port} (/metrics /healthz /readyz)")
         watcher = loop.create_task(reloader.watch(), name="reload-watch")
         tasks.add(watcher)
+        tasks.add(loop.create_task(_probe(rt), name="health-probe"))
         waiters: list[asyncio.Future[object]] = [asyncio.ensure_future(stop.wait())]
         if shutdown_trigger is not None:
             waiters.append(asyncio.ensure_future(shutdown_trigger()))

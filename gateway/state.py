@@ -6,22 +6,32 @@ counters per client identity. `SqliteState` is the default: one file (`state.pat
 processes share it, every statement run on one dedicated thread so the event loop never waits on the disk.
 `MemoryState` keeps the same contract in a dict (tests, or a single process that may forget on restart).
 `RedisState` shares it between several hosts (`state.redis_url`). Version order is `core/versions.py`'s.
+
+`GuardedState` wraps whichever store runs and makes its failures visible, for every operation of the
+`StateStore` interface (including ones added later): a failed operation (Redis stopped, SQLite on a full disk or
+locked) is counted by operation, logged at most once a minute, reported by /readyz until an operation succeeds,
+and raised as `StateError`, a refusal (`state_error`) that the routes answer in their own shape, never a 500.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import sqlite3
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
+from gateway.core.faults import Fault
+from gateway.core.reasons import Reason, Refusal
 from gateway.core.versions import VersionError, parse
 
 T = TypeVar("T")
 _PRUNE_EVERY = 512
+log = logging.getLogger("ota_gateway.state")
 
 
 class StateStore(Protocol):
@@ -37,7 +47,17 @@ class StateStore(Protocol):
         """Count one request for `key`; None if within `limit` per `window` seconds, else seconds to wait."""
         ...
 
+    async def probe(self) -> None:
+        """A cheap write, run periodically: it fails when the store cannot be written (and succeeds once it can)."""
+        ...
+
     async def close(self) -> None: ...
+
+
+# the operations `GuardedState` guards and the `op` label values of ota_gateway_state_errors_total
+STATE_OPS: tuple[str, ...] = tuple(
+    name for name, value in vars(StateStore).items() if callable(value) and not name.startswith("_") and name != "close"
+)
 
 
 def _raised(current: str | None, version: str, lower: bool) -> str | None:
@@ -61,6 +81,8 @@ def _retry_after(count: int, limit: int, start: float, window: float, now: float
 class MemoryState:
     """The state store in a dict: forgets on restart and is not shared between processes."""
 
+    errors: tuple[type[BaseException], ...] = ()
+
     def __init__(self) -> None:
         self._marks: dict[tuple[str, str], str] = {}
         self._counts: dict[tuple[str, float], int] = {}
@@ -83,6 +105,9 @@ class MemoryState:
         self._counts[(key, start)] = count
         return _retry_after(count, limit, start, window, now)
 
+    async def probe(self) -> None:
+        return None
+
     async def close(self) -> None:
         return None
 
@@ -94,21 +119,25 @@ CREATE TABLE IF NOT EXISTS high_water (
 CREATE TABLE IF NOT EXISTS rate (
     key TEXT NOT NULL, window REAL NOT NULL, count INTEGER NOT NULL, PRIMARY KEY (key, window)
 );
+CREATE TABLE IF NOT EXISTS probe (id INTEGER PRIMARY KEY, at REAL NOT NULL);
 """
 
 
 class SqliteState:
     """The state store in one SQLite file; statements run on a dedicated thread, one connection."""
 
-    def __init__(self, path: Path) -> None:
+    errors: tuple[type[BaseException], ...] = (sqlite3.Error, OSError)
+
+    def __init__(self, path: Path, busy_timeout: float = 5.0) -> None:
         self.path = path
+        self._busy_timeout = busy_timeout  # how long a statement waits for another process's lock
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ota-state")
         self._conn: sqlite3.Connection | None = None
         self._hits = 0
 
     @classmethod
-    async def open(cls, path: Path) -> SqliteState:
-        store = cls(path)
+    async def open(cls, path: Path, busy_timeout: float = 5.0) -> SqliteState:
+        store = cls(path, busy_timeout)
         try:
             await store._run(store._connect)
         except BaseException:
@@ -121,7 +150,7 @@ class SqliteState:
 
     def _connect(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(self.path, isolation_level=None, timeout=5.0)
+        conn = sqlite3.connect(self.path, isolation_level=None, timeout=self._busy_timeout)
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=NORMAL")
         conn.executescript(_SCHEMA)
@@ -153,7 +182,8 @@ class SqliteState:
                 )
             db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            if db.in_transaction:  # SQLite rolls back by itself on some errors (a full disk): keep the first error
+                db.execute("ROLLBACK")
             raise
 
     def _hit(self, key: str, limit: int, window: float, now: float) -> float | None:
@@ -169,6 +199,11 @@ class SqliteState:
         ).fetchone()
         return _retry_after(int(row[0]), limit, start, window, now)
 
+    def _probe(self) -> None:
+        self._db().execute(
+            "INSERT INTO probe (id, at) VALUES (1, ?) ON CONFLICT (id) DO UPDATE SET at = excluded.at", (time.time(),)
+        )
+
     def _close(self) -> None:
         if self._conn is not None:
             self._conn.close()
@@ -182,6 +217,9 @@ class SqliteState:
 
     async def hit(self, key: str, limit: int, window: float, now: float) -> float | None:
         return await self._run(self._hit, key, limit, window, now)
+
+    async def probe(self) -> None:
+        await self._run(self._probe)
 
     async def close(self) -> None:
         try:
@@ -198,8 +236,11 @@ class RedisState:
     """
 
     def __init__(self, client: Any, prefix: str = "ota-gateway:") -> None:
+        from redis.exceptions import RedisError
+
         self._client = client
         self._prefix = prefix
+        self.errors: tuple[type[BaseException], ...] = (RedisError, OSError)
 
     @classmethod
     async def open(cls, url: str, prefix: str = "ota-gateway:") -> RedisState:
@@ -249,5 +290,68 @@ class RedisState:
             count, _ = await pipe.execute()
         return _retry_after(int(count), limit, start, window, now)
 
+    async def probe(self) -> None:
+        await self._client.set(f"{self._prefix}probe", str(time.time()), ex=60)
+
     async def close(self) -> None:
         await self._client.aclose()
+
+
+class StateError(Refusal):
+    """The state store failed: the gateway cannot decide safely (`state_error`, a `kind: failed` answer)."""
+
+    def __init__(self, op: str) -> None:
+        super().__init__(Reason.STATE_ERROR, f"the gateway's state store failed ({op}); try again later")
+        self.op = op
+
+
+class GuardedState:
+    """Any `StateStore`, its failures made visible; every operation of the interface is guarded, by name.
+
+    A failure the store declares as its own (`errors`: sqlite3 and OS errors, Redis errors) is counted with
+    `count(op)`, logged at most once a minute, recorded in `fault` (which /readyz reads) and raised as
+    `StateError`. The failure lasts until every operation that failed has succeeded again, or the probe (a
+    write) has: on a full disk reads still work, and must not make the store look healthy. Anything else is a bug
+    and propagates.
+    """
+
+    def __init__(self, inner: StateStore, fault: Fault, count: Callable[[str], None]) -> None:
+        self._inner = inner
+        self._errors: tuple[type[BaseException], ...] = getattr(inner, "errors", (OSError,))
+        self._fault = fault
+        self._count = count
+        self._failed_ops: set[str] = set()
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self._inner, name)
+        if name not in STATE_OPS:
+            return method
+
+        async def guarded(*args: Any, **kwargs: Any) -> Any:
+            try:
+                result = await method(*args, **kwargs)
+            except self._errors as exc:
+                self._failed(name, exc)
+                raise StateError(name) from exc
+            if self._failed_ops:
+                self._succeeded(name)
+            return result
+
+        setattr(self, name, guarded)  # found directly from now on, without __getattr__
+        return guarded
+
+    def _succeeded(self, op: str) -> None:
+        if op == "probe":
+            self._failed_ops.clear()
+        else:
+            self._failed_ops.discard(op)
+        line = None if self._failed_ops else self._fault.succeeded(time.monotonic())
+        if line:
+            log.warning("%s", line)
+
+    def _failed(self, op: str, exc: BaseException) -> None:
+        self._failed_ops.add(op)
+        self._count(op)
+        line = self._fault.failed(time.monotonic(), f"{op}: {type(exc).__name__}: {exc}")
+        if line:
+            log.error("%s", line)

@@ -11,6 +11,7 @@ from cryptography import x509
 
 from gateway.audit import AuditLog, AuditRecord
 from gateway.config import Config, FrontProxy
+from gateway.core.faults import Fault
 from gateway.core.identity import ClientIdentity
 from gateway.core.pins import normalize_cert_sha256
 from gateway.core.policy import Peer, PolicySet
@@ -41,6 +42,7 @@ class Runtime:
     cas: dict[str, tuple[str, x509.Certificate]] = field(default_factory=dict)
     proxies: dict[str, FrontProxy] = field(default_factory=dict)  # pin (spki or sha256) -> front proxy
     state: StateStore = field(default_factory=MemoryState)  # the runner opens the configured store at start
+    state_fault: Fault = field(default_factory=lambda: Fault("state store"))  # GuardedState's; /readyz reads it
     _keyring: tuple[Config | None, tuple[TicketKey, ...]] = field(default=(None, ()), repr=False)
     origin_health: dict[str, tuple[bool, float, str]] = field(default_factory=dict)  # name -> (ok, when, detail)
 

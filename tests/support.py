@@ -475,30 +475,52 @@ def capgo_call(
     return https_request(url, ctx, method=method, headers=headers, body=body)
 
 
+class RedisServer:
+    """A real redis-server (Debian's package, installed by `make test`) on a loopback port, stoppable and restartable
+    on the same port (for tests of a state store that goes away mid-run and comes back)."""
+
+    def __init__(self) -> None:
+        import shutil
+
+        binary = shutil.which("redis-server")
+        assert binary, "redis-server is installed by `make test` (Debian package redis-server)"
+        self.binary = binary
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        assert wait_until(lambda: _redis_ping(self.port), timeout=10), "redis-server did not start"
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
+
+
 @contextlib.contextmanager
 def redis_server() -> Iterator[str]:
-    """A real redis-server (Debian's package, installed by `make test`) on a free loopback port; yields its URL."""
-    import shutil
-
-    binary = shutil.which("redis-server")
-    assert binary, "redis-server is installed by `make test` (Debian package redis-server)"
-    port = free_port()
-    proc = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    """A real redis-server on a free loopback port for the duration; yields its URL."""
+    server = RedisServer()
+    server.start()
     try:
-        ready = wait_until(lambda: _redis_ping(port), timeout=10)
-        assert ready, "redis-server did not start"
-        yield f"redis://127.0.0.1:{port}/0"
+        yield server.url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        server.stop()
 
 
 def _redis_ping(port: int) -> bool:
@@ -508,3 +530,43 @@ def _redis_ping(port: int) -> bool:
             return s.recv(16).startswith(b"+PONG")
     except OSError:
         return False
+
+
+# ---- a full disk: a small tmpfs (needs root and mount) filled to the last page ----
+
+
+@contextlib.contextmanager
+def small_filesystem(directory: Path, size: str = "256k") -> Iterator[Path]:
+    """A tmpfs of `size` mounted at `directory` for the duration; the test is skipped, saying why, if mount fails."""
+    import pytest
+
+    directory.mkdir(parents=True, exist_ok=True)
+    out = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(directory)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if out.returncode != 0:
+        pytest.skip(f"full-disk tests mount a small tmpfs, which needs root: {out.stderr.strip()}")
+    try:
+        yield directory
+    finally:
+        subprocess.run(["umount", "--lazy", str(directory)], capture_output=True, check=False)
+
+
+def fill_up(directory: Path) -> Path:
+    """Write a filler file into `directory` until its filesystem has no free page left; returns its path."""
+    import errno
+
+    filler = directory / "filler"
+    block = b"\0" * 4096
+    with open(filler, "wb", buffering=0) as f:
+        try:
+            for _ in range(1 << 20):  # bounded: 4 GiB at most
+                f.write(block)
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC, exc
+        else:
+            raise AssertionError(f"{directory} did not fill up")
+    return filler

@@ -10,8 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from gateway.state import MemoryState, RedisState, SqliteState, StateStore
-from tests.support import free_port, redis_server
+from gateway.core.faults import Fault
+from gateway.core.reasons import Reason
+from gateway.state import GuardedState, MemoryState, RedisState, SqliteState, StateError, StateStore
+from tests.support import fill_up, free_port, redis_server, small_filesystem
 
 
 @pytest.fixture(scope="module")
@@ -101,3 +103,75 @@ async def test_unreachable_redis_is_an_error_at_open() -> None:
 
     with pytest.raises((OSError, RedisError)):
         await RedisState.open(f"redis://127.0.0.1:{free_port()}/0")
+
+
+async def test_probe_writes_on_every_store(store: StateStore) -> None:
+    await store.probe()
+    await store.probe()
+
+
+async def test_guarded_sqlite_on_a_full_disk_fails_visibly_and_recovers(tmp_path: Path) -> None:
+    """A real SQLite file on a tmpfs filled to its last page: writes fail as `StateError` (counted per operation,
+    reported in the fault), reads keep working, and the first write after space is freed ends the failure."""
+    with small_filesystem(tmp_path / "disk", "512k") as disk:
+        inner = await SqliteState.open(disk / "gateway.sqlite")
+        fault, counted = Fault("state store"), []
+        state = GuardedState(inner, fault, counted.append)
+        try:
+            await state.record_offer("com.example.app", "production", "1.0.0")
+            assert not fault.failing and counted == []
+            filler = fill_up(disk)
+            with pytest.raises(StateError) as failed:
+                await state.record_offer("com.example.app", "production", "1.1.0")
+            assert failed.value.reason is Reason.STATE_ERROR and failed.value.op == "record_offer"
+            with pytest.raises(StateError):
+                await state.hit("k", 10, 60, 1_800_000_000.0)
+            with pytest.raises(StateError):
+                await state.probe()
+            assert counted == ["record_offer", "hit", "probe"]
+            assert fault.failing and "full" in fault.detail
+            assert await state.high_water("com.example.app", "production") == "1.0.0"  # a read needs no space
+            assert fault.failing  # a read does not prove the store can be written again
+            filler.unlink()
+            await state.probe()
+            assert not fault.failing
+            await state.record_offer("com.example.app", "production", "1.1.0")
+            assert await state.high_water("com.example.app", "production") == "1.1.0"
+        finally:
+            await state.close()
+
+
+async def test_guarded_state_lets_bugs_through(tmp_path: Path) -> None:
+    """Only the store's own failures become `state_error`; a programming error still surfaces as one."""
+    fault, counted = Fault("state store"), []
+    state = GuardedState(await SqliteState.open(tmp_path / "s.sqlite"), fault, counted.append)
+    try:
+        with pytest.raises(TypeError):
+            await state.hit("k")  # type: ignore[call-arg]
+        assert counted == [] and not fault.failing
+    finally:
+        await state.close()
+
+
+async def test_guarded_sqlite_locked_by_another_process_fails_visibly_and_recovers(tmp_path: Path) -> None:
+    """Another connection (a backup tool, an operator's sqlite3 shell) holds the write lock past the busy timeout:
+    writes fail as `StateError`; once the lock is released the probe ends the failure."""
+    import sqlite3
+
+    path = tmp_path / "s.sqlite"
+    fault, counted = Fault("state store"), []
+    state = GuardedState(await SqliteState.open(path, busy_timeout=0.2), fault, counted.append)
+    other = sqlite3.connect(path, isolation_level=None)
+    try:
+        await state.hit("k", 10, 60, 1_800_000_000.0)
+        other.execute("BEGIN EXCLUSIVE")
+        with pytest.raises(StateError):
+            await state.hit("k", 10, 60, 1_800_000_000.0)
+        assert counted == ["hit"] and fault.failing and "locked" in fault.detail
+        other.execute("ROLLBACK")
+        await state.probe()
+        assert not fault.failing
+        assert await state.hit("k", 10, 60, 1_800_000_000.0) is None
+    finally:
+        other.close()
+        await state.close()

@@ -40,6 +40,8 @@ class Reason(enum.Enum):
     REQUEST_TIMEOUT = ("request_timeout", 408)
     NOT_FOUND = ("not_found", 404)
     ORIGIN_ERROR = ("origin_error", 502)
+    STATE_ERROR = ("state_error", 503)  # the state store (SQLite, Redis) failed
+    AUDIT_UNAVAILABLE = ("audit_unavailable", 503)  # audit.on_failure: fail_closed and the audit log fails
     CLIENT_GONE = ("client_gone", 499)
     SHUTDOWN = ("shutdown", 503)
     INTERNAL_ERROR = ("internal_error", 500)

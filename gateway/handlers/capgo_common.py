@@ -22,6 +22,7 @@ from gateway.core.policy import AppPolicy, Peer
 from gateway.core.reasons import Reason, Refusal
 from gateway.handlers.problem import problem_response
 from gateway.origins import HttpsOrigin, OriginBusy, OriginError
+from gateway.state import StateError
 from gateway.state_keys import Runtime
 
 CAPGO_ROUTES = frozenset({"updates", "stats", "channel"})
@@ -83,9 +84,18 @@ def invalid(exc: InvalidRequest) -> Refusal:
 
 
 async def rate_limit(rt: Runtime, route: str, app: AppPolicy, peer: Peer, per_minute: int) -> None:
-    """Count one request of this identity on this route and app; raise `RateLimited` past the policy's limit."""
+    """Count one request of this identity on this route and app; raise `RateLimited` past the policy's limit.
+
+    A failing state store (already counted and reported by `GuardedState`) lets the request pass with
+    `state.rate_limit_on_failure: fail_open`, the default, and refuses it (`state_error`) with `fail_closed`.
+    """
     key = f"{route}|{app.app_id}|{peer.identity.sha256}"
-    retry = await rt.state.hit(key, per_minute, RATE_WINDOW, time.time())
+    try:
+        retry = await rt.state.hit(key, per_minute, RATE_WINDOW, time.time())
+    except StateError:
+        if rt.config.state.rate_limit_on_failure == "fail_closed":
+            raise
+        return
     if retry is not None:
         raise RateLimited(retry)
 

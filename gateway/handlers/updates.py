@@ -33,6 +33,7 @@ from gateway.core.review import (
 from gateway.core.tickets import Ticket, seal
 from gateway.handlers.capgo_common import RateLimited, call_origin, capgo_json, invalid, rate_limit, read_json
 from gateway.origins import DirectoryOrigin, HttpsOrigin, OriginError, ReleaseNotFound
+from gateway.state import StateError
 from gateway.state_keys import RUNTIME, Runtime, request_audit, request_peer
 
 BODY_LIMIT = 64 * 1024
@@ -130,6 +131,17 @@ def _tickets(
     return new_version_body(offer, main, manifest)
 
 
+def _decline(request: web.Request, rt: Runtime, outcome: Decline) -> web.Response:
+    """No new version: HTTP 200 with `error`, `message` and `kind`, counted and audited."""
+    record = request_audit(request)
+    if outcome.reason is not None:
+        rt.metrics.refusals.labels(outcome.reason.label).inc()
+        record.outcome, record.reason = "refused", outcome.reason.label
+    record.detail = outcome.message
+    rt.metrics.update_answers.labels(outcome.kind.value).inc()
+    return capgo_json(outcome.body())
+
+
 async def _answer(
     request: web.Request,
     rt: Runtime,
@@ -142,12 +154,7 @@ async def _answer(
 ) -> web.Response:
     record = request_audit(request)
     if isinstance(outcome, Decline):
-        if outcome.reason is not None:
-            rt.metrics.refusals.labels(outcome.reason.label).inc()
-            record.outcome, record.reason = "refused", outcome.reason.label
-        record.detail = outcome.message
-        rt.metrics.update_answers.labels(outcome.kind.value).inc()
-        return capgo_json(outcome.body())
+        return _decline(request, rt, outcome)
     if isinstance(outcome, Builtin):
         rt.metrics.update_answers.labels("builtin").inc()
         return capgo_json({"version": "builtin"})
@@ -159,6 +166,13 @@ async def _answer(
 
 
 async def post_updates(request: web.Request) -> web.StreamResponse:
+    try:
+        return await _update_check(request)
+    except StateError as exc:  # like a failing origin: a distinct failure for the plugin, never a fake answer
+        return _decline(request, request.app[RUNTIME], Decline(exc.reason.label, exc.detail, Kind.FAILED, exc.reason))
+
+
+async def _update_check(request: web.Request) -> web.StreamResponse:
     rt = request.app[RUNTIME]
     record = request_audit(request)
     peer = request_peer(request)
