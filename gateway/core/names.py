@@ -1,4 +1,4 @@
-"""Shapes of the names that reach the gateway from clients and indexes: app ids, versions, file names.
+"""Shapes of the names that reach the gateway from clients and indexes: app ids, versions, file names, hex digests.
 
 Pure checks. A name that passes here is safe to use in a file path below an origin's root and in a URL path.
 """
@@ -15,6 +15,7 @@ CHANNEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 # a Host header value: a name or bracketed IPv6 address, optionally with a port
 _HOST_RE = re.compile(r"(?P<host>[A-Za-z0-9.-]{1,253}|\[[0-9A-Fa-f:.]{2,45}\])(?::\d{1,5})?")
 _FILE_PART_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._+-]{0,127}$")
+_LOWER_HEX = frozenset("0123456789abcdef")
 
 
 def is_app_id(value: str) -> bool:
@@ -39,3 +40,11 @@ def host_of(value: str) -> str | None:
     """The host part of a Host header (port dropped), or None unless it is a plain name or address."""
     match = _HOST_RE.fullmatch(value)
     return match.group("host") if match else None
+
+
+def is_lower_hex(value: object, length: int | None = None) -> bool:
+    """A non-empty string of lowercase hex digits (`length` of them when given): the one form digests, checksums
+    and certificate fingerprints take inside the gateway."""
+    return (
+        isinstance(value, str) and bool(value) and (length is None or len(value) == length) and set(value) <= _LOWER_HEX
+    )

@@ -9,6 +9,8 @@ from __future__ import annotations
 import base64
 import binascii
 
+from gateway.core.names import is_lower_hex
+
 
 def check_spki_pin(pin: str) -> str:
     """Return `pin` if it is base64 of 32 bytes, else raise ValueError."""
@@ -24,6 +26,6 @@ def check_spki_pin(pin: str) -> str:
 def normalize_cert_sha256(pin: str) -> str:
     """Return the lowercase hex form of a certificate SHA-256 pin (colons removed), else raise ValueError."""
     value = pin.replace(":", "").lower()
-    if len(value) != 64 or any(c not in "0123456789abcdef" for c in value):
+    if not is_lower_hex(value, 64):
         raise ValueError(f"certificate pin must be 64 hex characters (colons allowed), got {pin!r}")
     return value

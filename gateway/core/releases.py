@@ -11,9 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from gateway.core.names import is_channel, is_relative_file, is_version
-
-_HEX = frozenset("0123456789abcdef")
+from gateway.core.names import is_channel, is_lower_hex, is_relative_file, is_version
 
 
 class ReleaseIndexError(ValueError):
@@ -53,10 +51,6 @@ class ReleaseIndex:
         return None
 
 
-def _hex(value: Any, length: int) -> bool:
-    return isinstance(value, str) and len(value) == length and set(value) <= _HEX
-
-
 def _release(where: str, raw: Any) -> Release:
     if not isinstance(raw, dict):
         raise ReleaseIndexError(where, "each release must be a mapping")
@@ -76,7 +70,7 @@ def _release(where: str, raw: Any) -> Release:
         raise ReleaseIndexError(f"{where}.file", f"must be a relative file name without '..': {file!r}")
     if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
         raise ReleaseIndexError(f"{where}.size", f"must be a positive integer, got {size!r}")
-    if not _hex(sha, 64):
+    if not is_lower_hex(sha, 64):
         raise ReleaseIndexError(f"{where}.sha256", "must be 64 lowercase hex characters")
     capgo = None
     if raw.get("capgo") is not None:
@@ -87,7 +81,7 @@ def _release(where: str, raw: Any) -> Release:
 def _capgo(where: str, raw: Any) -> CapgoSignature:
     if not isinstance(raw, dict) or set(raw) != {"checksum", "session_key"}:
         raise ReleaseIndexError(where, "must be a mapping with exactly checksum and session_key")
-    if not _hex(raw["checksum"], 512):
+    if not is_lower_hex(raw["checksum"], 512):
         raise ReleaseIndexError(f"{where}.checksum", "must be 512 lowercase hex characters (an RSA-2048 block)")
     key = raw["session_key"]
     if not isinstance(key, str) or key.count(":") != 1 or not all(key.split(":")):

@@ -33,12 +33,12 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from gateway.core.capgo import DeviceInfo, Kind, error_body
 from gateway.core.capgo_crypto import CapgoCryptoError, open_session_key, recover_checksum
+from gateway.core.names import is_lower_hex
 from gateway.core.policy import AppPolicy
 from gateway.core.reasons import Reason
 from gateway.core.releases import Release, ReleaseIndex
 from gateway.core.versions import BUILTIN, BundleVersion, VersionError, major_jump, newest, parse
 
-_HEX = frozenset("0123456789abcdef")
 MAX_MANIFEST_ENTRIES = 10_000
 MAX_URL = 2048
 _UP_TO_DATE_ERRORS = frozenset({"no_new_version_available", "already_on_builtin"})
@@ -127,10 +127,6 @@ def _key_mismatch(device: DeviceInfo, public_keys: Sequence[rsa.RSAPublicKey]) -
     )
 
 
-def _is_hex(value: Any, length: int) -> bool:
-    return isinstance(value, str) and len(value) == length and set(value) <= _HEX
-
-
 def _origin_declined(answer: Mapping[str, Any]) -> Decline:
     """The origin's own error answer, passed on with a `kind` the plugin understands and no client-made labels."""
     raw = answer.get("error")
@@ -185,7 +181,7 @@ def _signature(
         return Decline("origin_error", "session_key is not a string", Kind.FAILED, Reason.ORIGIN_ERROR)
     checksum, session_key = checksum or "", session_key or ""
     if keys:
-        if not session_key or not _is_hex(checksum, 512):
+        if not session_key or not is_lower_hex(checksum, 512):
             return Decline(
                 "signature_invalid",
                 "the app has a public key: an answer without an RSA-signed checksum and session key is refused",
@@ -205,13 +201,13 @@ def _signature(
             Kind.FAILED,
             Reason.SIGNATURE_INVALID,
         )
-    if not session_key and _is_hex(checksum, 64):
+    if not session_key and is_lower_hex(checksum, 64):
         return checksum, _Signing(None, "", False)
     if not app.verification.require_checksum:
         return None, _Signing(None, session_key, bool(session_key))
     why = (
         "an encrypted bundle, but the policy lists no public key to verify it"
-        if session_key or _is_hex(checksum, 512)
+        if session_key or is_lower_hex(checksum, 512)
         else "the checksum is missing, CRC32 or malformed: a SHA-256 is required"
     )
     return Decline("unverifiable", why, Kind.FAILED, Reason.UNVERIFIABLE)
@@ -235,7 +231,7 @@ def _manifest_entry(
     digest: str | None
     if signing.key is not None:
         try:
-            digest = recover_checksum(signing.key, file_hash_lc) if _is_hex(file_hash_lc, 512) else None
+            digest = recover_checksum(signing.key, file_hash_lc) if is_lower_hex(file_hash_lc, 512) else None
         except CapgoCryptoError:
             digest = None
         if digest is None:
@@ -245,7 +241,7 @@ def _manifest_entry(
                 Kind.FAILED,
                 Reason.SIGNATURE_INVALID,
             )
-    elif _is_hex(file_hash_lc, 64) and not signing.encrypted:
+    elif is_lower_hex(file_hash_lc, 64) and not signing.encrypted:
         digest = file_hash_lc
     elif app.verification.require_checksum:
         return Decline(

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+from gateway.core.names import is_lower_hex
 from gateway.core.reasons import Reason, Refusal
 
 
@@ -56,10 +57,6 @@ class VerifierStateError(RuntimeError):
     """An event arrived that the current state does not allow: a bug in the caller, never a client's doing."""
 
 
-def _is_sha256_hex(value: str) -> bool:
-    return len(value) == 64 and all(c in "0123456789abcdef" for c in value)
-
-
 @dataclass(frozen=True, slots=True)
 class Expectation:
     """What the bytes must be, known before the first byte: lowercase hex SHA-256, and the size if known."""
@@ -69,7 +66,7 @@ class Expectation:
     max_bytes: int | None = None  # cap when the size is not known
 
     def __post_init__(self) -> None:
-        if not _is_sha256_hex(self.sha256):
+        if not is_lower_hex(self.sha256, 64):
             raise ValueError(f"expected digest must be 64 lowercase hex characters, got {self.sha256!r}")
         if self.size is not None and self.size <= 0:
             raise ValueError(f"expected size must be positive, got {self.size}")

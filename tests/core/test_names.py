@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.core.names import host_of, is_app_id, is_channel, is_relative_file, is_version
+from gateway.core.names import host_of, is_app_id, is_channel, is_lower_hex, is_relative_file, is_version
 
 
 @pytest.mark.parametrize(
@@ -113,3 +113,28 @@ def test_bad_relative_files(value: str) -> None:
 )
 def test_host_of_a_host_header(value: str, host: str | None) -> None:
     assert host_of(value) == host
+
+
+@pytest.mark.parametrize(
+    ("value", "length"), [("ab" * 32, 64), ("0123456789abcdef", None), ("0", None), ("f" * 512, 512)]
+)
+def test_lower_hex(value: str, length: int | None) -> None:
+    assert is_lower_hex(value, length)
+
+
+@pytest.mark.parametrize(
+    ("value", "length"),
+    [
+        ("AB" * 32, 64),  # uppercase is another spelling: callers normalise first
+        ("ab" * 31, 64),
+        ("ab" * 33, 64),
+        ("", None),
+        ("0x12", None),
+        ("ab cd", None),
+        ("\u0661\u0662", None),  # Arabic-Indic digits are digits to str.isdigit, not hex
+        (None, None),
+        (b"ab", None),
+    ],
+)
+def test_not_lower_hex(value: object, length: int | None) -> None:
+    assert not is_lower_hex(value, length)
