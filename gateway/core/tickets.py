@@ -25,11 +25,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from gateway.core.names import is_lower_hex
+
 PREFIX = "v1"
 KEY_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
 MIN_SECRET_BYTES = 32
 MAX_TOKEN_LENGTH = 4096
-_HEX = frozenset("0123456789abcdef")
+_TOKEN_RE = re.compile(r"[A-Za-z0-9_.-]+")  # ASCII only: the MAC is over these exact characters
 
 
 class TicketError(ValueError):
@@ -80,15 +82,11 @@ def _mac(secret: bytes, signed: str) -> bytes:
     return hmac.new(secret, signed.encode("ascii"), hashlib.sha256).digest()
 
 
-def _is_hex(value: str, length: int | None = None) -> bool:
-    return (length is None or len(value) == length) and bool(value) and set(value) <= _HEX
-
-
 def _check_fields(ticket: Ticket) -> None:
     """A ticket about to be sealed with fields of the wrong shape is a bug in the caller."""
-    if not _is_hex(ticket.sha256, 64) or not _is_hex(ticket.identity, 64):
+    if not is_lower_hex(ticket.sha256, 64) or not is_lower_hex(ticket.identity, 64):
         raise ValueError("ticket sha256 and identity must be 64 lowercase hex characters")
-    if ticket.checksum is not None and not (_is_hex(ticket.checksum) and len(ticket.checksum) % 2 == 0):
+    if ticket.checksum is not None and not (is_lower_hex(ticket.checksum) and len(ticket.checksum) % 2 == 0):
         raise ValueError("ticket checksum must be lowercase hex bytes")
 
 
@@ -166,13 +164,16 @@ def open_ticket(token: str, keys: Sequence[TicketKey], *, now: float, identity: 
     if len(token) > MAX_TOKEN_LENGTH:
         raise TicketError("ticket is too long")
     parts = token.split(".")
-    if len(parts) != 4 or parts[0] != PREFIX:
+    if len(parts) != 4 or parts[0] != PREFIX or not _TOKEN_RE.fullmatch(token):
         raise TicketError("not a ticket of this gateway")
     _, key_id, payload, mac = parts
     key = next((k for k in keys if k.key_id == key_id), None)
     if key is None:
         raise TicketError(f"ticket signed with unknown key id {key_id[:32]!r}")
-    if not hmac.compare_digest(_unb64(mac), _mac(key.secret, f"{PREFIX}.{key_id}.{payload}")):
+    # compared as text, exactly as sealed: decoding first would let the unused low bits of the last base64
+    # character change without changing the MAC bytes
+    expected = _b64(_mac(key.secret, f"{PREFIX}.{key_id}.{payload}"))
+    if not hmac.compare_digest(mac.encode("ascii"), expected.encode("ascii")):
         raise TicketError("ticket signature does not match (altered or forged)")
     ticket = _decode(payload)
     if now >= ticket.expires:
