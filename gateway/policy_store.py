@@ -12,13 +12,12 @@ from pathlib import Path
 from typing import Annotated
 
 import pydantic
-import semver
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from pydantic import AfterValidator, Field
 
 from gateway.config import Config, Model, client_ca_names
-from gateway.core.names import is_app_id, is_channel
+from gateway.core.names import is_app_id, is_channel, is_lower_hex
 from gateway.core.pins import check_spki_pin, normalize_cert_sha256
 from gateway.core.policy import (
     AppPolicy,
@@ -30,6 +29,8 @@ from gateway.core.policy import (
     Verification,
     Versions,
 )
+from gateway.core.versions import VersionError
+from gateway.core.versions import parse as parse_version
 from gateway.errors import ConfigError, ConfigIssue
 from gateway.yamlsrc import read_yaml, validation_issues
 
@@ -47,7 +48,13 @@ def _channel(value: str) -> str:
 
 
 def _version(value: str) -> str:
-    if not semver.Version.is_valid(value):
+    """Checked with the parser the core compares with (`core/versions.parse`), so that a value `check` accepts can
+    never fail later, on every update check."""
+    try:
+        parsed = parse_version(value)
+    except VersionError as exc:
+        raise ValueError(str(exc)) from None
+    if parsed.is_builtin:
         raise ValueError(f"not a semantic version (MAJOR.MINOR.PATCH): {value!r}")
     return value
 
@@ -64,7 +71,7 @@ def _serial(value: str | int) -> str:
     if isinstance(value, int):
         return format(value, "x")
     text = value.replace(":", "").lower().lstrip("0") or "0"
-    if any(c not in "0123456789abcdef" for c in text):
+    if not is_lower_hex(text):
         raise ValueError(f"serial must be hex (colons allowed) or an integer, got {value!r}")
     return text
 

@@ -337,6 +337,13 @@ POLICY_CASES: list[tuple[str, Edit, int, str, str]] = [
     ("no apps", lambda lines: lines.__setitem__(slice(None), ["apps: []"]), 1, "apps", "at least 1 item"),
     ("policy syntax error", replace(3, "    origin: [local"), 4, "", "invalid YAML"),
     ("policy duplicate key", insert(3, "    origin: local"), 4, "apps[0].origin", "duplicate key"),
+    (
+        "version the core cannot parse",  # valid semver, but longer than core/versions accepts
+        insert(9, "    versions:", "      min_version: 1.0.0-" + "a" * 64),
+        11,
+        "apps[0].versions.min_version",
+        "at most 64 characters",
+    ),
 ]
 
 
@@ -353,6 +360,14 @@ def test_bad_policy_is_one_line(
     rendered = expect_line(only_issue(info.value), layout.policy, line, key, fragment)
     code, err, out = check_cli(config, capsys)
     assert (code, err, out) == (2, [f"ota-gateway: {rendered}"], "")
+
+
+def test_longest_version_the_core_parses_passes_check(layout: Layout, capsys: pytest.CaptureFixture[str]) -> None:
+    longest = "1.0.0-" + "a" * 58
+    config = layout.write(policy_edit=insert(9, "    versions:", f"      min_version: {longest}"))
+    assert load_all(config).policies.apps["com.example.app"].versions.min_version == longest
+    code, err, _ = check_cli(config, capsys)
+    assert (code, err) == (0, [])
 
 
 def test_no_policy_files(layout: Layout, capsys: pytest.CaptureFixture[str]) -> None:

@@ -13,6 +13,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from gateway.config import Config, load_config
+from gateway.core.versions import parse as parse_version
 from gateway.errors import ConfigError
 from gateway.policy_store import load_policies
 from tests.support import ROOT, Pki, write_config
@@ -230,6 +231,23 @@ def test_malformed_deny_entries(tmp_path: Path, config: Config) -> None:
 def test_malformed_version(tmp_path: Path, config: Config, snippet: str, key_path: str, needle: str) -> None:
     path = write(tmp_path, "a.yaml", APP_HEAD + "    clients: [{issuer: [ca]}]\n    versions:\n" + snippet)
     expect_one(tmp_path, config, path, key_path, needle, "not a semantic version")
+
+
+def test_versions_are_checked_by_the_parser_the_core_compares_with(tmp_path: Path, config: Config) -> None:
+    """A version `check` accepts must parse in the core on every update check (core/versions.parse), and one it
+    would not parse is refused here, with file and line, instead of failing every update check later."""
+    head = APP_HEAD + "    clients: [{issuer: [ca]}]\n    versions:\n"
+    too_long = "1.0.0-" + "a" * 64  # valid semver, 70 characters
+    path = write(tmp_path / "long", "a.yaml", head + f"      min_version: {too_long}\n")
+    expect_one(tmp_path / "long", config, path, "apps[0].versions.min_version", "min_version", "at most 64 characters")
+    longest = "1.0.0-" + "a" * 58
+    write(tmp_path / "ok", "a.yaml", head + f"      min_version: {longest}\n      blocked_versions: [{longest}]\n")
+    versions = load_policies(tmp_path / "ok", config).apps["com.example.app"].versions
+    assert parse_version(versions.min_version or "") == parse_version(versions.blocked[0])
+    builtin = write(tmp_path / "builtin", "a.yaml", head + "      rollback_to: builtin\n")
+    expect_one(
+        tmp_path / "builtin", config, builtin, "apps[0].versions.rollback_to", "rollback_to", "not a semantic version"
+    )
 
 
 def test_rule_with_only_pins_needs_pin_only(tmp_path: Path, config: Config) -> None:

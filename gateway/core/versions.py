@@ -27,8 +27,10 @@ class BundleVersion:
     __slots__ = ("_semver", "text")
 
     def __init__(self, text: str) -> None:
-        if not isinstance(text, str) or not text or len(text) > MAX_LENGTH:
+        if not isinstance(text, str) or not text:
             raise VersionError(f"not a version: {text!r}")
+        if len(text) > MAX_LENGTH:
+            raise VersionError(f"a version has at most {MAX_LENGTH} characters, this one {len(text)}: {text[:80]!r}")
         self.text = text
         if text == BUILTIN:
             self._semver: semver.Version | None = None
