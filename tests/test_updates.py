@@ -157,7 +157,7 @@ def test_unsigned_answer_for_an_app_with_a_public_key_is_refused(env: CapgoEnv) 
     ("override", "error"),
     [
         ({"url": "http://127.0.0.1/x.zip"}, "not_https"),
-        ({"url": "https://cdn.elsewhere.example/x.zip"}, "not_https"),
+        ({"url": "https://cdn.elsewhere.example/x.zip"}, "foreign_host"),
         ({"checksum": "1a2b3c4d"}, "unverifiable"),  # CRC32: no current plugin can match it
         ({"checksum": ""}, "unverifiable"),
         ({"version": "1.1"}, "origin_error"),
@@ -166,9 +166,20 @@ def test_unsigned_answer_for_an_app_with_a_public_key_is_refused(env: CapgoEnv) 
 def test_answers_the_gateway_cannot_vouch_for_are_refused(env: CapgoEnv, override: dict[str, Any], error: str) -> None:
     env.offer(APP_ID, "1.1.0")
     env.origin.state.update_answers[APP_ID].update(override)
+    before = refusals(env, error)
     doc = env.check(device_body(APP_ID, "1.0.0")).json()
     assert (doc["error"], doc["kind"]) == (error, "failed")
     assert "url" not in doc
+    assert refusals(env, error) == before + 1  # each refusal under its own reason
+
+
+def test_a_device_key_the_policy_does_not_list_is_counted_as_key_id_mismatch(env: CapgoEnv) -> None:
+    """Not as `signature_invalid`, which alerts that the origin served a forged bundle."""
+    env.offer(SECURE_APP, "1.1.0", encrypted=True)
+    before = refusals(env, "key_id_mismatch"), refusals(env, "signature_invalid")
+    doc = env.check(device_body(SECURE_APP, "1.0.0", key_id="MIIBCgKCAQEAxxxxxxxx")).json()
+    assert (doc["error"], doc["kind"]) == ("key_id_mismatch", "blocked")
+    assert (refusals(env, "key_id_mismatch"), refusals(env, "signature_invalid")) == (before[0] + 1, before[1])
 
 
 def test_origin_errors_and_builtin_resets_pass_with_a_kind(env: CapgoEnv) -> None:

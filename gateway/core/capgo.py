@@ -95,7 +95,9 @@ _BLOCKED_REASONS = frozenset(
         Reason.CHANNEL_NOT_ALLOWED,
         Reason.BELOW_FLOOR,
         Reason.ROLLBACK,
+        Reason.BUILTIN_NOT_ALLOWED,
         Reason.VERSION_JUMP,
+        Reason.KEY_ID_MISMATCH,
     }
 )
 

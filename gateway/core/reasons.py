@@ -22,13 +22,16 @@ class Reason(enum.Enum):
     APP_UNKNOWN = ("app_unknown", 404)
     RELEASE_UNKNOWN = ("release_unknown", 404)
     NOT_HTTPS = ("not_https", 426)
+    FOREIGN_HOST = ("foreign_host", 502)  # an https url the origin offered on a host that is not one of its own
     DOWNGRADE = ("downgrade", 409)
     ROLLBACK = ("rollback", 409)
+    BUILTIN_NOT_ALLOWED = ("builtin_not_allowed", 409)
     BELOW_FLOOR = ("below_floor", 409)
     VERSION_JUMP = ("version_jump", 409)
     CHANNEL_NOT_ALLOWED = ("channel_not_allowed", 403)
     CHECKSUM_MISMATCH = ("checksum_mismatch", 502)
     SIGNATURE_INVALID = ("signature_invalid", 502)
+    KEY_ID_MISMATCH = ("key_id_mismatch", 409)  # the device embeds a key the app's policy does not list
     UNVERIFIABLE = ("unverifiable", 502)
     SIZE_EXCEEDED = ("size_exceeded", 502)
     SHORT_BODY = ("short_body", 502)

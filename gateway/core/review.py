@@ -7,7 +7,7 @@ Owns the decision over one origin answer to one device's update check (capgo-pro
 - not below the app's `min_version`, not in its blocked list (`below_floor`), not more major versions ahead than
   `max_version_jump` allows (`version_jump`);
 - not below the channel's high-water mark unless `rollback_to` allows it (`rollback`);
-- the url is https (`not_https`) on a configured origin host;
+- the url is https (`not_https`) on a host of the app's origin, without credentials (`foreign_host`);
 - the checksum is a SHA-256 (64 lowercase hex) or a Capgo RSA block (512 hex); for an app with public keys in its
   policy the answer must be signed (Android would install an unsigned one), the checksum must open with one of the
   keys to a 32-byte digest and the session key must open with the same key (`signature_invalid`); a missing, CRC32
@@ -123,7 +123,7 @@ def _key_mismatch(device: DeviceInfo, public_keys: Sequence[rsa.RSAPublicKey]) -
         "key_id_mismatch",
         "the device's public key is not one this app's policy lists; it could not verify the bundle",
         Kind.BLOCKED,
-        Reason.SIGNATURE_INVALID,
+        Reason.KEY_ID_MISMATCH,
     )
 
 
@@ -159,7 +159,9 @@ def _url_problem(url: Any, hosts: frozenset[str] | None) -> Decline | None:
     if parts.scheme != "https":
         return Decline("not_https", "the bundle url is not https", Kind.FAILED, Reason.NOT_HTTPS)
     if host is None or host.lower() not in hosts or parts.username or parts.password:
-        return Decline("not_https", "the bundle url is not on a configured origin", Kind.FAILED, Reason.NOT_HTTPS)
+        return Decline(
+            "foreign_host", "the bundle url is not on a host of the app's origin", Kind.FAILED, Reason.FOREIGN_HOST
+        )
     return None
 
 
@@ -269,7 +271,7 @@ def _review_builtin(device: DeviceInfo, app: AppPolicy) -> Builtin | Decline:
             "builtin_not_allowed",
             "the policy does not allow resetting devices to the builtin bundle",
             Kind.BLOCKED,
-            Reason.ROLLBACK,
+            Reason.BUILTIN_NOT_ALLOWED,
         )
     floor = app.versions.min_version
     if floor is not None:

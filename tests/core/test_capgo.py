@@ -127,6 +127,8 @@ def test_action_labels_are_a_closed_set() -> None:
 
 def test_kinds() -> None:
     assert kind_for(Reason.ROLLBACK) is Kind.BLOCKED
+    assert kind_for(Reason.BUILTIN_NOT_ALLOWED) is Kind.BLOCKED and kind_for(Reason.KEY_ID_MISMATCH) is Kind.BLOCKED
+    assert kind_for(Reason.FOREIGN_HOST) is Kind.FAILED
     assert kind_for(Reason.IDENTITY_NOT_ALLOWED) is Kind.BLOCKED
     assert kind_for(Reason.ORIGIN_ERROR) is Kind.FAILED
     assert kind_for(Reason.RATE_LIMITED) is Kind.FAILED

@@ -127,8 +127,8 @@ def test_version_jump() -> None:
     ("over", "error", "reason"),
     [
         ({"url": "http://origin.example/b.zip"}, "not_https", Reason.NOT_HTTPS),
-        ({"url": "https://evil.example/b.zip"}, "not_https", Reason.NOT_HTTPS),
-        ({"url": "https://user:pw@origin.example/b.zip"}, "not_https", Reason.NOT_HTTPS),
+        ({"url": "https://evil.example/b.zip"}, "foreign_host", Reason.FOREIGN_HOST),
+        ({"url": "https://user:pw@origin.example/b.zip"}, "foreign_host", Reason.FOREIGN_HOST),
         ({"url": "https://origin.example:99999/b.zip"}, "origin_error", Reason.ORIGIN_ERROR),
         ({"url": None}, "origin_error", Reason.ORIGIN_ERROR),
         ({"checksum": "c0ffee01"}, "unverifiable", Reason.UNVERIFIABLE),
@@ -180,7 +180,7 @@ def test_key_id_of_another_key_is_blocked_and_the_right_one_passes() -> None:
         review(encrypted(), device(key_id="MIIBCgKCAQEAxxxxxxxx"), SIGNED),
         "key_id_mismatch",
         Kind.BLOCKED,
-        Reason.SIGNATURE_INVALID,
+        Reason.KEY_ID_MISMATCH,
     )
     assert isinstance(review(plain(), device(key_id="MIIBCgKCAQEAxxxxxxxx")), Offer)  # no keys in policy: not checked
 
@@ -235,7 +235,9 @@ def test_builtin_reset() -> None:
     declined(review({"version": "builtin"}, app=floor), "below_floor", Kind.BLOCKED, Reason.BELOW_FLOOR)
     assert isinstance(review({"version": "builtin"}, device(version_build="1.2.0"), floor), Builtin)
     no_reset = dataclasses.replace(APP, versions=Versions(allow_builtin=False))
-    declined(review({"version": "builtin"}, app=no_reset), "builtin_not_allowed", Kind.BLOCKED, Reason.ROLLBACK)
+    declined(
+        review({"version": "builtin"}, app=no_reset), "builtin_not_allowed", Kind.BLOCKED, Reason.BUILTIN_NOT_ALLOWED
+    )
 
 
 def test_served_digest_verifies_an_encrypted_index_release_without_a_key() -> None:
