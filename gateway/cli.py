@@ -1,4 +1,4 @@
-"""The `ota-gateway` command: serve, check, certs, release, device.
+"""The `ota-gateway` command: serve, check, health, certs, release, device.
 
 Owns argument parsing and how errors reach the user: a user error is one line per problem on stderr and exit
 code 2 (config errors name file, line and key path); `check` validates everything `serve` would load, like
@@ -57,6 +57,14 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     except ImportError:
         runner = asyncio.run
     return runner(serve(args.config, reuse_port=workers.is_worker()))
+
+
+def _cmd_health(args: argparse.Namespace) -> int:
+    from gateway.health import probe
+
+    verdict = probe(args.config, ready=args.ready, timeout=args.timeout)
+    print(f"ota-gateway: {verdict.line}", flush=True)
+    return verdict.code
 
 
 def _cmd_certs_init(args: argparse.Namespace) -> int:
@@ -142,6 +150,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check", help="validate the config and policies, like nginx -t (exit 0 or 2)")
     p.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
     p.set_defaults(func=_cmd_check)
+
+    p = sub.add_parser(
+        "health", help="ask the running gateway's admin listener for /healthz (or /readyz): exit 0, 1, or 2"
+    )
+    p.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+    p.add_argument("--ready", action="store_true", help="ask /readyz (ready for traffic) instead of /healthz")
+    p.add_argument("--timeout", type=float, default=2.0, help="seconds to wait for the answer (default 2)")
+    p.set_defaults(func=_cmd_health)
 
     certs = sub.add_parser("certs", help="development PKI").add_subparsers(dest="certs_command", required=True)
     p = certs.add_parser("init", help="CA, server, client, and a rogue CA + client for negative tests")

@@ -139,6 +139,15 @@ class AdminTls(Model):
     cert: File
     key: File
     client_ca: Annotated[list[File], Field(min_length=1)]
+    # what `ota-gateway health` presents: a client certificate issued by one of `client_ca`, and its key
+    health_cert: File | None = None
+    health_key: File | None = None
+
+    @pydantic.model_validator(mode="after")
+    def _health_pair(self) -> AdminTls:
+        if (self.health_cert is None) != (self.health_key is None):
+            raise ValueError("health_cert and health_key go together: give both or neither")
+        return self
 
 
 class AdminListener(Model):
@@ -358,6 +367,12 @@ def _cross_checks(doc: YamlDoc, config: Config) -> list[ConfigIssue]:
             check_key_pair(config.admin.tls.cert, config.admin.tls.key)
         except TlsMaterialError as exc:
             issues.append(doc.issue(("admin", "tls", exc.field), str(exc)))
+        if config.admin.tls.health_cert is not None and config.admin.tls.health_key is not None:
+            try:
+                check_key_pair(config.admin.tls.health_cert, config.admin.tls.health_key)
+            except TlsMaterialError as exc:
+                field = "health_cert" if exc.field == "cert" else "health_key"
+                issues.append(doc.issue(("admin", "tls", field), str(exc)))
         for j, ca_file in enumerate(config.admin.tls.client_ca):
             try:
                 load_ca_bundle(ca_file)
