@@ -26,11 +26,14 @@ $(SCAN_STAMP):
 	.venv-scan/bin/python -m pip install -q 'sslyze>=6.1,<7'
 	touch $(SCAN_STAMP)
 
-# Debian tools the tests drive from outside: curl and openssl as clients, promtool (package prometheus), and a
-# redis-server for the shared state store.
+# Debian tools the tests drive from outside: curl and openssl as clients, promtool (package prometheus), a
+# redis-server for the shared state store, systemd-analyze for the unit in deploy/systemd, and Debian's python3
+# with venv: the container test runs the wheel as uid 10001, which cannot enter a Python installed under /root.
 system-deps:
-	@missing=""; for t in curl:curl openssl:openssl promtool:prometheus redis-server:redis-server; do \
+	@missing=""; for t in curl:curl openssl:openssl promtool:prometheus redis-server:redis-server \
+	  systemd-analyze:systemd; do \
 	  command -v $${t%%:*} >/dev/null || missing="$$missing $${t#*:}"; done; \
+	/usr/bin/python3 -c 'import ensurepip, venv' 2>/dev/null || missing="$$missing python3-venv"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:$$missing"; apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
@@ -68,7 +71,8 @@ typecheck: $(STAMP)
 unit: $(STAMP) $(SCAN_STAMP) system-deps
 	$(BIN)/pytest -q -p no:cacheprovider
 
-deploy-check: system-deps
+deploy-check: $(STAMP) system-deps
+	$(BIN)/kubectl kustomize deploy/k8s >/dev/null
 	promtool check rules deploy/alerts.yml
 	promtool test rules deploy/alerts_test.yml
 	$(PYTHON) -c "import json; json.load(open('deploy/grafana-dashboard.json'))"
