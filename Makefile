@@ -27,11 +27,12 @@ $(SCAN_STAMP):
 	touch $(SCAN_STAMP)
 
 # Debian tools the tests drive from outside: curl and openssl as clients, promtool (package prometheus), a
-# redis-server for the shared state store, systemd-analyze for the unit in deploy/systemd, and Debian's python3
-# with venv: the container test runs the wheel as uid 10001, which cannot enter a Python installed under /root.
+# redis-server for the shared state store, systemd-analyze for the unit in deploy/systemd; for the container test
+# unshare/nsenter/setpriv and ip (a network namespace, uid 10001) and Debian's python3 with venv (uid 10001
+# cannot enter a Python installed under /root).
 system-deps:
 	@missing=""; for t in curl:curl openssl:openssl promtool:prometheus redis-server:redis-server \
-	  systemd-analyze:systemd; do \
+	  systemd-analyze:systemd setpriv:util-linux nsenter:util-linux ip:iproute2; do \
 	  command -v $${t%%:*} >/dev/null || missing="$$missing $${t#*:}"; done; \
 	/usr/bin/python3 -c 'import ensurepip, venv' 2>/dev/null || missing="$$missing python3-venv"; \
 	if [ -n "$$missing" ]; then \

@@ -6,6 +6,7 @@ files the Dockerfile copies, install it into a fresh venv in a temporary folder,
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
@@ -13,6 +14,8 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -130,3 +133,32 @@ def install_wheel(into: Path) -> Path:
     assert installed.returncode == 0, installed.stderr
     shutil.rmtree(src)
     return venv / "bin"
+
+
+@contextlib.contextmanager
+def private_network() -> Iterator[list[str]]:
+    """A network namespace of its own with only loopback up; yields the command prefix that runs inside it.
+
+    A server there may bind 0.0.0.0 as the image's config says and still be reachable from loopback only.
+    """
+    unshare, nsenter, ip = shutil.which("unshare"), shutil.which("nsenter"), shutil.which("ip")
+    assert unshare and nsenter and ip, "unshare/nsenter (util-linux) and ip (iproute2) are installed by `make test`"
+    holder = subprocess.Popen([unshare, "--net", "sleep", "600"])
+    namespace = f"/proc/{holder.pid}/ns/net"
+    try:
+        own = os.readlink("/proc/self/ns/net")
+        deadline = time.monotonic() + 10
+        while os.readlink(namespace) == own:  # until unshare has entered the new namespace
+            assert holder.poll() is None and time.monotonic() < deadline, "unshare --net failed"
+            time.sleep(0.02)
+        prefix = [nsenter, f"--net={namespace}", "--"]
+        subprocess.run([*prefix, ip, "link", "set", "lo", "up"], check=True, timeout=30)
+        yield prefix
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def as_user(uid: int) -> list[str]:
+    """Command prefix: run as uid:gid with no supplementary groups and no way to gain privileges."""
+    return ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--no-new-privs", "--"]

@@ -2,10 +2,11 @@
 
 No container daemon here, so the run installs the wheel (built from exactly the files the Dockerfile copies) into a
 fresh venv outside the repository, lays out the image's folders in a temporary root (config and certificates owned
-by root and read-only for the service, a state folder owned by uid 10001), starts `serve` as uid 10001 with
-deploy/container/gateway.yaml (only ports, the origin and state paths changed; addresses 127.0.0.1, as every test
-server here), and downloads a verified bundle with curl over mTLS. Negative twins: a key the service cannot read is
-a `check` error (exit 2); no client certificate, no bundle; a stopped gateway is unhealthy.
+by root and read-only for the service, a state folder owned by uid 10001), and starts `serve` as uid 10001 with
+deploy/container/gateway.yaml, only the origin and state paths changed. It runs in a network namespace of its own
+(as a container does), so the image's 0.0.0.0 listeners reach nothing but that namespace's loopback. `health`
+answers, and curl downloads a verified bundle over mTLS. Negative twins: a key the service cannot read is a
+`check` error (exit 2); no client certificate, no bundle; a stopped gateway is unhealthy.
 """
 
 from __future__ import annotations
@@ -25,8 +26,15 @@ import pytest
 import yaml
 
 from gateway.cli import build_parser
-from tests.deploy_support import SERVICE_UID, install_wheel, parse_dockerfile, world_readable_tmpdir
-from tests.support import APP_ID, ROOT, Pki, free_port
+from tests.deploy_support import (
+    SERVICE_UID,
+    as_user,
+    install_wheel,
+    parse_dockerfile,
+    private_network,
+    world_readable_tmpdir,
+)
+from tests.support import APP_ID, ROOT, Pki
 
 CONTAINER_CONFIG = ROOT / "deploy" / "container" / "gateway.yaml"
 IMAGE_CONFIG = "/etc/ota-gateway/gateway.yaml"
@@ -127,18 +135,15 @@ def venv_bin(image_root: Path) -> Path:
     return install_wheel(opt)
 
 
-def as_service(argv: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        argv,
-        user=SERVICE_UID,
-        group=SERVICE_UID,
-        extra_groups=[],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd="/",
-        **kwargs,
-    )
+@pytest.fixture(scope="module")
+def netns() -> Iterator[list[str]]:
+    with private_network() as prefix:
+        yield prefix
+
+
+def as_service(netns: list[str], argv: list[str]) -> subprocess.CompletedProcess[str]:
+    """Run `argv` as uid 10001 inside the private network."""
+    return subprocess.run([*netns, *as_user(SERVICE_UID), *argv], capture_output=True, text=True, timeout=60, cwd="/")
 
 
 def lay_out_image(root: Path, pki: Pki, venv_bin: Path) -> tuple[Path, dict[str, Any]]:
@@ -159,8 +164,6 @@ def lay_out_image(root: Path, pki: Pki, venv_bin: Path) -> tuple[Path, dict[str,
     state = root / "var" / "lib" / "ota-gateway"
     state.mkdir(parents=True)
     config = yaml.safe_load(CONTAINER_CONFIG.read_text())
-    config["listeners"][0].update(address="127.0.0.1", port=free_port())
-    config["admin"].update(address="127.0.0.1", port=free_port())
     config["origins"]["local"]["path"] = str(origin)
     config["state"]["path"] = str(state / "gateway.sqlite")
     (etc / "gateway.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
@@ -183,14 +186,14 @@ def changed_keys(a: Any, b: Any, path: str = "") -> set[str]:
 
 
 @contextlib.contextmanager
-def serve_as_service(venv_bin: Path, config: Path) -> Iterator[tuple[subprocess.Popen[str], list[str], list[str]]]:
+def serve_as_service(
+    netns: list[str], venv_bin: Path, config: Path
+) -> Iterator[tuple[subprocess.Popen[str], list[str], list[str]]]:
+    """`serve` as uid 10001 in the private network (nsenter and setpriv exec it: the pid is the gateway's)."""
     env = {"PATH": f"{venv_bin}:/usr/bin:/bin", "HOME": "/nonexistent", "PYTHONDONTWRITEBYTECODE": "1"}
     env["PYTHONUNBUFFERED"] = "1"
     proc = subprocess.Popen(
-        [str(venv_bin / "ota-gateway"), "serve", "--config", str(config)],
-        user=SERVICE_UID,
-        group=SERVICE_UID,
-        extra_groups=[],
+        [*netns, *as_user(SERVICE_UID), str(venv_bin / "ota-gateway"), "serve", "--config", str(config)],
         umask=0o027,
         cwd=config.parent.parent.parent / "var" / "lib" / "ota-gateway",
         env=env,
@@ -231,49 +234,47 @@ def serve_as_service(venv_bin: Path, config: Path) -> Iterator[tuple[subprocess.
                 stream.close()
 
 
-def curl(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["curl", "-sS", "--max-time", "20", *args], capture_output=True, text=True, timeout=60)
+def curl(netns: list[str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*netns, "curl", "-sS", "--max-time", "20", *args], capture_output=True, text=True, timeout=60
+    )
 
 
-def test_serve_as_uid_10001_from_the_wheel(image_root: Path, venv_bin: Path, pki: Pki) -> None:
+def test_serve_as_uid_10001_from_the_wheel(image_root: Path, venv_bin: Path, pki: Pki, netns: list[str]) -> None:
     assert not str(venv_bin).startswith(str(ROOT))
     config, adapted = lay_out_image(image_root, pki, venv_bin)
     changed = changed_keys(yaml.safe_load(CONTAINER_CONFIG.read_text()), adapted)
-    assert changed == {
-        ".listeners[0].address",
-        ".listeners[0].port",
-        ".admin.address",
-        ".admin.port",
-        ".origins.local.path",
-        ".state.path",
-    }
+    assert changed == {".origins.local.path", ".state.path"}  # addresses and ports as in the image
     certs = config.parent / "certs"
     ota = str(venv_bin / "ota-gateway")
-    assert as_service(["test", "-w", str(config.parent)]).returncode == 1, "the config folder is read-only for 10001"
+    assert as_service(netns, ["test", "-w", str(config.parent)]).returncode == 1, (
+        "the config folder is read-only for 10001"
+    )
 
     # a key only root may read: `check`, as the service, names it (exit 2)
     (certs / "server.key").chmod(0o600)
-    refused = as_service([ota, "check", "--config", str(config)])
+    refused = as_service(netns, [ota, "check", "--config", str(config)])
     assert refused.returncode == 2, refused.stdout + refused.stderr
     assert f"listeners[0].key: file not readable: {certs / 'server.key'}" in refused.stderr
     assert "Traceback" not in refused.stderr
     # the key group-readable by the service's group, as the README says
     os.chown(certs / "server.key", 0, SERVICE_UID)
     (certs / "server.key").chmod(0o640)
-    checked = as_service([ota, "check", "--config", str(config)])
+    checked = as_service(netns, [ota, "check", "--config", str(config)])
     assert checked.returncode == 0, checked.stderr
 
-    with serve_as_service(venv_bin, config) as (proc, audit_lines, _err):
-        healthy = as_service([ota, "health", "--config", str(config)])
+    with serve_as_service(netns, venv_bin, config) as (proc, audit_lines, _err):
+        healthy = as_service(netns, [ota, "health", "--config", str(config)])
         assert healthy.returncode == 0, healthy.stdout + healthy.stderr
         assert healthy.stdout.strip().endswith("/healthz: 200 alive")
-        ready = as_service([ota, "health", "--config", str(config), "--ready"])
+        ready = as_service(netns, [ota, "health", "--config", str(config), "--ready"])
         assert ready.returncode == 0 and ready.stdout.strip().endswith("/readyz: 200 ready"), ready.stdout
 
         port = adapted["listeners"][0]["port"]
         url = f"https://127.0.0.1:{port}/bundles/{APP_ID}/1.1.0.zip"
         got = image_root / "b.zip"
         ok = curl(
+            netns,
             "--fail",
             "--cacert",
             str(pki.ca_pem),
@@ -289,7 +290,7 @@ def test_serve_as_uid_10001_from_the_wheel(image_root: Path, venv_bin: Path, pki
         index = yaml.safe_load((Path(adapted["origins"]["local"]["path"]) / APP_ID / "releases.yaml").read_text())
         entry = next(r for r in index["releases"] if r["version"] == "1.1.0")
         assert hashlib.sha256(got.read_bytes()).hexdigest() == entry["sha256"]
-        no_cert = curl("--cacert", str(pki.ca_pem), url, "-o", str(image_root / "refused.zip"))
+        no_cert = curl(netns, "--cacert", str(pki.ca_pem), url, "-o", str(image_root / "refused.zip"))
         assert no_cert.returncode != 0
         assert not (image_root / "refused.zip").exists() or b"PK" not in (image_root / "refused.zip").read_bytes()
 
@@ -299,5 +300,5 @@ def test_serve_as_uid_10001_from_the_wheel(image_root: Path, venv_bin: Path, pki
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
     assert any('"route": "bundle"' in line or '"route":"bundle"' in line for line in audit_lines), audit_lines[-5:]
-    gone = as_service([ota, "health", "--config", str(config)])
+    gone = as_service(netns, [ota, "health", "--config", str(config)])
     assert gone.returncode == 1 and "cannot connect" in gone.stdout
