@@ -192,27 +192,38 @@ def test_base_placeholders_are_refused(rendered: dict[tuple[str, str], dict[str,
     assert "tickets.keys[0].secret_file: holds 10 bytes; a ticket key needs at least 32" in proc.stderr
 
 
-def test_an_overlay_with_real_secrets_passes_check(tmp_path: Path, pki: Pki) -> None:
-    """The README's overlay: secretGenerator with behavior: replace, from the operator's files."""
-    overlay = tmp_path / "overlay"
+def readme_overlay() -> dict[str, Any]:
+    """The overlay printed in the README ("Deploy > Kubernetes"), as written there."""
+    text = (ROOT / "README.md").read_text()
+    start = text.index("```yaml\n# my-overlay/kustomization.yaml")
+    block = text[start + len("```yaml\n") : text.index("```", start + 3)]
+    overlay: dict[str, Any] = yaml.safe_load(block)
+    return overlay
+
+
+def test_the_readme_overlay_passes_check(tmp_path: Path, pki: Pki) -> None:
+    """The README's overlay, with real files beside it: fixed names, real Secrets, and a config `check` accepts."""
+    overlay = tmp_path / "my-overlay"
     overlay.mkdir()
     for source, name in [(pki.server.cert, "server.pem"), (pki.server.key, "server.key"), (pki.ca_pem, "ca.pem")]:
         shutil.copy(source, overlay / name)
     (overlay / "k1.key").write_text(os.urandom(32).hex() + "\n")
-    (overlay / "kustomization.yaml").write_text(
-        yaml.safe_dump(
-            {
-                "resources": [os.path.relpath(BASE, overlay)],
-                "secretGenerator": [
-                    {"name": "ota-gateway-tls", "behavior": "replace", "files": ["server.pem", "server.key", "ca.pem"]},
-                    {"name": "ota-gateway-tickets", "behavior": "replace", "files": ["k1.key"]},
-                ],
-            }
-        )
-    )
+    shutil.copy(BASE / "gateway.yaml", overlay / "gateway.yaml")
+    spec = readme_overlay()
+    assert spec["resources"] == ["../deploy/k8s"]
+    spec["resources"] = [os.path.relpath(BASE, overlay)]  # the one change: where the base is from here
+    (overlay / "kustomization.yaml").write_text(yaml.safe_dump(spec))
     rendered = render(overlay)
+    assert {name for kind, name in rendered if kind in ("ConfigMap", "Secret")} == {
+        "ota-gateway-config",
+        "ota-gateway-policies",
+        "ota-gateway-tls",
+        "ota-gateway-tickets",
+    }, "fixed names: kubelet updates the mounted folders in place"
     for name in ("ota-gateway-tls", "ota-gateway-tickets"):
         assert "stringData" not in rendered["Secret", name], "the placeholders are gone"
+    (image,) = {c["image"] for c in pod(rendered)["containers"]}
+    assert image == "registry.example.internal/ota-gateway:0.1.0"
     proc = check(materialize(rendered, tmp_path / "pod"))
     assert proc.returncode == 0, proc.stderr
     assert "1 listener(s), 1 origin(s), 1 app(s)" in proc.stdout
