@@ -22,7 +22,6 @@ public keys, the high-water mark and the allowed hosts are passed in.
 from __future__ import annotations
 
 import base64
-import urllib.parse
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -33,6 +32,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from gateway.core.capgo import DeviceInfo, Kind, error_body
 from gateway.core.capgo_crypto import CapgoCryptoError, open_session_key, recover_checksum
+from gateway.core.locations import url_problem
 from gateway.core.names import is_lower_hex
 from gateway.core.policy import AppPolicy
 from gateway.core.reasons import Reason
@@ -40,7 +40,6 @@ from gateway.core.releases import Release, ReleaseIndex
 from gateway.core.versions import BUILTIN, BundleVersion, VersionError, major_jump, newest, parse
 
 MAX_MANIFEST_ENTRIES = 10_000
-MAX_URL = 2048
 _UP_TO_DATE_ERRORS = frozenset({"no_new_version_available", "already_on_builtin"})
 _BLOCKED_ERRORS = frozenset({"cannot_update_via_private_channel", "key_id_mismatch"})
 _EXTRAS: dict[str, type] = {"link": str, "comment": str, "breaking": bool, "major": bool}
@@ -148,21 +147,11 @@ def _origin_declined(answer: Mapping[str, Any]) -> Decline:
 def _url_problem(url: Any, hosts: frozenset[str] | None) -> Decline | None:
     if hosts is None:  # a file the gateway itself resolved (directory origin)
         return None
-    if not isinstance(url, str) or not url or len(url) > MAX_URL:
-        return Decline("origin_error", "the answer has no usable url", Kind.FAILED, Reason.ORIGIN_ERROR)
-    try:
-        parts = urllib.parse.urlsplit(url)
-        host = parts.hostname
-        _ = parts.port  # raises on a malformed port
-    except ValueError:
-        return Decline("origin_error", "the answer's url is malformed", Kind.FAILED, Reason.ORIGIN_ERROR)
-    if parts.scheme != "https":
-        return Decline("not_https", "the bundle url is not https", Kind.FAILED, Reason.NOT_HTTPS)
-    if host is None or host.lower() not in hosts or parts.username or parts.password:
-        return Decline(
-            "foreign_host", "the bundle url is not on a host of the app's origin", Kind.FAILED, Reason.FOREIGN_HOST
-        )
-    return None
+    problem = url_problem(url, hosts)
+    if problem is None:
+        return None
+    reason, message = problem
+    return Decline(reason.label, message, Kind.FAILED, reason)
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,422 @@
+"""Plans (core/plans.py): every rule between parsing a request and acting on it, each with a pass and a fail case.
+
+Rules: admission, channel (downloads, update checks, /channel_self), size cap, ticket checks, origin confinement,
+location confinement, Range form and bounds, the session key of an encrypted download, the size the origin
+declares, and the Host a ticket url names. No sockets: plain values in, a plan or a Refusal out.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import hashlib
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from gateway.core import capgo_crypto
+from gateway.core.capgo import DeviceInfo, Kind, parse_info
+from gateway.core.identity import ClientIdentity
+from gateway.core.plans import (
+    DownloadPlan,
+    OfferPlan,
+    ResponsePlan,
+    Unsatisfiable,
+    UpdatePlan,
+    channel_self_problem,
+    current_channel,
+    plan_offer,
+    plan_release,
+    plan_response,
+    plan_ticket_download,
+    plan_update,
+    range_start,
+    redeem_ticket,
+    size_cap,
+    ticket_base_url,
+)
+from gateway.core.policy import AppPolicy, Channels, ClientRule, Peer, PolicySet, Verification
+from gateway.core.reasons import Reason, Refusal
+from gateway.core.releases import Release, ReleaseIndex
+from gateway.core.review import Decline, ManifestEntry, Offer, Served
+from gateway.core.tickets import Ticket, TicketKey, open_ticket, seal
+from tests.support import CAPGO_FIXTURES, capgo_fixture, device_body
+
+APP_ID = "com.example.app"
+NOW = 1_800_000_000.0
+GLOBAL_CAP = 1000
+KEY = TicketKey("k1", b"s" * 32)
+PUB = (CAPGO_FIXTURES / "key.pub").read_text()
+FX = capgo_fixture("1.1.0")
+SHA = "cd" * 32
+
+
+def identity(cn: str) -> ClientIdentity:
+    return ClientIdentity(
+        sha256=hashlib.sha256(cn.encode()).hexdigest(),
+        spki_sha256="",
+        subject=f"CN={cn}",
+        common_name=cn,
+        organizations=(),
+        organizational_units=(),
+        issuer="CN=test CA",
+        serial="1",
+        not_after=dt.datetime(2030, 1, 1, tzinfo=dt.UTC),
+        san_dns=(),
+        san_uri=(),
+        san_email=(),
+        san_ip=(),
+        client_auth_eku=True,
+    )
+
+
+DEVICE = Peer(identity("device-1"))
+STRANGER = Peer(identity("stranger"))
+APP = AppPolicy(
+    APP_ID,
+    "cdn",
+    Channels("production", ("production", "beta"), self_set=True),
+    "test.yaml",
+    clients=(ClientRule("fleet", cn=("device-*",)),),
+)
+SIGNED = dataclasses.replace(APP, verification=Verification(public_keys=(PUB,)))
+HOSTS = {"cdn": frozenset({"cdn.example"}), "local": None}
+INDEX = ReleaseIndex(
+    APP_ID,
+    (
+        Release("1.0.0", "production", "1.0.0.zip", 100, SHA),
+        Release("1.1.0", "internal", "1.1.0.zip", 100, SHA),
+        Release("2.0.0", "production", "2.0.0.zip", GLOBAL_CAP + 1, SHA),
+    ),
+)
+
+
+def policies(app: AppPolicy = APP) -> PolicySet:
+    return PolicySet({app.app_id: app})
+
+
+def refused(result: object, reason: Reason, match: str = "") -> Refusal:
+    assert isinstance(result, Refusal), result
+    assert result.reason is reason, result
+    assert match in result.detail, result.detail
+    return result
+
+
+TICKET = Ticket(
+    app_id=APP_ID,
+    version="1.1.0",
+    sha256=SHA,
+    origin="cdn",
+    location="https://cdn.example/com.example.app/1.1.0.zip",
+    identity=DEVICE.identity.sha256,
+    expires=int(NOW) + 60,
+    size=100,
+)
+
+
+def ticket_plan(
+    ticket: Ticket = TICKET, app: AppPolicy = APP, peer: Peer = DEVICE, range_header: str | None = None, **kw: Any
+) -> DownloadPlan | Refusal:
+    return plan_ticket_download(
+        ticket,
+        policies(app),
+        peer,
+        origin_hosts=kw.get("origin_hosts", HOSTS),
+        max_bundle_bytes=kw.get("max_bundle_bytes", GLOBAL_CAP),
+        range_header=range_header,
+    )
+
+
+# --- size cap ----------------------------------------------------------------------------------------------------
+
+
+def test_size_cap_is_the_lower_of_the_gateway_and_the_app_limit() -> None:
+    assert size_cap(APP, 1000) == 1000
+    small = dataclasses.replace(APP, verification=Verification(max_bundle_bytes=10))
+    assert size_cap(small, 1000) == 10
+    big = dataclasses.replace(APP, verification=Verification(max_bundle_bytes=10_000))
+    assert size_cap(big, 1000) == 1000  # an app cannot raise the gateway's limit
+
+
+# --- release downloads -------------------------------------------------------------------------------------------
+
+
+def test_release_on_an_allowed_channel_is_planned() -> None:
+    plan = plan_release(APP, INDEX, "1.0.0", origin="cdn", max_bundle_bytes=GLOBAL_CAP)
+    assert isinstance(plan, DownloadPlan)
+    assert (plan.origin, plan.location, plan.expect.sha256, plan.expect.size) == ("cdn", "1.0.0.zip", SHA, 100)
+    assert plan.range_from is None and plan.aes is None
+
+
+def test_unknown_release_is_refused() -> None:
+    refused(plan_release(APP, INDEX, "9.9.9", origin="cdn", max_bundle_bytes=GLOBAL_CAP), Reason.RELEASE_UNKNOWN)
+
+
+def test_release_on_a_channel_the_policy_does_not_allow_is_refused() -> None:
+    refused(plan_release(APP, INDEX, "1.1.0", origin="cdn", max_bundle_bytes=GLOBAL_CAP), Reason.RELEASE_UNKNOWN)
+    internal = dataclasses.replace(APP, channels=Channels("production", ("production", "internal")))
+    assert isinstance(plan_release(internal, INDEX, "1.1.0", origin="cdn", max_bundle_bytes=GLOBAL_CAP), DownloadPlan)
+
+
+def test_release_above_the_size_cap_is_refused() -> None:
+    refused(plan_release(APP, INDEX, "2.0.0", origin="cdn", max_bundle_bytes=GLOBAL_CAP), Reason.SIZE_EXCEEDED)
+    assert isinstance(plan_release(APP, INDEX, "2.0.0", origin="cdn", max_bundle_bytes=GLOBAL_CAP + 1), DownloadPlan)
+    small = dataclasses.replace(APP, verification=Verification(max_bundle_bytes=99))
+    refused(plan_release(small, INDEX, "1.0.0", origin="cdn", max_bundle_bytes=GLOBAL_CAP), Reason.SIZE_EXCEEDED)
+
+
+# --- tickets -----------------------------------------------------------------------------------------------------
+
+
+def test_a_valid_ticket_is_redeemed_by_its_holder_only() -> None:
+    token = seal(TICKET, KEY)
+    assert redeem_ticket(token, [KEY], now=NOW, peer=DEVICE) == TICKET
+    refused(redeem_ticket(token, [KEY], now=NOW, peer=STRANGER), Reason.TICKET_INVALID, "another client")
+    refused(redeem_ticket(token, [KEY], now=TICKET.expires, peer=DEVICE), Reason.TICKET_INVALID, "expired")
+    refused(redeem_ticket(token[:-2] + "AA", [KEY], now=NOW, peer=DEVICE), Reason.TICKET_INVALID, "signature")
+
+
+def test_ticket_download_is_planned_from_the_ticket() -> None:
+    plan = ticket_plan()
+    assert isinstance(plan, DownloadPlan)
+    assert (plan.app_id, plan.version, plan.origin, plan.location) == (APP_ID, "1.1.0", "cdn", TICKET.location)
+    assert (plan.expect.sha256, plan.expect.size, plan.expect.max_bytes) == (SHA, 100, GLOBAL_CAP)
+    assert plan.content_type == "application/zip" and not plan.brotli
+
+
+def test_ticket_download_readmits_the_client() -> None:
+    assert isinstance(ticket_plan(peer=DEVICE), DownloadPlan)
+    refused(ticket_plan(peer=STRANGER), Reason.IDENTITY_NOT_ALLOWED)
+
+
+def test_ticket_origin_must_still_serve_the_app() -> None:
+    refused(ticket_plan(dataclasses.replace(TICKET, origin="local")), Reason.TICKET_INVALID, "no longer serves")
+    refused(ticket_plan(dataclasses.replace(TICKET, origin="gone")), Reason.TICKET_INVALID, "no longer serves")
+    moved = dataclasses.replace(APP, origin="local")
+    local = dataclasses.replace(TICKET, origin="local", location="1.1.0.zip")
+    assert isinstance(ticket_plan(local, moved), DownloadPlan)
+
+
+@pytest.mark.parametrize(
+    "location",
+    [
+        "http://cdn.example/com.example.app/1.1.0.zip",
+        "https://evil.example/com.example.app/1.1.0.zip",
+        "https://user:pw@cdn.example/com.example.app/1.1.0.zip",
+    ],
+)
+def test_https_ticket_location_is_confined_to_the_origin_hosts(location: str) -> None:
+    refused(ticket_plan(dataclasses.replace(TICKET, location=location)), Reason.TICKET_INVALID, "location")
+
+
+@pytest.mark.parametrize("location", ["../other.app/1.0.0.zip", "/etc/passwd", "a/../../b.zip", "a\\b.zip", ""])
+def test_directory_ticket_location_is_confined_to_the_app_folder(location: str) -> None:
+    moved = dataclasses.replace(APP, origin="local")
+    ticket = dataclasses.replace(TICKET, origin="local", location=location)
+    refused(ticket_plan(ticket, moved), Reason.TICKET_INVALID, "location")
+    assert isinstance(ticket_plan(dataclasses.replace(ticket, location="assets/1.1.0.zip"), moved), DownloadPlan)
+
+
+def test_ticket_above_the_size_cap_is_refused() -> None:
+    refused(ticket_plan(max_bundle_bytes=99), Reason.SIZE_EXCEEDED, "above the limit of 99")
+    assert isinstance(ticket_plan(max_bundle_bytes=100), DownloadPlan)
+    small = dataclasses.replace(APP, verification=Verification(max_bundle_bytes=50))
+    refused(ticket_plan(app=small), Reason.SIZE_EXCEEDED, "above the limit of 50")
+
+
+def test_ticket_without_a_size_is_capped_while_it_streams() -> None:
+    plan = ticket_plan(dataclasses.replace(TICKET, size=None))
+    assert isinstance(plan, DownloadPlan)
+    assert (plan.expect.size, plan.expect.limit) == (None, GLOBAL_CAP)
+
+
+def test_encrypted_ticket_opens_with_the_app_key_only() -> None:
+    ticket = dataclasses.replace(
+        TICKET, sha256=FX["checksum"], checksum=FX["encrypted_checksum"], session_key=FX["iv_session_key"]
+    )
+    plan = ticket_plan(ticket, SIGNED)
+    assert isinstance(plan, DownloadPlan) and plan.aes is not None
+    assert "aes" not in repr(plan)  # the bundle key never reaches a log line
+    refused(ticket_plan(ticket, APP), Reason.SIGNATURE_INVALID)  # the app lists no key that opens it
+    forged = dataclasses.replace(ticket, checksum=capgo_crypto.sign_checksum(_other_key(), FX["checksum"]))
+    refused(ticket_plan(forged, SIGNED), Reason.SIGNATURE_INVALID)
+
+
+def _other_key() -> rsa.RSAPrivateKey:
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+
+def test_manifest_files_are_octet_streams_and_br_files_are_decompressed() -> None:
+    plan = ticket_plan(dataclasses.replace(TICKET, file_name="assets/index.js.br"))
+    assert isinstance(plan, DownloadPlan)
+    assert (plan.content_type, plan.brotli) == ("application/octet-stream", True)
+    plain = ticket_plan(dataclasses.replace(TICKET, file_name="assets/index.js"))
+    assert isinstance(plain, DownloadPlan) and not plain.brotli
+
+
+# --- Range -------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("header", "start"), [(None, None), ("bytes=0-", 0), ("bytes=42-", 42), (" bytes=7- ", 7)])
+def test_open_ended_range_is_served(header: str | None, start: int | None) -> None:
+    assert range_start(header) == start
+    plan = ticket_plan(range_header=header)
+    assert isinstance(plan, DownloadPlan) and plan.range_from == start
+
+
+@pytest.mark.parametrize(
+    "header", ["bytes=0-10", "bytes=-10", "bytes=1-,5-", "items=0-", "bytes=a-", "bytes=" + "9" * 16 + "-"]
+)
+def test_other_range_forms_are_refused(header: str) -> None:
+    refused(range_start(header), Reason.RANGE_NOT_SATISFIABLE)
+    refused(ticket_plan(range_header=header), Reason.RANGE_NOT_SATISFIABLE)
+
+
+# --- the response, once the origin declared its size -------------------------------------------------------------
+
+
+def planned(**kw: Any) -> DownloadPlan:
+    plan = ticket_plan(**kw)
+    assert isinstance(plan, DownloadPlan)
+    return plan
+
+
+def test_whole_file_response() -> None:
+    assert plan_response(planned(), 100) == ResponsePlan(200, planned().expect, 0, 100, None)
+    unknown = planned(ticket=dataclasses.replace(TICKET, size=None))
+    assert plan_response(unknown, None) == ResponsePlan(200, unknown.expect, 0, None, None)  # chunked
+
+
+def test_declared_size_must_match_the_expected_one() -> None:
+    refused(plan_response(planned(), 101), Reason.SIZE_EXCEEDED, "declares 101")
+    refused(plan_response(planned(), 99), Reason.SHORT_BODY, "declares 99")
+    assert isinstance(plan_response(planned(), None), ResponsePlan)  # an origin may not declare it
+
+
+def test_range_response() -> None:
+    answer = plan_response(planned(range_header="bytes=40-"), 100)
+    assert isinstance(answer, ResponsePlan)
+    assert (answer.status, answer.send_from, answer.content_length, answer.content_range) == (
+        206,
+        40,
+        60,
+        "bytes 40-99/100",
+    )
+    # the size comes from the origin when the ticket has none; the verifier then expects exactly that many
+    unsized = plan_response(planned(ticket=dataclasses.replace(TICKET, size=None), range_header="bytes=40-"), 100)
+    assert isinstance(unsized, ResponsePlan) and unsized.expect.size == 100
+
+
+def test_range_past_the_end_or_of_an_unknown_size_is_unsatisfiable() -> None:
+    past = plan_response(planned(range_header="bytes=100-"), 100)
+    assert isinstance(past, Unsatisfiable) and past.size == 100
+    assert isinstance(plan_response(planned(range_header="bytes=99-"), 100), ResponsePlan)
+    unknown = plan_response(planned(ticket=dataclasses.replace(TICKET, size=None), range_header="bytes=0-"), None)
+    assert isinstance(unknown, Unsatisfiable) and unknown.size is None
+
+
+# --- update checks -----------------------------------------------------------------------------------------------
+
+
+def device(channel: str | None = None) -> DeviceInfo:
+    extra = {} if channel is None else {"defaultChannel": channel}
+    return parse_info(device_body(APP_ID, **extra))
+
+
+def test_update_check_is_planned_on_the_default_or_the_device_channel() -> None:
+    assert plan_update(policies(), DEVICE, device()) == UpdatePlan(APP, "production", "cdn")
+    assert plan_update(policies(), DEVICE, device("beta")) == UpdatePlan(APP, "beta", "cdn")
+
+
+def test_update_check_of_a_client_not_admitted_is_refused() -> None:
+    refused(plan_update(policies(), STRANGER, device()), Reason.IDENTITY_NOT_ALLOWED)
+    refused(plan_update(PolicySet({}), DEVICE, device()), Reason.APP_UNKNOWN)
+
+
+def test_update_check_on_a_channel_the_policy_does_not_allow_is_blocked() -> None:
+    decline = plan_update(policies(), DEVICE, device("internal"))
+    assert isinstance(decline, Decline)
+    assert (decline.error, decline.kind) == ("channel_not_allowed", Kind.BLOCKED)
+    assert decline.reason is Reason.CHANNEL_NOT_ALLOWED
+
+
+# --- /channel_self -----------------------------------------------------------------------------------------------
+
+
+def test_self_set_channel_must_be_allowed() -> None:
+    assert channel_self_problem(APP, "POST", "beta") is None
+    refused(channel_self_problem(APP, "POST", "internal"), Reason.CHANNEL_NOT_ALLOWED, "not allowed")
+    refused(channel_self_problem(APP, "POST", None), Reason.BAD_REQUEST)
+    refused(channel_self_problem(APP, "POST", "../x"), Reason.BAD_REQUEST)
+
+
+def test_self_set_needs_the_policy_to_allow_it() -> None:
+    locked = dataclasses.replace(APP, channels=Channels("production", ("production", "beta")))
+    for method in ("POST", "DELETE"):
+        refused(channel_self_problem(locked, method, "beta"), Reason.CHANNEL_NOT_ALLOWED, "own channel")
+    assert channel_self_problem(APP, "DELETE", None) is None
+    assert channel_self_problem(locked, "GET", None) is None and channel_self_problem(locked, "PUT", None) is None
+
+
+def test_current_channel_is_the_device_one_only_when_allowed() -> None:
+    assert current_channel(APP, "beta") == "beta"
+    assert current_channel(APP, "internal") == "production"
+    assert current_channel(APP, None) == "production"
+
+
+# --- offers: ticket urls -----------------------------------------------------------------------------------------
+
+OFFER = Offer(
+    version="1.1.0",
+    location="https://cdn.example/com.example.app/1.1.0.zip",
+    checksum=SHA,
+    session_key="",
+    digest=SHA,
+    decrypt=False,
+    lowers_channel=False,
+    manifest=(
+        ManifestEntry("assets/index.js.br", "ef" * 32, "https://cdn.example/files/index.js.br", "ef" * 32),
+        ManifestEntry("assets/raw.txt", "ab", "https://cdn.example/files/raw.txt", None),
+    ),
+)
+PLAN = UpdatePlan(APP, "production", "cdn")
+
+
+def offer_plan(offer: Offer = OFFER, **kw: Any) -> OfferPlan | Refusal:
+    args: dict[str, Any] = {"key": KEY, "now": NOW, "ttl": 60, "public_url": None, "host_header": "gw.example:8443"}
+    return plan_offer(offer, PLAN, DEVICE, kw.pop("served", Served(SHA, 100)), **{**args, **kw})
+
+
+def test_offer_urls_become_tickets_bound_to_the_device() -> None:
+    plan = offer_plan()
+    assert isinstance(plan, OfferPlan) and plan.tickets == 2
+    url = plan.body["url"]
+    assert url.startswith("https://gw.example:8443/bundles/t/") and url.endswith("/1.1.0.zip")
+    ticket = open_ticket(url.split("/")[-2], [KEY], now=NOW, identity=DEVICE.identity.sha256)
+    assert (ticket.location, ticket.size, ticket.origin, ticket.expires) == (OFFER.location, 100, "cdn", NOW + 60)
+    entries = plan.body["manifest"]
+    assert entries[0]["download_url"].endswith("/index.js.br")
+    assert entries[1]["download_url"] == "https://cdn.example/files/raw.txt"  # unverified: the origin's url
+
+
+def test_unverified_offer_keeps_the_origin_url_and_needs_no_host() -> None:
+    plan = offer_plan(dataclasses.replace(OFFER, digest=None, manifest=()), host_header="not a host")
+    assert isinstance(plan, OfferPlan) and plan.tickets == 0 and plan.body["url"] == OFFER.location
+
+
+@pytest.mark.parametrize("host", ["gw.example", "gw.example:8443", "[::1]:8443", "127.0.0.1"])
+def test_ticket_urls_name_the_request_host_when_it_is_a_host(host: str) -> None:
+    assert ticket_base_url(None, host) == f"https://{host}"
+
+
+@pytest.mark.parametrize("host", [None, "", "gw.example/evil", "gw.example@evil", "a b", "gw.example:8443:1"])
+def test_a_host_header_that_is_not_a_host_is_refused(host: str | None) -> None:
+    refused(ticket_base_url(None, host), Reason.BAD_REQUEST, "Host")
+    refused(offer_plan(host_header=host), Reason.BAD_REQUEST, "Host")
+
+
+def test_public_url_wins_over_the_host_header() -> None:
+    assert ticket_base_url("https://ota.example", "evil.example") == "https://ota.example"
+    plan = offer_plan(public_url="https://ota.example", host_header="not a host")
+    assert isinstance(plan, OfferPlan) and plan.body["url"].startswith("https://ota.example/bundles/t/")
