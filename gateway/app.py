@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import logging
 import time
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.openmetrics.exposition import CONTENT_TYPE_LATEST as OPENMETRICS_TYPE
 from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 
 from gateway.audit import AuditRecord
+from gateway.core.connguard import fd_pressure
 from gateway.core.names import host_of
 from gateway.core.reasons import Reason, Refusal
 from gateway.handlers.bundles import get_bundle
@@ -32,6 +35,7 @@ from gateway.peer import resolve_peer
 from gateway.state_keys import AUDIT_KEY, PEER_KEY, RUNTIME, Runtime
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+log = logging.getLogger("ota_gateway.http")
 
 
 def _route_label(request: web.Request) -> str:
@@ -70,6 +74,29 @@ async def envelope(request: web.Request, handler: Handler) -> web.StreamResponse
         record.outcome, record.reason = "refused", reason.label
         rt.metrics.refusals.labels(reason.label).inc()
         resp = refusal_response(route, Refusal(reason, exc.reason or "request refused"), exc.status)
+    except HttpProcessingError as exc:
+        # a body the parser refused mid-way (bad chunked encoding, body past Content-Length): the client's fault
+        detail = f"malformed HTTP request body ({type(exc).__name__})"
+        record.outcome, record.reason, record.detail = "refused", Reason.BAD_REQUEST.label, detail
+        rt.metrics.refusals.labels(Reason.BAD_REQUEST.label).inc()
+        resp = refusal_response(route, Refusal(Reason.BAD_REQUEST, detail))
+        resp.force_close()
+    except ConnectionError:
+        # the client went away while a handler wrote to it
+        record.outcome, record.reason = "aborted", Reason.CLIENT_GONE.label
+        rt.metrics.refusals.labels(Reason.CLIENT_GONE.label).inc()
+        record.duration_ms = round((time.monotonic() - started) * 1000, 3)
+        rt.metrics.requests.labels(route, record.outcome).inc()
+        rt.audit.write(record)
+        raise
+    except Exception:
+        # a bug: logged once with its traceback, answered with problem details, audited and counted
+        log.exception("unexpected error on %s %s", request.method, record.path)
+        record.outcome, record.reason = "refused", Reason.INTERNAL_ERROR.label
+        record.detail = "internal error"
+        rt.metrics.refusals.labels(Reason.INTERNAL_ERROR.label).inc()
+        resp = refusal_response(route, Refusal(Reason.INTERNAL_ERROR, "internal error"))
+        resp.force_close()
     except asyncio.CancelledError:
         # the client went away (handler_cancellation) or shutdown cancelled the request: still one audit line
         if record.outcome == "ok":  # cancelled before the handler could record why
@@ -83,6 +110,8 @@ async def envelope(request: web.Request, handler: Handler) -> web.StreamResponse
     finally:
         rt.active -= 1
         record.duration_ms = round((time.monotonic() - started) * 1000, 3)
+    if record.reason == Reason.REQUEST_TIMEOUT.label:
+        resp.force_close()  # the rest of the body is never read
     record.status = resp.status
     if record.outcome == "ok" and resp.status >= 400:
         record.outcome = "refused"
@@ -108,12 +137,33 @@ async def _server_header(request: web.Request, response: web.StreamResponse) -> 
     response.headers["Server"] = "ota-gateway"
 
 
-async def _hsts(request: web.Request, response: web.StreamResponse) -> None:
-    rt = request.app[RUNTIME]
+def low_level_headers(rt: Runtime, *, tls: bool) -> dict[str, str]:
+    """Server (and on TLS listeners HSTS) for answers given below the application (parser errors, timeouts)."""
+    headers = {"Server": "ota-gateway"}
     max_age = rt.config.listeners[0].hsts_max_age
-    if max_age:
-        response.headers.setdefault("Strict-Transport-Security", f"max-age={max_age}")
+    if tls and max_age:
+        headers["Strict-Transport-Security"] = f"max-age={max_age}"
+    return headers
+
+
+async def _hsts(request: web.Request, response: web.StreamResponse) -> None:
+    for name, value in low_level_headers(request.app[RUNTIME], tls=True).items():
+        response.headers.setdefault(name, value)
     response.headers["Server"] = "ota-gateway"
+
+
+def low_level_recorder(rt: Runtime) -> Callable[[str, str | None, int, Reason, str], None]:
+    """Audit and count an answer the listener gave before the application saw a request (see listener.py)."""
+
+    def record(listener: str, peer: str | None, status: int, reason: Reason, detail: str) -> None:
+        entry = AuditRecord(route="other", method="-", path="-", peer=peer)
+        entry.outcome, entry.status, entry.reason, entry.detail = "refused", status, reason.label, detail
+        entry.duration_ms = 0.0
+        rt.metrics.refusals.labels(reason.label).inc()
+        rt.metrics.requests.labels("other", "refused").inc()
+        rt.audit.write(entry)
+
+    return record
 
 
 def create_app(runtime: Runtime) -> web.Application:
@@ -133,8 +183,24 @@ def create_app(runtime: Runtime) -> web.Application:
     return app
 
 
+def descriptor_usage() -> tuple[int, int] | None:
+    """(open file descriptors, RLIMIT_NOFILE soft limit) of this process; None where /proc is missing."""
+    import os
+    import resource
+
+    try:
+        count = len(os.listdir("/proc/self/fd")) - 1  # without the descriptor listdir itself holds
+    except OSError:
+        return None
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return (count, soft) if soft > 0 else None
+
+
 async def _metrics(request: web.Request) -> web.Response:
     rt = request.app[RUNTIME]
+    fds = descriptor_usage()
+    if fds is not None:
+        rt.metrics.open_fds_ratio.set(fds[0] / fds[1])
     if "application/openmetrics-text" in request.headers.get("Accept", ""):
         body = generate_openmetrics(exposition_registry(rt.metrics.registry))  # type: ignore[no-untyped-call]
         return web.Response(body=body, headers={"Content-Type": OPENMETRICS_TYPE})
@@ -150,11 +216,13 @@ async def _healthz(request: web.Request) -> web.Response:
 ORIGIN_FAILURE_WINDOW = 60.0  # an origin whose last answer within this many seconds was a failure is not ready
 
 
-def readiness(rt: Runtime, now: dt.datetime, monotonic: float) -> list[str]:
-    """Why the gateway should not get traffic now; empty when it is ready."""
+def readiness(rt: Runtime, now: dt.datetime, monotonic: float, fds: tuple[int, int] | None = None) -> list[str]:
+    """Why the gateway should not get traffic now; empty when it is ready. `fds`: (open descriptors, limit)."""
     problems = []
     if rt.shutting_down:
         problems.append("shutting down")
+    if fds is not None and fd_pressure(*fds):
+        problems.append(f"open file descriptors at {fds[0]} of the limit {fds[1]}")
     for material in rt.material.values():
         for exp in material.expiries:
             if exp.kind != "crl" and exp.not_after <= now:
@@ -174,7 +242,10 @@ def readiness(rt: Runtime, now: dt.datetime, monotonic: float) -> list[str]:
 
 async def _readyz(request: web.Request) -> web.Response:
     rt = request.app[RUNTIME]
-    problems = readiness(rt, dt.datetime.now(dt.UTC), time.monotonic())
+    fds = descriptor_usage()
+    if fds is not None:
+        rt.metrics.open_fds_ratio.set(fds[0] / fds[1])
+    problems = readiness(rt, dt.datetime.now(dt.UTC), time.monotonic(), fds)
     body = {
         "status": "not ready" if problems else "ready",
         "reasons": problems,

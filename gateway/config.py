@@ -157,6 +157,7 @@ class AdminListener(Model):
     address: Address = "127.0.0.1"
     port: Port = 9901
     tls: AdminTls | None = None
+    max_connections: PositiveInt = 32
 
 
 class DirectoryOriginConfig(Model):
@@ -212,6 +213,11 @@ class Limits(Model):
     max_bundle_bytes: PositiveInt = 1024 * 1024 * 1024
     shutdown_grace: Annotated[float, Field(ge=0, le=3600)] = 30.0
     keepalive_timeout: Seconds = 75.0
+    header_timeout: Seconds = 10.0
+    body_timeout: Seconds = 30.0
+    max_connections: PositiveInt | None = None  # per worker, all listeners; None: 3/4 of the open-files limit
+    max_handshakes: PositiveInt = 256
+    max_handshakes_per_address: PositiveInt = 32
 
 
 class FrontProxy(Model):
@@ -242,6 +248,7 @@ class PlainHttp(Model):
     address: Address = "127.0.0.1"
     port: Port = 8080
     https_port: Port | None = None  # port in the redirect; default: the first TLS listener's
+    max_connections: PositiveInt = 128
 
 
 class ReloadConfig(Model):

@@ -1,10 +1,18 @@
-"""The mTLS listener: accepts TCP, runs the TLS handshake itself, then hands the connection to aiohttp.
+"""Listeners: accepting connections, the TLS handshake, connection caps and the timeouts of every connection.
 
-Owns the handshake of every public connection. Starting TLS per connection (`loop.start_tls`) instead of
-passing an SSLContext to `create_server` gives the gateway every handshake outcome (counted by cause, even those
-OpenSSL rejects before any HTTP request), a handshake timeout of its own, and the current SSLContext for each new
-connection, so certificate material can be swapped without a restart. After the handshake the leaf certificate
-must carry the clientAuth EKU (OpenSSL accepts certificates without any EKU; the gateway does not).
+Owns the handshake of every public connection, and for every listener (mTLS, plain HTTP, admin) the life of a
+connection around aiohttp's HTTP protocol: the caps checked at accept (`ConnectionBudget`, decided by
+core/connguard.py: over a cap a new connection is closed at once and counted), the header, body and keep-alive
+idle timeouts (`GuardedRequestHandler`: 408 problem details while HTTP can still answer, else a quiet close;
+counted by cause), and the answers aiohttp's parser gives before any application sees the request (malformed
+request line, oversized headers, bad chunked encoding): problem details without an echo of the client's bytes,
+one log line, and handed to `LowLevelRecorder` for the audit line and the counters.
+
+Starting TLS per connection (`loop.start_tls`) instead of passing an SSLContext to `create_server` gives the
+gateway every handshake outcome (counted by cause, even those OpenSSL rejects before any HTTP request), a
+handshake timeout of its own, and the current SSLContext for each new connection, so certificate material can be
+swapped without a restart. After the handshake the leaf certificate must carry the clientAuth EKU (OpenSSL
+accepts certificates without any EKU; the gateway does not).
 
 Bytes that arrive between the end of the handshake and the switch to the HTTP protocol are buffered and passed on.
 """
@@ -17,14 +25,24 @@ import logging
 import socket
 import ssl
 from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
 from typing import Any, cast
 
+from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
+from aiohttp.http_parser import RawRequestMessage
+from aiohttp.streams import StreamReader
+from aiohttp.web_protocol import RequestHandler
+
+from gateway.core.connguard import Caps, Counts, Phase, Timeouts, admit, deadline
 from gateway.core.handshake import classify
 from gateway.core.identity import identity_from_der
+from gateway.core.reasons import Reason, Refusal
 from gateway.metrics import Metrics
 from gateway.tls import ListenerMaterial
 
 log = logging.getLogger("ota_gateway.tls")
+http_log = logging.getLogger("ota_gateway.http")
 
 
 class _Acceptor(asyncio.Protocol):
@@ -35,13 +53,22 @@ class _Acceptor(asyncio.Protocol):
         self._pending = bytearray()
         self._lost = False
         self._transport: asyncio.Transport | None = None
+        self._slot: Slot | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]  # uvloop's TCPTransport is not a subclass
+        budget = self._listener.budget
+        if budget is not None:
+            self._slot = budget.open_slot(self._listener.name, _peer_ip(transport), tls=True)
+            if self._slot is None:
+                self._lost = True
+                cast(asyncio.Transport, transport).abort()  # over a cap: closed before any TLS work
+                return
         self._listener.spawn(self._handshake(transport))  # type: ignore[arg-type]
 
     def data_received(self, data: bytes) -> None:
-        self._pending += data  # application data decrypted before the HTTP protocol took over
+        if not self._lost:
+            self._pending += data  # application data decrypted before the HTTP protocol took over
 
     def eof_received(self) -> bool:
         return False
@@ -50,6 +77,18 @@ class _Acceptor(asyncio.Protocol):
         self._lost = True
 
     async def _handshake(self, raw: asyncio.Transport) -> None:
+        slot = self._slot
+        handed_over = False
+        try:
+            handed_over = await self._handshake_and_hand_over(raw)
+        finally:
+            if slot is not None:
+                slot.handshake_done()
+                if not handed_over:
+                    slot.release()
+
+    async def _handshake_and_hand_over(self, raw: asyncio.Transport) -> bool:
+        """True when the connection went to the HTTP protocol (which then owns the slot)."""
         listener = self._listener
         loop = asyncio.get_running_loop()
         early = bytes(self._pending)
@@ -72,52 +111,55 @@ class _Acceptor(asyncio.Protocol):
         except ssl.SSLCertVerificationError as exc:
             listener.failed(classify(exc.reason, exc.verify_code), exc)
             raw.abort()
-            return
+            return False
         except ssl.SSLError as exc:
             listener.failed(classify(exc.reason, None), exc)
             raw.abort()
-            return
+            return False
         except TimeoutError as exc:
             listener.failed("timeout", exc)
             raw.abort()
-            return
+            return False
         except (ConnectionError, OSError) as exc:
             # asyncio's and uvloop's SSLProtocol report their own handshake timeout as ConnectionAbortedError
             timed_out = isinstance(exc, ConnectionAbortedError) and loop.time() - started >= listener.handshake_timeout
             listener.failed("timeout" if timed_out else "aborted", exc)
             raw.abort()
-            return
+            return False
         if tls is None or self._lost:
             listener.failed("aborted", None)
             raw.abort()
-            return
+            return False
         ssl_object = tls.get_extra_info("ssl_object")
         der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
         if der is None:
             listener.failed("no_cert", None)
             tls.abort()
-            return
+            return False
         identity = identity_from_der(der)
         if not identity.client_auth_eku:
             listener.failed("purpose", None)
             tls.abort()
-            return
+            return False
         if material.pinned_out(identity.spki_sha256, identity.sha256):
             listener.failed("pin", identity.sha256)
             tls.abort()
-            return
+            return False
         revoked = material.revocation.check(identity, dt.datetime.now(dt.UTC))
         if revoked:
             listener.failed("revoked", revoked)
             tls.abort()
-            return
+            return False
         listener.metrics.handshakes.labels(listener.name).inc()
         protocol = listener.protocol_factory()
+        if isinstance(protocol, GuardedRequestHandler):
+            protocol.attach(self._slot)
         tls.set_protocol(protocol)
         protocol.connection_made(tls)
         if self._pending:
             protocol.data_received(bytes(self._pending))
             self._pending.clear()
+        return True
 
 
 def _feed_early(raw: asyncio.Transport, acceptor: _Acceptor, data: bytes) -> None:
@@ -147,12 +189,14 @@ class TlsListenerServer:
         protocol_factory: Callable[[], asyncio.Protocol],
         metrics: Metrics,
         handshake_timeout: float,
+        budget: ConnectionBudget | None = None,
     ) -> None:
         self.name = name
         self.material = material
         self.protocol_factory = protocol_factory
         self.metrics = metrics
         self.handshake_timeout = handshake_timeout
+        self.budget = budget
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         metrics.listener(name)
@@ -189,3 +233,341 @@ class TlsListenerServer:
             task.cancel()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+def _peer_ip(transport: asyncio.BaseTransport) -> str | None:
+    peer = transport.get_extra_info("peername")
+    return str(peer[0]) if isinstance(peer, tuple) and peer else None
+
+
+class Slot:
+    """One admitted connection's place in the budget; `release()` gives it back (once)."""
+
+    __slots__ = ("_budget", "_handshaking", "_released", "address", "listener")
+
+    def __init__(self, budget: ConnectionBudget, listener: str, address: str | None, handshaking: bool) -> None:
+        self._budget, self.listener, self.address = budget, listener, address
+        self._handshaking, self._released = handshaking, False
+
+    def handshake_done(self) -> None:
+        if self._handshaking:
+            self._handshaking = False
+            self._budget._handshake_done(self.address)
+
+    def release(self) -> None:
+        if not self._released:
+            self._released = True
+            self.handshake_done()
+            self._budget._closed(self.listener)
+
+
+class ConnectionBudget:
+    """The connections of one worker, over all its listeners: admission by core/connguard.py `admit`."""
+
+    LOG_EVERY = 10.0  # seconds between two log lines about refused connections, per listener
+
+    def __init__(
+        self,
+        caps: Caps,
+        metrics: Metrics,
+        listener_caps: dict[str, int] | None = None,
+        own_cap_only: frozenset[str] = frozenset(),
+    ) -> None:
+        self.caps = caps
+        self.metrics = metrics
+        self.listener_caps = listener_caps or {}
+        self.own_cap_only = own_cap_only  # listeners outside the overall cap (admin)
+        self.open = 0
+        self.per_listener: dict[str, int] = {}
+        self.handshakes = 0
+        self.by_address: dict[str | None, int] = {}
+        self._logged: dict[str, float] = {}
+
+    def open_slot(self, listener: str, address: str | None, *, tls: bool) -> Slot | None:
+        counts = Counts(self.open, self.per_listener.get(listener, 0), self.handshakes, self.by_address.get(address, 0))
+        cause = admit(
+            self.caps,
+            counts,
+            tls=tls,
+            listener_cap=self.listener_caps.get(listener),
+            overall=listener not in self.own_cap_only,
+        )
+        if cause is not None:
+            self.metrics.connections_refused.labels(listener, cause).inc()
+            now = asyncio.get_running_loop().time()
+            if now - self._logged.get(listener, -self.LOG_EVERY) >= self.LOG_EVERY:
+                self._logged[listener] = now
+                http_log.warning(
+                    "connection cap reached on %s (%s): new connections are closed at once", listener, cause
+                )
+            return None
+        if listener not in self.own_cap_only:
+            self.open += 1
+        self.per_listener[listener] = self.per_listener.get(listener, 0) + 1
+        self.metrics.connections_open.labels(listener).inc()
+        if tls:
+            self.handshakes += 1
+            self.by_address[address] = self.by_address.get(address, 0) + 1
+        return Slot(self, listener, address, tls)
+
+    def _handshake_done(self, address: str | None) -> None:
+        self.handshakes -= 1
+        left = self.by_address.get(address, 1) - 1
+        if left > 0:
+            self.by_address[address] = left
+        else:
+            self.by_address.pop(address, None)  # the table holds only addresses with handshakes in progress
+
+    def _closed(self, listener: str) -> None:
+        if listener not in self.own_cap_only:
+            self.open -= 1
+        self.per_listener[listener] -= 1
+        self.metrics.connections_open.labels(listener).dec()
+
+
+# audits and counts an answer given below the application (parser errors, header timeouts):
+# (listener, peer address, status, reason, detail)
+LowLevelRecorder = Callable[[str, str | None, int, Reason, str], None]
+
+
+@dataclass(frozen=True)
+class HttpGuard:
+    """What every connection of one HTTP server is held to, and where its low-level answers are reported."""
+
+    listener: str  # label for connections not admitted by a TLS listener (those carry their listener's name)
+    timeouts: Timeouts
+    budget: ConnectionBudget
+    record: LowLevelRecorder
+    headers: Callable[[], dict[str, str]]  # Server, and HSTS on TLS listeners
+
+
+class RequestTimedOut(Refusal):
+    """Raised into a handler that waits for a request body the client did not finish in time."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(Reason.REQUEST_TIMEOUT, f"the request body was not complete within {seconds:g} s")
+
+
+class GuardedRequestHandler(RequestHandler):
+    """aiohttp's HTTP/1.1 protocol with the gateway's timeouts, admission and low-level answers."""
+
+    def __init__(self, manager: GuardedServer, **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        self._guard = manager.guard
+        self._slot: Slot | None = None
+        self._refused = False
+        self._phase = Phase.FIRST
+        self._since = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        self._body: StreamReader | None = None
+        self._inner_factory = self._request_factory
+        self._request_factory = self._dispatch
+
+    def attach(self, slot: Slot | None) -> None:
+        """Take over the slot a TLS listener admitted this connection with."""
+        self._slot = slot
+
+    @property
+    def listener(self) -> str:
+        return self._slot.listener if self._slot is not None else self._guard.listener
+
+    # -- connection life ------------------------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self._slot is None:  # a plain listener: admission happens here
+            self._slot = self._guard.budget.open_slot(self._guard.listener, _peer_ip(transport), tls=False)
+            if self._slot is None:
+                self._refused = True
+                cast(asyncio.Transport, transport).abort()
+                return
+        super().connection_made(transport)
+        self._enter(Phase.FIRST)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self._refused:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._body = None
+        if self._slot is not None:
+            self._slot.release()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if data and self._phase is Phase.IDLE:
+            self._enter(Phase.HEADERS)  # keep-alive: the header timeout runs from the next request's first byte
+        super().data_received(data)
+
+    def _dispatch(
+        self,
+        message: RawRequestMessage,
+        payload: StreamReader,
+        protocol: RequestHandler,
+        writer: AbstractStreamWriter,
+        task: asyncio.Task[None],
+    ) -> web.BaseRequest:
+        """aiohttp's request factory, called when a request starts: the body timeout starts with it."""
+        if payload.is_eof():
+            self._enter(Phase.BUSY)
+        else:
+            self._body = payload
+            self._enter(Phase.BODY)
+            payload.on_eof(self._body_complete)
+        assert self._inner_factory is not None
+        return self._inner_factory(message, payload, protocol, writer, task)
+
+    def _body_complete(self) -> None:
+        if self._phase is Phase.BODY:
+            self._body = None
+            self._enter(Phase.BUSY)
+
+    def log_access(self, request: web.BaseRequest, response: web.StreamResponse, time: float | None) -> None:
+        super().log_access(request, response, time)  # called once the response is complete
+        self._body = None
+        self._enter(Phase.IDLE)
+
+    # -- timeouts -------------------------------------------------------------------------------------------------
+
+    def _enter(self, phase: Phase) -> None:
+        self._phase, self._since = phase, self._loop.time()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        expiry = deadline(phase, self._since, self._guard.timeouts)
+        if expiry is not None:
+            self._timer = self._loop.call_at(expiry.at, self._expired)
+
+    def _expired(self) -> None:
+        self._timer = None
+        expiry = deadline(self._phase, self._since, self._guard.timeouts)
+        transport = self.transport
+        if expiry is None or transport is None or self._force_close:
+            return
+        if self._phase in (Phase.FIRST, Phase.HEADERS) and self._messages:
+            return  # the headers are complete; the request is about to start
+        self._guard.budget.metrics.timeouts.labels(self.listener, expiry.cause).inc()
+        peer = _peer_ip(transport)
+        timeouts = self._guard.timeouts
+        if expiry.cause == "body":
+            http_log.info("request body timeout on %s from %s", self.listener, peer)
+            body, self._body = self._body, None
+            self.close()  # read nothing more; the connection closes after the 408 the handler answers
+            if body is not None:
+                body.set_exception(RequestTimedOut(timeouts.body))
+                body.feed_eof()  # nothing left to linger on
+            return
+        if expiry.cause == "header":
+            detail = f"the request headers were not complete within {timeouts.header:g} s"
+            http_log.info("request header timeout on %s from %s", self.listener, peer)
+            self._guard.record(self.listener, peer, 408, Reason.REQUEST_TIMEOUT, detail)
+            transport.write(_raw_problem(Reason.REQUEST_TIMEOUT, detail, 408, self._guard.headers()))
+        self.force_close()  # close() after the write: the 408 is flushed first
+
+    # -- answers aiohttp gives before the application ------------------------------------------------------------
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        """Problem details instead of aiohttp's text (which echoes the client's bytes); audited and counted."""
+        from gateway.handlers.problem import problem_response
+
+        peer = _peer_ip(self.transport) if self.transport is not None else None
+        if status < 500:
+            reason = Reason.BAD_REQUEST
+            kind = type(exc).__name__ if exc is not None else "malformed"
+            detail = f"malformed HTTP request ({kind})"  # the exception's class, never the client's bytes
+            http_log.info("malformed HTTP request on %s from %s: %s", self.listener, peer, kind)
+        else:
+            reason = Reason.INTERNAL_ERROR
+            detail = "internal error"
+            http_log.error("unhandled error on %s from %s", self.listener, peer, exc_info=exc)
+        self._guard.record(self.listener, peer, status, reason, detail)
+        if request.writer.output_size > 0:
+            raise ConnectionError("the response had started; the connection is closed instead")
+        resp = problem_response(reason, detail, status)
+        resp.headers.update(self._guard.headers())
+        resp.force_close()
+        return resp
+
+
+def _raw_problem(reason: Reason, detail: str, status: int, headers: dict[str, str]) -> bytes:
+    from gateway.handlers.problem import problem_body
+
+    body = problem_body(reason, detail, status)
+    lines = [
+        f"HTTP/1.1 {status} {'Request Timeout' if status == 408 else 'Error'}",
+        "Content-Type: application/problem+json",
+        f"Content-Length: {len(body)}",
+        "Cache-Control: no-store",
+        "Connection: close",
+        *(f"{k}: {v}" for k, v in headers.items()),
+    ]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+class GuardedServer(web.Server):
+    """aiohttp's low-level server whose connections are `GuardedRequestHandler`s held to `guard`."""
+
+    def __init__(self, handler: Any, *, guard: HttpGuard, **kwargs: Any) -> None:
+        super().__init__(handler, **kwargs)
+        self.guard = guard
+
+    def __call__(self) -> GuardedRequestHandler:
+        return GuardedRequestHandler(self, loop=self._loop, **self._kwargs)
+
+
+class GuardedAppRunner(web.AppRunner):
+    """An AppRunner whose server is a `GuardedServer` (start the app, then wrap its handler)."""
+
+    def __init__(self, app: web.Application, guard: HttpGuard, **kwargs: Any) -> None:
+        # aiohttp's own keep-alive close is a backstop behind the guard's timers
+        kwargs.setdefault("keepalive_timeout", guard.timeouts.idle + guard.timeouts.header + 1)
+        kwargs.setdefault("lingering_time", 2.0)
+        super().__init__(app, **kwargs)
+        self._guard = guard
+
+    async def _make_server(self) -> web.Server:
+        plain = await super()._make_server()
+        return GuardedServer(
+            plain.request_handler,
+            request_factory=plain.request_factory,
+            handler_cancellation=plain.handler_cancellation,
+            guard=self._guard,
+            **{k: v for k, v in self._kwargs.items() if k != "handler_cancellation"},
+        )
+
+
+class PlainListener:
+    """A listening socket for HTTP without the gateway's own TLS handshake (plain-HTTP, admin with or without
+    asyncio's TLS): connections are `GuardedRequestHandler`s, admitted at accept."""
+
+    def __init__(self, runner: GuardedAppRunner) -> None:
+        self._runner = runner
+        self._server: asyncio.Server | None = None
+
+    async def start(
+        self, host: str, port: int, *, reuse_port: bool = False, ssl_context: ssl.SSLContext | None = None
+    ) -> None:
+        assert self._runner.server is not None
+        self._server = await asyncio.get_running_loop().create_server(
+            self._runner.server,
+            host,
+            port,
+            reuse_port=reuse_port or None,
+            backlog=1024,
+            ssl=ssl_context,
+            ssl_handshake_timeout=self._runner._guard.timeouts.header if ssl_context else None,
+        )
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+
+    async def cleanup(self) -> None:
+        self.close()
+        await self._runner.cleanup()

@@ -12,6 +12,7 @@ import os
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, multiprocess
 
 from gateway.core.capgo import ACTION_LABELS, KIND_LABELS
+from gateway.core.connguard import REFUSAL_CAUSES, TIMEOUT_CAUSES
 from gateway.core.handshake import CAUSES
 from gateway.core.reasons import ALL_LABELS
 from gateway.state import STATE_OPS
@@ -156,6 +157,31 @@ class Metrics:
             "Audit lines that could not be written (full disk, I/O error); each is a lost line.",
             registry=r,
         )
+        self.timeouts = Counter(
+            "ota_gateway_timeouts",
+            "Connections cut by a listener timeout, by listener and cause (header, body, idle).",
+            ["listener", "cause"],
+            registry=r,
+        )
+        self.connections_refused = Counter(
+            "ota_gateway_connections_refused",
+            "New connections closed at once because a connection cap was reached, by listener and cause.",
+            ["listener", "cause"],
+            registry=r,
+        )
+        self.connections_open = Gauge(
+            "ota_gateway_connections_open",
+            "Open connections, by listener (TLS listeners: handshakes in progress included).",
+            ["listener"],
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.open_fds_ratio = Gauge(
+            "ota_gateway_open_fds_ratio",
+            "Open file descriptors divided by the open-files limit (the busiest worker); /readyz fails at 0.8.",
+            registry=r,
+            multiprocess_mode="livemax",
+        )
         self._event_apps: set[str] = set()
         for op in STATE_OPS:
             self.state_errors.labels(op)
@@ -187,6 +213,15 @@ class Metrics:
         self.handshakes.labels(name)
         for cause in CAUSES:
             self.handshake_failures.labels(name, cause)
+        self.http_listener(name)
+
+    def http_listener(self, name: str) -> None:
+        """Label sets every listener has (TLS, plain-HTTP and admin): timeouts, refused and open connections."""
+        for cause in TIMEOUT_CAUSES:
+            self.timeouts.labels(name, cause)
+        for cause in REFUSAL_CAUSES:
+            self.connections_refused.labels(name, cause)
+        self.connections_open.labels(name)
 
     def origin(self, name: str) -> None:
         self.origin_errors.labels(name)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import resource
 import signal
 import sqlite3
 import ssl
@@ -24,10 +25,11 @@ from pathlib import Path
 
 from aiohttp import web
 
-from gateway.app import create_admin_app, create_app, create_plain_app
+from gateway.app import create_admin_app, create_app, create_plain_app, low_level_headers, low_level_recorder
 from gateway.audit import AuditLog
+from gateway.core.connguard import Caps, Timeouts, auto_max_connections
 from gateway.errors import ConfigError
-from gateway.listener import TlsListenerServer
+from gateway.listener import ConnectionBudget, GuardedAppRunner, HttpGuard, PlainListener, TlsListenerServer
 from gateway.metrics import Metrics
 from gateway.origins import make_origin
 from gateway.reload import Loaded, Reloader, load_all, publish_state_metrics
@@ -99,6 +101,32 @@ def _say(message: str) -> None:
     print(f"ota-gateway: {message}", file=sys.stderr, flush=True)
 
 
+def raise_open_files_limit() -> int:
+    """Raise the RLIMIT_NOFILE soft limit to the hard limit (systemd's soft default is 1,024); return it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the open-files limit from %d to %d: %s", soft, hard, exc)
+    return soft if soft != resource.RLIM_INFINITY else 1 << 20
+
+
+def _budget(rt: Runtime, nofile: int) -> tuple[ConnectionBudget, Timeouts]:
+    limits, config = rt.config.limits, rt.config
+    caps = Caps(
+        connections=limits.max_connections or auto_max_connections(nofile),
+        handshakes=limits.max_handshakes,
+        handshakes_per_address=limits.max_handshakes_per_address,
+    )
+    listener_caps = {"plain_http": config.plain_http.max_connections, "admin": config.admin.max_connections}
+    for name in listener_caps:
+        rt.metrics.http_listener(name)
+    budget = ConnectionBudget(caps, rt.metrics, listener_caps, own_cap_only=frozenset({"admin"}))
+    return budget, Timeouts(header=limits.header_timeout, body=limits.body_timeout, idle=limits.keepalive_timeout)
+
+
 async def serve(
     config_path: Path,
     *,
@@ -110,17 +138,25 @@ async def serve(
     config = rt.config
     rt.state = guard_state(rt, await open_state(config_path, rt))
     reloader = Reloader(config_path, rt)
-    runner = web.AppRunner(
+    nofile = raise_open_files_limit()
+    budget, timeouts = _budget(rt, nofile)
+    _say(f"open-files limit {nofile}; at most {budget.caps.connections} connections per worker")
+    record = low_level_recorder(rt)
+
+    def guard(name: str, *, tls: bool) -> HttpGuard:
+        return HttpGuard(name, timeouts, budget, record, lambda: low_level_headers(rt, tls=tls))
+
+    runner = GuardedAppRunner(
         create_app(rt),
+        guard(config.listeners[0].name, tls=True),
         handler_cancellation=True,
         access_log=None,
-        keepalive_timeout=config.limits.keepalive_timeout,
         shutdown_timeout=1.0,
     )
     await runner.setup()
     assert runner.server is not None
     listeners: list[TlsListenerServer] = []
-    side_runners: list[web.AppRunner] = []
+    side_runners: list[PlainListener] = []
     tasks: set[asyncio.Task[object]] = set()
     stop = asyncio.Event()
     signals = 0
@@ -143,7 +179,7 @@ async def serve(
     try:
         for lst in config.listeners:
             listener = TlsListenerServer(
-                lst.name, _current(rt, lst.name), runner.server, rt.metrics, lst.handshake_timeout
+                lst.name, _current(rt, lst.name), runner.server, rt.metrics, lst.handshake_timeout, budget
             )
             await listener.start(lst.address, lst.port, reuse_port=reuse_port)
             listeners.append(listener)
@@ -152,16 +188,20 @@ async def serve(
                 _say(f"listening on https://{host}:{port} ({lst.name})")
         if config.plain_http.enabled:
             https_port = config.plain_http.https_port or config.listeners[0].port
+            plain = create_plain_app(rt, https_port)
             side_runners.append(
                 await _site(
-                    create_plain_app(rt, https_port), config.plain_http.address, config.plain_http.port, reuse_port
+                    plain, guard("plain_http", tls=False), config.plain_http.address, config.plain_http.port, reuse_port
                 )
             )
             _say(f"plain HTTP on http://{config.plain_http.address}:{config.plain_http.port} (redirects only)")
         if config.admin.enabled:
             admin_tls = admin_context(config.admin.tls) if config.admin.tls else None
             admin = create_admin_app(rt)
-            side_runners.append(await _site(admin, config.admin.address, config.admin.port, reuse_port, admin_tls))
+            admin_guard = guard("admin", tls=admin_tls is not None)
+            side_runners.append(
+                await _site(admin, admin_guard, config.admin.address, config.admin.port, reuse_port, admin_tls)
+            )
             scheme = "https" if admin_tls else "http"
             _say(f"admin on {scheme}://{config.admin.address}:{config.admin.port} (/metrics /healthz /readyz)")
         watcher = loop.create_task(reloader.watch(), name="reload-watch")
@@ -201,12 +241,19 @@ async def serve(
 
 
 async def _site(
-    app: web.Application, address: str, port: int, reuse_port: bool, ssl_context: ssl.SSLContext | None = None
-) -> web.AppRunner:
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
+    app: web.Application,
+    guard: HttpGuard,
+    address: str,
+    port: int,
+    reuse_port: bool,
+    ssl_context: ssl.SSLContext | None = None,
+) -> PlainListener:
+    """A listener for the plain-HTTP or admin app, held to the same timeouts and caps as the TLS listeners."""
+    runner = GuardedAppRunner(app, guard, access_log=None, shutdown_timeout=1.0)
     await runner.setup()
-    await web.TCPSite(runner, address, port, reuse_port=reuse_port or None, ssl_context=ssl_context).start()
-    return runner
+    site = PlainListener(runner)
+    await site.start(address, port, reuse_port=reuse_port, ssl_context=ssl_context)
+    return site
 
 
 def _current(rt: Runtime, name: str) -> Callable[[], ListenerMaterial]:

@@ -10,6 +10,7 @@ import datetime as dt
 import hashlib
 import json
 import os
+import resource
 import signal
 import socket
 import ssl
@@ -259,8 +260,12 @@ def _pump_stderr(proc: subprocess.Popen[str], lines: list[str], ready: threading
 
 
 @contextlib.contextmanager
-def run_gateway(config_path: Path, *args: str, timeout: float = 20) -> Iterator[GatewayProcess]:
-    """Start `python -m gateway serve --config config_path` and wait until it listens; stop it afterwards."""
+def run_gateway(
+    config_path: Path, *args: str, timeout: float = 20, nofile: int | None = None
+) -> Iterator[GatewayProcess]:
+    """Start `python -m gateway serve --config config_path` and wait until it listens; stop it afterwards.
+
+    `nofile` sets the gateway's open-files limit (soft and hard), as systemd's LimitNOFILE would."""
     config = yaml.safe_load(config_path.read_text())
     workers = [] if any(a.startswith("--workers") for a in args) else ["--workers", "1"]  # one process: its pid is it
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -271,6 +276,7 @@ def run_gateway(config_path: Path, *args: str, timeout: float = 20) -> Iterator[
         text=True,
         env=env,
         cwd=config_path.parent,
+        preexec_fn=None if nofile is None else lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile)),
     )
     gw = GatewayProcess(config_path, proc, config["listeners"][0]["port"], config["admin"]["port"])
     ready = threading.Event()

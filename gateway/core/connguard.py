@@ -1,0 +1,109 @@
+"""Decisions about connections: which deadline applies to a connection now, whether a new one is admitted.
+
+Pure: no I/O, no clock (times are passed in). The listener (gateway/listener.py) records what a connection is
+doing (its `Phase` and since when), asks `deadline()` when to look again, and asks `admit()` at accept time;
+the runner sizes the connection cap from the open-files limit with `auto_max_connections()`.
+
+Timeouts, as nginx applies them:
+- FIRST: from accept (or the end of the TLS handshake) until complete request headers: `header` timeout;
+- IDLE: keep-alive, after a response, until the first byte of the next request: `idle` timeout (closed quietly);
+- HEADERS: keep-alive, from the first byte of the next request until its headers are complete: `header` timeout;
+- BODY: from complete headers until the request body is complete: `body` timeout;
+- BUSY: the request is being answered; the listener sets no deadline (transfer rates are watched elsewhere).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+
+class Phase(enum.Enum):
+    FIRST = "first"
+    IDLE = "idle"
+    HEADERS = "headers"
+    BODY = "body"
+    BUSY = "busy"
+
+
+# the closed set of the `cause` label of ota_gateway_timeouts_total
+TIMEOUT_CAUSES = ("header", "body", "idle")
+# the closed set of the `cause` label of ota_gateway_connections_refused_total
+REFUSAL_CAUSES = ("max_connections", "listener_max_connections", "max_handshakes", "max_handshakes_per_address")
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    header: float
+    body: float
+    idle: float
+
+
+@dataclass(frozen=True)
+class Expiry:
+    at: float  # loop time
+    cause: str  # one of TIMEOUT_CAUSES
+    answer: bool  # True: HTTP can still answer (408); False: close quietly
+
+
+def deadline(phase: Phase, since: float, timeouts: Timeouts) -> Expiry | None:
+    """When a connection in `phase` since `since` times out, and how; None: no listener deadline."""
+    if phase in (Phase.FIRST, Phase.HEADERS):
+        return Expiry(since + timeouts.header, "header", True)
+    if phase is Phase.IDLE:
+        return Expiry(since + timeouts.idle, "idle", False)
+    if phase is Phase.BODY:
+        return Expiry(since + timeouts.body, "body", True)
+    return None
+
+
+@dataclass(frozen=True)
+class Caps:
+    """Per-worker connection caps. `connections` counts every open connection of every listener."""
+
+    connections: int
+    handshakes: int
+    handshakes_per_address: int
+
+
+@dataclass(frozen=True)
+class Counts:
+    """What is open now (before the new connection)."""
+
+    connections: int
+    listener: int
+    handshakes: int
+    handshakes_from_address: int
+
+
+def admit(caps: Caps, counts: Counts, *, tls: bool, listener_cap: int | None, overall: bool = True) -> str | None:
+    """None to admit a new connection, else the refusal cause (one of REFUSAL_CAUSES).
+
+    `overall=False` (the admin listener) is held to its own cap only, so that a flood of the public listeners
+    never locks out the scraper that would show it."""
+    if overall and counts.connections >= caps.connections:
+        return "max_connections"
+    if listener_cap is not None and counts.listener >= listener_cap:
+        return "listener_max_connections"
+    if tls:
+        if counts.handshakes >= caps.handshakes:
+            return "max_handshakes"
+        if counts.handshakes_from_address >= caps.handshakes_per_address:
+            return "max_handshakes_per_address"
+    return None
+
+
+RESERVED_FDS = 64  # origin connections, files being streamed, the state store, the audit log, logs, listeners
+
+
+def auto_max_connections(nofile: int) -> int:
+    """The default per-worker connection cap: three quarters of the open-files limit, leaving room for the rest."""
+    return max(16, min(nofile * 3 // 4, nofile - RESERVED_FDS))
+
+
+FD_PRESSURE = 0.8
+
+
+def fd_pressure(open_fds: int, limit: int) -> bool:
+    """True when open descriptors reach 80% of the limit (/readyz reports it)."""
+    return limit > 0 and open_fds >= FD_PRESSURE * limit

@@ -1,0 +1,85 @@
+"""Connection decisions (core/connguard.py): which deadline applies in each phase, and admission at accept."""
+
+from __future__ import annotations
+
+import pytest
+
+from gateway.core.connguard import (
+    REFUSAL_CAUSES,
+    TIMEOUT_CAUSES,
+    Caps,
+    Counts,
+    Expiry,
+    Phase,
+    Timeouts,
+    admit,
+    auto_max_connections,
+    deadline,
+    fd_pressure,
+)
+
+T = Timeouts(header=10, body=30, idle=75)
+
+
+@pytest.mark.parametrize(
+    ("phase", "expected"),
+    [
+        (Phase.FIRST, Expiry(110, "header", True)),
+        (Phase.HEADERS, Expiry(110, "header", True)),
+        (Phase.IDLE, Expiry(175, "idle", False)),
+        (Phase.BODY, Expiry(130, "body", True)),
+        (Phase.BUSY, None),
+    ],
+)
+def test_deadline_per_phase(phase: Phase, expected: Expiry | None) -> None:
+    assert deadline(phase, 100.0, T) == expected
+    if expected is not None:
+        assert expected.cause in TIMEOUT_CAUSES
+
+
+CAPS = Caps(connections=100, handshakes=10, handshakes_per_address=3)
+
+
+def counts(connections: int = 0, listener: int = 0, handshakes: int = 0, from_address: int = 0) -> Counts:
+    return Counts(connections, listener, handshakes, from_address)
+
+
+def test_admitted_below_every_cap() -> None:
+    assert admit(CAPS, counts(99, 50, 9, 2), tls=True, listener_cap=51) is None
+
+
+@pytest.mark.parametrize(
+    ("c", "tls", "listener_cap", "cause"),
+    [
+        (counts(connections=100), True, None, "max_connections"),
+        (counts(connections=100), False, None, "max_connections"),
+        (counts(listener=8), False, 8, "listener_max_connections"),
+        (counts(handshakes=10), True, None, "max_handshakes"),
+        (counts(from_address=3), True, None, "max_handshakes_per_address"),
+    ],
+)
+def test_refused_at_each_cap(c: Counts, tls: bool, listener_cap: int | None, cause: str) -> None:
+    assert admit(CAPS, c, tls=tls, listener_cap=listener_cap) == cause
+    assert cause in REFUSAL_CAUSES
+
+
+def test_handshake_caps_do_not_apply_to_plain_listeners() -> None:
+    assert admit(CAPS, counts(handshakes=10, from_address=3), tls=False, listener_cap=None) is None
+
+
+def test_a_listener_outside_the_overall_cap_keeps_its_own() -> None:
+    assert admit(CAPS, counts(connections=100, listener=3), tls=False, listener_cap=32, overall=False) is None
+    assert admit(CAPS, counts(connections=100, listener=32), tls=False, listener_cap=32, overall=False) == (
+        "listener_max_connections"
+    )
+
+
+@pytest.mark.parametrize(("nofile", "cap"), [(1024, 768), (256, 192), (100, 36), (20, 16), (1 << 20, 786432)])
+def test_auto_max_connections_leaves_room_below_the_open_files_limit(nofile: int, cap: int) -> None:
+    assert auto_max_connections(nofile) == cap
+
+
+def test_fd_pressure_at_80_percent() -> None:
+    assert not fd_pressure(818, 1024)
+    assert fd_pressure(820, 1024)
+    assert not fd_pressure(5, 0)

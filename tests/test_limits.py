@@ -1,0 +1,444 @@
+"""Listener limits against a real `serve` subprocess and misbehaving peers: header, body and keep-alive timeouts on
+every listener, answers to malformed HTTP, and connection caps (listener.py, core/connguard.py).
+
+Every limit has its twin: a peer just inside it is served normally. The gateway runs with short limits (1 s header,
+1.5 s body and idle); assertions leave 3x headroom.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import select
+import socket
+import ssl
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.publish import add_release
+from tests.support import (
+    APP_ID,
+    GatewayProcess,
+    Pki,
+    device_body,
+    free_port,
+    run_gateway,
+    wait_until,
+    write_config,
+)
+
+HEADER, BODY, IDLE = 1.0, 1.5, 1.5
+LIMITS = {"header_timeout": HEADER, "body_timeout": BODY, "keepalive_timeout": IDLE, "shutdown_grace": 2}
+
+
+@dataclass
+class Env:
+    gw: GatewayProcess
+    pki: Pki
+    plain_port: int
+
+    def tls(self) -> ssl.SSLSocket:
+        raw = socket.create_connection(("127.0.0.1", self.gw.port), timeout=10)
+        return self.pki.client_context(self.pki.client).wrap_socket(raw, server_hostname="localhost")
+
+    def plain(self, port: int) -> socket.socket:
+        return socket.create_connection(("127.0.0.1", port), timeout=10)
+
+    def metric(self, name: str, **labels: str) -> float:
+        return self.gw.metric(name, **labels)
+
+
+def publish(tmp_path: Path, capgo_dir: Path) -> Path:
+    origin = tmp_path / "origin"
+    origin.mkdir()
+    add_release(origin, APP_ID, "1.1.0", "production", capgo_dir / "app_1.1.0.zip")
+    return origin
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory, pki: Pki, capgo_dir: Path) -> Iterator[Env]:
+    tmp = tmp_path_factory.mktemp("limits")
+    origin = publish(tmp, capgo_dir)
+    plain_port = free_port()
+    cfg = write_config(
+        tmp / "gw",
+        pki,
+        origins={"local": {"type": "directory", "path": str(origin)}},
+        extra={"limits": LIMITS, "plain_http": {"enabled": True, "port": plain_port}},
+    )
+    with run_gateway(cfg) as gw:
+        yield Env(gw, pki, plain_port)
+
+
+def read_until_closed(sock: socket.socket, timeout: float) -> tuple[bytes, float]:
+    """Everything the server sends until it closes (or `timeout`); and the seconds that took."""
+    started = time.monotonic()
+    data = b""
+    sock.settimeout(timeout)
+    try:
+        while chunk := sock.recv(65536):
+            data += chunk
+    except (TimeoutError, ConnectionResetError, ssl.SSLError):
+        pass
+    return data, time.monotonic() - started
+
+
+def trickle(sock: socket.socket, data: bytes, interval: float) -> None:
+    """Send `data` one byte every `interval` seconds; stop as soon as the server sends something or closes."""
+    for byte in data:
+        try:
+            sock.sendall(bytes([byte]))
+        except OSError:
+            return
+        if select.select([sock], [], [], interval)[0]:
+            return
+
+
+def parse(raw: bytes) -> tuple[int, dict[str, str], bytes]:
+    head, _, body = raw.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return int(lines[0].split()[1]), headers, body
+
+
+def request(method: str, path: str, body: bytes = b"", **headers: str) -> bytes:
+    lines = [
+        f"{method} {path} HTTP/1.1",
+        "Host: localhost",
+        *(f"{k.replace('_', '-')}: {v}" for k, v in headers.items()),
+    ]
+    if body or method == "POST":
+        lines.append(f"Content-Length: {len(body)}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+def updates_request(body: bytes, length: int | None = None) -> bytes:
+    head = (
+        "POST /updates HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body) if length is None else length}\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+def one_response(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
+    """Read one response with a Content-Length body from a keep-alive connection."""
+    data = b""
+    sock.settimeout(10)
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, data
+        data += chunk
+    status, headers, body = parse(data)
+    while len(body) < int(headers.get("content-length", "0")):
+        chunk = sock.recv(65536)
+        assert chunk
+        body += chunk
+    return status, headers, body
+
+
+# --- header timeout --------------------------------------------------------------------------------------------
+
+
+def test_slowloris_headers_on_the_tls_listener_get_408_and_are_counted(env: Env) -> None:
+    before = env.metric("ota_gateway_timeouts_total", listener="main", cause="header")
+    audit_before = len(env.gw.audit())
+    sock = env.tls()
+    sock.sendall(b"GET /updates HTTP/1.1\r\nHost: localhost\r\n")
+    started = time.monotonic()
+    trickle(sock, b"X" * 40, 0.1)  # one header byte every 0.1 s, until the gateway answers
+    raw, _ = read_until_closed(sock, 5)
+    elapsed = time.monotonic() - started
+    sock.close()
+    status, headers, body = parse(raw)
+    assert status == 408
+    assert headers["content-type"] == "application/problem+json"
+    assert headers["server"] == "ota-gateway"
+    assert headers["strict-transport-security"].startswith("max-age=")
+    assert json.loads(body)["reason"] == "request_timeout"
+    assert elapsed < HEADER * 3
+    assert env.metric("ota_gateway_timeouts_total", listener="main", cause="header") == before + 1
+    assert wait_until(lambda: len(env.gw.audit()) > audit_before)
+    line = env.gw.audit()[-1]
+    assert (line["status"], line["reason"], line["outcome"]) == (408, "request_timeout", "refused")
+
+
+def test_headers_sent_slowly_but_within_the_timeout_are_served(env: Env) -> None:
+    sock = env.tls()
+    for byte in request("GET", "/updates"):
+        sock.sendall(bytes([byte]))
+        time.sleep(HEADER / 200)  # about 40 bytes: the whole request in ~0.2 s
+    status, _, body = one_response(sock)
+    sock.close()
+    assert status == 200 and json.loads(body) == {"status": "ok"}
+
+
+@pytest.mark.parametrize("which", ["plain_http", "admin"])
+def test_plain_and_admin_listeners_have_the_header_timeout_too(env: Env, which: str) -> None:
+    port = env.plain_port if which == "plain_http" else env.gw.admin_port
+    before = env.metric("ota_gateway_timeouts_total", listener=which, cause="header")
+    sock = env.plain(port)
+    sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+    raw, elapsed = read_until_closed(sock, 10)
+    sock.close()
+    status, headers, body = parse(raw)
+    assert status == 408 and json.loads(body)["reason"] == "request_timeout"
+    assert "strict-transport-security" not in headers  # plain HTTP
+    assert elapsed < HEADER * 3
+    assert env.metric("ota_gateway_timeouts_total", listener=which, cause="header") == before + 1
+    # the twin: a complete request is answered
+    sock = env.plain(port)
+    sock.sendall(request("GET", "/healthz"))
+    status, _, _ = one_response(sock)
+    sock.close()
+    assert status == (308 if which == "plain_http" else 200)
+
+
+# --- body timeout ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("pattern", ["ten_bytes_then_silence", "one_byte_at_a_time"])
+def test_a_slow_request_body_gets_408_on_the_capgo_route(env: Env, pattern: str) -> None:
+    before = env.metric("ota_gateway_timeouts_total", listener="main", cause="body")
+    body = json.dumps(device_body(APP_ID, "1.0.0")).encode()
+    sock = env.tls()
+    sock.sendall(updates_request(b"", length=len(body)))
+    started = time.monotonic()
+    if pattern == "ten_bytes_then_silence":
+        sock.sendall(body[:10])
+    else:
+        trickle(sock, body[: int(BODY * 3 / 0.25)], 0.25)
+    raw, _ = read_until_closed(sock, 10)
+    elapsed = time.monotonic() - started
+    sock.close()
+    status, headers, answer = parse(raw)
+    assert status == 408
+    doc = json.loads(answer)
+    assert (doc["error"], doc["kind"]) == ("request_timeout", "failed")
+    assert headers["connection"] == "close"
+    assert elapsed < BODY * 3
+    assert env.metric("ota_gateway_timeouts_total", listener="main", cause="body") == before + 1
+    line = env.gw.audit()[-1]
+    assert (line["route"], line["status"], line["reason"]) == ("updates", 408, "request_timeout")
+
+
+def test_a_body_sent_in_pieces_within_the_timeout_is_served(env: Env) -> None:
+    body = json.dumps(device_body(APP_ID, "1.0.0")).encode()
+    sock = env.tls()
+    sock.sendall(updates_request(body[:10], length=len(body)))
+    time.sleep(BODY / 3)
+    sock.sendall(body[10:])
+    status, _, answer = one_response(sock)
+    sock.close()
+    assert status == 200
+    assert json.loads(answer)["version"] == "1.1.0"
+
+
+# --- keep-alive idle -------------------------------------------------------------------------------------------
+
+
+def test_an_idle_keepalive_connection_is_closed_quietly_and_counted(env: Env) -> None:
+    before = env.metric("ota_gateway_timeouts_total", listener="main", cause="idle")
+    sock = env.tls()
+    sock.sendall(request("GET", "/updates"))
+    assert one_response(sock)[0] == 200
+    time.sleep(IDLE / 3)
+    sock.sendall(request("GET", "/updates"))  # the twin: used again within the idle timeout, it still works
+    assert one_response(sock)[0] == 200
+    raw, elapsed = read_until_closed(sock, 10)
+    sock.close()
+    assert raw == b""  # no 408: nothing was asked
+    assert elapsed < IDLE * 3
+    assert env.metric("ota_gateway_timeouts_total", listener="main", cause="idle") == before + 1
+
+
+# --- malformed HTTP --------------------------------------------------------------------------------------------
+
+MALFORMED = {
+    "bad_request_line": b"SECRET-ECHO\r\n\r\n",
+    "header_without_colon": b"GET /x HTTP/1.1\r\nHost: a\r\nX-SECRET-ECHO\r\n\r\n",
+    "oversized_header": b"GET / HTTP/1.1\r\nHost: a\r\nX-Big: SECRET-ECHO" + b"S" * 10_000 + b"\r\n\r\n",
+    "bad_chunk_size": b"POST /updates HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\nSECRET-ECHO\r\n\r\n",
+    "bad_method": b"G\x01T / HTTP/1.1\r\nHost: SECRET-ECHO\r\n\r\n",
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_malformed_http_gets_problem_details_without_echo_audited_and_counted(env: Env, case: str) -> None:
+    refusals = env.metric("ota_gateway_refusals_total", reason="bad_request")
+    audit_before = len(env.gw.audit())
+    log_before = len(env.gw.stderr_lines)
+    sock = env.tls()
+    sock.sendall(MALFORMED[case])
+    raw, _ = read_until_closed(sock, 10)
+    sock.close()
+    status, headers, body = parse(raw)
+    assert status == 400
+    assert b"SECRET" not in raw
+    assert headers["content-type"] in ("application/problem+json", "application/json")
+    assert headers["server"] == "ota-gateway"
+    assert "strict-transport-security" in headers
+    doc = json.loads(body)
+    assert doc.get("reason", doc.get("error")) in ("bad_request", "invalid_request")
+    assert env.metric("ota_gateway_refusals_total", reason="bad_request") == refusals + 1
+    assert wait_until(lambda: len(env.gw.audit()) == audit_before + 1)
+    assert env.gw.audit()[-1]["status"] == 400
+    new_log = env.gw.stderr_lines[log_before:]
+    assert not any("Traceback" in line for line in new_log)
+    assert len([line for line in new_log if "malformed" in line]) <= 1
+
+
+# --- connection caps -------------------------------------------------------------------------------------------
+
+
+def test_handshake_caps_close_new_connections_while_established_clients_keep_working(
+    tmp_path: Path, pki: Pki, capgo_dir: Path
+) -> None:
+    origin = publish(tmp_path, capgo_dir)
+    cfg = write_config(
+        tmp_path / "gw",
+        pki,
+        origins={"local": {"type": "directory", "path": str(origin)}},
+        extra={"limits": {"max_handshakes_per_address": 5, "max_connections": 12, "max_handshakes": 100}},
+    )
+    with run_gateway(cfg) as gw:
+        established = pki.client_context(pki.client).wrap_socket(
+            socket.create_connection(("127.0.0.1", gw.port), timeout=10), server_hostname="localhost"
+        )
+        established.sendall(request("GET", "/updates"))
+        assert one_response(established)[0] == 200
+        # ten TCP connections that never start TLS: five are held (per-address cap), five closed at once
+        stalled = [socket.create_connection(("127.0.0.1", gw.port), timeout=10) for _ in range(10)]
+        assert wait_until(
+            lambda: (
+                gw.metric("ota_gateway_connections_refused_total", listener="main", cause="max_handshakes_per_address")
+                == 5
+            )
+        )
+        closed = 0
+        for sock in stalled:
+            sock.settimeout(0.5)
+            try:
+                closed += sock.recv(1) == b""
+            except TimeoutError:
+                pass
+            except ConnectionResetError:
+                closed += 1
+        assert closed == 5
+        established.sendall(request("GET", f"/bundles/{APP_ID}/1.1.0.zip"))
+        status, _, body = one_response(established)
+        assert status == 200 and body == (capgo_dir / "app_1.1.0.zip").read_bytes()
+        for sock in stalled:
+            sock.close()
+        # the overall cap: 12 per worker, the established connection included
+        assert wait_until(lambda: gw.metric("ota_gateway_connections_open", listener="main") == 1)
+        flood = []
+        # from other loopback addresses, so that the per-address cap does not bite first
+        for i in range(15):
+            s = socket.socket()
+            s.bind((f"127.0.0.{2 + i}", 0))
+            s.connect(("127.0.0.1", gw.port))
+            flood.append(s)
+        assert wait_until(
+            lambda: gw.metric("ota_gateway_connections_refused_total", listener="main", cause="max_connections") == 4
+        )
+        established.sendall(request("GET", "/updates"))
+        assert one_response(established)[0] == 200
+        for sock in flood:
+            sock.close()
+        established.close()
+
+
+def _connect_many(port: int, count: int, first: bytes) -> list[socket.socket]:
+    socks = []
+    for _ in range(count):
+        s = socket.create_connection(("127.0.0.1", port), timeout=10)
+        with contextlib.suppress(OSError):
+            s.sendall(first)
+        socks.append(s)
+    return socks
+
+
+def test_partial_header_flood_on_plain_http_under_1024_fds_leaves_mtls_downloads_working(
+    tmp_path: Path, pki: Pki, capgo_dir: Path
+) -> None:
+    origin = publish(tmp_path, capgo_dir)
+    plain_port = free_port()
+    cfg = write_config(
+        tmp_path / "gw",
+        pki,
+        origins={"local": {"type": "directory", "path": str(origin)}},
+        extra={"plain_http": {"enabled": True, "port": plain_port}},  # default limits
+    )
+    with run_gateway(cfg, nofile=1024) as gw:
+        assert any("open-files limit 1024" in line for line in gw.stderr_lines)
+        flood = _connect_many(plain_port, 1100, b"GET / HTTP/1.1\r\nHost: x\r\n")
+        try:
+            assert wait_until(
+                lambda: (
+                    gw.metric(
+                        "ota_gateway_connections_refused_total", listener="plain_http", cause="listener_max_connections"
+                    )
+                    > 900
+                ),
+                timeout=15,
+            )
+            for _ in range(3):  # new mTLS connections, while the flood is held
+                sock = pki.client_context(pki.client).wrap_socket(
+                    socket.create_connection(("127.0.0.1", gw.port), timeout=10), server_hostname="localhost"
+                )
+                sock.sendall(request("GET", f"/bundles/{APP_ID}/1.1.0.zip"))
+                status, _, body = one_response(sock)
+                sock.close()
+                assert status == 200 and body == (capgo_dir / "app_1.1.0.zip").read_bytes()
+            assert gw.metric("ota_gateway_connections_open", listener="plain_http") == 128
+        finally:
+            for s in flood:
+                s.close()
+
+
+def _readyz(gw: GatewayProcess) -> tuple[int, dict[str, Any]]:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{gw.admin_url}/readyz", timeout=5) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def test_readyz_reports_descriptors_at_80_percent_of_the_limit(tmp_path: Path, pki: Pki, capgo_dir: Path) -> None:
+    origin = publish(tmp_path, capgo_dir)
+    plain_port = free_port()
+    cfg = write_config(
+        tmp_path / "gw",
+        pki,
+        origins={"local": {"type": "directory", "path": str(origin)}},
+        extra={
+            "plain_http": {"enabled": True, "port": plain_port, "max_connections": 1000},
+            "limits": {"max_connections": 1000, "header_timeout": 60},
+        },
+    )
+    with run_gateway(cfg, nofile=256) as gw:
+        status, doc = _readyz(gw)
+        assert status == 200, doc
+        assert gw.metric("ota_gateway_open_fds_ratio") < 0.8
+        flood = _connect_many(plain_port, 190, b"GET / HTTP/1.1\r\n")
+        try:
+            assert wait_until(lambda: gw.metric("ota_gateway_connections_open", listener="plain_http") == 190)
+            status, doc = _readyz(gw)
+            assert status == 503
+            assert any("open file descriptors" in r for r in doc["reasons"]), doc
+            assert gw.metric("ota_gateway_open_fds_ratio") >= 0.8
+        finally:
+            for s in flood:
+                s.close()
+        assert wait_until(lambda: _readyz(gw)[0] == 200)
