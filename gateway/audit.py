@@ -60,7 +60,7 @@ class AuditLog:
     succeeds again. A short write (the disk filled up mid-line) is cut back to the line's start; where that is not
     possible the next line starts with a newline, so a reader never sees two records run together. The first
     line written after a failure is an `audit_gap` record saying how many lines were lost since when; `probe()`
-    (run periodically) writes it without waiting for the next request.
+    (run periodically) writes it without waiting for the next request, and only once a whole line fits again.
     """
 
     def __init__(self, target: str, on_failure: Callable[[], None] | None = None) -> None:
@@ -80,6 +80,7 @@ class AuditLog:
         self.fault = Fault("audit log")
         self._lost = 0
         self._lost_since = ""
+        self._failed_size = 0  # bytes of the last line that could not be written
         self._torn = False  # the file may end in the middle of a line: start the next one on a new line
 
     @property
@@ -93,23 +94,31 @@ class AuditLog:
         self._emit(line + "\n", lines=1)
 
     def probe(self) -> None:
-        """While failing: try to write the `audit_gap` record alone, so that recovery needs no request."""
+        """While failing: try to write the `audit_gap` record alone, so that recovery needs no request.
+
+        The record is padded with spaces (still one JSON value per line) to the size of the line that failed:
+        a small record fitting in the last free bytes of a full disk must not look like a recovery.
+        """
         if self.fault.failing:
             self._emit("", lines=0)
 
     def _emit(self, text: str, lines: int) -> None:
+        size = len(text.encode())
         if self.fault.failing:
             gap = {"time": _now(), "event": "audit_gap", "lost": self._lost, "since": self._lost_since}
-            text = json.dumps(gap, separators=(",", ":")) + "\n" + text
+            record = json.dumps(gap, separators=(",", ":"))
+            text = (record if text else record.ljust(self._failed_size - 1)) + "\n" + text
         if self._torn:
             text = "\n" + text
+        data = text.encode()
         try:
-            self._write(text.encode())
+            self._write(data)
         except (OSError, ValueError) as exc:  # ValueError: a closed stream
             if lines:
                 if not self._lost:
                     self._lost_since = _now()
                 self._lost += lines
+                self._failed_size = size
                 self._count_failure()
             message = self.fault.failed(time.monotonic(), (isinstance(exc, OSError) and exc.strerror) or str(exc))
             if message:

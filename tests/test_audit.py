@@ -113,3 +113,27 @@ def test_healthy_disk_writes_every_line_and_no_gap(tmp_path: Path) -> None:
     audit.close()
     lines = _lines(path)
     assert len(lines) == 50 and not failures and all("event" not in line for line in lines)
+
+
+def test_a_gap_record_in_the_last_free_bytes_is_not_a_recovery(disk: Path) -> None:
+    """200 bytes free after a lost 400-byte line: the bare gap record would fit, but the probe only ends the
+    failure (and fail_closed's refusals) once a line of the size that failed fits again."""
+    path = disk / "audit.log"
+    empty = json.dumps({"route": "other", "detail": ""})
+    path.write_text(json.dumps({"route": "other", "detail": "x" * (4096 - 200 - 1 - len(empty))}) + "\n")
+    assert path.stat().st_size == 4096 - 200
+    audit = AuditLog(str(path))
+    try:
+        filler = fill_up(disk)
+        audit.write(_record(1))  # ~400 bytes: cut at 200, taken back
+        assert audit.failing and path.stat().st_size == 4096 - 200
+        for _ in range(3):
+            audit.probe()
+        assert audit.failing and path.stat().st_size == 4096 - 200  # nothing written, not even the gap record
+        filler.unlink()
+        audit.probe()
+        assert not audit.failing
+        gap = _lines(path)[-1]
+        assert gap["event"] == "audit_gap" and gap["lost"] == 1
+    finally:
+        audit.close()
