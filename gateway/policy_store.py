@@ -8,8 +8,9 @@ Reloading (validate, then swap) is `reload.py`'s job; this module only loads.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import pydantic
 from cryptography.hazmat.primitives import serialization
@@ -29,6 +30,7 @@ from gateway.core.policy import (
     Verification,
     Versions,
 )
+from gateway.core.rollout import Halt, Rollout
 from gateway.core.versions import VersionError
 from gateway.core.versions import parse as parse_version
 from gateway.errors import ConfigError, ConfigIssue
@@ -160,6 +162,36 @@ class RateLimitsModel(Model):
     stats_per_minute: Annotated[int, Field(gt=0, le=100000)] = 120
 
 
+_DURATION_RE = re.compile(r"^([0-9]{1,7})(s|m|h|d)?$")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _duration(value: int | str) -> int:
+    match = _DURATION_RE.fullmatch(str(value))
+    if match is None or isinstance(value, bool):
+        raise ValueError(f"a duration is seconds or a number with s, m, h or d (1h, 30m), got {value!r}")
+    seconds = int(match[1]) * _UNITS[match[2] or "s"]
+    if not 60 <= seconds <= 30 * 86400:
+        raise ValueError(f"window must be between 1 minute and 30 days, got {value!r}")
+    return seconds
+
+
+class RolloutReleaseModel(Model):
+    percent: Annotated[int | float, Field(ge=0, le=100)]
+
+
+class RolloutModel(Model):
+    identity: Literal["certificate", "device"] = "certificate"
+    releases: dict[Version, RolloutReleaseModel] = {}
+
+
+class HaltModel(Model):
+    failure_ratio: Annotated[int | float, Field(gt=0, le=1)] = 0.2
+    min_devices: Annotated[int, Field(ge=1, le=10_000_000)] = 50
+    window: Annotated[int | str, AfterValidator(_duration)] = "1h"
+    offer_previous: bool = True
+
+
 class AppModel(Model):
     app_id: Annotated[str, AfterValidator(_app_id)]
     origin: str
@@ -169,6 +201,8 @@ class AppModel(Model):
     versions: VersionsModel = VersionsModel()
     verification: VerificationModel = VerificationModel()
     rate_limits: RateLimitsModel = RateLimitsModel()
+    rollout: RolloutModel | None = None
+    halt: HaltModel | None = None
 
 
 class PolicyFile(Model):
@@ -212,6 +246,19 @@ def _to_policy(app: AppModel, source: str) -> AppPolicy:
             app.verification.require_checksum, tuple(app.verification.public_keys), app.verification.max_bundle_bytes
         ),
         rate_limits=RateLimits(app.rate_limits.updates_per_minute, app.rate_limits.stats_per_minute),
+        rollout=_rollout(app),
+    )
+
+
+def _rollout(app: AppModel) -> Rollout | None:
+    """Staged rollouts and halting are on for an app with a `rollout` or a `halt` block (defaults for the other)."""
+    if app.rollout is None and app.halt is None:
+        return None
+    rollout, halt = app.rollout or RolloutModel(), app.halt or HaltModel()
+    return Rollout(
+        {v: float(r.percent) for v, r in rollout.releases.items()},
+        rollout.identity,
+        Halt(float(halt.failure_ratio), halt.min_devices, float(_duration(halt.window)), halt.offer_previous),
     )
 
 

@@ -1,8 +1,10 @@
-"""The state store: channel high-water marks and rate-limit counters, behind one small interface.
+"""The state store: channel high-water marks, rate-limit counters and release health, behind one small interface.
 
 Owns the little the gateway must remember between requests (and, with several workers or instances, share):
 the highest version it has offered per app and channel (the third downgrade floor), and fixed-window request
-counters per client identity. `SqliteState` is the default: one file (`state.path`), WAL mode so several worker
+counters per client identity, and for staged rollouts the distinct devices that tried and that failed each
+release (within a window) and the halted releases (core/rollout.py decides; this only counts). `SqliteState` is
+the default: one file (`state.path`), WAL mode so several worker
 processes share it, every statement run on one dedicated thread so the event loop never waits on the disk.
 `MemoryState` keeps the same contract in a dict (tests, or a single process that may forget on restart).
 `RedisState` shares it between several hosts (`state.redis_url`). Version order is `core/versions.py`'s.
@@ -49,6 +51,26 @@ class StateStore(Protocol):
 
     async def probe(self) -> None:
         """A cheap write, run periodically: it fails when the store cannot be written (and succeeds once it can)."""
+
+    async def release_event(
+        self, app_id: str, version: str, device: str, failed: bool, now: float, window: float
+    ) -> tuple[int, int]:
+        """Note that `device` tried (and, with `failed`, failed) `version`; (tried, failed) distinct devices in
+        the last `window` seconds. A device counts once, however many events it sends."""
+        ...
+
+    async def release_counts(self, app_id: str, version: str, now: float, window: float) -> tuple[int, int]: ...
+
+    async def halts(self, app_id: str) -> dict[str, str]:
+        """The app's halted versions, each with how it was halted."""
+        ...
+
+    async def halt(self, app_id: str, version: str, detail: str) -> bool:
+        """Halt `version`; False if it already was (so that only one worker or host reports an automatic halt)."""
+        ...
+
+    async def resume(self, app_id: str, version: str) -> bool:
+        """Clear the halt and the device counts of `version`; whether it was halted."""
         ...
 
     async def close(self) -> None: ...
@@ -87,9 +109,39 @@ class MemoryState:
         self._marks: dict[tuple[str, str], str] = {}
         self._counts: dict[tuple[str, float], int] = {}
         self._hits = 0
+        self._devices: dict[tuple[str, str], dict[str, tuple[float, float | None]]] = {}
+        self._halts: dict[str, dict[str, str]] = {}
 
     async def high_water(self, app_id: str, channel: str) -> str | None:
         return self._marks.get((app_id, channel))
+
+    async def release_event(
+        self, app_id: str, version: str, device: str, failed: bool, now: float, window: float
+    ) -> tuple[int, int]:
+        seen = self._devices.setdefault((app_id, version), {})
+        seen[device] = (now, now if failed else seen.get(device, (0.0, None))[1])
+        return await self.release_counts(app_id, version, now, window)
+
+    async def release_counts(self, app_id: str, version: str, now: float, window: float) -> tuple[int, int]:
+        cutoff = now - window
+        seen = self._devices.get((app_id, version), {})
+        for device in [d for d, (tried, _) in seen.items() if tried < cutoff]:
+            del seen[device]
+        return len(seen), sum(1 for _, failed in seen.values() if failed is not None and failed >= cutoff)
+
+    async def halts(self, app_id: str) -> dict[str, str]:
+        return dict(self._halts.get(app_id, {}))
+
+    async def halt(self, app_id: str, version: str, detail: str) -> bool:
+        halted = self._halts.setdefault(app_id, {})
+        if version in halted:
+            return False
+        halted[version] = detail
+        return True
+
+    async def resume(self, app_id: str, version: str) -> bool:
+        self._devices.pop((app_id, version), None)
+        return self._halts.get(app_id, {}).pop(version, None) is not None
 
     async def record_offer(self, app_id: str, channel: str, version: str, *, lower: bool = False) -> None:
         new = _raised(self._marks.get((app_id, channel)), version, lower)
@@ -120,6 +172,13 @@ CREATE TABLE IF NOT EXISTS rate (
     key TEXT NOT NULL, window REAL NOT NULL, count INTEGER NOT NULL, PRIMARY KEY (key, window)
 );
 CREATE TABLE IF NOT EXISTS probe (id INTEGER PRIMARY KEY, at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS release_devices (
+    app_id TEXT NOT NULL, version TEXT NOT NULL, device TEXT NOT NULL, tried REAL NOT NULL, failed REAL,
+    PRIMARY KEY (app_id, version, device)
+);
+CREATE TABLE IF NOT EXISTS release_halts (
+    app_id TEXT NOT NULL, version TEXT NOT NULL, detail TEXT NOT NULL, PRIMARY KEY (app_id, version)
+);
 """
 
 
@@ -204,6 +263,51 @@ class SqliteState:
             "INSERT INTO probe (id, at) VALUES (1, ?) ON CONFLICT (id) DO UPDATE SET at = excluded.at", (time.time(),)
         )
 
+    def _release_event(
+        self, app_id: str, version: str, device: str, failed: bool, now: float, window: float
+    ) -> tuple[int, int]:
+        self._db().execute(
+            "INSERT INTO release_devices (app_id, version, device, tried, failed) VALUES (?, ?, ?, ?, ?) "
+            "ON CONFLICT (app_id, version, device) DO UPDATE SET tried = excluded.tried, "
+            "failed = COALESCE(excluded.failed, failed)",
+            (app_id, version, device, now, now if failed else None),
+        )
+        return self._release_counts(app_id, version, now, window)
+
+    def _release_counts(self, app_id: str, version: str, now: float, window: float) -> tuple[int, int]:
+        db, cutoff = self._db(), now - window
+        db.execute(
+            "DELETE FROM release_devices WHERE app_id = ? AND version = ? AND tried < ?", (app_id, version, cutoff)
+        )
+        row = db.execute(
+            "SELECT COUNT(*), COALESCE(SUM(failed >= ?), 0) FROM release_devices WHERE app_id = ? AND version = ?",
+            (cutoff, app_id, version),
+        ).fetchone()
+        return int(row[0]), int(row[1])
+
+    def _halts(self, app_id: str) -> dict[str, str]:
+        rows = self._db().execute("SELECT version, detail FROM release_halts WHERE app_id = ?", (app_id,))
+        return {str(v): str(d) for v, d in rows.fetchall()}
+
+    def _halt(self, app_id: str, version: str, detail: str) -> bool:
+        cur = self._db().execute(
+            "INSERT INTO release_halts (app_id, version, detail) VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
+            (app_id, version, detail),
+        )
+        return cur.rowcount == 1
+
+    def _resume(self, app_id: str, version: str) -> bool:
+        db = self._db()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.execute("DELETE FROM release_devices WHERE app_id = ? AND version = ?", (app_id, version))
+            cur = db.execute("DELETE FROM release_halts WHERE app_id = ? AND version = ?", (app_id, version))
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        return cur.rowcount == 1
+
     def _close(self) -> None:
         if self._conn is not None:
             self._conn.close()
@@ -220,6 +324,23 @@ class SqliteState:
 
     async def probe(self) -> None:
         await self._run(self._probe)
+
+    async def release_event(
+        self, app_id: str, version: str, device: str, failed: bool, now: float, window: float
+    ) -> tuple[int, int]:
+        return await self._run(self._release_event, app_id, version, device, failed, now, window)
+
+    async def release_counts(self, app_id: str, version: str, now: float, window: float) -> tuple[int, int]:
+        return await self._run(self._release_counts, app_id, version, now, window)
+
+    async def halts(self, app_id: str) -> dict[str, str]:
+        return await self._run(self._halts, app_id)
+
+    async def halt(self, app_id: str, version: str, detail: str) -> bool:
+        return await self._run(self._halt, app_id, version, detail)
+
+    async def resume(self, app_id: str, version: str) -> bool:
+        return await self._run(self._resume, app_id, version)
 
     async def close(self) -> None:
         try:
@@ -293,6 +414,48 @@ class RedisState:
     async def probe(self) -> None:
         await self._client.set(f"{self._prefix}probe", str(time.time()), ex=60)
 
+    def _release_keys(self, app_id: str, version: str) -> tuple[str, str]:
+        base = f"{self._prefix}release:{app_id}:{version}"
+        return f"{base}:tried", f"{base}:failed"  # sorted sets: device -> time of its last event
+
+    async def release_event(
+        self, app_id: str, version: str, device: str, failed: bool, now: float, window: float
+    ) -> tuple[int, int]:
+        tried_key, failed_key = self._release_keys(app_id, version)
+        async with self._client.pipeline(transaction=True) as pipe:
+            pipe.zadd(tried_key, {device: now})
+            if failed:
+                pipe.zadd(failed_key, {device: now})
+            for key in (tried_key, failed_key):
+                pipe.zremrangebyscore(key, "-inf", f"({now - window}")
+                pipe.expire(key, math.ceil(window) + 60)
+            pipe.zcard(tried_key)
+            pipe.zcard(failed_key)
+            *_, tried, failing = await pipe.execute()
+        return int(tried), int(failing)
+
+    async def release_counts(self, app_id: str, version: str, now: float, window: float) -> tuple[int, int]:
+        tried_key, failed_key = self._release_keys(app_id, version)
+        async with self._client.pipeline(transaction=True) as pipe:
+            pipe.zcount(tried_key, now - window, "+inf")
+            pipe.zcount(failed_key, now - window, "+inf")
+            tried, failing = await pipe.execute()
+        return int(tried), int(failing)
+
+    async def halts(self, app_id: str) -> dict[str, str]:
+        raw = await self._client.hgetall(f"{self._prefix}halts:{app_id}")
+        return {_text(k): _text(v) for k, v in raw.items()}
+
+    async def halt(self, app_id: str, version: str, detail: str) -> bool:
+        return bool(await self._client.hsetnx(f"{self._prefix}halts:{app_id}", version, detail))
+
+    async def resume(self, app_id: str, version: str) -> bool:
+        async with self._client.pipeline(transaction=True) as pipe:
+            pipe.hdel(f"{self._prefix}halts:{app_id}", version)
+            pipe.delete(*self._release_keys(app_id, version))
+            removed, _ = await pipe.execute()
+        return bool(removed)
+
     async def close(self) -> None:
         await self._client.aclose()
 
@@ -355,3 +518,7 @@ class GuardedState:
         line = self._fault.failed(time.monotonic(), f"{op}: {type(exc).__name__}: {exc}")
         if line:
             log.error("%s", line)
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

@@ -403,3 +403,44 @@ def test_shipped_example_policy_loads(tmp_path: Path, pki: Pki) -> None:
     folder = tmp_path / "shipped"
     write(folder, "example.yaml", (ROOT / "policies" / "example.yaml").read_text())
     assert "com.example.app" in load_policies(folder, config).apps
+
+
+def test_rollout_and_halt_load_with_defaults(tmp_path: Path, config: Config) -> None:
+    write(
+        tmp_path,
+        "a.yaml",
+        APP_HEAD + "    clients: [{issuer: [ca]}]\n    rollout:\n      releases:\n        '1.3.0': {percent: 10}\n",
+    )
+    app = load_policies(tmp_path, config).apps["com.example.app"]
+    assert app.rollout is not None and dict(app.rollout.releases) == {"1.3.0": 10.0}
+    halt = app.rollout.halt
+    assert app.rollout.identity == "certificate"
+    assert (halt.failure_ratio, halt.min_devices, halt.window, halt.offer_previous) == (0.2, 50, 3600.0, True)
+    write(tmp_path, "a.yaml", APP_HEAD + "    clients: [{issuer: [ca]}]\n    halt: {window: 30m, min_devices: 5}\n")
+    app = load_policies(tmp_path, config).apps["com.example.app"]
+    assert app.rollout is not None and app.rollout.halt.window == 1800.0 and app.rollout.halt.min_devices == 5
+    write(tmp_path, "a.yaml", APP_HEAD + "    clients: [{issuer: [ca]}]\n")
+    assert load_policies(tmp_path, config).apps["com.example.app"].rollout is None
+
+
+@pytest.mark.parametrize(
+    ("snippet", "key_path", "needle"),
+    [
+        (
+            "    rollout:\n      releases:\n        '1.3.0': {percent: 101}\n",
+            "apps[0].rollout.releases.1.3.0.percent",
+            "101",
+        ),
+        ("    rollout:\n      releases:\n        'one': {percent: 5}\n", "apps[0].rollout.releases.one", "one"),
+        ("    rollout:\n      identity: device_id\n", "apps[0].rollout.identity", "identity"),
+        ("    halt:\n      failure_ratio: 0\n", "apps[0].halt.failure_ratio", "failure_ratio"),
+        ("    halt:\n      window: 1 hour\n", "apps[0].halt.window", "window"),
+        ("    halt:\n      window: 10s\n", "apps[0].halt.window", "window"),
+        ("    halt:\n      offer_latest: true\n", "apps[0].halt.offer_latest", "offer_latest"),
+    ],
+)
+def test_bad_rollout_and_halt(tmp_path: Path, config: Config, snippet: str, key_path: str, needle: str) -> None:
+    path = write(tmp_path, "a.yaml", APP_HEAD + "    clients: [{issuer: [ca]}]\n" + snippet)
+    found = problems(tmp_path, config)
+    assert len(found) == 1, found
+    assert found[0].startswith(f"{path}:{line_of(path, needle)}: {key_path}"), found

@@ -175,3 +175,28 @@ async def test_guarded_sqlite_locked_by_another_process_fails_visibly_and_recove
     finally:
         other.close()
         await state.close()
+
+
+async def test_release_devices_count_once_within_the_window(store: StateStore) -> None:
+    app, now = "com.example.app", 1_800_000_000.0
+    assert await store.release_event(app, "1.3.0", "d1", False, now, 3600) == (1, 0)
+    for _ in range(5):  # one noisy device: one failing device
+        assert await store.release_event(app, "1.3.0", "d2", True, now + 1, 3600) == (2, 1)
+    assert await store.release_event(app, "1.3.0", "d2", False, now + 2, 3600) == (2, 1)  # it failed in the window
+    assert await store.release_event(app, "1.2.0", "d3", True, now, 3600) == (1, 1)  # per version
+    assert await store.release_counts(app, "1.3.0", now + 3, 3600) == (2, 1)
+    assert await store.release_counts(app, "1.3.0", now + 3600.5, 3600) == (1, 1)  # d1 left the window
+    assert await store.release_counts(app, "1.3.0", now + 7200, 3600) == (0, 0)
+
+
+async def test_halt_once_and_resume_clears_counts(store: StateStore) -> None:
+    app, now = "com.example.app", 1_800_000_000.0
+    assert await store.halts(app) == {}
+    assert await store.halt(app, "1.3.0", "automatic") is True
+    assert await store.halt(app, "1.3.0", "operator") is False  # the first halt is kept and reported once
+    assert await store.halts(app) == {"1.3.0": "automatic"}
+    await store.release_event(app, "1.3.0", "d1", True, now, 3600)
+    assert await store.resume(app, "1.3.0") is True
+    assert await store.resume(app, "1.3.0") is False
+    assert await store.halts(app) == {}
+    assert await store.release_counts(app, "1.3.0", now, 3600) == (0, 0)

@@ -21,6 +21,7 @@ from functools import lru_cache
 
 from gateway.core.identity import ClientIdentity
 from gateway.core.reasons import Reason, Refusal
+from gateway.core.rollout import Rollout
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +99,7 @@ class AppPolicy:
     versions: Versions = field(default_factory=Versions)
     verification: Verification = field(default_factory=Verification)
     rate_limits: RateLimits = field(default_factory=RateLimits)
+    rollout: Rollout | None = None  # staged rollouts and halting (core/rollout.py); None: every release to everyone
 
 
 @dataclass(frozen=True, slots=True)
