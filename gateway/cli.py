@@ -15,6 +15,7 @@ from pathlib import Path
 
 from gateway import __version__
 from gateway.config import DEFAULT_CONFIG
+from gateway.core.rollout import FAILURE_ACTIONS
 from gateway.errors import ConfigError
 
 EXIT_USAGE = 2
@@ -112,6 +113,17 @@ def _cmd_release_add(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_release_state(args: argparse.Namespace) -> int:
+    from gateway.release_ops import ReleaseOpError, release_command
+
+    try:
+        lines = asyncio.run(release_command(args.release_command, args.config, args.app, args.version))
+    except ReleaseOpError as exc:
+        return _fail(str(exc))
+    print("\n".join(lines))
+    return 0
+
+
 def _cmd_device(args: argparse.Namespace) -> int:
     from gateway.device import Device, DeviceOptions
 
@@ -127,6 +139,7 @@ def _cmd_device(args: argparse.Namespace) -> int:
         device_id=args.device_id,
         platform=args.platform,
         out=args.out,
+        fail_with=args.fail_with,
     )
     try:
         device = Device(opts)
@@ -170,7 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name")
     p.set_defaults(func=_cmd_certs_issue)
 
-    release = sub.add_parser("release", help="publish bundles").add_subparsers(dest="release_command", required=True)
+    release = sub.add_parser("release", help="publish, halt and resume releases").add_subparsers(
+        dest="release_command", required=True
+    )
     p = release.add_parser("add", help="publish a zip into a directory origin")
     p.add_argument("--origin", type=Path, required=True, help="the directory origin's root folder")
     p.add_argument("--app", required=True)
@@ -180,6 +195,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--replace", action="store_true", help="overwrite an existing version")
     p.add_argument("file", type=Path)
     p.set_defaults(func=_cmd_release_add)
+    for name, text in (
+        ("status", "a release's rollout, halt state and device counts, from the gateway's state store"),
+        ("halt", "stop offering a release (every worker and host within a second); audited"),
+        ("resume", "offer a halted release again and clear its device counts; audited"),
+    ):
+        p = release.add_parser(name, help=text)
+        p.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+        p.add_argument("--app", required=True)
+        p.add_argument("--version", required=True)
+        p.set_defaults(func=_cmd_release_state)
 
     p = sub.add_parser("device", help="act as a Capgo device: update check, download, checksum, stats (exit 0 or 1)")
     p.add_argument("--gateway", required=True, help="https://host:port of the gateway")
@@ -193,6 +218,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device-id", help="device UUID (default: a new random one)")
     p.add_argument("--platform", default="android", choices=["android", "ios", "electron"])
     p.add_argument("--out", type=Path, help="write the verified (decrypted) zip here")
+    p.add_argument(
+        "--fail-with",
+        choices=sorted(FAILURE_ACTIONS),
+        metavar="ACTION",
+        help="after a verified download, report this failure (update_fail, set_fail, ...) instead of success",
+    )
     p.set_defaults(func=_cmd_device)
     return parser
 

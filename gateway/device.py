@@ -4,7 +4,8 @@ Owns the client side of the Capgo protocol as the Android plugin speaks it (capg
 with the plugin's body and User-Agent, the download of `url` (Dalvik User-Agent), the checksum check the plugin
 makes (with a public key and a session key: AES-key recovery, AES-128-CBC decryption, RSA-recovered digest;
 otherwise the SHA-256 of the bytes), and the stats it posts (`download_complete` + `set`, or `download_fail`,
-`decrypt_fail`, `checksum_fail`, `checksum_required`, `unzip_fail`). It prints the outcome and returns the exit
+`decrypt_fail`, `checksum_fail`, `checksum_required`, `unzip_fail`; or, with `--fail-with ACTION`, that failure
+after a good download, to show a release being halted). It prints the outcome and returns the exit
 code: 0 for an installed update, an up-to-date answer or a builtin reset; 1 for a refusal or any failure.
 It is the smoke test to run against a deployment; the end-to-end tests run it as a subprocess too.
 """
@@ -58,6 +59,7 @@ class DeviceOptions:
     platform: str = "android"
     out: Path | None = None
     timeout: float = 60.0
+    fail_with: str | None = None  # report this failure action after a verified download (a bundle that fails on it)
 
 
 @dataclass
@@ -222,6 +224,10 @@ class Device:
         except DeviceError as exc:
             self.say(f"failed: {exc.action}: {exc}")
             self.post_stats(version, old, [exc.action])
+            return 1
+        if self.opts.fail_with is not None:  # as if the bundle failed on the device (e.g. no notifyAppReady())
+            self.say(f"failed: {self.opts.fail_with}: simulated on {version} (from {old})")
+            self.post_stats(version, old, [self.opts.fail_with])
             return 1
         if self.opts.out is not None:
             self.opts.out.write_bytes(plain)

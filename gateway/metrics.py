@@ -182,6 +182,26 @@ class Metrics:
             registry=r,
             multiprocess_mode="livemax",
         )
+        self.release_halted = Gauge(
+            "ota_gateway_release_halted",
+            "1 while a release (a version from the policy's rollout or the release index) is halted, else 0.",
+            ["app", "version"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.release_halts = Counter(
+            "ota_gateway_release_halts",
+            "Releases halted automatically by their devices' failures.",
+            ["app"],
+            registry=r,
+        )
+        self.held_back = Counter(
+            "ota_gateway_rollout_held_back",
+            "Update checks whose offer was held back, by app and cause (halted, not_in_rollout).",
+            ["app", "cause"],
+            registry=r,
+        )
+        self.halted_versions: dict[str, set[str]] = {}  # app -> versions with a release_halted series
         self._event_apps: set[str] = set()
         for op in STATE_OPS:
             self.state_errors.labels(op)

@@ -27,6 +27,7 @@ from aiohttp import web
 
 from gateway.app import create_admin_app, create_app, create_plain_app, low_level_headers, low_level_recorder
 from gateway.audit import AuditLog
+from gateway.config import Config
 from gateway.core.connguard import Caps, Timeouts, auto_max_connections
 from gateway.errors import ConfigError
 from gateway.listener import ConnectionBudget, GuardedAppRunner, HttpGuard, PlainListener, TlsListenerServer
@@ -65,7 +66,12 @@ async def open_state(config_path: Path, rt: Runtime) -> StateStore:
         await asyncio.to_thread(rt.ticket_keys)
     except (OSError, ValueError) as exc:
         raise ConfigError.single(str(config_path), "tickets", None, f"ticket keys: {exc}") from None
-    redis_url = rt.config.state.redis_url
+    return await open_store(config_path, rt.config)
+
+
+async def open_store(config_path: Path, config: Config) -> StateStore:
+    """The configured state store (SQLite or Redis); problems are config errors. `release status` uses it too."""
+    redis_url = config.state.redis_url
     if redis_url is not None:
         from redis.exceptions import RedisError
 
@@ -76,10 +82,10 @@ async def open_state(config_path: Path, rt: Runtime) -> StateStore:
                 str(config_path), "state.redis_url", None, f"cannot reach the Redis state store: {exc}"
             ) from None
     try:
-        return await SqliteState.open(rt.config.state.path)
+        return await SqliteState.open(config.state.path)
     except (OSError, sqlite3.Error) as exc:
         raise ConfigError.single(
-            str(config_path), "state.path", None, f"cannot open the state store {rt.config.state.path}: {exc}"
+            str(config_path), "state.path", None, f"cannot open the state store {config.state.path}: {exc}"
         ) from None
 
 

@@ -45,6 +45,7 @@ class Runtime:
     state_fault: Fault = field(default_factory=lambda: Fault("state store"))  # GuardedState's; /readyz reads it
     _keyring: tuple[Config | None, tuple[TicketKey, ...]] = field(default=(None, ()), repr=False)
     origin_health: dict[str, tuple[bool, float, str]] = field(default_factory=dict)  # name -> (ok, when, detail)
+    halt_cache: dict[str, tuple[float, dict[str, str]]] = field(default_factory=dict)  # app -> (read at, halts)
 
     def __post_init__(self) -> None:
         self._derive()

@@ -69,3 +69,12 @@ def test_refusal_exits_non_zero(env: CapgoEnv) -> None:
     env.offer(SECURE_APP, "1.1.0")  # unsigned: refused at the update check
     run = device(env, SECURE_APP, "1.0.0", "--public-key", str(CAPGO_FIXTURES / "key.pub"))
     assert run.returncode == 1 and "failed: signature_invalid" in run.stdout
+
+
+def test_fail_with_reports_that_failure_after_a_good_download(env: CapgoEnv) -> None:
+    env.offer(APP_ID, "1.1.0")
+    run = device(env, APP_ID, "1.0.0", "--fail-with", "update_fail")
+    assert run.returncode == 1 and "failed: update_fail: simulated on 1.1.0" in run.stdout, run.stdout
+    assert stats_actions(env)[-1] == "update_fail"
+    run = device(env, APP_ID, "1.0.0", "--fail-with", "app_moved_to_foreground")  # not a failure action
+    assert run.returncode == 2 and "--fail-with" in run.stderr

@@ -411,9 +411,13 @@ def index_answer(index: ReleaseIndex, channel: str, device: DeviceInfo) -> tuple
     release = index.find(best) if best is not None else None
     if release is None or not parse(release.version) > parse(device.version_name):
         return error_body("no_new_version_available", f"no newer release on channel {channel}", Kind.UP_TO_DATE), None
-    answer: dict[str, Any] = {
+    return release_answer(release), release
+
+
+def release_answer(release: Release) -> dict[str, Any]:
+    """An update answer offering one index release, without its url."""
+    return {
         "version": release.version,
         "checksum": release.capgo.checksum if release.capgo else release.sha256,
         "session_key": release.capgo.session_key if release.capgo else "",
     }
-    return answer, release

@@ -53,6 +53,9 @@ class Rollout:
     halt: Halt = field(default_factory=Halt)
 
 
+NO_ROLLOUT = Rollout()  # an app without rollout or halt blocks: every release to everyone, unless halted
+
+
 def device_key(cert_sha256: str, device_id: str, identity: str) -> str:
     """Who the device is for rollouts and halt counts (64 hex characters)."""
     if identity == "certificate":

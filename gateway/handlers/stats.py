@@ -17,6 +17,7 @@ from gateway.core.capgo import InvalidRequest, parse_stats, stats_ok
 from gateway.core.policy import admit
 from gateway.core.reasons import Reason, Refusal
 from gateway.handlers.capgo_common import call_origin, capgo_json, invalid, rate_limit, read_json
+from gateway.handlers.rollout import count_events
 from gateway.origins import HttpsOrigin
 from gateway.state_keys import RUNTIME, request_audit, request_peer
 
@@ -56,4 +57,7 @@ async def post_stats(request: web.Request) -> web.StreamResponse:
     for event in events:
         rt.metrics.device_events.labels(app.app_id, event.label).inc()
     record.detail = f"{len(events)} event(s)"
+    halted = await count_events(rt, app, peer, events)
+    if halted:
+        record.detail += f"; halted {', '.join(halted)}"
     return capgo_json(answer)

@@ -19,6 +19,7 @@ from gateway.core.capgo import DeviceInfo, InvalidRequest, Kind, parse_info
 from gateway.core.names import host_of
 from gateway.core.policy import AppPolicy, Peer, admit
 from gateway.core.reasons import Reason, Refusal
+from gateway.core.releases import Release
 from gateway.core.review import (
     Builtin,
     Decline,
@@ -28,10 +29,13 @@ from gateway.core.review import (
     index_answer,
     load_public_keys,
     new_version_body,
+    release_answer,
     review_answer,
 )
+from gateway.core.rollout import HALTED, NO_ROLLOUT, device_key, held_back, previous_release
 from gateway.core.tickets import Ticket, seal
 from gateway.handlers.capgo_common import RateLimited, call_origin, capgo_json, invalid, rate_limit, read_json
+from gateway.handlers.rollout import current_halts
 from gateway.origins import DirectoryOrigin, HttpsOrigin, OriginError, ReleaseNotFound
 from gateway.state import StateError
 from gateway.state_keys import RUNTIME, Runtime, request_audit, request_peer
@@ -69,11 +73,47 @@ async def _ask(
     answer, release = index_answer(index, channel, device)
     if release is None:
         return answer, None, None
+    return _locate(origin, app, release, answer)
+
+
+def _locate(
+    origin: Origin, app: AppPolicy, release: Release, answer: dict[str, Any]
+) -> tuple[dict[str, Any], frozenset[str] | None, Served]:
+    """An index release's answer with the url of its file on the origin."""
     if isinstance(origin, HttpsOrigin):
         answer["url"] = str(origin.base / app.app_id / release.file)
         return answer, origin.hosts, Served(release.sha256, release.size)
     answer["url"] = release.file
     return answer, None, Served(release.sha256, release.size)
+
+
+async def _staged(
+    rt: Runtime, app: AppPolicy, origin: Origin, device: DeviceInfo, channel: str, peer: Peer, offer: Offer
+) -> tuple[Outcome, Served | None, str] | None:
+    """None if the offer may go to this device; else what it gets instead (the newest release before it that it
+    may have, from the release index, or up to date), the answer's file, and why (core/rollout.py)."""
+    rollout = app.rollout or NO_ROLLOUT  # an operator's halt (`release halt`) holds for every app
+    halts = await current_halts(rt, app)
+    who = device_key(peer.identity.sha256, device.device_id, rollout.identity)
+    cause = held_back(rollout, app.app_id, offer.version, who, halts)
+    if cause is None:
+        return None
+    rt.metrics.held_back.labels(app.app_id, cause).inc()
+    why = f"{offer.version} is {'halted' if cause == HALTED else 'in a staged rollout not open to this device yet'}"
+    if rollout.halt.offer_previous:
+        try:
+            index = await origin.index(app.app_id)
+        except OriginError:
+            index = None
+        usable = lambda v: held_back(rollout, app.app_id, v, who, halts) is None  # noqa: E731
+        release = index and previous_release(index, channel, device.version_name, offer.version, usable)
+        if release:
+            # the gateway's own choice from the index, below a version that passed the review: no high-water mark
+            answer, hosts, served = _locate(origin, app, release, release_answer(release))
+            keys = load_public_keys(app.verification.public_keys)
+            outcome = review_answer(answer, device, app, public_keys=keys, high_water=None, hosts=hosts, served=served)
+            return outcome, served, why
+    return Decline("no_new_version_available", why, Kind.UP_TO_DATE), None, why
 
 
 def _base_url(rt: Runtime, request: web.Request) -> str:
@@ -210,7 +250,14 @@ async def _update_check(request: web.Request) -> web.StreamResponse:
         hosts=hosts,
         served=served,
     )
-    return await _answer(request, rt, app, channel, origin, outcome, peer, served)
+    staged = None
+    if isinstance(outcome, Offer):
+        staged = await _staged(rt, app, origin, device, channel, peer, outcome)
+    if staged is None:
+        return await _answer(request, rt, app, channel, origin, outcome, peer, served)
+    response = await _answer(request, rt, app, channel, origin, staged[0], peer, staged[1])
+    record.detail = f"{record.detail}; {staged[2]}"
+    return response
 
 
 MANIFEST_BODY_LIMIT = 1024 * 1024

@@ -1,0 +1,92 @@
+"""Staged rollouts and halting in the shell: the halted releases (read from the state store, cached at most one
+second, so every worker and every host sharing a Redis agrees within a second), device events counted per release,
+and the automatic halt with its audit line and metrics. `core/rollout.py` decides; this module reads and writes.
+
+Only releases the operator named are watched: the versions in the app's `rollout.releases` and, for a directory
+origin, the versions in its release index. A stats event for any other version counts nothing, so no client string
+ever becomes a state key or a metric label.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Sequence
+
+from gateway.audit import AuditRecord
+from gateway.core.capgo import StatsEvent
+from gateway.core.policy import AppPolicy, Peer
+from gateway.core.rollout import Rollout, device_key, event_kind, should_halt
+from gateway.origins import DirectoryOrigin, OriginError
+from gateway.state_keys import Runtime
+
+HALT_CACHE_SECONDS = 1.0
+
+
+async def current_halts(rt: Runtime, app: AppPolicy) -> dict[str, str]:
+    """The app's halted versions, at most HALT_CACHE_SECONDS old; refreshes the release_halted gauge."""
+    now = time.monotonic()
+    cached = rt.halt_cache.get(app.app_id)
+    if cached is not None and now - cached[0] < HALT_CACHE_SECONDS:
+        return cached[1]
+    halts = await rt.state.halts(app.app_id)
+    rt.halt_cache[app.app_id] = (now, halts)
+    shown = rt.metrics.halted_versions.setdefault(app.app_id, set())
+    if app.rollout is not None:
+        shown.update(app.rollout.releases)
+    for version in shown:
+        rt.metrics.release_halted.labels(app.app_id, version).set(1 if version in halts else 0)
+    return halts
+
+
+async def _watched(rt: Runtime, app: AppPolicy, rollout: Rollout) -> set[str]:
+    watched = set(rollout.releases)
+    origin = rt.origins[app.origin]
+    if isinstance(origin, DirectoryOrigin):
+        with contextlib.suppress(OriginError):
+            watched.update(r.version for r in (await origin.index(app.app_id)).releases)
+    return watched
+
+
+async def count_events(rt: Runtime, app: AppPolicy, peer: Peer, events: Sequence[StatsEvent]) -> list[str]:
+    """Count accepted device events against their release; halt releases that reach the failure ratio. Returns the
+    versions this call halted."""
+    rollout = app.rollout
+    if rollout is None:
+        return []
+    devices: dict[tuple[str, str], bool] = {}  # (version, device) -> failed; a batch counts each device once
+    watched: set[str] | None = None
+    for event in events:
+        kind = event_kind(event.label)
+        if kind is None:
+            continue
+        if watched is None:
+            watched = await _watched(rt, app, rollout)
+        version = event.info.version_name
+        if version not in watched:
+            continue
+        key = (version, device_key(peer.identity.sha256, event.info.device_id, rollout.identity))
+        devices[key] = devices.get(key, False) or kind == "failed"
+    halted = []
+    now = time.time()
+    for (version, device), failed in devices.items():
+        tried, failing = await rt.state.release_event(app.app_id, version, device, failed, now, rollout.halt.window)
+        if failed and should_halt(rollout.halt, tried, failing):
+            detail = (
+                f"halted automatically: {failing} of {tried} devices failed within {rollout.halt.window:.0f} s "
+                f"(failure_ratio {rollout.halt.failure_ratio})"
+            )
+            if await rt.state.halt(app.app_id, version, detail):
+                halted.append(version)
+                _report_halt(rt, app.app_id, version, detail, peer)
+    return halted
+
+
+def _report_halt(rt: Runtime, app_id: str, version: str, detail: str, peer: Peer) -> None:
+    rt.metrics.release_halts.labels(app_id).inc()
+    rt.metrics.halted_versions.setdefault(app_id, set()).add(version)
+    rt.metrics.release_halted.labels(app_id, version).set(1)
+    rt.halt_cache.pop(app_id, None)
+    record = AuditRecord("release", "HALT", f"/releases/{app_id}/{version}", detail=detail, app=app_id, version=version)
+    record.set_identity(peer.identity)  # whose event tipped the ratio
+    rt.audit.write(record)
