@@ -170,9 +170,13 @@ def test_with_certificate_identity_one_certificate_is_one_device(tmp_path: Path,
             for d in ids(30, seed=4):
                 session.stats(d, "1.3.0", "update_fail")
             assert session.check(ids(1, seed=5)[0]) == got
+            marker = "7.7.7-evil" + uuid.uuid4().hex[:8]  # a version nobody published: no state, no label
+            session.stats(ids(1)[0], marker, *["update_fail"] * 20)
         finally:
             session.close()
         assert gw.metric("ota_gateway_release_halts_total", app=APP_ID) == 0
+        assert marker not in gw.scrape()
+    assert "0 tried, 0 failed" in release_cli(cfg, "status", version=marker).stdout
     status = release_cli(cfg, "status")
     assert "1 tried, 1 failed" in status.stdout, status.stdout
 
