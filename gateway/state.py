@@ -304,7 +304,8 @@ class SqliteState:
             cur = db.execute("DELETE FROM release_halts WHERE app_id = ? AND version = ?", (app_id, version))
             db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            if db.in_transaction:  # as in _record: keep the first error
+                db.execute("ROLLBACK")
             raise
         return cur.rowcount == 1
 
