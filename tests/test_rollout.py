@@ -296,3 +296,32 @@ def test_two_gateways_on_one_redis_agree_within_a_second(
             s2.close()
         assert gw1.metric("ota_gateway_release_halts_total", app=APP_ID) == 0
         assert gw2.metric("ota_gateway_release_halts_total", app=APP_ID) == 1
+
+
+def test_in_front_of_an_update_server_the_answer_is_replaced_from_its_index(tmp_path: Path, pki: Pki) -> None:
+    from tests.capgo_env import capgo_env
+    from tests.support import CAPGO_FIXTURES, capgo_fixture, https_request
+
+    other, third = "com.example.other", "com.example.third"
+    rules = {"clients": [{"name": "fleet", "issuer": ["ca"]}], "channels": {"default": "production"}}
+    held = {"releases": {"2.0.0": {"percent": 0}}}  # nobody is in the rollout of 2.0.0 yet
+    apps = [
+        {"app_id": APP_ID, "origin": "capgo", **rules, "rollout": held},
+        {"app_id": other, "origin": "capgo", **rules, "rollout": held, "halt": {"offer_previous": False}},
+        {"app_id": third, "origin": "capgo", **rules, "rollout": held, "versions": {"blocked_versions": ["1.1.0"]}},
+    ]
+    with capgo_env(tmp_path, pki, apps) as env:
+        for app in (APP_ID, other, third):
+            env.offer(app, "2.0.0")  # what the update server answers
+            env.origin.publish(app, "1.1.0", (CAPGO_FIXTURES / capgo_fixture("1.1.0")["zip"]).read_bytes())
+        answer = env.check(device_body(APP_ID, "1.0.0")).json()
+        assert answer["version"] == "1.1.0", answer  # the newest release the index knows, newer than the device
+        got = https_request(answer["url"], env.ctx())
+        assert got.status == 200 and got.body == (CAPGO_FIXTURES / capgo_fixture("1.1.0")["zip"]).read_bytes()
+        answer = env.check(device_body(APP_ID, "1.1.0")).json()
+        assert answer["kind"] == "up_to_date" and "staged rollout" in answer["message"], answer
+        answer = env.check(device_body(other, "1.0.0")).json()
+        assert answer["kind"] == "up_to_date", answer  # offer_previous: false
+        answer = env.check(device_body(third, "1.0.0")).json()
+        assert answer["kind"] == "up_to_date" and "1.1.0 is a blocked version" in answer["message"], answer
+        assert env.gw.metric("ota_gateway_rollout_held_back_total", app=APP_ID, cause="not_in_rollout") == 2

@@ -112,7 +112,9 @@ async def _staged(
             answer, hosts, served = _locate(origin, app, release, release_answer(release))
             keys = load_public_keys(app.verification.public_keys)
             outcome = review_answer(answer, device, app, public_keys=keys, high_water=None, hosts=hosts, served=served)
-            return outcome, served, why
+            if not isinstance(outcome, Decline) or outcome.kind is Kind.FAILED:  # a broken release is a failure
+                return outcome, served, why
+            why += f"; {release.version} before it: {outcome.message}"  # e.g. blocked by the policy: stay put
     return Decline("no_new_version_available", why, Kind.UP_TO_DATE), None, why
 
 
