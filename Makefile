@@ -83,6 +83,7 @@ test: lint typecheck deploy-check unit
 bench: $(STAMP)
 	$(PY) bench/run.py
 	$(PY) bench/rollout.py
+	$(PY) bench/hostile.py
 
 clean:
 	rm -rf $(VENV) .venv-scan $(CERTS) $(ORIGIN) state .pytest_cache .mypy_cache .ruff_cache

@@ -278,6 +278,7 @@ class ConnectionBudget:
         self.listener_caps = listener_caps or {}
         self.own_cap_only = own_cap_only  # listeners outside the overall cap (admin)
         self.open = 0
+        self.closed_total = 0  # connections closed since start (gateway/memory.py trims the heap after churn)
         self.per_listener: dict[str, int] = {}
         self.handshakes = 0
         self.by_address: dict[str | None, int] = {}
@@ -293,6 +294,7 @@ class ConnectionBudget:
             overall=listener not in self.own_cap_only,
         )
         if cause is not None:
+            self.closed_total += 1
             self.metrics.connections_refused.labels(listener, cause).inc()
             now = asyncio.get_running_loop().time()
             if now - self._logged.get(listener, -self.LOG_EVERY) >= self.LOG_EVERY:
@@ -319,6 +321,7 @@ class ConnectionBudget:
             self.by_address.pop(address, None)  # the table holds only addresses with handshakes in progress
 
     def _closed(self, listener: str) -> None:
+        self.closed_total += 1
         if listener not in self.own_cap_only:
             self.open -= 1
         self.per_listener[listener] -= 1

@@ -31,6 +31,7 @@ from gateway.config import Config
 from gateway.core.connguard import Caps, Timeouts, auto_max_connections
 from gateway.errors import ConfigError
 from gateway.listener import ConnectionBudget, GuardedAppRunner, HttpGuard, PlainListener, TlsListenerServer
+from gateway.memory import trim_after_churn
 from gateway.metrics import Metrics
 from gateway.origins import make_origin
 from gateway.reload import Loaded, Reloader, load_all, publish_state_metrics
@@ -212,6 +213,7 @@ async def serve(
             _say(f"admin on {scheme}://{config.admin.address}:{config.admin.port} (/metrics /healthz /readyz)")
         watcher = loop.create_task(reloader.watch(), name="reload-watch")
         tasks.add(watcher)
+        tasks.add(loop.create_task(trim_after_churn(lambda: budget.closed_total), name="malloc-trim"))
         tasks.add(loop.create_task(_probe(rt), name="health-probe"))
         waiters: list[asyncio.Future[object]] = [asyncio.ensure_future(stop.wait())]
         if shutdown_trigger is not None:

@@ -7,11 +7,13 @@ Every limit has its twin: a peer just inside it is served normally. The gateway 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import select
 import socket
 import ssl
+import struct
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,6 +29,8 @@ from tests.support import (
     Pki,
     device_body,
     free_port,
+    https_request,
+    make_zip,
     run_gateway,
     wait_until,
     write_config,
@@ -442,3 +446,52 @@ def test_readyz_reports_descriptors_at_80_percent_of_the_limit(tmp_path: Path, p
             for s in flood:
                 s.close()
         assert wait_until(lambda: _readyz(gw)[0] == 200)
+
+
+# --- churn -----------------------------------------------------------------------------------------------------
+
+
+def _vmrss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+async def _aborted_downloads(port: int, path: str, ctx: ssl.SSLContext, count: int, concurrency: int) -> int:
+    """Downloads cut with a TCP RST after the first 64 KiB; returns how many got that far."""
+    sem = asyncio.Semaphore(concurrency)
+    done = 0
+
+    async def one() -> None:
+        nonlocal done
+        async with sem:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=ctx, server_hostname="localhost")
+            writer.write(request("GET", path))
+            await reader.readexactly(64 * 1024)
+            writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            writer.transport.abort()
+            done += 1
+
+    await asyncio.gather(*(one() for _ in range(count)))
+    return done
+
+
+def test_rss_after_1000_aborted_downloads_comes_back_within_32_mib(tmp_path: Path, pki: Pki) -> None:
+    origin = tmp_path / "origin"
+    origin.mkdir()
+    bundle = make_zip(tmp_path / "big.zip", 2 * 1024 * 1024)
+    add_release(origin, APP_ID, "2.0.0", "production", bundle)
+    cfg = write_config(tmp_path / "gw", pki, origins={"local": {"type": "directory", "path": str(origin)}})
+    path = f"/bundles/{APP_ID}/2.0.0.zip"
+    with run_gateway(cfg) as gw:
+        ctx = pki.client_context(pki.client)
+        for _ in range(20):
+            assert https_request(f"{gw.base_url}{path}", ctx).status == 200
+        warm = _vmrss_kib(gw.proc.pid)
+        assert asyncio.run(_aborted_downloads(gw.port, path, ctx, 1000, 24)) == 1000  # below the per-address cap
+        grown: list[int] = []
+        assert wait_until(lambda: grown.append(_vmrss_kib(gw.proc.pid) - warm) or grown[-1] < 32 * 1024, timeout=20), (
+            f"RSS {warm} KiB warm, +{grown[-1]} KiB after 1,000 aborted downloads"
+        )
+        assert https_request(f"{gw.base_url}{path}", ctx).status == 200
