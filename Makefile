@@ -84,6 +84,7 @@ bench: $(STAMP)
 	$(PY) bench/run.py
 	$(PY) bench/rollout.py
 	$(PY) bench/hostile.py
+	$(PY) bench/slow_readers.py
 
 clean:
 	rm -rf $(VENV) .venv-scan $(CERTS) $(ORIGIN) state .pytest_cache .mypy_cache .ruff_cache

@@ -176,6 +176,7 @@ class HttpsOriginConfig(Model):
     spki_pins: list[str] = []
     connect_timeout: Seconds = 5.0
     read_timeout: Seconds = 30.0
+    total_timeout: Seconds = 8.0  # whole API and index calls, and a bundle GET up to its headers
     redirect_hosts: list[str] = []
     max_redirects: Annotated[int, Field(ge=0, le=10)] = 3
     index_ttl: Annotated[float, Field(ge=0)] = 5.0
@@ -210,6 +211,12 @@ OriginConfig = Annotated[DirectoryOriginConfig | HttpsOriginConfig, Field(discri
 
 class Limits(Model):
     chunk_size: Annotated[int, Field(ge=4096, le=16 * 1024 * 1024)] = 1024 * 1024  # bench/README.md: best per CPU
+    # memory and time per download (README "Limits"): the client's transport buffer above which origin reads
+    # pause, and the minimum rates, both directions, averaged over rate_window seconds of waiting on that side
+    client_buffer: Annotated[int, Field(ge=16 * 1024, le=16 * 1024 * 1024)] = 128 * 1024
+    origin_min_rate: Annotated[int, Field(ge=0)] = 4096
+    client_min_rate: Annotated[int, Field(ge=0)] = 1024
+    rate_window: Seconds = 60.0
     max_bundle_bytes: PositiveInt = 1024 * 1024 * 1024
     shutdown_grace: Annotated[float, Field(ge=0, le=3600)] = 30.0
     keepalive_timeout: Seconds = 75.0

@@ -29,6 +29,7 @@ VERIFICATION_RESULTS = (
     "size_exceeded",
     "short_body",
     "origin_error",
+    "origin_too_slow",
 )
 OUTCOMES = ("ok", "refused", "aborted")
 
@@ -213,14 +214,7 @@ class Metrics:
             self.reloads.labels(result)
         for answer in ("redirect", "upgrade_required"):
             self.plain_http.labels(answer)
-        for result in (
-            "passed",
-            "checksum_mismatch",
-            "signature_invalid",
-            "size_exceeded",
-            "short_body",
-            "origin_error",
-        ):
+        for result in VERIFICATION_RESULTS:
             self.verifications.labels(result)
         for reason in ALL_LABELS:
             self.refusals.labels(reason)

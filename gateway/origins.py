@@ -5,38 +5,70 @@ Owns `DirectoryOrigin` (a local folder: `<root>/<app_id>/releases.yaml` and the 
 connection, connect/read timeouts, redirects followed only to https on configured hosts). Both hand out a body
 as an async iterator of chunks together with the size the origin declared. Nothing here decides whether bytes are
 good; `core/verify.py` does.
+
+Bounds: every call to an HTTPS origin has a total deadline (`total_timeout`: a whole API or index call, a bundle
+GET up to its headers; past it, `OriginTooSlow`); release indexes and API answers are capped while they stream,
+never read whole first. A bundle body that ends before its Content-Length is `ShortBody`; bytes past it are
+`PastLength`. A directory origin opens only files inside the app's own folder (`core/confine.py`), symlinks
+followed. Each `OriginError` carries the refusal reason it stands for.
 """
 
 from __future__ import annotations
 
 import asyncio
 import email.utils
-import json
 import os
 import ssl
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Protocol
+from typing import Any, BinaryIO, Protocol, TypeVar
 
 import aiohttp
 import yaml
 from yarl import URL
 
 from gateway.config import DirectoryOriginConfig, HttpsOriginConfig, OriginConfig
+from gateway.core.confine import location_problem, within
 from gateway.core.forwarded import CLIENT_CERT, XFCC, client_cert_value, xfcc_value
 from gateway.core.identity import spki_pin
+from gateway.core.jsonsafe import loads_bounded
 from gateway.core.policy import Peer
+from gateway.core.reasons import Reason
 from gateway.core.releases import Release, ReleaseIndex, ReleaseIndexError, parse_index
+from gateway.core.verify import Verifier
 from gateway.tls import upstream_context
 
 INLINE_READ_BYTES = 64 * 1024  # directory-origin files up to this size are read on the event loop
+MAX_INDEX_BYTES = 4 * 1024 * 1024  # a release index larger than this is refused while it streams
+ORIGIN_READ_BUFFER = 64 * 1024  # TLS read-ahead per origin connection (asyncio's default is 256 KiB)
+_T = TypeVar("_T")
 
 
 class OriginError(Exception):
     """The origin could not be used: unreachable, refused, wrong status, bad index, pin mismatch, timeout."""
+
+    reason = Reason.ORIGIN_ERROR
+
+
+class OriginTooSlow(OriginError):
+    """The origin did not answer within `total_timeout`."""
+
+    reason = Reason.ORIGIN_TOO_SLOW
+
+
+class ShortBody(OriginError):
+    """The origin closed the connection before the end of the body it announced."""
+
+    reason = Reason.SHORT_BODY
+
+
+class PastLength(OriginError):
+    """The origin sent bytes past the Content-Length it announced."""
+
+    reason = Reason.SIZE_EXCEEDED
 
 
 class OriginBusy(OriginError):
@@ -76,9 +108,18 @@ class Body:
     read_file: Callable[[], bytes] | None = None
     small: bool = False  # `read_file` is cheap enough to call on the event loop
 
-    async def through(self, feed: Callable[[bytes], bytes]) -> AsyncIterator[bytes]:
-        """Each chunk passed through `feed` (the verifier), yielding what it releases. For a file, reading and
-        feeding (hashing, decrypting) run together in one worker-thread call per chunk, off the event loop."""
+    async def through(self, verifier: Verifier, piece: int) -> AsyncGenerator[list[bytes | memoryview], None]:
+        """Each chunk fed to the verifier in slices of at most `piece` bytes, yielding what it releases. The verifier
+        keeps a copy of the slice it holds back, so no chunk outlives the sending of its own bytes, and none is kept
+        here while the next one is read. For a file, reading and feeding (hashing, decrypting) run together in one
+        worker-thread call per chunk, off the event loop."""
+
+        def feed(data: bytes) -> list[bytes | memoryview]:
+            view = memoryview(data)
+            out = [released for i in range(0, len(view), piece) if (released := verifier.feed(view[i : i + piece]))]
+            verifier.detach()
+            return out
+
         if self.chunks is not None:
             async for chunk in self.chunks:
                 yield feed(chunk)
@@ -86,15 +127,19 @@ class Body:
         read = self.read_file
         assert read is not None
 
-        def step() -> bytes | None:
+        def step() -> list[bytes | memoryview] | None:
             data = read()
             return feed(data) if data else None
 
-        while (out := step() if self.small else await _finish_in_thread(step)) is not None:
+        while True:
+            out = step() if self.small else await _finish_in_thread(step)
+            if out is None:
+                return
             yield out
+            del out
 
 
-async def _finish_in_thread(step: Callable[[], bytes | None]) -> bytes | None:
+async def _finish_in_thread(step: Callable[[], _T | None]) -> _T | None:
     """Run `step` in a worker thread. If the caller is cancelled meanwhile, wait until the step has finished before
     the cancellation goes on, so that nobody touches the verifier while the thread still feeds it."""
     future = asyncio.ensure_future(asyncio.to_thread(step))
@@ -154,16 +199,22 @@ class DirectoryOrigin:
     async def open(
         self, app_id: str, release: Release, chunk_size: int, peer: Peer | None = None
     ) -> AsyncIterator[Body]:
-        path = self.root / app_id / release.file
+        problem = location_problem(release.file)
+        if problem is not None:
+            raise OriginError(f"origin {self.name}: {problem}")
+        folder = self.root / app_id
+        path = folder / release.file
         try:
             if release.size <= INLINE_READ_BYTES:
                 # a small file costs less to read at once than a trip to a worker thread (~100 us of CPU)
-                handle, size, first = _open_first(path, chunk_size)
+                handle, size, first = _open_first(path, chunk_size, folder)
             else:
                 # one trip to a worker thread opens, sizes and reads the first chunk
-                handle, size, first = await asyncio.to_thread(_open_first, path, chunk_size)
+                handle, size, first = await asyncio.to_thread(_open_first, path, chunk_size, folder)
         except FileNotFoundError:
             raise OriginError(f"origin {self.name}: {path} is listed in the index but missing") from None
+        except _Outside:
+            raise OriginError(f"origin {self.name}: {app_id}/{release.file} leads outside the app's folder") from None
         except OSError as exc:
             raise OriginError(f"origin {self.name}: cannot open {path}: {exc.strerror}") from None
         pending = [first] if first else []
@@ -185,9 +236,23 @@ class DirectoryOrigin:
         return None
 
 
-def _open_first(path: Path, chunk_size: int) -> tuple[BinaryIO, int, bytes]:
+class _Outside(Exception):
+    """The opened file is not inside the app's folder (a symlink, or a path that leads out)."""
+
+
+def _real_path(handle: BinaryIO, path: Path) -> str:
+    """The real path of the file actually opened: from /proc (no race with a symlink swapped after the open)."""
+    try:
+        return os.readlink(f"/proc/self/fd/{handle.fileno()}")
+    except OSError:
+        return os.path.realpath(path)
+
+
+def _open_first(path: Path, chunk_size: int, folder: Path) -> tuple[BinaryIO, int, bytes]:
     handle = open(path, "rb")  # noqa: SIM115 - closed by the caller's finally
     try:
+        if not within(os.path.realpath(folder), _real_path(handle, path)):
+            raise _Outside()
         return handle, os.fstat(handle.fileno()).st_size, handle.read(chunk_size)
     except BaseException:
         handle.close()
@@ -203,6 +268,10 @@ class _PinningConnector(aiohttp.TCPConnector):
 
     async def _wrap_create_connection(self, *args: Any, **kwargs: Any) -> Any:
         transport, protocol = await super()._wrap_create_connection(*args, **kwargs)
+        # decrypted-but-unread bytes of one origin connection stay below this, whatever the client's speed
+        set_limits = getattr(transport, "set_read_buffer_limits", None)  # TLS transports (asyncio's and uvloop's)
+        if set_limits is not None:
+            set_limits(high=ORIGIN_READ_BUFFER)
         if self._pins:
             ssl_object = transport.get_extra_info("ssl_object")
             der = ssl_object.getpeercert(binary_form=True) if ssl_object else None
@@ -243,11 +312,35 @@ class HttpsOrigin:
         return self._session
 
     @asynccontextmanager
+    async def _deadline(self, what: str) -> AsyncIterator[None]:
+        """`total_timeout` over the block: past it, `OriginTooSlow` (a trickle of header bytes cannot hold a call)."""
+        try:
+            async with asyncio.timeout(self.config.total_timeout):
+                yield
+        except TimeoutError:
+            raise OriginTooSlow(
+                f"origin {self.name}: {what} took longer than total_timeout ({self.config.total_timeout:g} s)"
+            ) from None
+
+    async def _read_capped(self, resp: aiohttp.ClientResponse, limit: int, what: str) -> bytes:
+        """The whole body, refused as soon as it passes `limit` bytes (announced or streamed)."""
+        too_large = f"origin {self.name}: {what} is larger than {limit} bytes"
+        if resp.content_length is not None and resp.content_length > limit:
+            raise OriginError(too_large)
+        data = bytearray()
+        async for chunk in resp.content.iter_any():
+            data += chunk
+            if len(data) > limit:
+                raise OriginError(too_large)
+        return bytes(data)
+
+    @asynccontextmanager
     async def _get(self, url: URL, headers: dict[str, str] | None = None) -> AsyncIterator[aiohttp.ClientResponse]:
         session = self._get_session()
         for _ in range(self.config.max_redirects + 1):
             try:
-                resp = await session.get(url, allow_redirects=False, headers=headers)
+                async with self._deadline(f"GET {url.path} (until its headers)"):
+                    resp = await session.get(url, allow_redirects=False, headers=headers)
             except OriginError:
                 raise
             except (aiohttp.ClientError, TimeoutError, ssl.SSLError, OSError) as exc:
@@ -274,16 +367,14 @@ class HttpsOrigin:
         now = time.monotonic()
         if cached and now - cached[0] < self.config.index_ttl:
             return cached[1]
-        async with self._get(self.base / app_id / "releases.json") as resp:
+        async with self._deadline(f"the index of {app_id}"), self._get(self.base / app_id / "releases.json") as resp:
             if resp.status == 404:
                 raise ReleaseNotFound(f"origin {self.name} has no index for {app_id}")
             if resp.status != 200:
                 raise OriginError(f"origin {self.name}: index for {app_id} answered HTTP {resp.status}")
             try:
-                raw = await resp.read()
-                if len(raw) > 4 * 1024 * 1024:
-                    raise OriginError(f"origin {self.name}: index for {app_id} is larger than 4 MiB")
-                index = parse_index(app_id, json.loads(raw))
+                raw = await self._read_capped(resp, MAX_INDEX_BYTES, f"the index of {app_id}")
+                index = parse_index(app_id, loads_bounded(raw))
             except (aiohttp.ClientError, TimeoutError) as exc:
                 raise OriginError(f"origin {self.name}: reading index: {exc}") from None
             except (ValueError, UnicodeDecodeError) as exc:
@@ -319,17 +410,20 @@ class HttpsOrigin:
         async with self._get(url, self.identity_headers(peer)) as resp:
             if resp.status != 200:
                 raise OriginError(f"origin {self.name}: {url.path} answered HTTP {resp.status}")
+            # kept here: the response lets go of its connection when the body ends
+            protocol = resp.connection.protocol if resp.connection is not None else None
 
             async def chunks() -> AsyncIterator[bytes]:
                 try:
                     async for data in resp.content.iter_any():
                         yield data
-                except aiohttp.ClientPayloadError:
-                    # the origin closed before its body was complete: end the stream here and let the verifier
-                    # judge what arrived (fewer bytes than expected: short_body)
-                    return
+                except aiohttp.ClientPayloadError as exc:
+                    raise ShortBody(f"origin {self.name}: {url.path} ended before its end: {exc}") from None
                 except (aiohttp.ClientError, TimeoutError) as exc:
                     raise OriginError(f"origin {self.name}: body of {url.path}: {exc!r}") from None
+                if protocol is not None and protocol.exception() is not None:
+                    # the parser met bytes after the announced end (it failed on them as "the next response")
+                    raise PastLength(f"origin {self.name}: {url.path} sent bytes past its Content-Length")
 
             yield Body(resp.content_length, chunks=chunks())
 
@@ -347,16 +441,14 @@ class HttpsOrigin:
         session = self._get_session()
         sent = {**(headers or {}), **self.identity_headers(peer)}
         try:
-            async with session.request(method, url, data=body, headers=sent, allow_redirects=False) as resp:
+            async with (
+                self._deadline(f"{method} {url.path}"),
+                session.request(method, url, data=body, headers=sent, allow_redirects=False) as resp,
+            ):
                 if resp.status == 429:
                     wait = retry_after_seconds(resp.headers.get("Retry-After"), time.time())
                     raise OriginBusy(f"origin {self.name}: {url.path} answered 429 (retry after {wait:.0f} s)", wait)
-                data = bytearray()
-                async for chunk in resp.content.iter_any():
-                    data += chunk
-                    if len(data) > limit:
-                        raise OriginError(f"origin {self.name}: answer of {url.path} is larger than {limit} bytes")
-                return resp.status, bytes(data)
+                return resp.status, await self._read_capped(resp, limit, f"the answer of {url.path}")
         except OriginError:
             raise
         except (aiohttp.ClientError, TimeoutError, ssl.SSLError, OSError) as exc:

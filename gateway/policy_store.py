@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from pydantic import AfterValidator, Field
 
 from gateway.config import Config, Model, client_ca_names
+from gateway.core.bundle_urls import parse_pattern
 from gateway.core.names import is_app_id, is_channel, is_lower_hex
 from gateway.core.pins import check_spki_pin, normalize_cert_sha256
 from gateway.core.policy import (
@@ -155,6 +156,7 @@ class VerificationModel(Model):
     require_checksum: bool = True
     public_keys: list[Annotated[str, AfterValidator(_public_key)]] = []
     max_bundle_bytes: Annotated[int, Field(gt=0)] | None = None
+    bundle_urls: list[Annotated[str, AfterValidator(parse_pattern)]] = []
 
 
 class RateLimitsModel(Model):
@@ -243,7 +245,10 @@ def _to_policy(app: AppModel, source: str) -> AppPolicy:
             app.versions.allow_builtin,
         ),
         verification=Verification(
-            app.verification.require_checksum, tuple(app.verification.public_keys), app.verification.max_bundle_bytes
+            app.verification.require_checksum,
+            tuple(app.verification.public_keys),
+            app.verification.max_bundle_bytes,
+            tuple(app.verification.bundle_urls),
         ),
         rate_limits=RateLimits(app.rate_limits.updates_per_minute, app.rate_limits.stats_per_minute),
         rollout=_rollout(app),

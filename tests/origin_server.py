@@ -4,8 +4,10 @@ Serves `/<app_id>/releases.json` and the files it lists. `mode` per file: "ok", 
 "extra" (chunked, more bytes than declared in the index), "short" (closes before the end), "error" (HTTP 500),
 "stall" (sends half, then waits), "wrong_length" (Content-Length larger than the file), "stall_watch" (sends half,
 then waits until the peer disconnects and records that in `disconnects`), "redirect:<url>" (302 to that URL).
-"slow:<seconds>" (the whole body, spread over that many seconds). Records every request (`requests`) and its
-headers (`headers`).
+"slow:<seconds>" (the whole body, spread over that many seconds), "trickle:<seconds>" (one byte every that many
+seconds, until the peer leaves), "past_length" (the body, then bytes past its Content-Length, sent together with its
+last bytes). Records every request (`requests`) and its headers (`headers`). `index_modes[app] = "huge"` streams an
+endless release index (what it managed to send is in `index_bytes_sent`).
 
 Also a Capgo-style update server: POST /updates answers `update_answers[app_id]` (a dict, or a function of the
 request body returning one; default: no new version), POST /stats records the events and answers like the
@@ -41,12 +43,24 @@ class OriginState:
     channel_answer: Any = None
     capgo_calls: list[tuple[str, str, Any, str]] = field(default_factory=list)
     busy_retry_after: str | None = None  # when set, every Capgo endpoint answers 429 with this Retry-After
+    index_modes: dict[str, str] = field(default_factory=dict)  # app -> "huge"
+    index_bytes_sent: int = 0
 
 
 def build_origin_app(state: OriginState) -> web.Application:
     async def index(request: web.Request) -> web.StreamResponse:
         state.requests.append(request.path)
         state.headers.append((request.path, list(request.headers.items())))
+        if state.index_modes.get(request.match_info["app"]) == "huge":
+            resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+            resp.enable_chunked_encoding()
+            await resp.prepare(request)
+            await resp.write(b'{"app_id": "x", "releases": [')
+            filler = b'{"version": "1.0.0", "padding": "' + b"x" * 65000 + b'"},'
+            for _ in range(10_000):  # 650 MB if nobody stops reading
+                await resp.write(filler)
+                state.index_bytes_sent += len(filler)
+            return resp
         doc = state.indexes.get(request.match_info["app"])
         if doc is None:
             raise web.HTTPNotFound()
@@ -76,6 +90,22 @@ def build_origin_app(state: OriginState) -> web.Application:
         else:
             resp.content_length = len(data)
         await resp.prepare(request)
+        if mode.startswith("trickle:"):
+            pause = float(mode.split(":", 1)[1])
+            for i in range(len(data)):
+                if request.transport is None or request.transport.is_closing():
+                    state.disconnects.append(key)
+                    return resp
+                await resp.write(data[i : i + 1])
+                await asyncio.sleep(pause)
+            return resp
+        if mode == "past_length":
+            assert request.transport is not None
+            await resp.write(data[:-100])
+            request.transport.write(data[-100:] + b"EXTRA" * 40)  # one TLS record: the end and what follows
+            await asyncio.sleep(0.5)
+            request.transport.close()
+            return resp
         if mode.startswith("slow:"):
             # the whole body, spread evenly over that many seconds: first piece at once, last one at the end
             seconds, pieces = float(mode.split(":", 1)[1]), 20

@@ -444,3 +444,16 @@ def test_bad_rollout_and_halt(tmp_path: Path, config: Config, snippet: str, key_
     found = problems(tmp_path, config)
     assert len(found) == 1, found
     assert found[0].startswith(f"{path}:{line_of(path, needle)}: {key_path}"), found
+
+
+def test_bundle_urls_load_and_a_bad_one_names_file_line_and_key(tmp_path: Path, config: Config) -> None:
+    good = APP_HEAD + "    clients: [{issuer: [ca]}]\n    verification:\n      bundle_urls:\n"
+    path = write(tmp_path, "a.yaml", good + "        - https://cdn.example.com/apps/{app_id}/\n")
+    app = load_policies(tmp_path, config).apps["com.example.app"]
+    assert app.verification.bundle_urls == ("https://cdn.example.com/apps/{app_id}/",)
+    path = write(
+        tmp_path,
+        "a.yaml",
+        good + "        - https://cdn.example.com/apps/{app_id}/\n        - http://cdn.example.com/apps/{app_id}\n",
+    )
+    expect_one(tmp_path, config, path, "apps[0].verification.bundle_urls[1]", "http://", "https://")

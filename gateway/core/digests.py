@@ -24,7 +24,7 @@ INVALID = "invalid-encoding"
 
 
 class Decompressor(Protocol):
-    def process(self, data: bytes, /) -> bytes: ...
+    def process(self, data: bytes | memoryview, /) -> bytes: ...
 
     def is_finished(self) -> bool: ...
 
@@ -40,7 +40,7 @@ class DecryptingDigest:
         self._inner = inner
         self._result: str | None = None
 
-    def update(self, data: bytes, /) -> None:
+    def update(self, data: bytes | memoryview, /) -> None:
         if self._result is None:
             self._inner.update(self._unpadder.update(self._decryptor.update(data)))
 
@@ -64,7 +64,7 @@ class DecompressingDigest:
         self._inner = inner
         self._failed = False
 
-    def update(self, data: bytes, /) -> None:
+    def update(self, data: bytes | memoryview, /) -> None:
         if self._failed:
             return
         try:

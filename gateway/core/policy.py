@@ -80,6 +80,7 @@ class Verification:
     require_checksum: bool = True
     public_keys: tuple[str, ...] = ()  # PEM, Capgo v2 RSA public keys (several during a rotation)
     max_bundle_bytes: int | None = None
+    bundle_urls: tuple[str, ...] = ()  # core/bundle_urls.py patterns; empty: any url on the origin's hosts
 
 
 @dataclass(frozen=True, slots=True)

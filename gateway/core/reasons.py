@@ -23,6 +23,7 @@ class Reason(enum.Enum):
     RELEASE_UNKNOWN = ("release_unknown", 404)
     NOT_HTTPS = ("not_https", 426)
     FOREIGN_HOST = ("foreign_host", 502)  # an https url the origin offered on a host that is not one of its own
+    FOREIGN_APP = ("foreign_app", 502)  # a url outside the app's own bundle_urls (another app's bundle)
     DOWNGRADE = ("downgrade", 409)
     ROLLBACK = ("rollback", 409)
     BUILTIN_NOT_ALLOWED = ("builtin_not_allowed", 409)
@@ -35,7 +36,8 @@ class Reason(enum.Enum):
     UNVERIFIABLE = ("unverifiable", 502)
     SIZE_EXCEEDED = ("size_exceeded", 502)
     SHORT_BODY = ("short_body", 502)
-    TOO_SLOW = ("too_slow", 504)
+    CLIENT_TOO_SLOW = ("client_too_slow", 408)  # the client took bytes below limits.client_min_rate
+    ORIGIN_TOO_SLOW = ("origin_too_slow", 504)  # the origin sent below limits.origin_min_rate, or over total_timeout
     TICKET_INVALID = ("ticket_invalid", 403)
     RATE_LIMITED = ("rate_limited", 429)
     RANGE_NOT_SATISFIABLE = ("range_not_satisfiable", 416)

@@ -7,7 +7,8 @@ Owns the decision over one origin answer to one device's update check (capgo-pro
 - not below the app's `min_version`, not in its blocked list (`below_floor`), not more major versions ahead than
   `max_version_jump` allows (`version_jump`);
 - not below the channel's high-water mark unless `rollback_to` allows it (`rollback`);
-- the url is https (`not_https`) on a host of the app's origin, without credentials (`foreign_host`);
+- the url is https (`not_https`) on a host of the app's origin, without credentials (`foreign_host`), and, when
+  the policy lists `verification.bundle_urls`, below one of the app's own patterns (`foreign_app`);
 - the checksum is a SHA-256 (64 lowercase hex) or a Capgo RSA block (512 hex); for an app with public keys in its
   policy the answer must be signed (Android would install an unsigned one), the checksum must open with one of the
   keys to a 32-byte digest and the session key must open with the same key (`signature_invalid`); a missing, CRC32
@@ -30,6 +31,7 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from gateway.core.bundle_urls import belongs
 from gateway.core.capgo import DeviceInfo, Kind, error_body
 from gateway.core.capgo_crypto import CapgoCryptoError, open_session_key, recover_checksum
 from gateway.core.locations import url_problem
@@ -144,14 +146,22 @@ def _origin_declined(answer: Mapping[str, Any]) -> Decline:
     return Decline(error, text, kind)
 
 
-def _url_problem(url: Any, hosts: frozenset[str] | None) -> Decline | None:
+def _url_problem(url: Any, hosts: frozenset[str] | None, app: AppPolicy) -> Decline | None:
     if hosts is None:  # a file the gateway itself resolved (directory origin)
         return None
     problem = url_problem(url, hosts)
-    if problem is None:
-        return None
-    reason, message = problem
-    return Decline(reason.label, message, Kind.FAILED, reason)
+    if problem is not None:
+        reason, message = problem
+        return Decline(reason.label, message, Kind.FAILED, reason)
+    patterns = app.verification.bundle_urls
+    if patterns and not belongs(url, patterns, app.app_id):
+        return Decline(
+            "foreign_app",
+            f"the bundle url is not below a bundle_urls pattern of {app.app_id} (another app's bundle?)",
+            Kind.FAILED,
+            Reason.FOREIGN_APP,
+        )
+    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,7 +225,7 @@ def _manifest_entry(
         return bad
     if name.startswith("/") or "\\" in name or ".." in name.split("/") or "\x00" in name:
         return bad
-    problem = _url_problem(url, hosts)
+    problem = _url_problem(url, hosts, app)
     if problem is not None:
         return problem
     file_hash_lc = file_hash.lower()  # the plugin compares manifest hashes case-insensitively
@@ -350,7 +360,7 @@ def review_answer(
     lowers = _review_version(offered, parse(device.version_name), app, high_water)
     if isinstance(lowers, Decline):
         return lowers
-    problem = _url_problem(answer.get("url"), hosts)
+    problem = _url_problem(answer.get("url"), hosts, app)
     if problem is not None:
         return problem
     mismatch = _key_mismatch(device, public_keys)

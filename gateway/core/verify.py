@@ -4,7 +4,8 @@ Owns tail holdback. The expected digest (and size, when known) is fixed before t
 hashed; the previous chunk is released when the next one arrives, so the newest chunk is always held back.
 Only `finish()` after a matching digest releases the tail. Any failure (overflow, short body, digest mismatch,
 origin error) moves to FAILED and nothing more is ever released, so a client can never hold a complete body
-that failed verification.
+that failed verification. Chunks may be slices of a larger buffer (memoryviews): `detach()` copies the held slice
+out, so that the buffer it came from can be freed while the slice waits.
 
 Written as a transition table in the style of h11: `_TRANSITIONS` lists every legal (state, event) pair; an
 illegal one raises `VerifierStateError` naming both. Pure: no I/O, no clock, no event loop.
@@ -26,7 +27,7 @@ from gateway.core.reasons import Reason, Refusal
 class Digest(Protocol):
     """What the verifier needs of a hash: hashlib's sha256, or one that decrypts first (Capgo bundles)."""
 
-    def update(self, data: bytes, /) -> None: ...
+    def update(self, data: bytes | memoryview, /) -> None: ...
 
     def hexdigest(self) -> str: ...
 
@@ -102,7 +103,7 @@ class Verifier:
         self.released = 0
         self._send_from = send_from
         self._digest = digest_factory()
-        self._held = b""
+        self._held: bytes | memoryview = b""
 
     def _move(self, event: Event, new: State) -> None:
         allowed = _TRANSITIONS.get((self.state, event))
@@ -116,14 +117,14 @@ class Verifier:
         self._held = b""
         return Refusal(reason, detail)
 
-    def _sendable(self, chunk: bytes, start: int) -> bytes:
+    def _sendable(self, chunk: bytes | memoryview, start: int) -> bytes | memoryview:
         """The part of `chunk` (which starts at body offset `start`) at or after `send_from`."""
         if start >= self._send_from:
             return chunk
         cut = self._send_from - start
         return chunk[cut:] if cut < len(chunk) else b""
 
-    def feed(self, chunk: bytes) -> bytes:
+    def feed(self, chunk: bytes | memoryview) -> bytes | memoryview:
         """Take one chunk from the origin; return the bytes that may be sent now (the previously held ones)."""
         if self.state is not State.STREAMING:
             self._move(Event.CHUNK, State.STREAMING)  # raises with state and event named
@@ -142,7 +143,12 @@ class Verifier:
         self._move(Event.CHUNK, State.STREAMING)
         return out
 
-    def finish(self) -> bytes:
+    def detach(self) -> None:
+        """Hold a copy of the held bytes rather than a view into the caller's buffer (at most one chunk)."""
+        if isinstance(self._held, memoryview):
+            self._held = bytes(self._held)
+
+    def finish(self) -> bytes | memoryview:
         """The origin's body ended. Return the held tail if everything matches, else raise `Refusal`."""
         if self.expect.size is not None and self.received < self.expect.size:
             raise self._fail(

@@ -4,6 +4,13 @@ A thin shell around `core/verify.py`. The expected size and digest come from the
 the first byte; the answer carries that Content-Length; the verifier holds back the newest chunk until the digest
 matches. On any failure after the headers went out the connection is aborted, so the client's transfer ends short
 and can never look complete. Before the headers, failures are problem-details answers.
+
+Memory per download is bounded by configuration, not by the client's speed: the origin is read only when the
+previous chunk has been handed to the client's transport, whose write buffer is capped (`limits.client_buffer`;
+a write waits while it is above that mark), and chunks go out in slices of `WRITE_SLICE`. So a download holds the
+verifier's chunk, the chunk being sent and the transport buffers, whatever the bundle size. Both sides must keep
+`limits.origin_min_rate` / `limits.client_min_rate` over `limits.rate_window` seconds of waiting on them
+(`core/rates.py`), or the download is aborted (`origin_too_slow`, `client_too_slow`).
 """
 
 from __future__ import annotations
@@ -11,21 +18,28 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hashlib
+import math
 import time
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 
 from aiohttp import web
 
+from gateway.config import Limits
 from gateway.core.names import is_app_id, is_version
 from gateway.core.policy import admit
+from gateway.core.rates import MinRate, RateMeter
 from gateway.core.reasons import Reason, Refusal
 from gateway.core.verify import Digest, Expectation, Verifier
 from gateway.handlers.problem import problem_response
 from gateway.origins import Body, OriginError, ReleaseNotFound
 from gateway.state_keys import RUNTIME, Runtime, request_audit, request_peer
 
-CLIENT_WRITE_TIMEOUT = 60.0  # a client that takes longer than this to accept one chunk is cut off (too_slow)
+WRITE_SLICE = 64 * 1024  # chunks are verified and sent in slices of this size; the verifier holds back one
+# aborts that say nothing about the bundle (not counted as verification results)
+_NOT_VERIFIED = frozenset({Reason.CLIENT_GONE, Reason.SHUTDOWN, Reason.CLIENT_TOO_SLOW})
+# aborts that are the origin's failure (origin_errors, /readyz)
+_ORIGIN_FAILED = frozenset({Reason.ORIGIN_ERROR, Reason.SHORT_BODY, Reason.ORIGIN_TOO_SLOW})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,7 +74,7 @@ async def get_bundle(request: web.Request) -> web.StreamResponse:
         raise Refusal(Reason.RELEASE_UNKNOWN, f"no release index for {app_id}") from exc
     except OriginError as exc:
         rt.origin_failed(origin.name, str(exc))
-        raise Refusal(Reason.ORIGIN_ERROR, str(exc)) from exc
+        raise Refusal(exc.reason, str(exc)) from exc
     release = index.find(version)
     if release is None or release.channel not in app.channels.allowed:
         raise Refusal(Reason.RELEASE_UNKNOWN, f"{app_id} has no release {version} on an allowed channel")
@@ -89,7 +103,7 @@ async def stream_verified(
             return await _respond(request, rt, body, expect, origin_name, delivery)
     except OriginError as exc:  # raised while opening: nothing has been sent yet
         rt.origin_failed(origin_name, str(exc))
-        raise Refusal(Reason.ORIGIN_ERROR, str(exc)) from exc
+        raise Refusal(exc.reason, str(exc)) from exc
 
 
 def _unsatisfiable(request: web.Request, rt: Runtime, size: int | None, start: int) -> web.Response:
@@ -114,6 +128,13 @@ async def _respond(
         reason = Reason.SIZE_EXCEEDED if declared > expect.size else Reason.SHORT_BODY
         rt.metrics.verifications.labels(reason.label).inc()
         raise Refusal(reason, f"origin declares {declared} bytes, the index says {expect.size}")
+    if declared is not None and expect.size is None:
+        # the origin's Content-Length becomes the exact size: bytes past it or short of it fail the download
+        if expect.max_bytes is not None and declared > expect.max_bytes:
+            rt.metrics.verifications.labels(Reason.SIZE_EXCEEDED.label).inc()
+            detail = f"origin declares {declared} bytes, above the limit of {expect.max_bytes}"
+            raise Refusal(Reason.SIZE_EXCEEDED, detail)
+        expect = dataclasses.replace(expect, size=declared)
     start = delivery.range_from
     if start is not None:
         size = expect.size if expect.size is not None else declared
@@ -136,17 +157,20 @@ async def _respond(
     else:
         resp.enable_chunked_encoding()
     verifier = Verifier(expect, send_from=start or 0, digest_factory=delivery.digest_factory)
+    limits = rt.config.limits
+    if request.transport is not None:  # a write waits while more than this is buffered for the client
+        request.transport.set_write_buffer_limits(high=limits.client_buffer, low=limits.client_buffer // 4)
     await resp.prepare(request)
     rt.metrics.in_flight.inc()
     try:
-        await _pump(resp, verifier, body)
+        await _pump(resp, verifier, body, limits)
     except Refusal as refusal:
         _abort(request, resp)
         record.outcome, record.reason, record.detail = "aborted", refusal.reason.label, refusal.detail
         rt.metrics.refusals.labels(refusal.reason.label).inc()
-        if refusal.reason not in (Reason.CLIENT_GONE, Reason.SHUTDOWN, Reason.TOO_SLOW):
+        if refusal.reason not in _NOT_VERIFIED:
             rt.metrics.verifications.labels(refusal.reason.label).inc()
-        if refusal.reason in (Reason.ORIGIN_ERROR, Reason.SHORT_BODY):  # the origin's connection failed
+        if refusal.reason in _ORIGIN_FAILED:
             rt.origin_failed(origin_name, refusal.detail)
     except asyncio.CancelledError:
         reason = Reason.SHUTDOWN if rt.shutting_down else Reason.CLIENT_GONE
@@ -164,25 +188,62 @@ async def _respond(
     return resp
 
 
-async def _pump(resp: web.StreamResponse, verifier: Verifier, body: Body) -> None:
-    async def send(data: bytes | None) -> None:
-        """Write `data`, or finish the response when it is None; a slow or vanished client is a refusal."""
+def _at(deadline: float) -> float | None:
+    return None if math.isinf(deadline) else deadline
+
+
+async def _pump(resp: web.StreamResponse, verifier: Verifier, body: Body, limits: Limits) -> None:
+    """Origin -> verifier -> client, one chunk at a time, each side held to its minimum rate."""
+    loop = asyncio.get_running_loop()
+    origin = RateMeter(MinRate(limits.origin_min_rate, limits.rate_window))
+    client = RateMeter(MinRate(limits.client_min_rate, limits.rate_window))
+
+    def too_slow(reason: Reason, meter: RateMeter, key: str) -> Refusal:
+        rate = meter.rate(loop.time())
+        return verifier.error(
+            reason,
+            f"{rate:.0f} bytes/s over the last {limits.rate_window:g} s of waiting, "
+            f"below limits.{key} ({meter.rule.bytes_per_second} bytes/s)",
+        )
+
+    async def send(piece: bytes | memoryview | None) -> None:
+        """Write one piece (or finish the response when it is None); a slow or vanished client is a refusal. A
+        write returns once the transport's buffer is below its mark again."""
+        client.wait(loop.time())
         try:
-            async with asyncio.timeout(CLIENT_WRITE_TIMEOUT):
-                await (resp.write_eof() if data is None else resp.write(data))
+            async with asyncio.timeout_at(_at(client.deadline(loop.time()))):
+                await (resp.write_eof() if piece is None else resp.write(piece))
         except TimeoutError:
-            raise verifier.error(Reason.TOO_SLOW, "client did not accept data in time") from None
+            raise too_slow(Reason.CLIENT_TOO_SLOW, client, "client_min_rate") from None
         except (ConnectionError, RuntimeError) as exc:
             raise verifier.error(Reason.CLIENT_GONE, f"client went away: {exc}") from None
+        client.moved(0 if piece is None else len(piece), loop.time())
 
+    chunks = body.through(verifier, WRITE_SLICE)
     try:
-        async for out in body.through(verifier.feed):
-            if out:
-                await send(out)
-    except OriginError as exc:
-        raise verifier.error(Reason.ORIGIN_ERROR, str(exc)) from None
+        while True:
+            before = verifier.received
+            origin.wait(loop.time())
+            try:
+                async with asyncio.timeout_at(_at(origin.deadline(loop.time()))):
+                    pieces = await anext(chunks)
+            except StopAsyncIteration:
+                break
+            except TimeoutError:
+                raise too_slow(Reason.ORIGIN_TOO_SLOW, origin, "origin_min_rate") from None
+            except OriginError as exc:
+                raise verifier.error(exc.reason, str(exc)) from None
+            origin.moved(verifier.received - before, loop.time())
+            if origin.too_slow(loop.time()):
+                raise too_slow(Reason.ORIGIN_TOO_SLOW, origin, "origin_min_rate")
+            while pieces:
+                await send(pieces.pop(0))  # each piece let go of once written
+            del pieces
+    finally:
+        await chunks.aclose()
     tail = verifier.finish()
-    await send(tail)
+    if tail:
+        await send(tail)
     await send(None)
 
 

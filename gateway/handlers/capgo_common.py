@@ -131,7 +131,7 @@ async def call_origin(
         raise RateLimited(exc.retry_after) from None
     except OriginError as exc:
         rt.origin_failed(origin.name, str(exc))
-        raise Refusal(Reason.ORIGIN_ERROR, str(exc)) from None
+        raise Refusal(exc.reason, str(exc)) from None
     rt.origin_ok(origin.name)
     try:
         return status, json.loads(data) if data else None

@@ -69,7 +69,7 @@ async def _ask(
         raise Refusal(Reason.RELEASE_UNKNOWN, f"no release index for {app.app_id}") from exc
     except OriginError as exc:
         rt.origin_failed(origin.name, str(exc))
-        raise Refusal(Reason.ORIGIN_ERROR, str(exc)) from exc
+        raise Refusal(exc.reason, str(exc)) from exc
     answer, release = index_answer(index, channel, device)
     if release is None:
         return answer, None, None

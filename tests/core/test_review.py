@@ -262,3 +262,42 @@ def test_index_answer() -> None:
     answer, release = index_answer(index, "beta", device("2.0.0"))
     assert release is None and answer["kind"] == "up_to_date"
     assert index_answer(index, "nightly", device())[1] is None
+
+
+OWN = dataclasses.replace(APP, verification=Verification(bundle_urls=("https://origin.example/apps/{app_id}/",)))
+
+
+def test_an_offer_from_the_apps_own_folder_passes_bundle_urls() -> None:
+    offer = review(plain(url="https://origin.example/apps/com.example.app/1.1.0.zip?sig=x"), app=OWN)
+    assert isinstance(offer, Offer)
+    entry = {
+        "file_name": "a.js",
+        "file_hash": FX["checksum"],
+        "download_url": "https://origin.example/apps/com.example.app/m/a.js",
+    }
+    assert isinstance(
+        review(plain(url="https://origin.example/apps/com.example.app/b.zip", manifest=[entry]), app=OWN), Offer
+    )
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://origin.example/apps/com.other.app/1.1.0.zip",
+        "https://origin.example/apps/com.example.app/../com.other.app/1.1.0.zip",
+        "https://origin.example/b.zip",
+    ],
+)
+def test_another_apps_bundle_is_foreign_app(url: str) -> None:
+    declined(review(plain(url=url), app=OWN), "foreign_app", Kind.FAILED, Reason.FOREIGN_APP)
+    assert isinstance(review(plain(url=url)), Offer)  # without bundle_urls only the host is checked
+
+
+def test_a_manifest_entry_of_another_app_is_foreign_app() -> None:
+    own = "https://origin.example/apps/com.example.app/b.zip"
+    entry = {
+        "file_name": "a.js",
+        "file_hash": FX["checksum"],
+        "download_url": "https://origin.example/apps/com.other.app/a.js",
+    }
+    declined(review(plain(url=own, manifest=[entry]), app=OWN), "foreign_app", Kind.FAILED, Reason.FOREIGN_APP)

@@ -240,11 +240,11 @@ def test_error_while_streaming_fails_and_drops_the_held_chunk() -> None:
 def test_error_after_failed_keeps_the_first_reason() -> None:
     verifier = Verifier(Expectation(SHA, len(DATA)))
     verifier.feed(DATA[:10])
-    verifier.error(Reason.TOO_SLOW, "slow")
+    verifier.error(Reason.CLIENT_TOO_SLOW, "slow")
     again = verifier.error(Reason.CLIENT_GONE, "gone")
     assert verifier.state is State.FAILED
-    assert again.reason is Reason.TOO_SLOW
-    assert verifier.reason is Reason.TOO_SLOW
+    assert again.reason is Reason.CLIENT_TOO_SLOW
+    assert verifier.reason is Reason.CLIENT_TOO_SLOW
 
 
 def test_error_after_passed_keeps_passed() -> None:
@@ -386,3 +386,14 @@ def test_expectation_is_frozen() -> None:
     expect = Expectation(SHA, 10)
     with pytest.raises(AttributeError):
         expect.size = 11  # type: ignore[misc]
+
+
+def test_slices_of_a_buffer_pass_and_detach_keeps_a_copy_of_the_held_slice() -> None:
+    data = bytes(range(256)) * 1024
+    verifier = Verifier(Expectation(hashlib.sha256(data).hexdigest(), len(data)))
+    view = memoryview(data)
+    out = [verifier.feed(view[i : i + 4096]) for i in range(0, len(data), 4096)]
+    verifier.detach()
+    held = verifier._held
+    assert isinstance(held, bytes) and held == data[-4096:]
+    assert b"".join(out) + verifier.finish() == data

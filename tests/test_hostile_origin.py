@@ -1,0 +1,502 @@
+"""Hostile origins and clients against a real `ota-gateway serve` (issue 8, items 1, 2 and 8).
+
+Misbehaving peers are real: the scriptable aiohttp origin (`tests/origin_server.py`: a body at 1 byte per 0.2 s,
+bytes past Content-Length, a close mid-body, an endless release index), a raw TLS server that sends its headers a
+byte at a time or answers garbage, and raw TLS clients with a 4 KiB receive buffer that stop reading. Every limit
+has its passing twin. Limits are set low in the test config so that each case takes seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import secrets
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.core.tickets import Ticket, TicketKey, seal
+from tests.capgo_env import CapgoEnv, capgo_env, default_apps
+from tests.origin_server import HttpsOrigin
+from tests.support import (
+    APP_ID,
+    GatewayProcess,
+    Pki,
+    capgo_call,
+    device_body,
+    https_request,
+    run_gateway,
+    wait_until,
+    write_config,
+)
+
+LIMITS = {"origin_min_rate": 2000, "client_min_rate": 50_000, "rate_window": 1.0}
+
+
+def audit_for(gw: GatewayProcess, path_part: str) -> dict[str, Any]:
+    assert wait_until(lambda: any(path_part in r["path"] for r in gw.audit()), timeout=10)
+    return [r for r in gw.audit() if path_part in r["path"]][-1]
+
+
+def refusals(gw: GatewayProcess, reason: str) -> float:
+    return gw.metric("ota_gateway_refusals_total", reason=reason)
+
+
+def verifications(gw: GatewayProcess, result: str) -> float:
+    return gw.metric("ota_gateway_bundle_verifications_total", result=result)
+
+
+def origin_errors(gw: GatewayProcess, origin: str = "cdn") -> float:
+    return gw.metric("ota_gateway_origin_errors_total", origin=origin)
+
+
+def raw_get(gw: GatewayProcess, pki: Pki, path: str, timeout: float = 20) -> tuple[bytes, bytes, BaseException | None]:
+    """GET on a fresh TLS connection, read to the end: (head, body, what ended it if not a clean close)."""
+    sock = socket.create_connection(("127.0.0.1", gw.port), timeout=timeout)
+    data = b""
+    ended: BaseException | None = None
+    with pki.client_context(pki.client).wrap_socket(sock, server_hostname="localhost") as tls:
+        tls.sendall(f"GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n".encode())
+        try:
+            while chunk := tls.recv(65536):
+                data += chunk
+        except (OSError, ssl.SSLError) as exc:
+            ended = exc
+    head, _, body = data.partition(b"\r\n\r\n")
+    return head, body, ended
+
+
+# ---- an HTTPS origin with a release index: slow bodies, bytes past Content-Length, endless indexes ----------------
+
+
+@pytest.fixture(scope="module")
+def cdn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HttpsOrigin]:
+    with HttpsOrigin(tmp_path_factory.mktemp("cdn")) as origin:
+        yield origin
+
+
+@pytest.fixture(scope="module")
+def gw(cdn: HttpsOrigin, pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
+    base = tmp_path_factory.mktemp("gw")
+    apps = [
+        {
+            "app_id": app,
+            "origin": "cdn",
+            "channels": {"default": "production", "allowed": ["production"]},
+            "clients": [{"name": "fleet", "issuer": ["ca"]}],
+        }
+        for app in (APP_ID, "com.example.huge")
+    ]
+    cfg = write_config(
+        base,
+        pki,
+        origins={"cdn": cdn.origin_config(total_timeout=2, index_ttl=0)},
+        apps=apps,
+        extra={"limits": LIMITS},
+    )
+    with run_gateway(cfg) as process:
+        yield process
+
+
+def test_an_origin_below_the_minimum_rate_is_cut_and_the_tail_never_sent(
+    gw: GatewayProcess, cdn: HttpsOrigin, pki: Pki
+) -> None:
+    data = os.urandom(4000)
+    cdn.publish(APP_ID, "2.0.0", data)
+    cdn.state.modes[f"{APP_ID}/2.0.0.zip"] = "trickle:0.2"  # 5 bytes/s, the minimum is 2000
+    before = (refusals(gw, "origin_too_slow"), verifications(gw, "origin_too_slow"), origin_errors(gw))
+    started = time.monotonic()
+    _head, body, _ = raw_get(gw, pki, f"/bundles/{APP_ID}/2.0.0.zip")
+    assert time.monotonic() - started < 10  # one window of 1 s, with a wide margin
+    assert len(body) < len(data)  # never the whole file, never its tail
+    record = audit_for(gw, "/2.0.0.zip")
+    assert (record["outcome"], record["reason"]) == ("aborted", "origin_too_slow")
+    assert "origin_min_rate" in record["detail"]
+    after = (refusals(gw, "origin_too_slow"), verifications(gw, "origin_too_slow"), origin_errors(gw))
+    assert after == (before[0] + 1, before[1] + 1, before[2] + 1)
+    assert wait_until(lambda: f"{APP_ID}/2.0.0.zip" in cdn.state.disconnects, timeout=10)  # the origin was let go
+
+
+def test_an_origin_above_the_minimum_rate_is_served_whole(gw: GatewayProcess, cdn: HttpsOrigin, pki: Pki) -> None:
+    data = os.urandom(64 * 1024)
+    cdn.publish(APP_ID, "2.0.1", data)
+    cdn.state.modes[f"{APP_ID}/2.0.1.zip"] = "slow:2.5"  # ~26 KB/s for 2.5 s: slower than total_timeout, fast enough
+    answer = https_request(f"{gw.base_url}/bundles/{APP_ID}/2.0.1.zip", pki.client_context(pki.client), timeout=20)
+    assert answer.status == 200 and answer.body == data
+    assert audit_for(gw, "/2.0.1.zip")["outcome"] == "ok"
+
+
+def test_bytes_past_content_length_are_size_exceeded_every_time(gw: GatewayProcess, cdn: HttpsOrigin, pki: Pki) -> None:
+    data = os.urandom(300 * 1024)
+    cdn.publish(APP_ID, "2.1.0", data)
+    cdn.state.modes[f"{APP_ID}/2.1.0.zip"] = "past_length"
+    before = verifications(gw, "size_exceeded")
+    for _ in range(3):
+        _head, body, _ = raw_get(gw, pki, f"/bundles/{APP_ID}/2.1.0.zip")
+        assert len(body) < len(data), "the bundle must not complete when the origin sent more than it announced"
+        record = audit_for(gw, "/2.1.0.zip")
+        assert (record["outcome"], record["reason"]) == ("aborted", "size_exceeded"), record
+        assert "Content-Length" in record["detail"]
+        gw.audit_path.write_text("")
+    assert verifications(gw, "size_exceeded") == before + 3
+    cdn.state.modes[f"{APP_ID}/2.1.0.zip"] = "ok"  # the twin: exactly Content-Length bytes
+    answer = https_request(f"{gw.base_url}/bundles/{APP_ID}/2.1.0.zip", pki.client_context(pki.client))
+    assert answer.status == 200 and answer.body == data
+
+
+def test_an_endless_release_index_is_cut_at_the_cap_while_it_streams(
+    gw: GatewayProcess, cdn: HttpsOrigin, pki: Pki
+) -> None:
+    cdn.state.index_modes["com.example.huge"] = "huge"
+    before = origin_errors(gw)
+    answer = https_request(f"{gw.base_url}/bundles/com.example.huge/1.0.0.zip", pki.client_context(pki.client))
+    assert answer.status == 502 and answer.json()["reason"] == "origin_error"
+    assert "larger than 4194304 bytes" in answer.json()["detail"]
+    assert origin_errors(gw) == before + 1
+    time.sleep(0.5)
+    assert cdn.state.index_bytes_sent < 64 * 1024 * 1024  # the rest of the 650 MB was never asked for
+    cdn.state.index_modes.pop("com.example.huge")
+    cdn.publish("com.example.huge", "1.0.0", b"small index, small bundle")  # the twin: a normal index
+    answer = https_request(f"{gw.base_url}/bundles/com.example.huge/1.0.0.zip", pki.client_context(pki.client))
+    assert answer.status == 200 and answer.body == b"small index, small bundle"
+
+
+# ---- slow and stalled clients -------------------------------------------------------------------------------------
+
+
+def stalled_client(gw: GatewayProcess, pki: Pki, path: str) -> ssl.SSLSocket:
+    """A client with a 4 KiB receive buffer that asks for `path` and then never reads."""
+    raw = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    raw.settimeout(10)
+    raw.connect(("127.0.0.1", gw.port))
+    tls = pki.client_context(pki.client).wrap_socket(raw, server_hostname="localhost")
+    tls.sendall(f"GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n".encode())
+    return tls
+
+
+def test_a_stalled_client_is_closed_as_client_too_slow(gw: GatewayProcess, cdn: HttpsOrigin, pki: Pki) -> None:
+    data = os.urandom(8 * 1024 * 1024)
+    cdn.publish(APP_ID, "3.0.0", data)
+    before = (refusals(gw, "client_too_slow"), verifications(gw, "client_too_slow"))
+    tls = stalled_client(gw, pki, f"/bundles/{APP_ID}/3.0.0.zip")
+    try:
+        assert wait_until(lambda: any("/3.0.0.zip" in r["path"] for r in gw.audit()), timeout=15)
+    finally:
+        tls.close()
+    record = audit_for(gw, "/3.0.0.zip")
+    assert (record["outcome"], record["reason"]) == ("aborted", "client_too_slow")
+    assert record["bytes"] < len(data)
+    assert refusals(gw, "client_too_slow") == before[0] + 1
+    assert verifications(gw, "client_too_slow") == before[1]  # says nothing about the bundle
+    answer = https_request(f"{gw.base_url}/bundles/{APP_ID}/3.0.0.zip", pki.client_context(pki.client))
+    assert answer.status == 200 and answer.body == data  # the twin: a client that reads
+
+
+# ---- total deadline on origin calls: headers sent a byte at a time, or garbage ------------------------------------
+
+
+class RawTlsOrigin:
+    """A TLS server that answers every request with `answer`, one byte every `pause` seconds, in its own thread."""
+
+    def __init__(self, cdn: HttpsOrigin, answer: bytes, pause: float) -> None:
+        self.cdn, self.answer, self.pause = cdn, answer, pause
+        self.port = 0
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.ready = threading.Event()
+        self.thread = threading.Thread(target=asyncio.run, args=(self.main(),), daemon=True, name="raw-origin")
+        self.stop: asyncio.Event | None = None
+
+    async def main(self) -> None:
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            try:
+                await reader.readuntil(b"\r\n\r\n")
+                for i in range(len(self.answer)):
+                    writer.write(self.answer[i : i + 1])
+                    await writer.drain()
+                    await asyncio.sleep(self.pause)
+            except (ConnectionError, asyncio.IncompleteReadError):
+                pass
+            finally:
+                writer.transport.abort()
+
+        self.loop = asyncio.get_running_loop()
+        self.stop = asyncio.Event()
+        server = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=self.cdn.server_context())
+        self.port = server.sockets[0].getsockname()[1]
+        self.ready.set()
+        await self.stop.wait()
+        server.close()
+        for transport in list(getattr(self.loop, "_transports", {}).values()):
+            transport.abort()
+        await asyncio.sleep(0)
+
+    def __enter__(self) -> RawTlsOrigin:
+        self.thread.start()
+        assert self.ready.wait(10)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.loop is not None and self.stop is not None:
+            self.loop.call_soon_threadsafe(self.stop.set)
+        self.thread.join(10)
+
+    def config(self, **extra: Any) -> dict[str, Any]:
+        return {"type": "https", "url": f"https://127.0.0.1:{self.port}/", "ca": str(self.cdn.ca_pem), **extra}
+
+
+SLOW_HEADERS = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
+
+
+@pytest.fixture(scope="module")
+def slow_gw(cdn: HttpsOrigin, pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
+    base = tmp_path_factory.mktemp("slow-gw")
+    with (
+        RawTlsOrigin(cdn, SLOW_HEADERS, pause=1.0) as slow,
+        RawTlsOrigin(cdn, b"\x16\x03garbage, not HTTP\r\n\r\n", pause=0) as garbage,
+    ):
+        endpoints = {"updates_path": "updates", "stats_path": "stats", "channel_path": "channel_self"}
+        apps = default_apps("slow")
+        apps.append({**apps[0], "app_id": "com.example.garbage", "origin": "garbage"})
+        apps.append({**apps[0], "app_id": "com.example.index", "origin": "slowindex"})
+        cfg = write_config(
+            base,
+            pki,
+            origins={
+                "slow": slow.config(total_timeout=1.5, **endpoints),
+                "garbage": garbage.config(total_timeout=1.5, **endpoints),
+                "slowindex": slow.config(total_timeout=1.5),
+            },
+            apps=apps,
+        )
+        with run_gateway(cfg) as process:
+            yield process
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body"),
+    [
+        ("POST", "/updates", device_body()),
+        ("POST", "/updates/manifest_size", {**device_body(), "version": "1.0.0", "manifest": []}),
+        ("POST", "/stats", {**device_body(APP_ID, "1.1.0"), "action": "set", "old_version_name": "1.0.0"}),
+        ("GET", "/channel_self?" + "&".join(f"{k}={str(v).lower()}" for k, v in device_body().items()), None),
+    ],
+)
+def test_an_origin_sending_headers_a_byte_a_second_is_cut_at_total_timeout(
+    slow_gw: GatewayProcess, pki: Pki, method: str, path: str, body: dict[str, Any] | None
+) -> None:
+    before = refusals(slow_gw, "origin_too_slow")
+    started = time.monotonic()
+    if method == "POST":
+        answer = capgo_call(f"{slow_gw.base_url}{path}", pki.client_context(pki.client), body)
+    else:
+        answer = https_request(f"{slow_gw.base_url}{path}", pki.client_context(pki.client))
+    elapsed = time.monotonic() - started
+    assert elapsed < 6, elapsed  # total_timeout 1.5 s; the answer alone would take 70 s
+    doc = answer.json()
+    assert doc["error"] == "origin_too_slow" and doc["kind"] == "failed", doc
+    assert "total_timeout" in doc["message"]
+    assert refusals(slow_gw, "origin_too_slow") == before + 1
+    assert slow_gw.metric("ota_gateway_origin_errors_total", origin="slow") >= 1
+
+
+def test_a_release_index_behind_slow_headers_is_cut_too(slow_gw: GatewayProcess, pki: Pki) -> None:
+    started = time.monotonic()
+    answer = https_request(f"{slow_gw.base_url}/bundles/com.example.index/1.0.0.zip", pki.client_context(pki.client))
+    assert time.monotonic() - started < 6
+    assert answer.status == 504 and answer.json()["reason"] == "origin_too_slow"
+    ready = https_ready(slow_gw)
+    assert ready["status"] == "not ready" and any("slowindex" in r for r in ready["reasons"])
+
+
+def https_ready(gw: GatewayProcess) -> dict[str, Any]:
+    import json
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{gw.admin_url}/readyz", timeout=5) as resp:
+            return dict(json.loads(resp.read()))
+    except urllib.error.HTTPError as exc:
+        return dict(json.loads(exc.read()))
+
+
+def test_a_garbage_answer_is_an_origin_error_at_once(slow_gw: GatewayProcess, pki: Pki) -> None:
+    started = time.monotonic()
+    answer = capgo_call(
+        f"{slow_gw.base_url}/updates", pki.client_context(pki.client), device_body("com.example.garbage")
+    )
+    assert time.monotonic() - started < 6
+    doc = answer.json()
+    assert doc["error"] == "origin_error" and doc["kind"] == "failed", doc
+
+
+# ---- update answers: a close mid-body is short_body; another app's bundle is foreign_app ---------------------------
+
+
+@pytest.fixture(scope="module")
+def capgo(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[CapgoEnv]:
+    apps = default_apps()
+    apps.append({**apps[0], "app_id": "com.example.other"})
+    base = tmp_path_factory.mktemp("capgo-hostile")
+    with capgo_env(base, pki, apps) as env:
+        yield env
+
+
+def test_an_origin_closing_mid_body_is_short_body_and_an_origin_error(capgo: CapgoEnv) -> None:
+    data = os.urandom(256 * 1024)
+    url = capgo.host(APP_ID, "cut.zip", data, mode="short")  # Content-Length, then a close half way
+    capgo.origin.state.update_answers[APP_ID] = {
+        "version": "1.1.0",
+        "url": url,
+        "checksum": hashlib.sha256(data).hexdigest(),
+        "session_key": "",
+    }
+    doc = capgo.new_version(APP_ID)  # the answer gives no size: the origin's Content-Length is the size
+    gw = capgo.gw
+    before = (verifications(gw, "short_body"), verifications(gw, "checksum_mismatch"), origin_errors(gw, "capgo"))
+    path = doc["url"].split(str(gw.port), 1)[1]
+    _head, body, _ = raw_get(gw, capgo.pki, path)
+    assert len(body) < len(data)
+    record = audit_for(gw, "/bundles/t/")
+    assert (record["outcome"], record["reason"]) == ("aborted", "short_body"), record
+    after = (verifications(gw, "short_body"), verifications(gw, "checksum_mismatch"), origin_errors(gw, "capgo"))
+    assert after == (before[0] + 1, before[1], before[2] + 1)
+    ready = https_ready(gw)
+    assert ready["status"] == "not ready" and any("capgo" in r for r in ready["reasons"])
+
+
+def test_an_offer_outside_the_apps_bundle_urls_is_foreign_app(pki: Pki, tmp_path: Path) -> None:
+    secret = secrets.token_hex(32).encode()
+    (tmp_path / "ticket.secret").write_bytes(secret)
+    with HttpsOrigin(tmp_path) as origin:
+        apps = default_apps()
+        apps[0]["verification"] = {"bundle_urls": [f"{origin.url}{{app_id}}/"]}
+        cfg = write_config(
+            tmp_path / "gw",
+            pki,
+            origins={"capgo": origin.origin_config(updates_path="updates")},
+            apps=apps,
+            extra={"tickets": {"keys": [{"id": "k1", "secret_file": str(tmp_path / "ticket.secret")}]}},
+        )
+        with run_gateway(cfg) as gw:
+            env = CapgoEnv(origin, gw, pki, ("k1", secret))
+            data = b"the bundle of com.example.other"
+            other = env.host("com.example.other", "1.1.0.zip", data)
+            checksum = hashlib.sha256(data).hexdigest()
+            origin.state.update_answers[APP_ID] = {"version": "1.1.0", "url": other, "checksum": checksum}
+            before = refusals(gw, "foreign_app")
+            doc = env.check(device_body(APP_ID)).json()
+            assert (doc["error"], doc["kind"]) == ("foreign_app", "failed"), doc
+            assert refusals(gw, "foreign_app") == before + 1
+            own = env.host(APP_ID, "1.1.0.zip", data)  # the twin: the same bytes in the app's own folder
+            origin.state.update_answers[APP_ID] = {"version": "1.1.0", "url": own, "checksum": checksum}
+            assert env.new_version(APP_ID)["version"] == "1.1.0"
+
+
+# ---- a directory origin serves only files inside the app's own folder ---------------------------------------------
+
+
+def test_directory_files_and_ticket_locations_stay_in_the_apps_folder(pki: Pki, tmp_path: Path) -> None:
+    root = tmp_path / "origin"
+    (root / APP_ID).mkdir(parents=True)
+    (root / "com.example.other").mkdir()
+    secret_bytes = os.urandom(4096)
+    (root / "com.example.other" / "1.0.0.zip").write_bytes(secret_bytes)
+    own = os.urandom(4096)
+    (root / APP_ID / "1.0.0.zip").write_bytes(own)
+    os.symlink("1.0.0.zip", root / APP_ID / "current.zip")  # inside the folder: fine
+    os.symlink("../com.example.other/1.0.0.zip", root / APP_ID / "escape.zip")  # leads out
+    sha_own, sha_other = hashlib.sha256(own).hexdigest(), hashlib.sha256(secret_bytes).hexdigest()
+    releases = [
+        {"version": "1.0.0", "channel": "production", "file": "current.zip", "size": 4096, "sha256": sha_own},
+        {"version": "1.0.1", "channel": "production", "file": "escape.zip", "size": 4096, "sha256": sha_other},
+    ]
+    import yaml
+
+    (root / APP_ID / "releases.yaml").write_text(yaml.safe_dump({"app_id": APP_ID, "releases": releases}))
+    key = secrets.token_hex(32).encode()
+    (tmp_path / "ticket.secret").write_bytes(key)
+    cfg = write_config(
+        tmp_path / "gw",
+        pki,
+        origins={"local": {"type": "directory", "path": str(root)}},
+        extra={"tickets": {"keys": [{"id": "k1", "secret_file": str(tmp_path / "ticket.secret")}]}},
+    )
+    ctx = pki.client_context(pki.client)
+    with run_gateway(cfg) as gw:
+        answer = https_request(f"{gw.base_url}/bundles/{APP_ID}/1.0.0.zip", ctx)
+        assert answer.status == 200 and answer.body == own  # a symlink inside the folder is followed
+        answer = https_request(f"{gw.base_url}/bundles/{APP_ID}/1.0.1.zip", ctx)
+        assert answer.status == 502 and answer.json()["reason"] == "origin_error"
+        assert "outside the app's folder" in answer.json()["detail"] and secret_bytes not in answer.body
+
+        def ticket(location: str, sha: str) -> str:
+            sealed = seal(
+                Ticket(APP_ID, "1.0.0", sha, "local", location, pki.client.sha256, int(time.time()) + 600, 4096),
+                TicketKey("k1", key),
+            )
+            return f"{gw.base_url}/bundles/t/{sealed}/1.0.0.zip"
+
+        refused = gw.metric("ota_gateway_download_tickets_total", result="refused")
+        answer = https_request(ticket("../com.example.other/1.0.0.zip", sha_other), ctx)
+        assert answer.status == 403 and answer.json()["reason"] == "ticket_invalid"
+        assert gw.metric("ota_gateway_download_tickets_total", result="refused") == refused + 1
+        answer = https_request(ticket("escape.zip", sha_other), ctx)  # a plain name, but a symlink that leads out
+        assert answer.status == 502 and secret_bytes not in answer.body
+        answer = https_request(ticket("1.0.0.zip", sha_own), ctx)  # the twin
+        assert answer.status == 200 and answer.body == own
+
+
+# ---- memory: slow readers hold a bounded amount each ---------------------------------------------------------------
+
+
+def test_twenty_stalled_readers_hold_bounded_memory(pki: Pki, tmp_path: Path) -> None:
+    root = tmp_path / "origin"
+    (root / APP_ID).mkdir(parents=True)
+    block = os.urandom(1024 * 1024)
+    digest = hashlib.sha256()
+    with (root / APP_ID / "9.0.0.zip").open("wb") as f:
+        for _ in range(64):
+            f.write(block)
+            digest.update(block)
+    import yaml
+
+    release = {"version": "9.0.0", "channel": "production", "file": "9.0.0.zip", "size": 64 * 1024 * 1024}
+    release["sha256"] = digest.hexdigest()
+    (root / APP_ID / "releases.yaml").write_text(yaml.safe_dump({"app_id": APP_ID, "releases": [release]}))
+    cfg = write_config(
+        tmp_path / "gw",
+        pki,
+        origins={"local": {"type": "directory", "path": str(root)}},
+        extra={"limits": {"client_min_rate": 1, "rate_window": 600}},
+    )
+    with run_gateway(cfg) as gw:
+        warm = https_request(f"{gw.base_url}/bundles/{APP_ID}/9.0.0.zip", pki.client_context(pki.client), timeout=60)
+        assert warm.status == 200 and len(warm.body) == 64 * 1024 * 1024
+        del warm
+        base = rss_kib(gw)
+        clients = [stalled_client(gw, pki, f"/bundles/{APP_ID}/9.0.0.zip") for _ in range(20)]
+        try:
+            assert wait_until(lambda: gw.metric("ota_gateway_downloads_in_flight") == 20, timeout=20)
+            time.sleep(3)  # every buffer on the way fills up
+            grown_mib = (rss_kib(gw) - base) / 1024
+        finally:
+            for tls in clients:
+                tls.close()
+        print(f"20 stalled readers: RSS +{grown_mib:.1f} MiB")
+        assert grown_mib < 20 * 4, grown_mib  # about 2.5 MiB each is measured (bench/README.md); not 64 MiB
+
+
+def rss_kib(gw: GatewayProcess) -> int:
+    for line in Path(f"/proc/{gw.proc.pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
