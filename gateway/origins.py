@@ -31,10 +31,11 @@ import yaml
 from yarl import URL
 
 from gateway.config import DirectoryOriginConfig, HttpsOriginConfig, OriginConfig
-from gateway.core.confine import location_problem, within
+from gateway.core.confine import within
 from gateway.core.forwarded import CLIENT_CERT, XFCC, client_cert_value, xfcc_value
 from gateway.core.identity import spki_pin
 from gateway.core.jsonsafe import loads_bounded
+from gateway.core.locations import location_problem
 from gateway.core.policy import Peer
 from gateway.core.reasons import Reason
 from gateway.core.releases import Release, ReleaseIndex, ReleaseIndexError, parse_index
@@ -199,9 +200,9 @@ class DirectoryOrigin:
     async def open(
         self, app_id: str, release: Release, chunk_size: int, peer: Peer | None = None
     ) -> AsyncIterator[Body]:
-        problem = location_problem(release.file)
+        problem = location_problem(release.file, None)
         if problem is not None:
-            raise OriginError(f"origin {self.name}: {problem}")
+            raise OriginError(f"origin {self.name}: {problem[1]}")
         folder = self.root / app_id
         path = folder / release.file
         try:

@@ -18,7 +18,7 @@ from yarl import URL
 
 from gateway.core import digests
 from gateway.core.capgo_crypto import CapgoCryptoError, open_session_key, recover_checksum
-from gateway.core.confine import location_problem
+from gateway.core.locations import location_problem
 from gateway.core.policy import AppPolicy, admit
 from gateway.core.reasons import Reason, Refusal
 from gateway.core.releases import Release
@@ -74,10 +74,10 @@ async def get_ticket_bundle(request: web.Request) -> web.StreamResponse:
         rt.metrics.tickets.labels("refused").inc()
         raise Refusal(Reason.TICKET_INVALID, f"the ticket's origin {ticket.origin!r} no longer serves {app.app_id}")
     record.origin = origin.name
-    problem = None if isinstance(origin, HttpsOrigin) else location_problem(ticket.location)
+    problem = None if isinstance(origin, HttpsOrigin) else location_problem(ticket.location, None)
     if problem is not None:  # a directory origin serves only files inside the app's own folder
         rt.metrics.tickets.labels("refused").inc()
-        raise Refusal(Reason.TICKET_INVALID, f"the ticket's location {problem}")
+        raise Refusal(Reason.TICKET_INVALID, f"the ticket's location is refused: {problem[1]}")
     range_from = _range_from(request.headers.get("Range"))
     if range_from == _UNSATISFIABLE:
         raise Refusal(Reason.RANGE_NOT_SATISFIABLE, "only a single open-ended range (bytes=N-) is served")

@@ -1,24 +1,10 @@
-"""Directory-origin files stay inside the app's folder (core/confine.py)."""
+"""Directory-origin files stay inside the app's folder once symlinks are followed (core/confine.py)."""
 
 from __future__ import annotations
 
 import pytest
 
-from gateway.core.confine import location_problem, within
-
-
-@pytest.mark.parametrize("location", ["1.0.0.zip", "bundles/1.0.0.zip", "a/b/c/d.zip"])
-def test_plain_relative_locations_pass(location: str) -> None:
-    assert location_problem(location) is None
-
-
-@pytest.mark.parametrize(
-    "location",
-    ["../other.app/1.0.0.zip", "/etc/passwd", "a/../../b.zip", "..", "a\\..\\b.zip", "", "a//b.zip", "./x.zip"],
-)
-def test_escaping_or_odd_locations_are_refused(location: str) -> None:
-    problem = location_problem(location)
-    assert problem is not None and "relative path" in problem
+from gateway.core.confine import within
 
 
 def test_a_file_below_the_folder_is_within() -> None:
