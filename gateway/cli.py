@@ -19,6 +19,7 @@ from gateway.core.rollout import FAILURE_ACTIONS
 from gateway.errors import ConfigError
 
 EXIT_USAGE = 2
+GROUP_HELP = "keys 0640 and owned by this group (name or gid), folder enterable by it; default: keys 0600"
 
 
 def _fail(message: str) -> int:
@@ -28,9 +29,13 @@ def _fail(message: str) -> int:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
+    from gateway.preflight import runtime_issues
     from gateway.reload import load_all
 
     loaded = load_all(args.config)
+    issues = runtime_issues(str(args.config), loaded.config, ports=args.ports)
+    if issues:
+        raise ConfigError(issues)
     print(
         f"ota-gateway: {args.config}: OK ({len(loaded.config.listeners)} listener(s), "
         f"{len(loaded.config.origins)} origin(s), {len(loaded.policies.apps)} app(s))"
@@ -40,11 +45,16 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     from gateway import workers
+    from gateway.core.startup import RestartPolicy
 
     count = args.workers or workers.default_workers()
     if count > 1 and not workers.is_worker():
         extra = ["--log-level", args.log_level] + ([] if args.uvloop else ["--no-uvloop"])
-        return workers.supervise(args.config, count, extra)
+        try:
+            policy = RestartPolicy(max_crashes=args.crash_limit, window=args.crash_window)
+        except ValueError as exc:
+            return _fail(str(exc))
+        return workers.supervise(args.config, count, extra, policy)
     from gateway.runner import serve
 
     logging.basicConfig(
@@ -57,7 +67,27 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         runner = uvloop.run if args.uvloop else asyncio.run
     except ImportError:
         runner = asyncio.run
-    return runner(serve(args.config, reuse_port=workers.is_worker()))
+    try:
+        return runner(
+            serve(
+                args.config,
+                reuse_port=workers.is_worker(),
+                on_ready=workers.report_ready,
+                restarted=workers.is_restart(),
+            )
+        )
+    except (ConfigError, OSError) as exc:  # start-up failed: a supervisor prints it, or main() does
+        message = str(exc) if isinstance(exc, ConfigError) else _os_message(exc)
+        if workers.report_failure(message):
+            return EXIT_USAGE
+        return _fail(message)
+
+
+def _os_message(exc: OSError) -> str:
+    """One line for an `OSError` nothing more specific caught."""
+    from gateway.preflight import os_problem
+
+    return os_problem("cannot use", exc.filename, exc) if exc.filename else str(exc)
 
 
 def _cmd_health(args: argparse.Namespace) -> int:
@@ -72,8 +102,8 @@ def _cmd_certs_init(args: argparse.Namespace) -> int:
     from gateway import certs
 
     try:
-        issued_all = certs.init(args.dir, force=args.force)
-    except FileExistsError as exc:
+        issued_all = certs.init(args.dir, force=args.force, group=args.group)
+    except (FileExistsError, ValueError) as exc:
         return _fail(str(exc))
     for issued in issued_all:
         print(issued.describe())
@@ -84,7 +114,7 @@ def _cmd_certs_issue(args: argparse.Namespace) -> int:
     from gateway import certs
 
     try:
-        issued = certs.issue_client(args.dir, args.name, days=args.days)
+        issued = certs.issue_client(args.dir, args.name, days=args.days, group=args.group)
     except (ValueError, FileNotFoundError) as exc:
         return _fail(str(exc))
     print(issued.describe())
@@ -158,10 +188,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
     p.add_argument("--no-uvloop", dest="uvloop", action="store_false", help="use the stdlib event loop")
     p.add_argument("--workers", type=int, default=0, help="worker processes sharing the ports (default: one per core)")
+    p.add_argument(
+        "--crash-limit",
+        type=int,
+        default=5,
+        help="with --workers: this many worker deaths within --crash-window seconds stop the server (default 5)",
+    )
+    p.add_argument("--crash-window", type=float, default=60.0, help="seconds, see --crash-limit (default 60)")
     p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("check", help="validate the config and policies, like nginx -t (exit 0 or 2)")
     p.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+    p.add_argument(
+        "--ports", action="store_true", help="also bind every listen address once (before a start, not while serving)"
+    )
     p.set_defaults(func=_cmd_check)
 
     p = sub.add_parser(
@@ -176,10 +216,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = certs.add_parser("init", help="CA, server, client, and a rogue CA + client for negative tests")
     p.add_argument("--dir", type=Path, required=True)
     p.add_argument("--force", action="store_true", help="replace existing material")
+    p.add_argument("--group", help=GROUP_HELP)
     p.set_defaults(func=_cmd_certs_init)
     p = certs.add_parser("issue-client", help="a new client certificate from the CA in --dir")
     p.add_argument("--dir", type=Path, required=True)
     p.add_argument("--days", type=int, default=825)
+    p.add_argument("--group", help=GROUP_HELP)
     p.add_argument("name")
     p.set_defaults(func=_cmd_certs_issue)
 
@@ -235,5 +277,7 @@ def main(argv: list[str] | None = None) -> int:
         return result
     except ConfigError as exc:
         return _fail(str(exc))
+    except OSError as exc:  # a file or folder the user cannot use, found late: still one line, no traceback
+        return _fail(_os_message(exc))
     except KeyboardInterrupt:
         return 130

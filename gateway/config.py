@@ -2,7 +2,8 @@
 
 Owns the declaration of every key of gateway.yaml (pydantic models: strict types, unknown keys are errors,
 frozen) and the checks that need the file system: referenced files exist and are readable, a private key matches
-its certificate. Relative paths are relative to the config file's folder. Every problem is reported as
+its certificate. Files are opened and folders listed as the user that runs the command, so a folder that user
+cannot enter is named. Relative paths are relative to the config file's folder. Every problem is reported as
 `file:line: key.path: message`; `load_config` reports all problems of a file at once.
 """
 
@@ -17,6 +18,7 @@ import pydantic
 from pydantic import AfterValidator, BeforeValidator, Field, ValidationInfo
 
 from gateway.errors import ConfigError, ConfigIssue
+from gateway.preflight import readable_file, readable_folder
 from gateway.yamlsrc import KeyPath, YamlDoc, read_yaml, validation_issues
 
 DEFAULT_CONFIG = Path("gateway.yaml")
@@ -32,18 +34,12 @@ def _resolve(value: Any, info: ValidationInfo) -> Any:
 
 
 def _readable_file(path: Path) -> Path:
-    if not path.exists():
-        raise ValueError(f"file not found: {path}")
-    if not path.is_file():
-        raise ValueError(f"not a file: {path}")
-    if not os.access(path, os.R_OK):
-        raise ValueError(f"file not readable: {path}")
+    readable_file(path)  # opened as the user that runs the gateway: a folder it cannot enter is named
     return path
 
 
 def _directory(path: Path) -> Path:
-    if not path.is_dir():
-        raise ValueError(f"directory not found: {path}")
+    readable_folder(path)
     return path
 
 

@@ -78,6 +78,11 @@ class Metrics:
             ["result"],
             registry=r,
         )
+        self.worker_restarts = Counter(
+            "ota_gateway_worker_restarts",
+            "Workers started again by the `serve --workers N` supervisor after one died.",
+            registry=r,
+        )
         self.in_flight = Gauge(
             "ota_gateway_downloads_in_flight", "Bundle downloads in progress.", registry=r, multiprocess_mode="livesum"
         )

@@ -10,13 +10,16 @@ Bounds: every call to an HTTPS origin has a total deadline (`total_timeout`: a w
 GET up to its headers; past it, `OriginTooSlow`); release indexes and API answers are capped while they stream,
 never read whole first. A bundle body that ends before its Content-Length is `ShortBody`; bytes past it are
 `PastLength`. A directory origin opens only files inside the app's own folder (`core/confine.py`), symlinks
-followed. Each `OriginError` carries the refusal reason it stands for.
+followed. Each `OriginError` carries the refusal reason it stands for. Its text may reach the client (problem
+details), so a directory origin names files relative to its root there (`com.example.app/1.0.0.zip`) and logs
+the absolute path on the server.
 """
 
 from __future__ import annotations
 
 import asyncio
 import email.utils
+import logging
 import os
 import ssl
 import time
@@ -46,6 +49,8 @@ INLINE_READ_BYTES = 64 * 1024  # directory-origin files up to this size are read
 MAX_INDEX_BYTES = 4 * 1024 * 1024  # a release index larger than this is refused while it streams
 ORIGIN_READ_BUFFER = 64 * 1024  # TLS read-ahead per origin connection (asyncio's default is 256 KiB)
 _T = TypeVar("_T")
+
+log = logging.getLogger("ota_gateway.origins")
 
 
 class OriginError(Exception):
@@ -174,14 +179,21 @@ class DirectoryOrigin:
     def _index_path(self, app_id: str) -> Path:
         return self.root / app_id / "releases.yaml"
 
+    def _failed(self, message: str, path: Path, cause: BaseException) -> OriginError:
+        """An error for the client that names no server path; the path and the cause go to the server log."""
+        log.warning("%s (file %s: %s)", message, path, cause)
+        return OriginError(message)
+
     async def index(self, app_id: str) -> ReleaseIndex:
         path = self._index_path(app_id)
         try:
             st = path.stat()
         except FileNotFoundError:
-            raise ReleaseNotFound(f"origin {self.name} has no index for {app_id} ({path})") from None
+            raise ReleaseNotFound(f"origin {self.name} has no index for {app_id}") from None
         except OSError as exc:
-            raise OriginError(f"origin {self.name}: cannot read {path}: {exc.strerror}") from None
+            raise self._failed(
+                f"origin {self.name}: cannot read {app_id}/{path.name}: {exc.strerror}", path, exc
+            ) from None
         stamp = (st.st_mtime_ns, st.st_ino)
         cached = self._cache.get(app_id)
         if cached and cached[0] == stamp:
@@ -189,10 +201,14 @@ class DirectoryOrigin:
         try:
             text = await asyncio.to_thread(path.read_text, encoding="utf-8")
             index = parse_index(app_id, yaml.safe_load(text))
-        except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-            raise OriginError(f"origin {self.name}: cannot read {path}: {exc}") from None
+        except OSError as exc:
+            raise self._failed(
+                f"origin {self.name}: cannot read {app_id}/{path.name}: {exc.strerror}", path, exc
+            ) from None
+        except (UnicodeDecodeError, yaml.YAMLError) as exc:
+            raise self._failed(f"origin {self.name}: {app_id}/{path.name} is not valid YAML", path, exc) from None
         except ReleaseIndexError as exc:
-            raise OriginError(f"origin {self.name}: {path}: {exc}") from None
+            raise self._failed(f"origin {self.name}: {app_id}/{path.name}: {exc}", path, exc) from None
         self._cache[app_id] = (stamp, index)
         return index
 
@@ -205,6 +221,7 @@ class DirectoryOrigin:
             raise OriginError(f"origin {self.name}: {problem[1]}")
         folder = self.root / app_id
         path = folder / release.file
+        shown = f"{app_id}/{release.file}"
         try:
             if release.size <= INLINE_READ_BYTES:
                 # a small file costs less to read at once than a trip to a worker thread (~100 us of CPU)
@@ -212,12 +229,12 @@ class DirectoryOrigin:
             else:
                 # one trip to a worker thread opens, sizes and reads the first chunk
                 handle, size, first = await asyncio.to_thread(_open_first, path, chunk_size, folder)
-        except FileNotFoundError:
-            raise OriginError(f"origin {self.name}: {path} is listed in the index but missing") from None
-        except _Outside:
-            raise OriginError(f"origin {self.name}: {app_id}/{release.file} leads outside the app's folder") from None
+        except FileNotFoundError as exc:
+            raise self._failed(f"origin {self.name}: {shown} is listed in the index but missing", path, exc) from None
+        except _Outside as exc:
+            raise self._failed(f"origin {self.name}: {shown} leads outside the app's folder", path, exc) from None
         except OSError as exc:
-            raise OriginError(f"origin {self.name}: cannot open {path}: {exc.strerror}") from None
+            raise self._failed(f"origin {self.name}: cannot open {shown}: {exc.strerror}", path, exc) from None
         pending = [first] if first else []
 
         def read_next() -> bytes:
@@ -226,7 +243,7 @@ class DirectoryOrigin:
             try:
                 return handle.read(chunk_size)  # reads on to the real end of the file, so growth is seen
             except OSError as exc:
-                raise OriginError(f"origin {self.name}: read error on {path}: {exc.strerror}") from None
+                raise self._failed(f"origin {self.name}: read error on {shown}: {exc.strerror}", path, exc) from None
 
         try:
             yield Body(size, read_file=read_next, small=release.size <= INLINE_READ_BYTES)

@@ -2,7 +2,8 @@
 
 Owns writing a bundle and its entry into `<origin>/<app_id>/releases.yaml`: size and SHA-256 of the stored file,
 and, with a Capgo v2 private key, the bundle encrypted as `capgo bundle encrypt` does it, the encrypted checksum
-of the plain zip and the session key. The index is replaced atomically (write, then rename).
+of the plain zip and the session key. The index is replaced atomically (write, then rename). Files and folders
+follow the process umask (0644 and 0755 under umask 022), so a gateway running as another user can read them.
 """
 
 from __future__ import annotations
@@ -53,9 +54,16 @@ def read_index(app_dir: Path, app_id: str) -> ReleaseIndex:
         raise PublishError(f"{path}: {exc}") from None
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)  # the only portable way to read it is to set it; put it straight back
+    os.umask(mask)
+    return mask
+
+
 def _write_atomic(path: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600 whatever the umask; a plain open would not
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
         os.replace(tmp, path)

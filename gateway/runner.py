@@ -5,7 +5,9 @@ keep-alive connections, let in-flight requests finish within `limits.shutdown_gr
 (a cancelled download is aborted, so its client sees a short transfer), then close origins and the audit log.
 While it runs, a probe writes to the state store every `state.probe_interval` seconds (and retries a failing
 audit log), so that /readyz sees a failing store, and its recovery, without waiting for traffic.
-`serve()` returns the exit code: 0 after a clean drain, `EXIT_FORCED` when requests had to be aborted.
+`serve()` returns the exit code: 0 after a clean drain, `EXIT_FORCED` when requests had to be aborted. Start-up
+(until every listener is bound) either completes or raises `ConfigError`: a port in use, a state folder, audit log
+or Redis that cannot be used are one line each, never a traceback.
 `shutdown_trigger` lets tests stop the gateway without signals.
 """
 
@@ -34,6 +36,7 @@ from gateway.listener import ConnectionBudget, GuardedAppRunner, HttpGuard, Plai
 from gateway.memory import trim_after_churn
 from gateway.metrics import Metrics
 from gateway.origins import make_origin
+from gateway.preflight import bind_issue, current_user, os_issue
 from gateway.reload import Loaded, Reloader, load_all, publish_state_metrics
 from gateway.state import GuardedState, RedisState, SqliteState, StateError, StateStore
 from gateway.state_keys import Runtime
@@ -61,11 +64,22 @@ def build_runtime(loaded: Loaded, metrics: Metrics | None = None) -> Runtime:
     )
 
 
+def _open_runtime(config_path: Path, loaded: Loaded) -> Runtime:
+    try:
+        return build_runtime(loaded)
+    except OSError as exc:
+        path = loaded.config.audit.path
+        raise ConfigError([os_issue(str(config_path), "audit.path", "cannot open the audit log", path, exc)]) from None
+
+
 async def open_state(config_path: Path, rt: Runtime) -> StateStore:
     """The state store at `state.path`, and the ticket keys (generated on first start); problems are config errors."""
     try:
         await asyncio.to_thread(rt.ticket_keys)
-    except (OSError, ValueError) as exc:
+    except OSError as exc:
+        where = exc.filename or rt.config.state.path.parent
+        raise ConfigError([os_issue(str(config_path), "tickets", "cannot use the ticket key", where, exc)]) from None
+    except ValueError as exc:
         raise ConfigError.single(str(config_path), "tickets", None, f"ticket keys: {exc}") from None
     return await open_store(config_path, rt.config)
 
@@ -80,13 +94,24 @@ async def open_store(config_path: Path, config: Config) -> StateStore:
             return await RedisState.open(redis_url)
         except (OSError, RedisError) as exc:
             raise ConfigError.single(
-                str(config_path), "state.redis_url", None, f"cannot reach the Redis state store: {exc}"
+                str(config_path),
+                "state.redis_url",
+                None,
+                f"cannot reach the Redis state store: {exc}; start it, or fix the url (check tests it)",
             ) from None
+    path = config.state.path
     try:
-        return await SqliteState.open(config.state.path)
-    except (OSError, sqlite3.Error) as exc:
+        return await SqliteState.open(path)
+    except OSError as exc:
+        issue = os_issue(str(config_path), "state.path", "cannot open the state store", path, exc)
+        raise ConfigError([issue]) from None
+    except sqlite3.Error as exc:
         raise ConfigError.single(
-            str(config_path), "state.path", None, f"cannot open the state store {config.state.path}: {exc}"
+            str(config_path),
+            "state.path",
+            None,
+            f"cannot open the state store {path}: {exc}; {current_user()} must be able to write the file and its "
+            "folder (SQLite keeps -wal and -shm files next to it)",
         ) from None
 
 
@@ -139,9 +164,18 @@ async def serve(
     *,
     shutdown_trigger: Callable[[], Awaitable[object]] | None = None,
     reuse_port: bool = False,
+    on_ready: Callable[[], None] | None = None,
+    restarted: bool = False,
 ) -> int:
-    """Run until SIGTERM/SIGINT (or `shutdown_trigger`), then drain; return the exit code."""
-    rt = build_runtime(await asyncio.to_thread(load_all, config_path))
+    """Run until SIGTERM/SIGINT (or `shutdown_trigger`), then drain; return the exit code.
+
+    Start-up ends when every listener is bound: then `on_ready` is called. A problem before that (config, state
+    store, audit log, a port in use) raises `ConfigError` with one line per problem. `restarted`: this process
+    replaces a worker that died (counted in `ota_gateway_worker_restarts_total`).
+    """
+    rt = _open_runtime(config_path, await asyncio.to_thread(load_all, config_path))
+    if restarted:
+        rt.metrics.worker_restarts.inc()
     config = rt.config
     rt.state = guard_state(rt, await open_state(config_path, rt))
     reloader = Reloader(config_path, rt)
@@ -183,23 +217,27 @@ async def serve(
     loop.add_signal_handler(signal.SIGINT, on_stop)
     loop.add_signal_handler(signal.SIGHUP, on_hup)
     forced = False
+    source = str(config_path)
     try:
-        for lst in config.listeners:
+        for i, lst in enumerate(config.listeners):
             listener = TlsListenerServer(
                 lst.name, _current(rt, lst.name), runner.server, rt.metrics, lst.handshake_timeout, budget
             )
-            await listener.start(lst.address, lst.port, reuse_port=reuse_port)
+            try:
+                await listener.start(lst.address, lst.port, reuse_port=reuse_port)
+            except OSError as exc:
+                raise ConfigError([bind_issue(source, f"listeners[{i}].port", lst.address, lst.port, exc)]) from None
             listeners.append(listener)
             for sock in listener.sockets:
                 host, port = sock.getsockname()[:2]
                 _say(f"listening on https://{host}:{port} ({lst.name})")
         if config.plain_http.enabled:
             https_port = config.plain_http.https_port or config.listeners[0].port
-            plain = create_plain_app(rt, https_port)
+            plain = config.plain_http
+            plain_app = create_plain_app(rt, https_port)
+            plain_guard = guard("plain_http", tls=False)
             side_runners.append(
-                await _site(
-                    plain, guard("plain_http", tls=False), config.plain_http.address, config.plain_http.port, reuse_port
-                )
+                await _site(plain_app, plain_guard, source, "plain_http", plain.address, plain.port, reuse_port)
             )
             _say(f"plain HTTP on http://{config.plain_http.address}:{config.plain_http.port} (redirects only)")
         if config.admin.enabled:
@@ -207,10 +245,14 @@ async def serve(
             admin = create_admin_app(rt)
             admin_guard = guard("admin", tls=admin_tls is not None)
             side_runners.append(
-                await _site(admin, admin_guard, config.admin.address, config.admin.port, reuse_port, admin_tls)
+                await _site(
+                    admin, admin_guard, source, "admin", config.admin.address, config.admin.port, reuse_port, admin_tls
+                )
             )
             scheme = "https" if admin_tls else "http"
             _say(f"admin on {scheme}://{config.admin.address}:{config.admin.port} (/metrics /healthz /readyz)")
+        if on_ready is not None:
+            on_ready()
         watcher = loop.create_task(reloader.watch(), name="reload-watch")
         tasks.add(watcher)
         tasks.add(loop.create_task(trim_after_churn(lambda: budget.closed_total), name="malloc-trim"))
@@ -251,16 +293,23 @@ async def serve(
 async def _site(
     app: web.Application,
     guard: HttpGuard,
+    source: str,
+    key: str,
     address: str,
     port: int,
     reuse_port: bool,
     ssl_context: ssl.SSLContext | None = None,
 ) -> PlainListener:
-    """A listener for the plain-HTTP or admin app, held to the same timeouts and caps as the TLS listeners."""
+    """A listener for the plain-HTTP or admin app, held to the same timeouts and caps as the TLS listeners.
+    A bind failure is a `ConfigError` naming `key`.port."""
     runner = GuardedAppRunner(app, guard, access_log=None, shutdown_timeout=1.0)
     await runner.setup()
     site = PlainListener(runner)
-    await site.start(address, port, reuse_port=reuse_port, ssl_context=ssl_context)
+    try:
+        await site.start(address, port, reuse_port=reuse_port, ssl_context=ssl_context)
+    except OSError as exc:
+        await site.cleanup()
+        raise ConfigError([bind_issue(source, f"{key}.port", address, port, exc)]) from None
     return site
 
 

@@ -128,7 +128,8 @@ def _message(err: Mapping[str, Any]) -> str:
     msg = str(err.get("msg", "invalid value"))
     msg = msg.removeprefix("Value error, ")
     shown = repr(err.get("input"))
-    if "input" in err and not isinstance(err["input"], dict | list) and shown not in msg:
+    plain = "input" in err and not isinstance(err["input"], dict | list)
+    if plain and shown not in msg and str(err["input"]) not in msg:
         msg += f" (got {shown})"
     return msg
 

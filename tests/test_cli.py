@@ -35,8 +35,8 @@ SCRIPT = Path(sys.executable).parent / "ota-gateway"
 COMMAND = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "gateway"]
 
 
-def cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*COMMAND, *map(str, args)], capture_output=True, text=True, timeout=60)
+def cli(*args: str | Path, umask: int = 0o022) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*COMMAND, *map(str, args)], capture_output=True, text=True, timeout=60, umask=umask)
 
 
 def load_cert(path: Path) -> x509.Certificate:
@@ -78,8 +78,9 @@ def pki_dir(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.
 def test_init_writes_every_file_with_private_modes(pki_dir: tuple[Path, Any]) -> None:
     folder, _ = pki_dir
     assert sorted(p.name for p in folder.iterdir()) == sorted(f"{n}.{ext}" for n in NAMES for ext in ("pem", "key"))
-    assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o755  # the umask's; the keys are what stays private
     for name in NAMES:
+        assert stat.S_IMODE((folder / f"{name}.pem").stat().st_mode) == 0o644
         assert stat.S_IMODE((folder / f"{name}.key").stat().st_mode) == 0o600
         key = serialization.load_pem_private_key((folder / f"{name}.key").read_bytes(), password=None)
         assert isinstance(key, ec.EllipticCurvePrivateKey)
@@ -138,7 +139,7 @@ def test_init_keeps_existing_material_and_force_replaces_it(tmp_path: Path) -> N
     folder.mkdir(mode=0o755)
     first = cli("certs", "init", "--dir", folder)
     assert first.returncode == 0, first.stderr
-    assert stat.S_IMODE(folder.stat().st_mode) == 0o700  # tightened even when the folder existed
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o755  # an existing folder keeps its mode
     before = snapshot(folder)
 
     again = cli("certs", "init", "--dir", folder)

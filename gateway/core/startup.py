@@ -1,0 +1,85 @@
+"""Start-up problems in words an operator can act on, and when the worker supervisor restarts or gives up.
+
+Owns two decisions, both pure: how a failed operating-system call at start-up (binding a port, opening a file or
+a folder) is described, naming what was tried, on what, as whom, and what to do about it; and what the supervisor
+does when a worker dies (`after_crash`: restart after an exponential backoff, or stop once `max_crashes` deaths
+fell within `window` seconds). The shell (`gateway/preflight.py`, `gateway/runner.py`, `gateway/workers.py`)
+makes the calls, reads the clock and carries the verdict out.
+"""
+
+from __future__ import annotations
+
+import errno
+from dataclasses import dataclass
+
+_DENIED = (errno.EACCES, errno.EPERM)
+
+
+def bind_problem(address: str, port: int, err: int, strerror: str, user: str) -> str:
+    """Why a listener could not bind `address:port`, and what to do."""
+    where = f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+    if err == errno.EADDRINUSE:
+        return f"{where} is already in use: stop the process that holds it, or choose another port"
+    if err in _DENIED:
+        return (
+            f"cannot listen on {where} as {user}: ports below 1024 need root or CAP_NET_BIND_SERVICE; "
+            "use a port above 1023"
+        )
+    if err == errno.EADDRNOTAVAIL:
+        return f"cannot listen on {where}: this host has no such address; use one of its addresses (0.0.0.0 for all)"
+    return f"cannot listen on {where}: {strerror}"
+
+
+def file_problem(action: str, path: str, err: int, strerror: str, user: str, blocked_by: str | None = None) -> str:
+    """Why `action` (e.g. "cannot read", "cannot write into") failed on `path`, and what to do.
+
+    `blocked_by` names the folder above `path` that `user` may not enter, when that is the cause.
+    """
+    if err in _DENIED:
+        if blocked_by is not None:
+            return (
+                f"{action} {path}: permission denied for {user}, who cannot enter the folder {blocked_by}; "
+                "give that user (or its group) search permission on it"
+            )
+        return f"{action} {path}: permission denied for {user}; give that user (or its group) access to it"
+    if err == errno.EROFS:
+        return f"{action} {path}: read-only file system; put it on a writable volume"
+    if err == errno.ENOENT:
+        return f"{action} {path}: no such file or folder"
+    if err == errno.ENOSPC:
+        return f"{action} {path}: no space left on the device"
+    return f"{action} {path}: {strerror}"
+
+
+@dataclass(frozen=True)
+class RestartPolicy:
+    """`max_crashes` worker deaths within `window` seconds stop the server; before that each death is followed by
+    a restart after `first_delay` seconds, doubled for every other death in the window, at most `max_delay`."""
+
+    max_crashes: int = 5
+    window: float = 60.0
+    first_delay: float = 0.5
+    max_delay: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.max_crashes < 1 or self.window <= 0 or self.first_delay < 0 or self.max_delay < self.first_delay:
+            raise ValueError("a restart policy needs max_crashes >= 1, window > 0 and 0 <= first_delay <= max_delay")
+
+
+@dataclass(frozen=True)
+class CrashVerdict:
+    """What to do after a worker died: restart it after `delay` seconds, or stop the server."""
+
+    restart: bool
+    delay: float
+    crashes: int  # deaths within the window, this one included
+    history: tuple[float, ...]  # the times of those deaths: pass it to the next `after_crash`
+
+
+def after_crash(policy: RestartPolicy, history: tuple[float, ...], now: float) -> CrashVerdict:
+    """The verdict for a worker death at `now` (a monotonic clock), given the earlier deaths in `history`."""
+    recent = (*(t for t in history if now - t < policy.window), now)
+    if len(recent) >= policy.max_crashes:
+        return CrashVerdict(False, 0.0, len(recent), recent)
+    delay = min(policy.first_delay * 2 ** (len(recent) - 1), policy.max_delay)
+    return CrashVerdict(True, delay, len(recent), recent)

@@ -1,0 +1,89 @@
+"""Start-up problem messages and the supervisor's restart verdicts (core/startup.py)."""
+
+from __future__ import annotations
+
+import errno
+
+import pytest
+
+from gateway.core.startup import RestartPolicy, after_crash, bind_problem, file_problem
+
+USER = "otagw (uid 10001)"
+
+
+def test_port_in_use_names_the_address_and_what_to_do() -> None:
+    msg = bind_problem("127.0.0.1", 8443, errno.EADDRINUSE, "Address already in use", USER)
+    assert msg.startswith("127.0.0.1:8443 is already in use")
+    assert "choose another port" in msg
+
+
+def test_privileged_port_names_the_user() -> None:
+    msg = bind_problem("0.0.0.0", 443, errno.EACCES, "Permission denied", USER)
+    assert USER in msg and "CAP_NET_BIND_SERVICE" in msg
+
+
+def test_ipv6_address_is_bracketed() -> None:
+    assert bind_problem("::1", 8443, errno.EADDRINUSE, "", USER).startswith("[::1]:8443 ")
+
+
+def test_other_bind_errors_keep_the_system_text() -> None:
+    assert bind_problem("127.0.0.1", 1, errno.EINVAL, "Invalid argument", USER).endswith(": Invalid argument")
+
+
+def test_permission_denied_names_path_user_and_blocking_folder() -> None:
+    key, folder = "/etc/ota/certs/server.key", "/etc/ota/certs"
+    msg = file_problem("cannot read", key, errno.EACCES, "Permission denied", USER, folder)
+    assert "/etc/ota/certs/server.key" in msg and USER in msg and "cannot enter the folder /etc/ota/certs" in msg
+    plain = file_problem("cannot write into", "/var/lib/ota", errno.EACCES, "Permission denied", USER)
+    assert "cannot enter" not in plain and "permission denied for otagw" in plain
+
+
+@pytest.mark.parametrize(
+    ("err", "words"),
+    [(errno.EROFS, "read-only"), (errno.ENOENT, "no such file"), (errno.ENOSPC, "no space"), (errno.EIO, "I/O err")],
+)
+def test_file_problems_say_what_happened(err: int, words: str) -> None:
+    assert words in file_problem("cannot open", "/x", err, "I/O error", USER)
+
+
+def test_backoff_doubles_within_the_window_and_gives_up_at_the_limit() -> None:
+    policy = RestartPolicy(max_crashes=5, window=60.0, first_delay=0.5, max_delay=30.0)
+    history: tuple[float, ...] = ()
+    delays = []
+    for now in (100.0, 101.0, 102.0, 103.0):
+        verdict = after_crash(policy, history, now)
+        assert verdict.restart
+        delays.append(verdict.delay)
+        history = verdict.history
+    assert delays == [0.5, 1.0, 2.0, 4.0]
+    last = after_crash(policy, history, 104.0)
+    assert not last.restart and last.crashes == 5
+
+
+def test_deaths_outside_the_window_are_forgotten() -> None:
+    policy = RestartPolicy(max_crashes=2, window=10.0)
+    first = after_crash(policy, (), 0.0)
+    assert first.restart
+    later = after_crash(policy, first.history, 10.5)  # the first death is older than the window
+    assert later.restart and later.crashes == 1 and later.delay == 0.5
+    soon = after_crash(policy, later.history, 11.0)
+    assert not soon.restart
+
+
+def test_delay_is_capped() -> None:
+    policy = RestartPolicy(max_crashes=100, window=1000.0, first_delay=1.0, max_delay=3.0)
+    history: tuple[float, ...] = ()
+    for now in range(10):
+        verdict = after_crash(policy, history, float(now))
+        history = verdict.history
+    assert verdict.delay == 3.0
+
+
+def test_one_crash_limit_stops_at_the_first_death() -> None:
+    assert not after_crash(RestartPolicy(max_crashes=1), (), 5.0).restart
+
+
+@pytest.mark.parametrize("kwargs", [{"max_crashes": 0}, {"window": 0}, {"first_delay": 5, "max_delay": 1}])
+def test_nonsense_policies_are_refused(kwargs: dict[str, float]) -> None:
+    with pytest.raises(ValueError):
+        RestartPolicy(**kwargs)  # type: ignore[arg-type]

@@ -1,0 +1,267 @@
+"""Start-up failures are one line and exit 2; `check` finds them first; the `--workers` supervisor stops on them.
+
+Real `serve` and `check` subprocesses: a port taken by a bound socket, a state folder, audit log and certificate
+folder that uid 10001 (the service account) cannot use, a Redis that is not there; each with the twin that works.
+Then the supervisor: a worker killed after start is restarted and counted while the other serves; a crash loop
+stops the server.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.as_user import SERVICE_UID, needs_root, open_dir, run_as, serve_as
+from tests.support import free_port, make_pki, redis_server, run_gateway, wait_until, write_config
+
+
+def gateway(*args: str | Path, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", *map(str, args)], capture_output=True, text=True, timeout=timeout
+    )
+
+
+def one_line(stderr: str) -> str:
+    """The single line a start-up failure prints (and nothing like a traceback or a restart)."""
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, stderr
+    assert "Traceback" not in stderr and "starting a new one" not in stderr
+    assert lines[0].startswith("ota-gateway: "), stderr
+    return lines[0]
+
+
+@pytest.fixture
+def site() -> Iterator[Path]:
+    """gateway.yaml, certificates, policies and a directory origin in a folder every user can reach."""
+    with open_dir() as folder:
+        pki = make_pki(folder / "certs")
+        (folder / "origin").mkdir()
+        write_config(folder, pki, origins={"local": {"type": "directory", "path": "origin"}})
+        yield folder / "gateway.yaml"
+
+
+def edit(config: Path, **changes: object) -> None:
+    import yaml
+
+    data = yaml.safe_load(config.read_text())
+    data.update(changes)
+    config.write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+def listen_port(config: Path) -> int:
+    import yaml
+
+    return int(yaml.safe_load(config.read_text())["listeners"][0]["port"])
+
+
+# --- a port in use -----------------------------------------------------------------------------------------------
+
+
+def test_port_in_use_is_one_line_from_check_and_serve(site: Path) -> None:
+    port = listen_port(site)
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", port))
+        holder.listen()
+        assert gateway("check", "--config", site).returncode == 0  # without --ports, check binds nothing
+        checked = gateway("check", "--ports", "--config", site)
+        assert checked.returncode == 2
+        line = one_line(checked.stderr)
+        assert f"listeners[0].port: 127.0.0.1:{port} is already in use" in line and "another port" in line
+        for workers in ("1", "2"):
+            served = gateway("serve", "--workers", workers, "--config", site)
+            assert served.returncode == 2, served.stderr
+            assert f"127.0.0.1:{port} is already in use" in one_line(served.stderr)
+    # the twin: the port is free again
+    assert gateway("check", "--ports", "--config", site).returncode == 0
+    with run_gateway(site) as gw:
+        assert urllib.request.urlopen(f"{gw.admin_url}/healthz", timeout=5).status == 200
+
+
+def test_admin_port_in_use_names_the_admin_key(site: Path) -> None:
+    import yaml
+
+    admin = yaml.safe_load(site.read_text())["admin"]["port"]
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", admin))
+        holder.listen()
+        served = gateway("serve", "--workers", "2", "--config", site)
+    assert served.returncode == 2
+    assert f"admin.port: 127.0.0.1:{admin} is already in use" in served.stderr
+    assert "Traceback" not in served.stderr and "starting a new one" not in served.stderr
+    assert served.stderr.count("already in use") == 1
+
+
+# --- as the service account (uid 10001) --------------------------------------------------------------------------
+
+
+def test_unwritable_state_folder_as_uid_10001(site: Path) -> None:
+    needs_root()
+    state = site.parent / "state"
+    state.mkdir()  # root's, 0755: uid 10001 cannot write into it
+    edit(site, audit={"path": "-"})
+    checked = run_as(SERVICE_UID, "check", "--config", str(site))
+    assert checked.returncode == 2
+    line = one_line(checked.stderr)
+    assert "state.path: cannot write into" in line and str(state) in line and "uid 10001" in line
+    for workers in ("1", "2"):
+        served = run_as(SERVICE_UID, "serve", "--workers", workers, "--config", str(site))
+        assert served.returncode == 2, served.stderr
+        line = one_line(served.stderr)
+        assert "uid 10001" in line and str(state) in line
+    # the twin: the state folder belongs to the service account
+    os.chown(state, SERVICE_UID, SERVICE_UID)
+    assert run_as(SERVICE_UID, "check", "--config", str(site)).returncode == 0
+    with serve_as(SERVICE_UID, site) as gw:
+        assert urllib.request.urlopen(f"{gw.admin_url}/readyz", timeout=5).status == 200
+    assert (state / "gateway.sqlite").stat().st_uid == SERVICE_UID
+
+
+def test_state_file_owned_by_someone_else_as_uid_10001(site: Path) -> None:
+    needs_root()
+    state = site.parent / "state"
+    state.mkdir()
+    os.chown(state, SERVICE_UID, SERVICE_UID)
+    (state / "gateway.sqlite").write_bytes(b"")  # root's, 0644
+    edit(site, audit={"path": "-"})
+    checked = run_as(SERVICE_UID, "check", "--config", str(site))
+    assert checked.returncode == 2
+    assert f"state.path: cannot write {state / 'gateway.sqlite'}: permission denied" in one_line(checked.stderr)
+    served = run_as(SERVICE_UID, "serve", "--workers", "1", "--config", str(site))
+    assert served.returncode == 2
+    assert "state.path" in one_line(served.stderr)
+
+
+def test_unwritable_audit_log_as_uid_10001(site: Path) -> None:
+    needs_root()
+    state = site.parent / "state"
+    state.mkdir()
+    os.chown(state, SERVICE_UID, SERVICE_UID)
+    edit(site, audit={"path": "logs/audit.log"})  # logs/ would be made in the root-owned config folder
+    checked = run_as(SERVICE_UID, "check", "--config", str(site))
+    assert checked.returncode == 2
+    assert f"audit.path: cannot write the audit log {site.parent / 'logs' / 'audit.log'}" in one_line(checked.stderr)
+    served = run_as(SERVICE_UID, "serve", "--workers", "1", "--config", str(site))
+    assert served.returncode == 2
+    assert "audit.path" in one_line(served.stderr)
+    # the twin: the log folder is the service account's
+    (site.parent / "logs").mkdir()
+    os.chown(site.parent / "logs", SERVICE_UID, SERVICE_UID)
+    assert run_as(SERVICE_UID, "check", "--config", str(site)).returncode == 0
+
+
+def test_certificate_folder_that_cannot_be_entered_as_uid_10001(site: Path) -> None:
+    needs_root()
+    certs = site.parent / "certs"
+    certs.chmod(0o700)  # as `certs init` used to leave it
+    checked = run_as(SERVICE_UID, "check", "--config", str(site))
+    assert checked.returncode == 2
+    assert "Traceback" not in checked.stderr and "PermissionError" not in checked.stderr
+    lines = checked.stderr.splitlines()
+    assert any(
+        "listeners[0].cert:" in line and f"cannot enter the folder {certs}" in line and "uid 10001" in line
+        for line in lines
+    ), checked.stderr
+    served = run_as(SERVICE_UID, "serve", "--workers", "2", "--config", str(site))
+    assert served.returncode == 2 and "Traceback" not in served.stderr
+    assert f"cannot enter the folder {certs}" in served.stderr
+    # the twin: a group the service account is in may enter the folder and read the files
+    os.chown(certs, 0, 10002)
+    certs.chmod(0o750)
+    state = site.parent / "state"
+    state.mkdir()
+    os.chown(state, SERVICE_UID, SERVICE_UID)
+    edit(site, audit={"path": "-"})
+    assert run_as(SERVICE_UID, "check", "--config", str(site), groups=[10002]).returncode == 0
+    assert run_as(SERVICE_UID, "check", "--config", str(site)).returncode == 2  # not in the group: still refused
+
+
+def test_origin_folder_that_cannot_be_read_as_uid_10001(site: Path) -> None:
+    needs_root()
+    origin = site.parent / "origin"
+    origin.chmod(0o700)
+    checked = run_as(SERVICE_UID, "check", "--config", str(site))
+    assert checked.returncode == 2
+    assert f"origins.local.path: cannot read the folder {origin}: permission denied for uid 10001" in one_line(
+        checked.stderr
+    )
+    origin.chmod(0o755)
+    state = site.parent / "state"
+    state.mkdir()
+    os.chown(state, SERVICE_UID, SERVICE_UID)
+    edit(site, audit={"path": "-"})
+    assert run_as(SERVICE_UID, "check", "--config", str(site)).returncode == 0
+
+
+# --- Redis -------------------------------------------------------------------------------------------------------
+
+
+def test_unreachable_redis_is_one_line_and_stops_the_supervisor(site: Path) -> None:
+    closed = free_port()
+    edit(site, state={"path": "state/gateway.sqlite", "redis_url": f"redis://127.0.0.1:{closed}/0"})
+    checked = gateway("check", "--config", site)
+    assert checked.returncode == 2
+    assert "state.redis_url: cannot reach the Redis state store" in one_line(checked.stderr)
+    served = gateway("serve", "--workers", "2", "--config", site)
+    assert served.returncode == 2
+    assert "state.redis_url: cannot reach the Redis state store" in one_line(served.stderr)
+    # the twin: a real redis-server
+    with redis_server() as url:
+        edit(site, state={"path": "state/gateway.sqlite", "redis_url": url})
+        assert gateway("check", "--config", site).returncode == 0
+
+
+# --- the supervisor after start-up -------------------------------------------------------------------------------
+
+
+def children(pid: int) -> set[int]:
+    try:
+        return {int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()}
+    except OSError:
+        return set()
+
+
+def healthy(url: str) -> bool:
+    try:
+        return bool(urllib.request.urlopen(f"{url}/healthz", timeout=5).status == 200)
+    except OSError:
+        return False
+
+
+def test_a_worker_killed_after_start_is_restarted_and_counted(site: Path) -> None:
+    with run_gateway(site, "--workers", "2") as gw:
+        assert wait_until(lambda: len(children(gw.proc.pid)) == 2, timeout=20)
+        assert wait_until(lambda: sum("admin on" in line for line in gw.stderr_lines) == 2, timeout=20)
+        before = children(gw.proc.pid)
+        victim = min(before)
+        os.kill(victim, signal.SIGKILL)
+        assert healthy(gw.admin_url)  # the other worker keeps serving meanwhile
+        assert wait_until(lambda: len(children(gw.proc.pid) - before) == 1 and victim not in children(gw.proc.pid), 20)
+        assert wait_until(lambda: sum("admin on" in line for line in gw.stderr_lines) == 3, timeout=20)
+        assert any(f"worker {victim} was killed by SIGKILL; starting a new one" in line for line in gw.stderr_lines)
+        assert wait_until(lambda: gw.metric("ota_gateway_worker_restarts_total") == 1.0, timeout=10)
+        assert gw.proc.poll() is None
+        assert gw.stop() == 0
+
+
+def test_a_crash_loop_stops_the_server(site: Path) -> None:
+    with run_gateway(site, "--workers", "2", "--crash-limit", "2", "--crash-window", "60") as gw:
+        assert wait_until(lambda: sum("admin on" in line for line in gw.stderr_lines) == 2, timeout=20)
+        first = children(gw.proc.pid)
+        os.kill(min(first), signal.SIGKILL)
+        assert wait_until(lambda: sum("admin on" in line for line in gw.stderr_lines) == 3, timeout=20)
+        os.kill(max(children(gw.proc.pid) - first), signal.SIGKILL)
+        gw.proc.wait(30)
+        assert gw.proc.returncode == 1
+        time.sleep(0.2)
+        assert any("2 worker deaths within 60 s: stopping the server" in line for line in gw.stderr_lines)
+        assert sum("starting a new one" in line for line in gw.stderr_lines) == 1
+        assert wait_until(lambda: not children(gw.proc.pid), timeout=5)
