@@ -23,10 +23,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.deploy_support import SERVICE_UID  # the gateway's service account, as in the image
 from tests.support import ROOT, GatewayProcess, _pump_stderr
 
-SERVICE_UID = 10001  # the gateway's service account
-SERVICE_GID = 10001
+SERVICE_GID = SERVICE_UID
 SHARED_GID = 10002  # a group the service account may be given (certs --group)
 STRANGER_UID = 10003  # some other user
 

@@ -252,7 +252,7 @@ def test_unreadable_file(layout: Layout, capsys: pytest.CaptureFixture[str]) -> 
         config = layout.write(replace(5, f"    cert: {cert}"))
         with pytest.raises(ConfigError) as info:
             load_config(config)
-        rendered = expect_line(only_issue(info.value), config, 5, "listeners[0].cert", "not readable")
+        rendered = expect_line(only_issue(info.value), config, 5, "listeners[0].cert", "permission denied")
         code, err, _ = check_cli(config, capsys)
         assert (code, err) == (2, [f"ota-gateway: {rendered}"])
     finally:
