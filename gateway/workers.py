@@ -162,7 +162,8 @@ class _Supervisor:
 
     def signal_all(self, signum: int) -> None:
         for worker in self.workers:
-            if worker.proc.poll() is None:
+            # SIGHUP (reload) only to workers past start-up: before its handler is set, SIGHUP would kill one
+            if worker.proc.poll() is None and (worker.ready or signum != signal.SIGHUP):
                 worker.proc.send_signal(signum)
 
     def stop_all(self) -> list[int]:
