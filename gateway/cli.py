@@ -33,7 +33,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
     from gateway.reload import load_all
 
     loaded = load_all(args.config)
-    issues = runtime_issues(str(args.config), loaded.config, ports=args.ports)
+    issues = runtime_issues(str(args.config), loaded.config, live=args.live)
     if issues:
         raise ConfigError(issues)
     print(
@@ -200,7 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check", help="validate the config and policies, like nginx -t (exit 0 or 2)")
     p.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
     p.add_argument(
-        "--ports", action="store_true", help="also bind every listen address once (before a start, not while serving)"
+        "--live",
+        action="store_true",
+        help="also bind every listen address once and ping Redis (before a start, not while the gateway runs)",
     )
     p.set_defaults(func=_cmd_check)
 

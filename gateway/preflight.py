@@ -1,10 +1,12 @@
 """What the user that runs the gateway can open: the checks behind `check` and the words for start-up failures.
 
 Owns testing files, folders, ports and Redis the way `serve` will use them, as the current user: files are opened
-for reading, state and audit folders are written into (a temporary file, removed at once), a port is bound and
-released, Redis is pinged. `check` runs `runtime_issues` after the config has loaded; `serve` turns the same
-operating-system errors into one line through `os_issue` and `bind_issue` (texts from `gateway/core/startup.py`).
-What `check` cannot see: a port taken after it ran, a Redis that goes away later, a disk that fills up.
+for reading, state and audit folders are written into (a temporary file, removed at once), and with `live` a port
+is bound and released and Redis is pinged (those depend on the moment and the network, and a config checked in CI
+may name hosts only the cluster knows). `check` runs `runtime_issues` after the config has loaded; `serve` turns
+the same operating-system errors into one line through `os_issue` and `bind_issue` (texts from
+`gateway/core/startup.py`). What `check` cannot see: a port taken after it ran, a Redis that goes away later, a
+disk that fills up.
 """
 
 from __future__ import annotations
@@ -103,7 +105,7 @@ def writable_folder(folder: Path) -> None:
         pass
 
 
-def _state_issues(source: str, config: Config) -> list[ConfigIssue]:
+def _state_issues(source: str, config: Config, live: bool) -> list[ConfigIssue]:
     from gateway.ticket_keys import AUTO_KEY_FILE
 
     issues = []
@@ -131,7 +133,7 @@ def _state_issues(source: str, config: Config) -> list[ConfigIssue]:
                         pass
                 except OSError as exc:
                     issues.append(os_issue(source, "state.path", "cannot write", path, exc))
-    else:
+    elif live:
         issues += _redis_issues(source, config.state.redis_url)
     return issues
 
@@ -189,10 +191,11 @@ def port_issues(source: str, config: Config) -> list[ConfigIssue]:
     return issues
 
 
-def runtime_issues(source: str, config: Config, *, ports: bool = False) -> list[ConfigIssue]:
-    """What `serve` would trip over after the config loaded: state, ticket key, audit log, Redis, and (`ports`)
-    listen addresses already taken. Files and folders the config names were already opened while loading it."""
-    issues = _state_issues(source, config) + _audit_issues(source, config)
-    if ports:
+def runtime_issues(source: str, config: Config, *, live: bool = False) -> list[ConfigIssue]:
+    """What `serve` would trip over after the config loaded: state folder and files, ticket key, audit log, and
+    (`live`) listen addresses already taken and an unreachable Redis. Files and folders the config names were
+    already opened while loading it."""
+    issues = _state_issues(source, config, live) + _audit_issues(source, config)
+    if live:
         issues += port_issues(source, config)
     return issues

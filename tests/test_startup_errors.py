@@ -71,8 +71,8 @@ def test_port_in_use_is_one_line_from_check_and_serve(site: Path) -> None:
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", port))
         holder.listen()
-        assert gateway("check", "--config", site).returncode == 0  # without --ports, check binds nothing
-        checked = gateway("check", "--ports", "--config", site)
+        assert gateway("check", "--config", site).returncode == 0  # without --live, check binds nothing
+        checked = gateway("check", "--live", "--config", site)
         assert checked.returncode == 2
         line = one_line(checked.stderr)
         assert f"listeners[0].port: 127.0.0.1:{port} is already in use" in line and "another port" in line
@@ -81,7 +81,7 @@ def test_port_in_use_is_one_line_from_check_and_serve(site: Path) -> None:
             assert served.returncode == 2, served.stderr
             assert f"127.0.0.1:{port} is already in use" in one_line(served.stderr)
     # the twin: the port is free again
-    assert gateway("check", "--ports", "--config", site).returncode == 0
+    assert gateway("check", "--live", "--config", site).returncode == 0
     with run_gateway(site) as gw:
         assert urllib.request.urlopen(f"{gw.admin_url}/healthz", timeout=5).status == 200
 
@@ -207,7 +207,8 @@ def test_origin_folder_that_cannot_be_read_as_uid_10001(site: Path) -> None:
 def test_unreachable_redis_is_one_line_and_stops_the_supervisor(site: Path) -> None:
     closed = free_port()
     edit(site, state={"path": "state/gateway.sqlite", "redis_url": f"redis://127.0.0.1:{closed}/0"})
-    checked = gateway("check", "--config", site)
+    assert gateway("check", "--config", site).returncode == 0  # without --live, check contacts nothing
+    checked = gateway("check", "--live", "--config", site)
     assert checked.returncode == 2
     assert "state.redis_url: cannot reach the Redis state store" in one_line(checked.stderr)
     served = gateway("serve", "--workers", "2", "--config", site)
@@ -216,7 +217,7 @@ def test_unreachable_redis_is_one_line_and_stops_the_supervisor(site: Path) -> N
     # the twin: a real redis-server
     with redis_server() as url:
         edit(site, state={"path": "state/gateway.sqlite", "redis_url": url})
-        assert gateway("check", "--config", site).returncode == 0
+        assert gateway("check", "--live", "--config", site).returncode == 0
 
 
 # --- the supervisor after start-up -------------------------------------------------------------------------------
