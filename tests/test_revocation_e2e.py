@@ -96,7 +96,9 @@ def test_revoked_client_refused_then_admitted_after_sighup(tmp_path: Path, pki: 
             # the CRL is checked per request too: the open connection gets no more bundles
             keep.request("GET", f"/bundles/{APP_ID}/{BUNDLE}.zip")
             again = keep.getresponse()
-            assert again.status == 403 and json.loads(again.read())["reason"] == "revoked"
+            answer = again.read()
+            assert again.status == 403 and json.loads(answer)["reason"] == "revoked"
+            assert str(crl_file) not in answer.decode() and str(crl_file.parent) not in answer.decode()
         finally:
             keep.close()
         assert _admitted(gw, pki, pki.client, capgo_dir)

@@ -35,14 +35,18 @@ class RevocationSet:
     expired_mode: ExpiredMode = "fail_closed"
 
     def check(self, identity: ClientIdentity, now: datetime) -> str | None:
-        """None if the certificate may be used, else why not (for logs and the audit detail)."""
+        """None if the certificate may be used, else why not (for the audit detail and the client's answer, so it
+        names the CA whose CRL refused, never the CRL's file on the server)."""
         for crl in self.lists:
             if crl.issuer != identity.issuer:
                 continue
             if identity.serial in crl.serials:
-                return f"serial {identity.serial} is revoked by {crl.source}"
+                return f"serial {identity.serial} is revoked by a CRL of CA {crl.ca_name}"
             if crl.stale(now) and self.expired_mode == "fail_closed":
-                return f"CRL {crl.source} expired at {crl.next_update:%Y-%m-%dT%H:%M:%SZ} (crl_expired: fail_closed)"
+                return (
+                    f"a CRL of CA {crl.ca_name} expired at {crl.next_update:%Y-%m-%dT%H:%M:%SZ} "
+                    "(crl_expired: fail_closed)"
+                )
         return None
 
     def stale_lists(self, now: datetime) -> tuple[RevocationList, ...]:
