@@ -205,6 +205,22 @@ CONFIG_CASES: list[tuple[str, Edit, int | None, str, str]] = [
     ("admin port = listener port", replace(11, "  port: {port}"), 11, "admin.port", "also used by a TLS listener"),
     ("origin folder missing", replace(15, "    path: nowhere"), 15, "origins.local.path", "directory not found"),
     ("top level not a mapping", lambda lines: lines.__setitem__(slice(None), ["- a", "- b"]), 1, "", "mapping"),
+    (
+        "client buffer too small",
+        insert(18, "limits:", "  client_buffer: 1024"),
+        20,
+        "limits.client_buffer",
+        "greater than or equal to 16384",
+    ),
+    (
+        "negative minimum rate",
+        insert(18, "limits:", "  origin_min_rate: -1"),
+        20,
+        "limits.origin_min_rate",
+        "greater than or equal to 0",
+    ),
+    ("rate window of 0", insert(18, "limits:", "  rate_window: 0"), 20, "limits.rate_window", "greater than 0"),
+    ("total_timeout of 0", https_origin("    total_timeout: 0"), 16, "origins.cdn.total_timeout", "greater than 0"),
 ]
 
 

@@ -203,12 +203,29 @@ class ResponsePlan:
     content_range: str | None = None
 
 
+def settle_size(expect: Expectation, declared_size: int | None) -> Expectation | Refusal:
+    """The size the origin declares (Content-Length, or a file's size) against the expected one: a different size
+    is refused before a byte is sent; when nothing else gave the size, the declared one becomes the exact size (the
+    answer carries it, and bytes past it or short of it fail the download), within the cap."""
+    if declared_size is None:
+        return expect
+    if expect.size is not None:
+        if declared_size != expect.size:
+            reason = Reason.SIZE_EXCEEDED if declared_size > expect.size else Reason.SHORT_BODY
+            return Refusal(reason, f"origin declares {declared_size} bytes, the index says {expect.size}")
+        return expect
+    if expect.max_bytes is not None and declared_size > expect.max_bytes:
+        return Refusal(
+            Reason.SIZE_EXCEEDED, f"origin declares {declared_size} bytes, above the limit of {expect.max_bytes}"
+        )
+    return Expectation(expect.sha256, declared_size, expect.max_bytes)
+
+
 def plan_response(plan: DownloadPlan, declared_size: int | None) -> ResponsePlan | Refusal:
-    """Check the size the origin declares against the expected one, and settle the range."""
-    expect = plan.expect
-    if declared_size is not None and expect.size is not None and declared_size != expect.size:
-        reason = Reason.SIZE_EXCEEDED if declared_size > expect.size else Reason.SHORT_BODY
-        return Refusal(reason, f"origin declares {declared_size} bytes, the index says {expect.size}")
+    """Check the size the origin declares against the expected one (`settle_size`), and settle the range."""
+    expect = settle_size(plan.expect, declared_size)
+    if isinstance(expect, Refusal):
+        return expect
     start = plan.range_from
     if start is None:
         return ResponsePlan(200, expect, 0, expect.size)

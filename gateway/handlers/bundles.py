@@ -27,6 +27,7 @@ from aiohttp import web
 
 from gateway.config import Limits
 from gateway.core.names import is_app_id, is_version
+from gateway.core.plans import settle_size
 from gateway.core.policy import admit
 from gateway.core.rates import MinRate, RateMeter
 from gateway.core.reasons import Reason, Refusal
@@ -124,17 +125,11 @@ async def _respond(
 ) -> web.StreamResponse:
     record = request_audit(request)
     declared = body.declared_size
-    if declared is not None and expect.size is not None and declared != expect.size:
-        reason = Reason.SIZE_EXCEEDED if declared > expect.size else Reason.SHORT_BODY
-        rt.metrics.verifications.labels(reason.label).inc()
-        raise Refusal(reason, f"origin declares {declared} bytes, the index says {expect.size}")
-    if declared is not None and expect.size is None:
-        # the origin's Content-Length becomes the exact size: bytes past it or short of it fail the download
-        if expect.max_bytes is not None and declared > expect.max_bytes:
-            rt.metrics.verifications.labels(Reason.SIZE_EXCEEDED.label).inc()
-            detail = f"origin declares {declared} bytes, above the limit of {expect.max_bytes}"
-            raise Refusal(Reason.SIZE_EXCEEDED, detail)
-        expect = dataclasses.replace(expect, size=declared)
+    settled = settle_size(expect, declared)
+    if isinstance(settled, Refusal):
+        rt.metrics.verifications.labels(settled.reason.label).inc()
+        raise settled
+    expect = settled
     start = delivery.range_from
     if start is not None:
         size = expect.size if expect.size is not None else declared

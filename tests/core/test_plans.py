@@ -33,6 +33,7 @@ from gateway.core.plans import (
     plan_update,
     range_start,
     redeem_ticket,
+    settle_size,
     size_cap,
     ticket_base_url,
 )
@@ -41,6 +42,7 @@ from gateway.core.reasons import Reason, Refusal
 from gateway.core.releases import Release, ReleaseIndex
 from gateway.core.review import Decline, ManifestEntry, Offer, Served
 from gateway.core.tickets import Ticket, TicketKey, open_ticket, seal
+from gateway.core.verify import Expectation
 from tests.support import CAPGO_FIXTURES, capgo_fixture, device_body
 
 APP_ID = "com.example.app"
@@ -286,6 +288,16 @@ def test_whole_file_response() -> None:
     assert plan_response(planned(), 100) == ResponsePlan(200, planned().expect, 0, 100, None)
     unknown = planned(ticket=dataclasses.replace(TICKET, size=None))
     assert plan_response(unknown, None) == ResponsePlan(200, unknown.expect, 0, None, None)  # chunked
+
+
+def test_a_declared_size_is_the_exact_size_when_nothing_else_gave_one() -> None:
+    expect = Expectation("ab" * 32, None, max_bytes=1000)
+    assert settle_size(expect, 400) == Expectation("ab" * 32, 400, 1000)  # bytes past it or short of it fail
+    assert settle_size(expect, None) is expect
+    refused(settle_size(expect, 1001), Reason.SIZE_EXCEEDED, "above the limit of 1000")
+    unknown = planned(ticket=dataclasses.replace(TICKET, size=None))
+    answer = plan_response(unknown, 100)
+    assert isinstance(answer, ResponsePlan) and answer.expect.size == 100 and answer.content_length == 100
 
 
 def test_declared_size_must_match_the_expected_one() -> None:
