@@ -1,10 +1,10 @@
 """/channel_self: a device sets (POST), reads (PUT), lists (GET) or unsets (DELETE) its channel.
 
 A thin shell: check the info object (`core/capgo.py`; GET carries it as query parameters), admit the client to
-the app, refuse self-setting when the app's policy forbids it (`channels.self_set`, counted as
-`channel_not_allowed`) or names a channel the policy does not allow, then forward to the HTTPS origin's channel
-endpoint (`channel_path`). Without one the gateway answers reads from the policy (the app's allowed channels and
-default) and refuses writes, which it has nowhere to keep. Answers are the backend's JSON.
+the app; `core/plans.channel_self_problem` refuses self-setting when the app's policy forbids it
+(`channels.self_set`, counted as `channel_not_allowed`) or names a channel the policy does not allow. Then forward
+to the HTTPS origin's channel endpoint (`channel_path`). Without one the gateway answers reads from the policy (the
+app's allowed channels and default) and refuses writes, which it has nowhere to keep. Answers are the backend's JSON.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any
 from aiohttp import web
 
 from gateway.core.capgo import InvalidRequest, Kind, error_body, parse_info
-from gateway.core.names import is_channel
+from gateway.core.plans import channel_self_problem, current_channel
 from gateway.core.policy import AppPolicy, admit
 from gateway.core.reasons import Reason, Refusal
 from gateway.handlers.capgo_common import call_origin, capgo_json, invalid, read_json
@@ -51,7 +51,7 @@ def _local(request: web.Request, app: AppPolicy, default_channel: str | None) ->
             ]
         )
     if request.method == "PUT":
-        current = default_channel if default_channel in app.channels.allowed else app.channels.default
+        current = current_channel(app, default_channel)
         return capgo_json({"channel": current, "status": "default", "allowSet": app.channels.self_set})
     message = "the app's origin has no channel endpoint (channel_path): the gateway cannot keep a device's channel"
     return capgo_json(error_body("channel_self_unsupported", message, Kind.FAILED), 400)
@@ -70,14 +70,11 @@ async def channel_self(request: web.Request) -> web.StreamResponse:
         raise invalid(exc) from None
     record.app = device.app_id
     app = admit(rt.policies, peer, device.app_id)
-    if request.method in ("POST", "DELETE"):
-        if not app.channels.self_set:
-            return _refuse_set(rt, request, f"{app.app_id} does not allow devices to set their own channel")
-        channel = body.get("channel")
-        if request.method == "POST" and not (isinstance(channel, str) and is_channel(channel)):
-            raise Refusal(Reason.BAD_REQUEST, "channel is required and must be a channel name")
-        if request.method == "POST" and channel not in app.channels.allowed:
-            return _refuse_set(rt, request, f"channel {channel} is not allowed for {app.app_id}")
+    problem = channel_self_problem(app, request.method, body.get("channel"))
+    if problem is not None:
+        if problem.reason is Reason.CHANNEL_NOT_ALLOWED:
+            return _refuse_set(rt, request, problem.detail)
+        raise problem
     origin = rt.origins[app.origin]
     record.origin = origin.name
     if not (isinstance(origin, HttpsOrigin) and origin.config.channel_path):
