@@ -27,7 +27,7 @@ from gateway.core.locations import location_problem
 from gateway.core.names import host_of, is_channel
 from gateway.core.policy import AppPolicy, Peer, PolicySet, admit, channel_allowed
 from gateway.core.reasons import Reason, Refusal
-from gateway.core.releases import ReleaseIndex
+from gateway.core.releases import Release, ReleaseIndex
 from gateway.core.review import Decline, Offer, Served, load_public_keys, new_version_body
 from gateway.core.tickets import Ticket, TicketError, TicketKey, open_ticket, seal
 from gateway.core.verify import Digest, Expectation
@@ -109,6 +109,7 @@ class DownloadPlan:
     content_type: str = "application/zip"
     aes: tuple[bytes, bytes] | None = field(default=None, repr=False)  # decrypt before hashing (Capgo encrypted)
     brotli: bool = False  # decompress before hashing (a delta manifest `.br` file)
+    release: Release | None = None  # the release index entry, for a download by version
 
     def digest_factory(self) -> Callable[[], Digest]:
         return digests.pipeline(aes=self.aes, brotli=self.brotli)
@@ -126,9 +127,8 @@ def plan_release(
     too_big = _over_cap(release.size, cap, "release")
     if too_big is not None:
         return too_big
-    return DownloadPlan(
-        app.app_id, version, origin, release.file, Expectation(release.sha256, release.size, max_bytes=cap)
-    )
+    expect = Expectation(release.sha256, release.size, max_bytes=cap)
+    return DownloadPlan(app.app_id, version, origin, release.file, expect, release=release)
 
 
 def redeem_ticket(token: str, keys: Sequence[TicketKey], *, now: float, peer: Peer) -> Ticket | Refusal:

@@ -1,9 +1,10 @@
 """GET /bundles/{app_id}/{version}.zip: look the release up and stream it through the verifier.
 
-A thin shell around `core/verify.py`. The expected size and digest come from the origin's release index before
-the first byte; the answer carries that Content-Length; the verifier holds back the newest chunk until the digest
-matches. On any failure after the headers went out the connection is aborted, so the client's transfer ends short
-and can never look complete. Before the headers, failures are problem-details answers.
+A thin shell: `core/plans.py` decides (the release on an allowed channel, the size cap, then the answer's shape
+once the origin declared its size), `core/verify.py` judges the bytes. The expected size and digest come from the
+origin's release index before the first byte; the answer carries that Content-Length; the verifier holds back the
+newest chunk until the digest matches. On any failure after the headers went out the connection is aborted, so the
+client's transfer ends short and can never look complete. Before the headers, failures are problem-details answers.
 
 Memory per download is bounded by configuration, not by the client's speed: the origin is read only when the
 previous chunk has been handed to the client's transport, whose write buffer is capped (`limits.client_buffer`;
@@ -16,22 +17,19 @@ verifier's chunk, the chunk being sent and the transport buffers, whatever the b
 from __future__ import annotations
 
 import asyncio
-import dataclasses
-import hashlib
 import math
 import time
-from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 
 from aiohttp import web
 
 from gateway.config import Limits
 from gateway.core.names import is_app_id, is_version
-from gateway.core.plans import settle_size
+from gateway.core.plans import DownloadPlan, Unsatisfiable, plan_release, plan_response
 from gateway.core.policy import admit
 from gateway.core.rates import MinRate, RateMeter
 from gateway.core.reasons import Reason, Refusal
-from gateway.core.verify import Digest, Expectation, Verifier
+from gateway.core.verify import Verifier
 from gateway.handlers.problem import problem_response
 from gateway.origins import Body, OriginError, ReleaseNotFound
 from gateway.state_keys import RUNTIME, Runtime, request_audit, request_peer
@@ -41,19 +39,6 @@ WRITE_SLICE = 64 * 1024  # chunks are verified and sent in slices of this size; 
 _NOT_VERIFIED = frozenset({Reason.CLIENT_GONE, Reason.SHUTDOWN, Reason.CLIENT_TOO_SLOW})
 # aborts that are the origin's failure (origin_errors, /readyz)
 _ORIGIN_FAILED = frozenset({Reason.ORIGIN_ERROR, Reason.SHORT_BODY, Reason.ORIGIN_TOO_SLOW})
-
-
-@dataclasses.dataclass(frozen=True)
-class Delivery:
-    """How a verified body goes out: the digest pipeline, an open-ended `Range: bytes=N-`, the content type.
-
-    With `range_from` the answer is 206 with exactly the bytes from N on: the skipped prefix is still fetched and
-    hashed (never sent), and the tail is still held back until the digest matches.
-    """
-
-    digest_factory: Callable[[], Digest] = hashlib.sha256
-    range_from: int | None = None
-    content_type: str = "application/zip"
 
 
 async def get_bundle(request: web.Request) -> web.StreamResponse:
@@ -76,82 +61,65 @@ async def get_bundle(request: web.Request) -> web.StreamResponse:
     except OriginError as exc:
         rt.origin_failed(origin.name, str(exc))
         raise Refusal(exc.reason, str(exc)) from exc
-    release = index.find(version)
-    if release is None or release.channel not in app.channels.allowed:
-        raise Refusal(Reason.RELEASE_UNKNOWN, f"{app_id} has no release {version} on an allowed channel")
-    limit = min(rt.config.limits.max_bundle_bytes, app.verification.max_bundle_bytes or release.size)
-    if release.size > limit:
-        raise Refusal(Reason.SIZE_EXCEEDED, f"release is {release.size} bytes, above the limit of {limit}")
-    expect = Expectation(release.sha256, release.size)
-    body_cm = origin.open(app_id, release, rt.config.limits.chunk_size, peer)
-    return await stream_verified(request, rt, body_cm, expect, origin.name, started)
+    plan = plan_release(app, index, version, origin=origin.name, max_bundle_bytes=rt.config.limits.max_bundle_bytes)
+    if isinstance(plan, Refusal):
+        raise plan
+    assert plan.release is not None  # a download by version always names its release
+    body_cm = origin.open(app_id, plan.release, rt.config.limits.chunk_size, peer)
+    return await stream_verified(request, rt, body_cm, plan, started)
 
 
 async def stream_verified(
     request: web.Request,
     rt: Runtime,
     body_cm: AbstractAsyncContextManager[Body],
-    expect: Expectation,
-    origin_name: str,
+    plan: DownloadPlan,
     started: float,
-    delivery: Delivery = Delivery(),
 ) -> web.StreamResponse:
-    """Stream an origin body to the client through a `Verifier`; abort the connection on any failure."""
+    """Carry out `plan`: stream an origin body to the client through a `Verifier`; abort the connection on any
+    failure after the headers went out."""
     try:
         async with body_cm as body:
-            rt.metrics.origin_latency.labels(origin_name).observe(time.monotonic() - started)
-            rt.origin_ok(origin_name)
-            return await _respond(request, rt, body, expect, origin_name, delivery)
+            rt.metrics.origin_latency.labels(plan.origin).observe(time.monotonic() - started)
+            rt.origin_ok(plan.origin)
+            return await _respond(request, rt, body, plan)
     except OriginError as exc:  # raised while opening: nothing has been sent yet
-        rt.origin_failed(origin_name, str(exc))
+        rt.origin_failed(plan.origin, str(exc))
         raise Refusal(exc.reason, str(exc)) from exc
 
 
-def _unsatisfiable(request: web.Request, rt: Runtime, size: int | None, start: int) -> web.Response:
+def _unsatisfiable(request: web.Request, rt: Runtime, refusal: Unsatisfiable) -> web.Response:
     """416 to a range the gateway cannot answer exactly (never a 200 with the whole file: the plugin appends it)."""
     record = request_audit(request)
-    reason = Reason.RANGE_NOT_SATISFIABLE
-    detail = f"range from byte {start} of {size if size is not None else 'an unknown number of'} bytes"
-    record.outcome, record.reason, record.detail = "refused", reason.label, detail
+    reason = refusal.reason
+    record.outcome, record.reason, record.detail = "refused", reason.label, refusal.detail
     rt.metrics.refusals.labels(reason.label).inc()
-    resp = problem_response(reason, detail)
-    if size is not None:
-        resp.headers["Content-Range"] = f"bytes */{size}"
+    resp = problem_response(reason, refusal.detail)
+    if refusal.size is not None:
+        resp.headers["Content-Range"] = f"bytes */{refusal.size}"
     return resp
 
 
-async def _respond(
-    request: web.Request, rt: Runtime, body: Body, expect: Expectation, origin_name: str, delivery: Delivery
-) -> web.StreamResponse:
+async def _respond(request: web.Request, rt: Runtime, body: Body, plan: DownloadPlan) -> web.StreamResponse:
     record = request_audit(request)
-    declared = body.declared_size
-    settled = settle_size(expect, declared)
-    if isinstance(settled, Refusal):
-        rt.metrics.verifications.labels(settled.reason.label).inc()
-        raise settled
-    expect = settled
-    start = delivery.range_from
-    if start is not None:
-        size = expect.size if expect.size is not None else declared
-        if size is None or start >= size:
-            return _unsatisfiable(request, rt, size, start)
-        expect = dataclasses.replace(expect, size=size)
+    shape = plan_response(plan, body.declared_size)
+    if isinstance(shape, Unsatisfiable):
+        return _unsatisfiable(request, rt, shape)
+    if isinstance(shape, Refusal):  # the origin declares another size than expected
+        rt.metrics.verifications.labels(shape.reason.label).inc()
+        raise shape
+    expect = shape.expect
     resp = _BundleResponse(
-        status=200 if start is None else 206,
-        headers={
-            "Content-Type": delivery.content_type,
-            "Cache-Control": "no-store",
-            "ETag": f'"{expect.sha256}"',
-        },
+        status=shape.status,
+        headers={"Content-Type": plan.content_type, "Cache-Control": "no-store", "ETag": f'"{expect.sha256}"'},
     )
-    if start is not None and expect.size is not None:
-        resp.headers["Content-Range"] = f"bytes {start}-{expect.size - 1}/{expect.size}"
-        resp.content_length = expect.size - start
-    elif expect.size is not None:
-        resp.content_length = expect.size
+    if shape.content_range is not None:
+        resp.headers["Content-Range"] = shape.content_range
+    if shape.content_length is not None:
+        resp.content_length = shape.content_length
     else:
         resp.enable_chunked_encoding()
-    verifier = Verifier(expect, send_from=start or 0, digest_factory=delivery.digest_factory)
+    verifier = Verifier(expect, send_from=shape.send_from, digest_factory=plan.digest_factory())
     limits = rt.config.limits
     if request.transport is not None:  # a write waits while more than this is buffered for the client
         request.transport.set_write_buffer_limits(high=limits.client_buffer, low=limits.client_buffer // 4)
@@ -166,7 +134,7 @@ async def _respond(
         if refusal.reason not in _NOT_VERIFIED:
             rt.metrics.verifications.labels(refusal.reason.label).inc()
         if refusal.reason in _ORIGIN_FAILED:
-            rt.origin_failed(origin_name, refusal.detail)
+            rt.origin_failed(plan.origin, refusal.detail)
     except asyncio.CancelledError:
         reason = Reason.SHUTDOWN if rt.shutting_down else Reason.CLIENT_GONE
         verifier.error(reason, "download cancelled")
