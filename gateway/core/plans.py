@@ -241,14 +241,16 @@ def plan_response(plan: DownloadPlan, declared_size: int | None) -> ResponsePlan
 
 @dataclass(frozen=True, slots=True)
 class UpdatePlan:
-    """An admitted update check: which app policy, which channel, and the origin to ask."""
+    """An admitted update check: which app policy, which channel, the origin to ask; or, with `decline`, the answer
+    already decided without asking the origin."""
 
     app: AppPolicy
     channel: str
     origin: str
+    decline: Decline | None = None
 
 
-def plan_update(policies: PolicySet, peer: Peer, device: DeviceInfo) -> UpdatePlan | Decline | Refusal:
+def plan_update(policies: PolicySet, peer: Peer, device: DeviceInfo) -> UpdatePlan | Refusal:
     """POST /updates: admit the client to the app, and settle the channel (the device's own, else the policy's
     default) before the origin is asked; a channel the policy does not allow is a Capgo `blocked` answer."""
     app = _admit(policies, peer, device.app_id)
@@ -256,12 +258,13 @@ def plan_update(policies: PolicySet, peer: Peer, device: DeviceInfo) -> UpdatePl
         return app
     channel = device.default_channel or app.channels.default
     if not channel_allowed(app, channel):
-        return Decline(
+        decline = Decline(
             "channel_not_allowed",
             f"channel {channel} is not allowed for {app.app_id}",
             Kind.BLOCKED,
             Reason.CHANNEL_NOT_ALLOWED,
         )
+        return UpdatePlan(app, channel, app.origin, decline)
     return UpdatePlan(app, channel, app.origin)
 
 
@@ -302,10 +305,11 @@ def _shown_name(name: str) -> str:
 
 def plan_offer(
     offer: Offer,
-    plan: UpdatePlan,
-    peer: Peer,
     served: Served | None,
     *,
+    app_id: str,
+    origin: str,
+    peer: Peer,
     key: TicketKey,
     now: float,
     ttl: int,
@@ -326,10 +330,10 @@ def plan_offer(
     def url(location: str, digest: str, file_name: str | None, size: int | None, checksum: str | None) -> str:
         nonlocal issued
         ticket = Ticket(
-            app_id=plan.app.app_id,
+            app_id=app_id,
             version=offer.version,
             sha256=digest,
-            origin=plan.origin,
+            origin=origin,
             location=location,
             identity=peer.identity.sha256,
             expires=expires,

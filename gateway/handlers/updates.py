@@ -1,22 +1,22 @@
 """POST /updates: a device's update check, asked of the origin and reviewed before the device sees the answer.
 
-A thin shell: check the body (`core/capgo.py`), admit the client to the app, apply the rate limit, get an answer
-(the HTTPS origin's Capgo update endpoint, `updates_path`, or else the newest release of the device's channel in
-the origin's release index), review it (`core/review.py`) against the policy and the channel high-water mark in the
-state store, then hand out download tickets in place of the origin's urls. Every answer is Capgo-shaped JSON with
+A thin shell: check the body (`core/capgo.py`), plan the check (`core/plans.plan_update`: admission, channel),
+apply the rate limit, get an answer (the HTTPS origin's Capgo update endpoint, `updates_path`, or else the newest
+release of the device's channel in the origin's release index), review it (`core/review.py`) against the policy and
+the channel high-water mark in the state store, then hand out download tickets in place of the origin's urls
+(`core/plans.plan_offer`). Every answer is Capgo-shaped JSON with
 `Cache-Control: no-store`; a refused offer is HTTP 200 with `error`, `message` and `kind`, as the plugin expects.
 """
 
 from __future__ import annotations
 
-import re
 import time
 from typing import Any
 
 from aiohttp import web
 
 from gateway.core.capgo import DeviceInfo, InvalidRequest, Kind, parse_info
-from gateway.core.names import host_of
+from gateway.core.plans import plan_offer, plan_update
 from gateway.core.policy import AppPolicy, Peer, admit
 from gateway.core.reasons import Reason, Refusal
 from gateway.core.releases import Release
@@ -28,12 +28,10 @@ from gateway.core.review import (
     Served,
     index_answer,
     load_public_keys,
-    new_version_body,
     release_answer,
     review_answer,
 )
 from gateway.core.rollout import HALTED, NO_ROLLOUT, device_key, held_back, previous_release
-from gateway.core.tickets import Ticket, seal
 from gateway.handlers.capgo_common import RateLimited, call_origin, capgo_json, invalid, rate_limit, read_json
 from gateway.handlers.rollout import current_halts
 from gateway.origins import DirectoryOrigin, HttpsOrigin, OriginError, ReleaseNotFound
@@ -41,7 +39,6 @@ from gateway.state import StateError
 from gateway.state_keys import RUNTIME, Runtime, request_audit, request_peer
 
 BODY_LIMIT = 64 * 1024
-_FILE_RE = re.compile(r"[^A-Za-z0-9._-]")
 
 Origin = DirectoryOrigin | HttpsOrigin
 
@@ -118,59 +115,26 @@ async def _staged(
     return Decline("no_new_version_available", why, Kind.UP_TO_DATE), None, why
 
 
-def _base_url(rt: Runtime, request: web.Request) -> str:
-    if rt.config.tickets.public_url:
-        return rt.config.tickets.public_url
-    host = request.headers.get("Host", "")
-    if host_of(host) is None:
-        raise Refusal(Reason.BAD_REQUEST, "the Host header is not a host name (set tickets.public_url)")
-    return f"https://{host}"
-
-
-def _file_name(name: str) -> str:
-    return _FILE_RE.sub("_", name.rsplit("/", 1)[-1])[:128] or "file"
-
-
 def _tickets(
     rt: Runtime, request: web.Request, app: AppPolicy, origin: Origin, offer: Offer, peer: Peer, served: Served | None
 ) -> dict[str, Any]:
-    """The answer with the gateway's ticket urls in place of the origin's (unverified files keep their url)."""
-    if offer.digest is None:
-        return new_version_body(offer, offer.location, [e.location for e in offer.manifest])
-    key = rt.ticket_keys()[0]
-    base = f"{_base_url(rt, request)}/bundles/t"
-    expires = int(time.time()) + rt.config.tickets.ttl
-    session_key = offer.session_key if offer.decrypt else None
-
-    def url(location: str, digest: str, file_name: str | None, size: int | None, checksum: str | None) -> str:
-        ticket = Ticket(
-            app_id=app.app_id,
-            version=offer.version,
-            sha256=digest,
-            origin=origin.name,
-            location=location,
-            identity=peer.identity.sha256,
-            expires=expires,
-            size=size,
-            checksum=checksum,
-            session_key=session_key,
-            file_name=file_name,
-        )
-        rt.metrics.tickets.labels("issued").inc()
-        shown = _file_name(file_name) if file_name else f"{_file_name(offer.version)}.zip"
-        return f"{base}/{seal(ticket, key)}/{shown}"
-
-    main = url(
-        offer.location,
-        offer.digest,
-        None,
-        served.size if served else None,
-        offer.checksum if offer.decrypt else None,
+    """The answer with the gateway's ticket urls in place of the origin's (`core/plans.plan_offer`)."""
+    planned = plan_offer(
+        offer,
+        served,
+        app_id=app.app_id,
+        origin=origin.name,
+        peer=peer,
+        key=rt.ticket_keys()[0],
+        now=time.time(),
+        ttl=rt.config.tickets.ttl,
+        public_url=rt.config.tickets.public_url,
+        host_header=request.headers.get("Host"),
     )
-    manifest = [
-        e.location if e.digest is None else url(e.location, e.digest, e.file_name, None, None) for e in offer.manifest
-    ]
-    return new_version_body(offer, main, manifest)
+    if isinstance(planned, Refusal):
+        raise planned
+    rt.metrics.tickets.labels("issued").inc(planned.tickets)
+    return planned.body
 
 
 def _decline(request: web.Request, rt: Runtime, outcome: Decline) -> web.Response:
@@ -223,19 +187,16 @@ async def _update_check(request: web.Request) -> web.StreamResponse:
     except InvalidRequest as exc:
         raise invalid(exc) from None
     record.app, record.version = device.app_id, device.version_name
-    app = admit(rt.policies, peer, device.app_id)
+    plan = plan_update(rt.policies, peer, device)
+    if isinstance(plan, Refusal):
+        raise plan
+    app, channel = plan.app, plan.channel
     await rate_limit(rt, "updates", app, peer, app.rate_limits.updates_per_minute)
-    origin = rt.origins[app.origin]
+    origin = rt.origins[plan.origin]
     record.origin = origin.name
-    channel = device.default_channel or app.channels.default
-    if channel not in app.channels.allowed:
-        outcome: Outcome = Decline(
-            "channel_not_allowed",
-            f"channel {channel} is not allowed for {app.app_id}",
-            Kind.BLOCKED,
-            Reason.CHANNEL_NOT_ALLOWED,
-        )
-        return await _answer(request, rt, app, channel, origin, outcome, peer, None)
+    outcome: Outcome
+    if plan.decline is not None:
+        return await _answer(request, rt, app, channel, origin, plan.decline, peer, None)
     try:
         answer, hosts, served = await _ask(rt, origin, app, device, channel, request, peer)
     except RateLimited:

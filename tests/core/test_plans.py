@@ -40,7 +40,7 @@ from gateway.core.plans import (
 from gateway.core.policy import AppPolicy, Channels, ClientRule, Peer, PolicySet, Verification
 from gateway.core.reasons import Reason, Refusal
 from gateway.core.releases import Release, ReleaseIndex
-from gateway.core.review import Decline, ManifestEntry, Offer, Served
+from gateway.core.review import ManifestEntry, Offer, Served
 from gateway.core.tickets import Ticket, TicketKey, open_ticket, seal
 from gateway.core.verify import Expectation
 from tests.support import CAPGO_FIXTURES, capgo_fixture, device_body
@@ -347,10 +347,10 @@ def test_update_check_of_a_client_not_admitted_is_refused() -> None:
 
 
 def test_update_check_on_a_channel_the_policy_does_not_allow_is_blocked() -> None:
-    decline = plan_update(policies(), DEVICE, device("internal"))
-    assert isinstance(decline, Decline)
-    assert (decline.error, decline.kind) == ("channel_not_allowed", Kind.BLOCKED)
-    assert decline.reason is Reason.CHANNEL_NOT_ALLOWED
+    plan = plan_update(policies(), DEVICE, device("internal"))
+    assert isinstance(plan, UpdatePlan) and plan.decline is not None
+    assert (plan.decline.error, plan.decline.kind) == ("channel_not_allowed", Kind.BLOCKED)
+    assert plan.decline.reason is Reason.CHANNEL_NOT_ALLOWED
 
 
 # --- /channel_self -----------------------------------------------------------------------------------------------
@@ -392,12 +392,12 @@ OFFER = Offer(
         ManifestEntry("assets/raw.txt", "ab", "https://cdn.example/files/raw.txt", None),
     ),
 )
-PLAN = UpdatePlan(APP, "production", "cdn")
 
 
 def offer_plan(offer: Offer = OFFER, **kw: Any) -> OfferPlan | Refusal:
     args: dict[str, Any] = {"key": KEY, "now": NOW, "ttl": 60, "public_url": None, "host_header": "gw.example:8443"}
-    return plan_offer(offer, PLAN, DEVICE, kw.pop("served", Served(SHA, 100)), **{**args, **kw})
+    served = kw.pop("served", Served(SHA, 100))
+    return plan_offer(offer, served, app_id=APP_ID, origin="cdn", peer=DEVICE, **{**args, **kw})
 
 
 def test_offer_urls_become_tickets_bound_to_the_device() -> None:
