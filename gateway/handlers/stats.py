@@ -2,7 +2,8 @@
 
 A thin shell: check the events (`core/capgo.py`), admit the client to the app, apply the rate limit, forward them
 to the HTTPS origin's stats endpoint (`stats_path`) or, without one, only count them, then count each event by app
-and action (`ota_gateway_device_events_total`; an unknown action is `other`) and answer as the backend does. An
+and action (`ota_gateway_device_events_total`; an unknown action is `other`) and, for an app with a rollout or
+halt block, per device and release (`handlers/rollout.py`, which may halt it), and answer as the backend does. An
 origin's 4xx is passed on (the plugin drops the batch); an unreachable or failing origin gets a 502, which the
 plugin retries, and the events are not counted until they are accepted.
 """

@@ -3,8 +3,9 @@
 A thin shell: check the body (`core/capgo.py`), plan the check (`core/plans.plan_update`: admission, channel),
 apply the rate limit, get an answer (the HTTPS origin's Capgo update endpoint, `updates_path`, or else the newest
 release of the device's channel in the origin's release index), review it (`core/review.py`) against the policy and
-the channel high-water mark in the state store, then hand out download tickets in place of the origin's urls
-(`core/plans.plan_offer`). Every answer is Capgo-shaped JSON with
+the channel high-water mark in the state store, hold back an offer that the device's staged rollout or a halt
+excludes (`core/rollout.py`: the release before it from the index, or up to date), then hand out download tickets
+in place of the origin's urls (`core/plans.plan_offer`). Every answer is Capgo-shaped JSON with
 `Cache-Control: no-store`; a refused offer is HTTP 200 with `error`, `message` and `kind`, as the plugin expects.
 """
 
