@@ -24,7 +24,7 @@ import os
 import ssl
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol, TypeVar
@@ -41,7 +41,7 @@ from gateway.core.jsonsafe import loads_bounded
 from gateway.core.locations import location_problem
 from gateway.core.policy import Peer
 from gateway.core.reasons import Reason
-from gateway.core.releases import Release, ReleaseIndex, ReleaseIndexError, parse_index
+from gateway.core.releases import ReleaseIndex, ReleaseIndexError, parse_index
 from gateway.core.verify import Verifier
 from gateway.tls import upstream_context
 
@@ -159,11 +159,26 @@ async def _finish_in_thread(step: Callable[[], _T | None]) -> _T | None:
 
 
 class Origin(Protocol):
+    """What handlers use of an origin, whatever its kind: they never ask which kind it is."""
+
     name: str
+
+    @property
+    def hosts(self) -> frozenset[str] | None:
+        """The hosts its urls may name; None for a directory origin, whose locations are files."""
+        ...
 
     async def index(self, app_id: str) -> ReleaseIndex: ...
 
-    def open(self, app_id: str, release: Release, chunk_size: int, peer: Peer | None = None) -> Any: ...  # -> Body
+    def locate(self, app_id: str, file: str) -> str:
+        """The location of a release index's `file` (what `open` and download tickets take)."""
+        ...
+
+    def open(
+        self, app_id: str, location: str, chunk_size: int, peer: Peer | None = None, *, size_hint: int | None = None
+    ) -> AbstractAsyncContextManager[Body]:
+        """The body at `location` (a file below the app's folder, or an https url on `hosts`)."""
+        ...
 
     async def close(self) -> None: ...
 
@@ -212,18 +227,27 @@ class DirectoryOrigin:
         self._cache[app_id] = (stamp, index)
         return index
 
+    @property
+    def hosts(self) -> None:
+        return None
+
+    def locate(self, app_id: str, file: str) -> str:
+        return file
+
     @asynccontextmanager
     async def open(
-        self, app_id: str, release: Release, chunk_size: int, peer: Peer | None = None
+        self, app_id: str, location: str, chunk_size: int, peer: Peer | None = None, *, size_hint: int | None = None
     ) -> AsyncIterator[Body]:
-        problem = location_problem(release.file, None)
+        """The file `location` below the app's folder; `size_hint` (the expected size) picks how it is read."""
+        problem = location_problem(location, None)
         if problem is not None:
             raise OriginError(f"origin {self.name}: {problem[1]}")
         folder = self.root / app_id
-        path = folder / release.file
-        shown = f"{app_id}/{release.file}"
+        path = folder / location
+        shown = f"{app_id}/{location}"
+        small = size_hint is not None and size_hint <= INLINE_READ_BYTES
         try:
-            if release.size <= INLINE_READ_BYTES:
+            if small:
                 # a small file costs less to read at once than a trip to a worker thread (~100 us of CPU)
                 handle, size, first = _open_first(path, chunk_size, folder)
             else:
@@ -246,7 +270,7 @@ class DirectoryOrigin:
                 raise self._failed(f"origin {self.name}: read error on {shown}: {exc.strerror}", path, exc) from None
 
         try:
-            yield Body(size, read_file=read_next, small=release.size <= INLINE_READ_BYTES)
+            yield Body(size, read_file=read_next, small=small)
         finally:
             handle.close()
 
@@ -408,8 +432,14 @@ class HttpsOrigin:
             return {XFCC: xfcc_value(peer.identity, by=None)}
         return {CLIENT_CERT: client_cert_value(peer.identity.der)}
 
-    def open(self, app_id: str, release: Release, chunk_size: int, peer: Peer | None = None) -> Any:
-        return self.open_url(self.base / app_id / release.file, peer)
+    def locate(self, app_id: str, file: str) -> str:
+        return str(self.base / app_id / file)
+
+    def open(
+        self, app_id: str, location: str, chunk_size: int, peer: Peer | None = None, *, size_hint: int | None = None
+    ) -> AbstractAsyncContextManager[Body]:
+        """GET `location`, an https url on this origin's hosts."""
+        return self.open_url(URL(location), peer)
 
     @property
     def hosts(self) -> frozenset[str]:

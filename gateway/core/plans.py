@@ -27,7 +27,7 @@ from gateway.core.locations import location_problem
 from gateway.core.names import host_of, is_channel
 from gateway.core.policy import AppPolicy, Peer, PolicySet, admit, channel_allowed
 from gateway.core.reasons import Reason, Refusal
-from gateway.core.releases import Release, ReleaseIndex
+from gateway.core.releases import ReleaseIndex
 from gateway.core.review import Decline, Offer, Served, load_public_keys, new_version_body
 from gateway.core.tickets import Ticket, TicketError, TicketKey, open_ticket, seal
 from gateway.core.verify import Digest, Expectation
@@ -104,12 +104,12 @@ class DownloadPlan:
     version: str
     origin: str  # origin name in gateway.yaml
     location: str  # a file below the app's folder of a directory origin, or an https url on the origin's hosts
+    # (a download by version names the index's file; the origin locates it: `Origin.locate`)
     expect: Expectation
     range_from: int | None = None  # `Range: bytes=N-`: a 206 of the bytes from N on, the prefix still hashed
     content_type: str = "application/zip"
     aes: tuple[bytes, bytes] | None = field(default=None, repr=False)  # decrypt before hashing (Capgo encrypted)
     brotli: bool = False  # decompress before hashing (a delta manifest `.br` file)
-    release: Release | None = None  # the release index entry, for a download by version
 
     def digest_factory(self) -> Callable[[], Digest]:
         return digests.pipeline(aes=self.aes, brotli=self.brotli)
@@ -128,7 +128,7 @@ def plan_release(
     if too_big is not None:
         return too_big
     expect = Expectation(release.sha256, release.size, max_bytes=cap)
-    return DownloadPlan(app.app_id, version, origin, release.file, expect, release=release)
+    return DownloadPlan(app.app_id, version, origin, release.file, expect)
 
 
 def redeem_ticket(token: str, keys: Sequence[TicketKey], *, now: float, peer: Peer) -> Ticket | Refusal:

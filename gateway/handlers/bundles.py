@@ -64,8 +64,8 @@ async def get_bundle(request: web.Request) -> web.StreamResponse:
     plan = plan_release(app, index, version, origin=origin.name, max_bundle_bytes=rt.config.limits.max_bundle_bytes)
     if isinstance(plan, Refusal):
         raise plan
-    assert plan.release is not None  # a download by version always names its release
-    body_cm = origin.open(app_id, plan.release, rt.config.limits.chunk_size, peer)
+    location = origin.locate(app_id, plan.location)
+    body_cm = origin.open(app_id, location, rt.config.limits.chunk_size, peer, size_hint=plan.expect.size)
     return await stream_verified(request, rt, body_cm, plan, started)
 
 

@@ -14,13 +14,10 @@ from __future__ import annotations
 import time
 
 from aiohttp import web
-from yarl import URL
 
 from gateway.core.plans import plan_ticket_download, redeem_ticket
 from gateway.core.reasons import Reason, Refusal
-from gateway.core.releases import Release
 from gateway.handlers.bundles import stream_verified
-from gateway.origins import HttpsOrigin
 from gateway.state_keys import RUNTIME, request_audit, request_peer
 
 
@@ -34,7 +31,7 @@ async def get_ticket_bundle(request: web.Request) -> web.StreamResponse:
         rt.metrics.tickets.labels("refused").inc()
         raise ticket
     record.app, record.version, record.origin = ticket.app_id, ticket.version, ticket.origin
-    hosts = {name: o.hosts if isinstance(o, HttpsOrigin) else None for name, o in rt.origins.items()}
+    hosts = {name: o.hosts for name, o in rt.origins.items()}
     plan = plan_ticket_download(
         ticket,
         rt.policies,
@@ -48,10 +45,7 @@ async def get_ticket_bundle(request: web.Request) -> web.StreamResponse:
             rt.metrics.tickets.labels("refused").inc()
         raise plan
     origin = rt.origins[plan.origin]
-    if isinstance(origin, HttpsOrigin):
-        body_cm = origin.open_url(URL(plan.location), peer)
-    else:
-        release = Release(plan.version, "", plan.location, plan.expect.size or 1, plan.expect.sha256)
-        body_cm = origin.open(plan.app_id, release, rt.config.limits.chunk_size, peer)
+    size = plan.expect.size
+    body_cm = origin.open(plan.app_id, plan.location, rt.config.limits.chunk_size, peer, size_hint=size)
     rt.metrics.tickets.labels("redeemed").inc()
     return await stream_verified(request, rt, body_cm, plan, time.monotonic())

@@ -77,12 +77,9 @@ async def _ask(
 def _locate(
     origin: Origin, app: AppPolicy, release: Release, answer: dict[str, Any]
 ) -> tuple[dict[str, Any], frozenset[str] | None, Served]:
-    """An index release's answer with the url of its file on the origin."""
-    if isinstance(origin, HttpsOrigin):
-        answer["url"] = str(origin.base / app.app_id / release.file)
-        return answer, origin.hosts, Served(release.sha256, release.size)
-    answer["url"] = release.file
-    return answer, None, Served(release.sha256, release.size)
+    """An index release's answer with the location of its file on the origin."""
+    answer["url"] = origin.locate(app.app_id, release.file)
+    return answer, origin.hosts, Served(release.sha256, release.size)
 
 
 async def _staged(
