@@ -27,7 +27,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Protocol, TypeVar
+from typing import Any, BinaryIO, Literal, NamedTuple, Protocol, TypeVar
 
 import aiohttp
 import yaml
@@ -158,6 +158,16 @@ async def _finish_in_thread(step: Callable[[], _T | None]) -> _T | None:
         raise
 
 
+class Endpoint(NamedTuple):
+    """A Capgo API endpoint of an update server: the origin that serves it and its path there."""
+
+    origin: HttpsOrigin
+    path: str
+
+
+EndpointName = Literal["updates", "stats", "channel"]
+
+
 class Origin(Protocol):
     """What handlers use of an origin, whatever its kind: they never ask which kind it is."""
 
@@ -169,6 +179,10 @@ class Origin(Protocol):
         ...
 
     async def index(self, app_id: str) -> ReleaseIndex: ...
+
+    def endpoint(self, name: EndpointName) -> Endpoint | None:
+        """The update server's `<name>_path` (`updates_path`, ...), if this origin has one."""
+        ...
 
     def locate(self, app_id: str, file: str) -> str:
         """The location of a release index's `file` (what `open` and download tickets take)."""
@@ -230,6 +244,9 @@ class DirectoryOrigin:
     @property
     def hosts(self) -> None:
         return None
+
+    def endpoint(self, name: EndpointName) -> None:
+        return None  # a folder has no update server
 
     def locate(self, app_id: str, file: str) -> str:
         return file
@@ -434,6 +451,11 @@ class HttpsOrigin:
 
     def locate(self, app_id: str, file: str) -> str:
         return str(self.base / app_id / file)
+
+    def endpoint(self, name: EndpointName) -> Endpoint | None:
+        config = self.config
+        path = {"updates": config.updates_path, "stats": config.stats_path, "channel": config.channel_path}[name]
+        return None if path is None else Endpoint(self, path)
 
     def open(
         self, app_id: str, location: str, chunk_size: int, peer: Peer | None = None, *, size_hint: int | None = None

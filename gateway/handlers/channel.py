@@ -18,7 +18,6 @@ from gateway.core.plans import channel_self_problem, current_channel
 from gateway.core.policy import AppPolicy, admit
 from gateway.core.reasons import Reason, Refusal
 from gateway.handlers.capgo_common import call_origin, capgo_json, invalid, read_json
-from gateway.origins import HttpsOrigin
 from gateway.state_keys import RUNTIME, Runtime, request_audit, request_peer
 
 BODY_LIMIT = 16 * 1024
@@ -77,16 +76,16 @@ async def channel_self(request: web.Request) -> web.StreamResponse:
         raise problem
     origin = rt.origins[app.origin]
     record.origin = origin.name
-    if not (isinstance(origin, HttpsOrigin) and origin.config.channel_path):
+    api = origin.endpoint("channel")
+    if api is None:
         return _local(request, app, device.default_channel)
     if request.method == "GET":
         query = {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in device.fields.items()}
-        status, answer = await call_origin(
-            rt, origin, origin.config.channel_path, request, peer, method="GET", query=query
-        )
+        status, answer = await call_origin(rt, api.origin, api.path, request, peer, method="GET", query=query)
     else:
+        payload = dict(device.fields)
         status, answer = await call_origin(
-            rt, origin, origin.config.channel_path, request, peer, method=request.method, payload=dict(device.fields)
+            rt, api.origin, api.path, request, peer, method=request.method, payload=payload
         )
     if not isinstance(answer, dict | list) or status >= 500:
         raise Refusal(Reason.ORIGIN_ERROR, f"origin {origin.name}: channel endpoint answered HTTP {status}")

@@ -19,7 +19,6 @@ from gateway.core.policy import admit
 from gateway.core.reasons import Reason, Refusal
 from gateway.handlers.capgo_common import call_origin, capgo_json, invalid, rate_limit, read_json
 from gateway.handlers.rollout import count_events
-from gateway.origins import HttpsOrigin
 from gateway.state_keys import RUNTIME, request_audit, request_peer
 
 BODY_LIMIT = 2 * 1024 * 1024  # 200 events with their metadata
@@ -45,9 +44,10 @@ async def post_stats(request: web.Request) -> web.StreamResponse:
     origin = rt.origins[app.origin]
     record.origin = origin.name
     answer: Any = stats_ok(len(events), batch)
-    if isinstance(origin, HttpsOrigin) and origin.config.stats_path:
+    api = origin.endpoint("stats")
+    if api is not None:
         payload = [dict(e.event) for e in events] if batch else dict(events[0].event)
-        status, body = await call_origin(rt, origin, origin.config.stats_path, request, peer, payload=payload)
+        status, body = await call_origin(rt, api.origin, api.path, request, peer, payload=payload)
         if 400 <= status < 500 and status != 429 and isinstance(body, dict):
             return capgo_json(body, status)  # the backend refused the batch: the plugin drops it
         if not 200 <= status < 300:

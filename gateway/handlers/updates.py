@@ -53,10 +53,9 @@ async def _ask(
     rt: Runtime, origin: Origin, app: AppPolicy, device: DeviceInfo, channel: str, request: web.Request, peer: Peer
 ) -> tuple[Any, frozenset[str] | None, Served | None]:
     """(answer, hosts its urls may name, what the index knows of the file)."""
-    if isinstance(origin, HttpsOrigin) and origin.config.updates_path:
-        status, answer = await call_origin(
-            rt, origin, origin.config.updates_path, request, peer, payload=dict(device.fields)
-        )
+    api = origin.endpoint("updates")
+    if api is not None:
+        status, answer = await call_origin(rt, api.origin, api.path, request, peer, payload=dict(device.fields))
         if status != 200 and not (isinstance(answer, dict) and "error" in answer):
             rt.origin_failed(origin.name, f"update endpoint answered HTTP {status}")
             raise Refusal(Reason.ORIGIN_ERROR, f"origin {origin.name}: update endpoint answered HTTP {status}")
@@ -261,7 +260,8 @@ async def post_manifest_size(request: web.Request) -> web.StreamResponse:
     await rate_limit(rt, "updates", app, peer, app.rate_limits.updates_per_minute)
     origin = rt.origins[app.origin]
     record.origin = origin.name
-    if not (isinstance(origin, HttpsOrigin) and origin.config.updates_path):
+    api = origin.endpoint("updates")
+    if api is None:
         return capgo_json(
             {
                 "error": "not_found",
@@ -270,9 +270,9 @@ async def post_manifest_size(request: web.Request) -> web.StreamResponse:
             },
             404,
         )
-    path = origin.config.updates_path.rstrip("/") + "/manifest_size"
+    path = api.path.rstrip("/") + "/manifest_size"
     payload = {**device.fields, "version": version, "manifest": manifest}
-    status, answer = await call_origin(rt, origin, path, request, peer, payload=payload)
+    status, answer = await call_origin(rt, api.origin, path, request, peer, payload=payload)
     if not isinstance(answer, dict | list) or status >= 500:
         return capgo_json(
             {"error": "origin_error", "message": f"the update server answered HTTP {status}", "kind": "failed"}, 502
