@@ -104,34 +104,57 @@ class ReleaseNotFound(OriginError):
     """The origin answered, but has no such app or file."""
 
 
-@dataclass
-class Body:
-    """An open origin body: `declared_size` from Content-Length or the file size, and either `chunks` (network)
-    or `read_file` (a local file: a blocking read of the next chunk, b"" at its end)."""
+def _feeder(verifier: Verifier, piece: int) -> Callable[[bytes], list[bytes | memoryview]]:
+    """Feed a chunk to the verifier in slices of at most `piece` bytes; what it releases. The verifier keeps a copy
+    of the slice it holds back, so no chunk outlives the sending of its own bytes."""
+
+    def feed(data: bytes) -> list[bytes | memoryview]:
+        view = memoryview(data)
+        out = [released for i in range(0, len(view), piece) if (released := verifier.feed(view[i : i + piece]))]
+        verifier.detach()
+        return out
+
+    return feed
+
+
+class Body(Protocol):
+    """An open origin body: the size the origin declared (Content-Length or the file's size), and its chunks fed
+    through the verifier."""
+
+    @property
+    def declared_size(self) -> int | None: ...
+
+    def through(self, verifier: Verifier, piece: int) -> AsyncGenerator[list[bytes | memoryview], None]:
+        """Each chunk fed to the verifier in slices of at most `piece` bytes, yielding what it releases; none is
+        kept here while the next one is read."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class StreamBody:
+    """A network body: chunks as they arrive."""
 
     declared_size: int | None
-    chunks: AsyncIterator[bytes] | None = None
-    read_file: Callable[[], bytes] | None = None
-    small: bool = False  # `read_file` is cheap enough to call on the event loop
+    chunks: AsyncIterator[bytes]
 
     async def through(self, verifier: Verifier, piece: int) -> AsyncGenerator[list[bytes | memoryview], None]:
-        """Each chunk fed to the verifier in slices of at most `piece` bytes, yielding what it releases. The verifier
-        keeps a copy of the slice it holds back, so no chunk outlives the sending of its own bytes, and none is kept
-        here while the next one is read. For a file, reading and feeding (hashing, decrypting) run together in one
-        worker-thread call per chunk, off the event loop."""
+        feed = _feeder(verifier, piece)
+        async for chunk in self.chunks:
+            yield feed(chunk)
 
-        def feed(data: bytes) -> list[bytes | memoryview]:
-            view = memoryview(data)
-            out = [released for i in range(0, len(view), piece) if (released := verifier.feed(view[i : i + piece]))]
-            verifier.detach()
-            return out
 
-        if self.chunks is not None:
-            async for chunk in self.chunks:
-                yield feed(chunk)
-            return
-        read = self.read_file
-        assert read is not None
+@dataclass(frozen=True, slots=True)
+class FileBody:
+    """A local file: `read_file` is a blocking read of the next chunk (b"" at its end). Reading and feeding
+    (hashing, decrypting) run together in one worker-thread call per chunk, off the event loop, unless the file is
+    `small` enough to read on it."""
+
+    declared_size: int | None
+    read_file: Callable[[], bytes]
+    small: bool = False
+
+    async def through(self, verifier: Verifier, piece: int) -> AsyncGenerator[list[bytes | memoryview], None]:
+        feed, read = _feeder(verifier, piece), self.read_file
 
         def step() -> list[bytes | memoryview] | None:
             data = read()
@@ -287,7 +310,7 @@ class DirectoryOrigin:
                 raise self._failed(f"origin {self.name}: read error on {shown}: {exc.strerror}", path, exc) from None
 
         try:
-            yield Body(size, read_file=read_next, small=small)
+            yield FileBody(size, read_next, small)
         finally:
             handle.close()
 
@@ -495,7 +518,7 @@ class HttpsOrigin:
                     # the parser met bytes after the announced end (it failed on them as "the next response")
                     raise PastLength(f"origin {self.name}: {url.path} sent bytes past its Content-Length")
 
-            yield Body(resp.content_length, chunks=chunks())
+            yield StreamBody(resp.content_length, chunks())
 
     async def exchange(
         self,
