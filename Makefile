@@ -70,7 +70,7 @@ typecheck: $(STAMP)
 	$(BIN)/mypy gateway
 
 unit: $(STAMP) $(SCAN_STAMP) system-deps
-	$(BIN)/pytest -q -p no:cacheprovider
+	$(BIN)/pytest -q -rs -p no:cacheprovider
 
 deploy-check: $(STAMP) system-deps
 	$(BIN)/kubectl kustomize deploy/k8s >/dev/null
