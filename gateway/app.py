@@ -20,6 +20,7 @@ from prometheus_client.openmetrics.exposition import CONTENT_TYPE_LATEST as OPEN
 from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 
 from gateway.audit import AuditRecord
+from gateway.config import TlsListener
 from gateway.core.connguard import fd_pressure
 from gateway.core.names import host_of
 from gateway.core.reasons import Reason, Refusal
@@ -137,17 +138,32 @@ async def _server_header(request: web.Request, response: web.StreamResponse) -> 
     response.headers["Server"] = "ota-gateway"
 
 
-def low_level_headers(rt: Runtime, *, tls: bool) -> dict[str, str]:
-    """Server (and on TLS listeners HSTS) for answers given below the application (parser errors, timeouts)."""
+def low_level_headers(rt: Runtime, *, tls: bool, sockname: object = None) -> dict[str, str]:
+    """Server (and on TLS listeners HSTS) for an answer; `sockname` (the local address the connection came in on)
+    picks the listener whose `hsts_max_age` applies, the first listener when it is unknown (parser errors)."""
     headers = {"Server": "ota-gateway"}
-    max_age = rt.config.listeners[0].hsts_max_age
+    max_age = _listener_for(rt, sockname).hsts_max_age
     if tls and max_age:
         headers["Strict-Transport-Security"] = f"max-age={max_age}"
     return headers
 
 
+def _listener_for(rt: Runtime, sockname: object) -> TlsListener:
+    """The TLS listener bound to `sockname` (host, port, ...): same port, and same address unless only one matches."""
+    listeners = rt.config.listeners
+    if isinstance(sockname, tuple) and len(sockname) >= 2:
+        host, port = sockname[0], sockname[1]
+        same_port = [lst for lst in listeners if lst.port == port]
+        exact = [lst for lst in same_port if lst.address == host]
+        if exact or same_port:
+            return (exact or same_port)[0]
+    return listeners[0]
+
+
 async def _hsts(request: web.Request, response: web.StreamResponse) -> None:
-    for name, value in low_level_headers(request.app[RUNTIME], tls=True).items():
+    transport = request.transport
+    sockname = transport.get_extra_info("sockname") if transport is not None else None
+    for name, value in low_level_headers(request.app[RUNTIME], tls=True, sockname=sockname).items():
         response.headers.setdefault(name, value)
     response.headers["Server"] = "ota-gateway"
 

@@ -113,3 +113,26 @@ def test_every_tls_answer_carries_hsts(tmp_path: Path, pki: Pki, https_origin: H
             assert answer.headers.get("strict-transport-security") == "max-age=600", name
         for name in ("identity_not_allowed", "app_unknown", "release_unknown", "bad_request"):
             assert answers[name].json()["reason"] == name
+
+
+def test_each_listener_sends_its_own_hsts_max_age(
+    tmp_path: Path, pki: Pki, https_origin: HttpsOrigin, capgo_dir: Path
+) -> None:
+    https_origin.publish(APP_ID, "1.1.0", (capgo_dir / "app_1.1.0.zip").read_bytes())
+    cfg = write_config(tmp_path / "gw", pki, origins={"cdn": https_origin.origin_config()})
+    second_port = free_port()
+
+    def edit(config: dict[str, Any]) -> None:
+        first = config["listeners"][0]
+        first["hsts_max_age"] = 600
+        config["listeners"].append({**first, "name": "second", "port": second_port, "hsts_max_age": 0})
+
+    edit_config(cfg, edit)
+    with run_gateway(cfg) as gw:
+        ctx = pki.client_context(pki.client)
+        urls = {"first": gw.base_url, "second": f"https://127.0.0.1:{second_port}"}
+        for path in (f"/bundles/{APP_ID}/1.1.0.zip", "/nothing/here"):
+            answers = {name: https_request(f"{base}{path}", ctx) for name, base in urls.items()}
+            assert answers["first"].headers.get("strict-transport-security") == "max-age=600", path
+            assert "strict-transport-security" not in answers["second"].headers, path  # 0 turns it off
+            assert answers["second"].headers.get("server") == "ota-gateway"
