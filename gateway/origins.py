@@ -9,18 +9,24 @@ good; `core/verify.py` does.
 Bounds: every call to an HTTPS origin has a total deadline (`total_timeout`: a whole API or index call, a bundle
 GET up to its headers; past it, `OriginTooSlow`); release indexes and API answers are capped while they stream,
 never read whole first. A bundle body that ends before its Content-Length is `ShortBody`; bytes past it are
-`PastLength`. A directory origin opens only files inside the app's own folder (`core/confine.py`), symlinks
-followed. Each `OriginError` carries the refusal reason it stands for. Its text may reach the client (problem
-details), so a directory origin names files relative to its root there (`com.example.app/1.0.0.zip`) and logs
-the absolute path on the server.
+`PastLength`, whenever they come: a bundle GET asks for `Connection: close`, its connection (`_WatchedHandler`)
+feeds aiohttp's parser exactly the head and the declared body and counts what follows, and the body ends only at
+the origin's end of stream or after `close_grace` seconds of silence; that connection is never reused.
+A directory origin opens only files inside the app's own folder (`core/confine.py`), symlinks followed. Each
+`OriginError` carries the refusal reason it stands for. Its text may reach the client (problem details), so a
+directory origin names files relative to its root there (`com.example.app/1.0.0.zip`) and logs the absolute path
+on the server.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import email.utils
+import functools
 import logging
 import os
+import re
 import ssl
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
@@ -31,6 +37,7 @@ from typing import Any, BinaryIO, Literal, NamedTuple, Protocol, TypeVar
 
 import aiohttp
 import yaml
+from aiohttp.client_proto import ResponseHandler
 from yarl import URL
 
 from gateway.config import DirectoryOriginConfig, HttpsOriginConfig, OriginConfig
@@ -341,12 +348,141 @@ def _open_first(path: Path, chunk_size: int, folder: Path) -> tuple[BinaryIO, in
         raise
 
 
+class _EndWatch:
+    """What one bundle GET learns of its connection after the declared body: bytes past it (`past`), and `ended`,
+    done once the origin closed, sent more, or stayed silent for `grace` seconds after the body."""
+
+    def __init__(self, grace: float) -> None:
+        self.grace = grace
+        self.past = 0
+        self.ended: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+
+_WATCH: contextvars.ContextVar[_EndWatch | None] = contextvars.ContextVar("origin_end_watch", default=None)
+_HEAD_END = re.compile(rb"\r?\n\r?\n")  # the parser is lenient about the CR before LF in responses
+
+
+class _WatchedHandler(ResponseHandler):
+    """aiohttp's response protocol, which for a watched request (a bundle GET) feeds its parser exactly the head and
+    the Content-Length bytes of the body, and counts, instead of parsing, every byte after them: in the same read
+    as the body's end, in the same read as the head, or later. The connection is held open after the body (aiohttp
+    closes it then) until the watch ends, and is never reused."""
+
+    _watch: _EndWatch | None = None
+    _phase = "head"  # head -> body -> after; "off" once the message has no length (or not watched)
+    _remaining = 0
+    _carry = b""
+    _message: Any = None
+    _close_wanted = False
+    _grace_timer: asyncio.TimerHandle | None = None
+
+    def watch(self, watch: _EndWatch) -> None:
+        self._watch, self._phase, self._carry, self._message = watch, "head", b"", None
+        self.force_close()  # never back to the pool
+
+    @property
+    def should_close(self) -> bool:
+        return self._watch is not None or super().should_close
+
+    def feed_data(self, data: Any, size: int = 0) -> None:
+        self._message = data[0]  # (message, payload): the head the parser just completed
+        super().feed_data(data, size)
+
+    def data_received(self, data: bytes) -> None:
+        watch = self._watch
+        if watch is None or self._phase == "off":
+            super().data_received(data)
+            return
+        while data:
+            if self._phase == "after":
+                watch.past += len(data)  # never parsed: the origin sent more than it announced
+                self._end()
+                return
+            if self._phase == "head":
+                buf = self._carry + data
+                found = _HEAD_END.search(buf)
+                if found is None:
+                    self._carry = buf[-3:]
+                    super().data_received(data)
+                    return
+                cut = found.end() - len(self._carry)
+                self._message = None
+                super().data_received(data[:cut])
+                data, self._carry = data[cut:], b""
+                message = self._message
+                if message is None:  # the parser saw it otherwise: leave it to the parser
+                    self._phase = "off"
+                    self._end()
+                    super().data_received(data)
+                    return
+                if 100 <= message.code < 200:
+                    continue  # an interim answer; the real head follows
+                length = message.headers.get("Content-Length", "")
+                if message.code in (204, 304):
+                    length = "0"
+                if not length.isdigit():  # chunked or until close: the verifier counts the bytes
+                    self._phase = "off"
+                    self._end()
+                    super().data_received(data)
+                    return
+                self._phase, self._remaining = "body", int(length)
+                if self._remaining == 0:
+                    self._body_done()
+                continue
+            take = data[: self._remaining]
+            data = data[len(take) :]
+            self._remaining -= len(take)
+            if self._remaining == 0:
+                self._body_done()  # first: the parser's end of body makes aiohttp close (held from then on)
+            super().data_received(take)
+
+    def _body_done(self) -> None:
+        self._phase = "after"
+        if self._watch is not None and self._grace_timer is None:
+            self._grace_timer = self._loop.call_later(self._watch.grace, self._end)
+
+    def _end(self) -> None:
+        """The watch is over: tell the waiter, and close the connection if aiohttp asked meanwhile."""
+        watch, self._watch = self._watch, None
+        if self._grace_timer is not None:
+            self._grace_timer.cancel()
+            self._grace_timer = None
+        if watch is not None and not watch.ended.done():
+            watch.ended.set_result(None)
+        if self._close_wanted:
+            super().close()
+
+    def close(self) -> None:
+        if self._watch is not None and self._phase == "after":
+            self._close_wanted = True  # held until the origin's end of stream, more bytes, or the grace
+            return
+        super().close()
+
+    def abort(self) -> None:
+        self._close_wanted = False
+        self._end()
+        super().abort()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._close_wanted = False
+        self._end()
+        super().connection_lost(exc)
+
+
 class _PinningConnector(aiohttp.TCPConnector):
     """A connector that refuses a TLS connection whose leaf SPKI is not one of the pins (in addition to the CA)."""
 
     def __init__(self, pins: frozenset[str], **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._pins = pins
+        self._factory = functools.partial(_WatchedHandler, loop=self._loop)  # type: ignore[assignment]
+
+    async def connect(self, req: Any, traces: Any, timeout: Any) -> Any:  # noqa: ASYNC109 - aiohttp's signature
+        conn = await super().connect(req, traces, timeout)
+        watch = _WATCH.get()
+        if watch is not None and isinstance(conn.protocol, _WatchedHandler):
+            conn.protocol.watch(watch)  # before the request is written, so before any byte of the answer
+        return conn
 
     async def _wrap_create_connection(self, *args: Any, **kwargs: Any) -> Any:
         transport, protocol = await super()._wrap_create_connection(*args, **kwargs)
@@ -497,28 +633,37 @@ class HttpsOrigin:
 
     @asynccontextmanager
     async def open_url(self, url: URL, peer: Peer | None = None) -> AsyncIterator[Body]:
-        """GET a file by its URL, which must be https on this origin's hosts (download tickets name such URLs)."""
+        """GET a file by its URL, which must be https on this origin's hosts (download tickets name such URLs).
+
+        The origin is asked to close the connection after the body (`Connection: close`), and the body ends only
+        once it did (or stayed silent for `close_grace` seconds): a byte past Content-Length, whenever it comes,
+        is `PastLength` before the last chunk is handed out. The cost is a new connection per bundle."""
         if url.scheme != "https" or (url.host or "").lower() not in self.hosts:
             raise OriginError(f"origin {self.name}: {url.host} is not one of its hosts")
-        async with self._get(url, self.identity_headers(peer)) as resp:
-            if resp.status != 200:
-                raise OriginError(f"origin {self.name}: {url.path} answered HTTP {resp.status}")
-            # kept here: the response lets go of its connection when the body ends
-            protocol = resp.connection.protocol if resp.connection is not None else None
+        watch = _EndWatch(self.config.close_grace)
+        token = _WATCH.set(watch)  # the connector hands it to the connection this GET gets
+        try:
+            async with self._get(url, {**self.identity_headers(peer), "Connection": "close"}) as resp:
+                if resp.status != 200:
+                    raise OriginError(f"origin {self.name}: {url.path} answered HTTP {resp.status}")
 
-            async def chunks() -> AsyncIterator[bytes]:
-                try:
-                    async for data in resp.content.iter_any():
-                        yield data
-                except aiohttp.ClientPayloadError as exc:
-                    raise ShortBody(f"origin {self.name}: {url.path} ended before its end: {exc}") from None
-                except (aiohttp.ClientError, TimeoutError) as exc:
-                    raise OriginError(f"origin {self.name}: body of {url.path}: {exc!r}") from None
-                if protocol is not None and protocol.exception() is not None:
-                    # the parser met bytes after the announced end (it failed on them as "the next response")
-                    raise PastLength(f"origin {self.name}: {url.path} sent bytes past its Content-Length")
+                async def chunks() -> AsyncIterator[bytes]:
+                    try:
+                        async for data in resp.content.iter_any():
+                            yield data
+                    except aiohttp.ClientPayloadError as exc:
+                        raise ShortBody(f"origin {self.name}: {url.path} ended before its end: {exc}") from None
+                    except (aiohttp.ClientError, TimeoutError) as exc:
+                        raise OriginError(f"origin {self.name}: body of {url.path}: {exc!r}") from None
+                    await asyncio.shield(watch.ended)  # the origin's end of stream, more bytes, or close_grace
+                    if watch.past:
+                        raise PastLength(
+                            f"origin {self.name}: {url.path} sent {watch.past} bytes past its Content-Length"
+                        )
 
-            yield StreamBody(resp.content_length, chunks())
+                yield StreamBody(resp.content_length, chunks())
+        finally:
+            _WATCH.reset(token)
 
     async def exchange(
         self,

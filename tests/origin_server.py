@@ -6,8 +6,9 @@ Serves `/<app_id>/releases.json` and the files it lists. `mode` per file: "ok", 
 then waits until the peer disconnects and records that in `disconnects`), "redirect:<url>" (302 to that URL).
 "slow:<seconds>" (the whole body, spread over that many seconds), "trickle:<seconds>" (one byte every that many
 seconds, until the peer leaves), "past_length" (the body, then bytes past its Content-Length, sent together with its
-last bytes). Records every request (`requests`) and its headers (`headers`). `index_modes[app] = "huge"` streams an
-endless release index (what it managed to send is in `index_bytes_sent`).
+last bytes), "past_later" (the body, then 0.2 s later bytes past it), "past_one_write" (status line, headers, body
+and bytes past it in one write). Records every request (`requests`) and its headers (`headers`).
+`index_modes[app] = "huge"` streams an endless release index (what it managed to send is in `index_bytes_sent`).
 
 Also a Capgo-style update server: POST /updates answers `update_answers[app_id]` (a dict, or a function of the
 request body returning one; default: no new version), POST /stats records the events and answers like the
@@ -81,6 +82,13 @@ def build_origin_app(state: OriginState) -> web.Application:
         if mode.startswith("flip:"):
             at = int(mode.split(":")[1]) % len(data)
             data = data[:at] + bytes([data[at] ^ 0x01]) + data[at + 1 :]
+        if mode == "past_one_write":
+            assert request.transport is not None
+            head = f"HTTP/1.1 200 OK\r\nContent-Type: application/zip\r\nContent-Length: {len(data)}\r\n\r\n"
+            request.transport.write(head.encode() + data + b"EXTRA" * 40)
+            await asyncio.sleep(0.5)
+            request.transport.close()
+            return web.Response()  # never sent: the transport is closed
         resp = web.StreamResponse(headers={"Content-Type": "application/zip"})
         if mode == "extra":
             resp.enable_chunked_encoding()
@@ -103,6 +111,14 @@ def build_origin_app(state: OriginState) -> web.Application:
             assert request.transport is not None
             await resp.write(data[:-100])
             request.transport.write(data[-100:] + b"EXTRA" * 40)  # one TLS record: the end and what follows
+            await asyncio.sleep(0.5)
+            request.transport.close()
+            return resp
+        if mode == "past_later":
+            assert request.transport is not None
+            await resp.write(data)
+            await asyncio.sleep(0.2)
+            request.transport.write(b"EXTRA" * 40)  # after the body, in a read of its own
             await asyncio.sleep(0.5)
             request.transport.close()
             return resp

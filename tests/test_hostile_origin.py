@@ -133,22 +133,34 @@ def test_an_origin_above_the_minimum_rate_is_served_whole(gw: GatewayProcess, cd
     assert audit_for(gw, "/2.0.1.zip")["outcome"] == "ok"
 
 
-def test_bytes_past_content_length_are_size_exceeded_every_time(gw: GatewayProcess, cdn: HttpsOrigin, pki: Pki) -> None:
-    data = os.urandom(300 * 1024)
-    cdn.publish(APP_ID, "2.1.0", data)
-    cdn.state.modes[f"{APP_ID}/2.1.0.zip"] = "past_length"
-    before = verifications(gw, "size_exceeded")
-    for _ in range(3):
-        _head, body, _ = raw_get(gw, pki, f"/bundles/{APP_ID}/2.1.0.zip")
+@pytest.mark.parametrize(
+    ("mode", "size"),
+    [
+        ("past_length", 300 * 1024),  # in the same write as the body's last bytes
+        ("past_later", 300 * 1024),  # in a write of their own, 0.2 s after the body
+        ("past_one_write", 2000),  # status line, headers, body and more in one write
+    ],
+)
+def test_bytes_past_content_length_are_size_exceeded_every_time(
+    gw: GatewayProcess, cdn: HttpsOrigin, pki: Pki, mode: str, size: int
+) -> None:
+    data = os.urandom(size)
+    version = {"past_length": "2.1.0", "past_later": "2.1.1", "past_one_write": "2.1.2"}[mode]
+    cdn.publish(APP_ID, version, data)
+    cdn.state.modes[f"{APP_ID}/{version}.zip"] = mode
+    before = (verifications(gw, "size_exceeded"), refusals(gw, "size_exceeded"))
+    for _ in range(5):
+        _head, body, _ = raw_get(gw, pki, f"/bundles/{APP_ID}/{version}.zip")
         assert len(body) < len(data), "the bundle must not complete when the origin sent more than it announced"
-        record = audit_for(gw, "/2.1.0.zip")
+        record = audit_for(gw, f"/{version}.zip")
         assert (record["outcome"], record["reason"]) == ("aborted", "size_exceeded"), record
-        assert "Content-Length" in record["detail"]
+        assert "Content-Length" in record["detail"] and record["bytes"] < len(data)
         gw.audit_path.write_text("")
-    assert verifications(gw, "size_exceeded") == before + 3
-    cdn.state.modes[f"{APP_ID}/2.1.0.zip"] = "ok"  # the twin: exactly Content-Length bytes
-    answer = https_request(f"{gw.base_url}/bundles/{APP_ID}/2.1.0.zip", pki.client_context(pki.client))
-    assert answer.status == 200 and answer.body == data
+    assert (verifications(gw, "size_exceeded"), refusals(gw, "size_exceeded")) == (before[0] + 5, before[1] + 5)
+    cdn.state.modes[f"{APP_ID}/{version}.zip"] = "ok"  # the twin: exactly Content-Length bytes
+    for _ in range(3):
+        answer = https_request(f"{gw.base_url}/bundles/{APP_ID}/{version}.zip", pki.client_context(pki.client))
+        assert answer.status == 200 and answer.body == data
 
 
 def test_an_endless_release_index_is_cut_at_the_cap_while_it_streams(
@@ -500,3 +512,41 @@ def rss_kib(gw: GatewayProcess) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     raise AssertionError("no VmRSS")
+
+
+def test_bundle_gets_close_their_connection_and_api_calls_keep_theirs(cdn: HttpsOrigin) -> None:
+    """The origin side of the watch, in process: a bundle GET asks for `Connection: close` and its connection is
+    never pooled; index calls still reuse one pooled connection."""
+    from yarl import URL
+
+    from gateway.config import HttpsOriginConfig
+    from gateway.origins import HttpsOrigin as Upstream
+
+    data = os.urandom(50_000)
+    cdn.publish("com.example.reuse", "1.0.0", data)
+
+    async def main() -> list[int]:
+        upstream = Upstream("cdn", HttpsOriginConfig(**cdn.origin_config(index_ttl=0)))
+        pooled = []
+        try:
+            for _ in range(3):
+                await upstream.index("com.example.reuse")
+                pooled.append(sum(len(c) for c in upstream._get_session().connector._conns.values()))  # type: ignore[union-attr]
+            got = b""
+            async with upstream.open_url(URL(upstream.locate("com.example.reuse", "1.0.0.zip"))) as body:
+                async for chunk in body.chunks:  # type: ignore[attr-defined]
+                    got += chunk
+            assert got == data
+            pooled.append(sum(len(c) for c in upstream._get_session().connector._conns.values()))  # type: ignore[union-attr]
+            for _ in range(2):
+                await upstream.index("com.example.reuse")
+                pooled.append(sum(len(c) for c in upstream._get_session().connector._conns.values()))  # type: ignore[union-attr]
+            return pooled
+        finally:
+            await upstream.close()
+
+    pooled = asyncio.run(main())
+    # one connection, reused by every index call; the bundle GET took it and did not put it back
+    assert pooled == [1, 1, 1, 0, 1, 1]
+    bundle_headers = [h for p, h in cdn.state.headers if p.endswith("/com.example.reuse/1.0.0.zip")][-1]
+    assert ("Connection", "close") in bundle_headers
