@@ -12,7 +12,7 @@ from __future__ import annotations
 import ipaddress
 import os
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import pydantic
 from pydantic import AfterValidator, BeforeValidator, Field, ValidationInfo
@@ -20,6 +20,9 @@ from pydantic import AfterValidator, BeforeValidator, Field, ValidationInfo
 from gateway.errors import ConfigError, ConfigIssue
 from gateway.preflight import readable_file, readable_folder
 from gateway.yamlsrc import KeyPath, YamlDoc, read_yaml, validation_issues
+
+if TYPE_CHECKING:
+    from gateway.tls import ListenerMaterial
 
 DEFAULT_CONFIG = Path("gateway.yaml")
 
@@ -328,8 +331,10 @@ class Config(Model):
     tickets: TicketsConfig = TicketsConfig()
 
 
-def _cross_checks(doc: YamlDoc, config: Config) -> list[ConfigIssue]:
-    from gateway.tls import TlsMaterialError, check_key_pair, load_ca_bundle, load_crl
+def _cross_checks(doc: YamlDoc, config: Config, material: dict[str, ListenerMaterial]) -> list[ConfigIssue]:
+    """Checks across keys and files; each listener's TLS material is built here (its files read once) into
+    `material`."""
+    from gateway.tls import ListenerMaterialError, TlsMaterialError, build_material, check_key_pair, load_ca_bundle
 
     issues = []
     names: dict[str, int] = {}
@@ -344,20 +349,9 @@ def _cross_checks(doc: YamlDoc, config: Config) -> list[ConfigIssue]:
             )
         names[lst.name] = i
         try:
-            check_key_pair(lst.cert, lst.key)
-        except TlsMaterialError as exc:
-            issues.append(doc.issue((*path, exc.field), str(exc)))
-        for j, ca in enumerate(lst.client_ca):
-            try:
-                load_ca_bundle(ca.file)
-            except TlsMaterialError as exc:
-                issues.append(doc.issue((*path, "client_ca", j), str(exc)))
-                continue
-            for k, crl in enumerate(ca.crl):
-                try:
-                    load_crl(crl, ca.file)
-                except TlsMaterialError as exc:
-                    issues.append(doc.issue((*path, "client_ca", j, "crl", k), str(exc)))
+            material[lst.name] = build_material(lst)
+        except ListenerMaterialError as exc:
+            issues += [doc.issue((*path, *where), message) for where, message in exc.issues]
     ports = [(lst.address, lst.port) for lst in config.listeners]
     if config.admin.enabled and (config.admin.address, config.admin.port) in ports:
         issues.append(doc.issue(("admin", "port"), "admin port is also used by a TLS listener"))
@@ -430,6 +424,11 @@ def client_ca_names(config: Config) -> dict[str, Path]:
 
 def load_config(path: Path) -> Config:
     """Read, validate and check gateway.yaml; raise `ConfigError` with every problem found."""
+    return load_config_and_material(path)[0]
+
+
+def load_config_and_material(path: Path) -> tuple[Config, dict[str, ListenerMaterial]]:
+    """`load_config`, also returning each listener's TLS material (by listener name), loaded while checking it."""
     doc = read_yaml(path)
     if not isinstance(doc.data, dict):
         raise ConfigError([doc.issue((), "the top level must be a mapping of keys")])
@@ -438,7 +437,8 @@ def load_config(path: Path) -> Config:
         config = Config.model_validate(doc.data, context=context)
     except pydantic.ValidationError as exc:
         raise ConfigError(validation_issues(doc, exc)) from None
-    issues = _cross_checks(doc, config)
+    material: dict[str, ListenerMaterial] = {}
+    issues = _cross_checks(doc, config, material)
     if issues:
         raise ConfigError(issues)
-    return config
+    return config, material

@@ -15,20 +15,19 @@ import asyncio
 import datetime as dt
 import logging
 import os
-import ssl
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from gateway.config import Config, load_config
+from gateway.config import Config, load_config_and_material
 from gateway.core.policy import PolicySet
 from gateway.errors import ConfigError
 from gateway.metrics import Metrics
 from gateway.origins import make_origin
 from gateway.policy_store import load_policies, policy_files
 from gateway.state_keys import Runtime
-from gateway.tls import ListenerMaterial, TlsMaterialError, build_material
+from gateway.tls import ListenerMaterial
 
 log = logging.getLogger("ota_gateway.reload")
 
@@ -42,15 +41,7 @@ class Loaded:
 
 def load_all(config_path: Path) -> Loaded:
     """Everything `serve` needs from disk, checked; raises `ConfigError` (one line per problem)."""
-    config = load_config(config_path)
-    material: dict[str, ListenerMaterial] = {}
-    for i, lst in enumerate(config.listeners):
-        try:
-            material[lst.name] = build_material(lst)
-        except TlsMaterialError as exc:
-            raise ConfigError.single(str(config_path), f"listeners[{i}].{exc.field}", None, str(exc)) from None
-        except ssl.SSLError as exc:
-            raise ConfigError.single(str(config_path), f"listeners[{i}]", None, f"TLS setup failed: {exc}") from None
+    config, material = load_config_and_material(config_path)
     policies = load_policies(config.policies, config)
     return Loaded(config, policies, material)
 

@@ -79,8 +79,8 @@ def load_ca_bundle(path: Path, field: str = "client_ca") -> list[x509.Certificat
     return certs
 
 
-def check_key_pair(cert_path: Path, key_path: Path) -> None:
-    """Raise `TlsMaterialError` unless `key_path` holds the unencrypted private key of `cert_path`'s leaf."""
+def check_key_pair(cert_path: Path, key_path: Path) -> x509.Certificate:
+    """The leaf of `cert_path`; raise `TlsMaterialError` unless `key_path` holds its unencrypted private key."""
     leaf = load_certificates(cert_path, "cert")[0]
     data = _read(key_path, "key")
     try:
@@ -93,16 +93,19 @@ def check_key_pair(cert_path: Path, key_path: Path) -> None:
     der = serialization.Encoding.DER
     if key.public_key().public_bytes(der, pub) != leaf.public_key().public_bytes(der, pub):
         raise TlsMaterialError("key", f"{key_path} does not match the certificate in {cert_path}")
+    return leaf
 
 
-def load_crl(path: Path, ca_file: Path, field: str = "crl") -> x509.CertificateRevocationList:
-    """A PEM or DER CRL, which must be signed by the CA in `ca_file`."""
+def load_crl(
+    path: Path, ca_file: Path, field: str = "crl", cas: list[x509.Certificate] | None = None
+) -> x509.CertificateRevocationList:
+    """A PEM or DER CRL, which must be signed by the CA in `ca_file` (`cas`: that file's certificates, if loaded)."""
     data = _read(path, field)
     try:
         crl = x509.load_pem_x509_crl(data) if b"-----BEGIN" in data else x509.load_der_x509_crl(data)
     except ValueError:
         raise TlsMaterialError(field, f"{path} is not a PEM or DER CRL") from None
-    for ca in load_ca_bundle(ca_file):
+    for ca in cas if cas is not None else load_ca_bundle(ca_file):
         if ca.subject == crl.issuer and crl.is_signature_valid(ca.public_key()):  # type: ignore[arg-type]
             return crl
     raise TlsMaterialError(field, f"{path} is not signed by the CA in {ca_file} (issuer {crl.issuer.rfc4514_string()})")
@@ -132,21 +135,43 @@ class ListenerMaterial:
         return bool(self.pins) and spki not in self.pins and sha256 not in self.pins
 
 
+class ListenerMaterialError(ValueError):
+    """Every problem of one listener's files; each issue is (key path under the listener, message)."""
+
+    def __init__(self, issues: list[tuple[tuple[str | int, ...], str]]) -> None:
+        super().__init__("; ".join(message for _, message in issues))
+        self.issues = issues
+
+
 def build_material(listener: TlsListener, now: dt.datetime | None = None) -> ListenerMaterial:
-    """Load and check everything of one listener; raise `TlsMaterialError` or `ssl.SSLError` on any problem."""
+    """Load and check every file of one listener, once (config loading and reloads both come here); raise
+    `ListenerMaterialError` naming every unusable file by its key (cert, key, client_ca[j], client_ca[j].crl[k])."""
     now = now or dt.datetime.now(dt.UTC)
-    check_key_pair(listener.cert, listener.key)
-    leaf = load_certificates(listener.cert, "cert")[0]
-    expiries = [Expiry("server_cert", listener.name, leaf.not_valid_after_utc)]
+    issues: list[tuple[tuple[str | int, ...], str]] = []
+    expiries: list[Expiry] = []
+    try:
+        leaf = check_key_pair(listener.cert, listener.key)
+        expiries.append(Expiry("server_cert", listener.name, leaf.not_valid_after_utc))
+    except TlsMaterialError as exc:
+        issues.append(((exc.field,), str(exc)))
     lists: list[RevocationList] = []
     cas: dict[str, tuple[str, x509.Certificate]] = {}
     crl_pems: list[str] = []
-    for ca in listener.client_ca:
-        for cert in load_ca_bundle(ca.file):
+    for j, ca in enumerate(listener.client_ca):
+        try:
+            bundle = load_ca_bundle(ca.file)
+        except TlsMaterialError as exc:
+            issues.append((("client_ca", j), str(exc)))
+            continue
+        for cert in bundle:
             cas[cert.subject.rfc4514_string()] = (ca.label, cert)
             expiries.append(Expiry("client_ca", ca.label, cert.not_valid_after_utc))
-        for crl_path in ca.crl:
-            crl = load_crl(crl_path, ca.file)
+        for k, crl_path in enumerate(ca.crl):
+            try:
+                crl = load_crl(crl_path, ca.file, cas=bundle)
+            except TlsMaterialError as exc:
+                issues.append((("client_ca", j, "crl", k), str(exc)))
+                continue
             lists.append(
                 RevocationList(
                     ca_name=ca.label,
@@ -159,8 +184,13 @@ def build_material(listener: TlsListener, now: dt.datetime | None = None) -> Lis
             if crl.next_update_utc is not None:
                 expiries.append(Expiry("crl", ca.label, crl.next_update_utc))
             crl_pems.append(crl.public_bytes(serialization.Encoding.PEM).decode())
+    if issues:
+        raise ListenerMaterialError(issues)
     revocation = RevocationSet(tuple(lists), listener.crl_expired)
-    context = server_context(listener, crl_pems if listener.crl_check == "chain" else [])
+    try:
+        context = server_context(listener, crl_pems if listener.crl_check == "chain" else [])
+    except ssl.SSLError as exc:
+        raise ListenerMaterialError([((), f"TLS setup failed: {exc}")]) from None
     pins = frozenset([*listener.client_spki_pins, *listener.client_cert_sha256])
     return ListenerMaterial(context, revocation, cas, tuple(expiries), pins)
 

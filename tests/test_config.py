@@ -474,3 +474,22 @@ def test_audit_path_is_relative_to_the_config_file(tmp_path: Path) -> None:
     config = AuditConfig.model_validate({"path": "logs/audit.log"}, context={"base": str(tmp_path)})
     assert config.path == str(tmp_path / "logs" / "audit.log")
     assert AuditConfig.model_validate({"path": "-"}, context={"base": str(tmp_path)}).path == "-"
+
+
+def test_listener_tls_files_are_read_once_per_load(layout: Layout, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Checking the config and building the listener's TLS material share one read of each file."""
+    import gateway.tls
+
+    reads: list[Path] = []
+    real_read = gateway.tls._read
+
+    def counting_read(path: Path, field: str) -> bytes:
+        reads.append(Path(path))
+        return real_read(path, field)
+
+    monkeypatch.setattr(gateway.tls, "_read", counting_read)
+    loaded = load_all(layout.write())
+    assert set(loaded.material) == {lst.name for lst in loaded.config.listeners}
+    lst = loaded.config.listeners[0]
+    files = [Path(lst.cert), Path(lst.key), *(Path(ca.file) for ca in lst.client_ca)]
+    assert sorted(map(str, reads)) == sorted(map(str, files))
