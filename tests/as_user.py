@@ -11,12 +11,10 @@ import contextlib
 import functools
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import sysconfig
 import tempfile
-import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -24,7 +22,7 @@ import pytest
 import yaml
 
 from tests.deploy_support import SERVICE_UID  # the gateway's service account, as in the image
-from tests.support import ROOT, GatewayProcess, _pump_stderr
+from tests.support import ROOT, GatewayProcess, watch_gateway
 
 SERVICE_GID = SERVICE_UID
 SHARED_GID = 10002  # a group the service account may be given (certs --group)
@@ -126,22 +124,5 @@ def serve_as(uid: int, config_path: Path, *args: str, timeout: float = 30) -> It
         stderr=subprocess.PIPE,
         text=True,
     )
-    gw = GatewayProcess(config_path, proc, config["listeners"][0]["port"], config["admin"]["port"])
-    ready = threading.Event()
-    pump = threading.Thread(target=_pump_stderr, args=(proc, gw.stderr_lines, ready), daemon=True)
-    pump.start()
-    try:
-        if not ready.wait(timeout) or proc.poll() is not None:
-            raise AssertionError("gateway did not start:\n" + "\n".join(gw.stderr_lines))
+    with watch_gateway(config_path, config, proc, timeout) as gw:
         yield gw
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        pump.join(5)
-        assert proc.stderr is not None
-        proc.stderr.close()

@@ -260,24 +260,10 @@ def _pump_stderr(proc: subprocess.Popen[str], lines: list[str], ready: threading
 
 
 @contextlib.contextmanager
-def run_gateway(
-    config_path: Path, *args: str, timeout: float = 20, nofile: int | None = None
+def watch_gateway(
+    config_path: Path, config: dict[str, Any], proc: subprocess.Popen[str], timeout: float
 ) -> Iterator[GatewayProcess]:
-    """Start `python -m gateway serve --config config_path` and wait until it listens; stop it afterwards.
-
-    `nofile` sets the gateway's open-files limit (soft and hard), as systemd's LimitNOFILE would."""
-    config = yaml.safe_load(config_path.read_text())
-    workers = [] if any(a.startswith("--workers") for a in args) else ["--workers", "1"]  # one process: its pid is it
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gateway", "serve", "--config", str(config_path), *workers, *args],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-        cwd=config_path.parent,
-        preexec_fn=None if nofile is None else lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile)),
-    )
+    """Wait until a started `serve` listens (its stderr is read meanwhile); SIGTERM it afterwards, then SIGKILL."""
     gw = GatewayProcess(config_path, proc, config["listeners"][0]["port"], config["admin"]["port"])
     ready = threading.Event()
     pump = threading.Thread(target=_pump_stderr, args=(proc, gw.stderr_lines, ready), daemon=True)
@@ -297,6 +283,29 @@ def run_gateway(
         pump.join(5)
         assert proc.stderr is not None
         proc.stderr.close()
+
+
+@contextlib.contextmanager
+def run_gateway(
+    config_path: Path, *args: str, timeout: float = 20, nofile: int | None = None
+) -> Iterator[GatewayProcess]:
+    """Start `python -m gateway serve --config config_path` and wait until it listens; stop it afterwards.
+
+    `nofile` sets the gateway's open-files limit (soft and hard), as systemd's LimitNOFILE would."""
+    config = yaml.safe_load(config_path.read_text())
+    workers = [] if any(a.startswith("--workers") for a in args) else ["--workers", "1"]  # one process: its pid is it
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gateway", "serve", "--config", str(config_path), *workers, *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=config_path.parent,
+        preexec_fn=None if nofile is None else lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile)),
+    )
+    with watch_gateway(config_path, config, proc, timeout) as gw:
+        yield gw
 
 
 def wait_until(predicate: Any, timeout: float = 5.0, interval: float = 0.05) -> bool:
