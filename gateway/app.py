@@ -1,20 +1,20 @@
 """The aiohttp applications: the public mTLS app (routes, identity and audit middleware) and the admin app.
 
 Owns routing and the request envelope: every request gets its client identity (from the TLS peer certificate,
-derived once per certificate), one audit record, a `requests` count, HSTS, and refusals turned into problem
-details (Capgo-shaped JSON on the Capgo routes). Handlers stay thin and raise `Refusal`.
+derived once per certificate), one audit record that handlers annotate (app, version, origin, detail), and HSTS.
+The envelope never records an outcome itself: what the handler returns or raises goes to `gateway/recorder.py`,
+which answers refusals (problem details, Capgo-shaped JSON on the Capgo routes), writes the audit line and counts
+the request once. Top-down: listener -> envelope -> handler -> core plan -> origin / verifier -> recorder.
 """
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import logging
 import time
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
-from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.openmetrics.exposition import CONTENT_TYPE_LATEST as OPENMETRICS_TYPE
 from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
@@ -25,14 +25,15 @@ from gateway.core.connguard import fd_pressure
 from gateway.core.names import host_of
 from gateway.core.reasons import Reason, Refusal
 from gateway.handlers.bundles import get_bundle
-from gateway.handlers.capgo_common import refusal_response
 from gateway.handlers.channel import channel_self
 from gateway.handlers.problem import problem_response
 from gateway.handlers.stats import get_stats, post_stats
 from gateway.handlers.ticket_download import get_ticket_bundle
 from gateway.handlers.updates import get_updates, post_manifest_size, post_updates
+from gateway.listener import LowLevelRecorder
 from gateway.metrics import exposition_registry
 from gateway.peer import resolve_peer
+from gateway.recorder import RECORDER, Recorder
 from gateway.state_keys import AUDIT_KEY, PEER_KEY, RUNTIME, Runtime
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -57,6 +58,7 @@ async def envelope(request: web.Request, handler: Handler) -> web.StreamResponse
     )
     request[AUDIT_KEY] = record
     rt.active += 1
+    recorder = request.app[RECORDER]
     resp: web.StreamResponse
     try:
         peer = resolve_peer(request, rt)
@@ -64,60 +66,14 @@ async def envelope(request: web.Request, handler: Handler) -> web.StreamResponse
         record.set_identity(peer.identity)
         record.via_proxy = peer.via_proxy
         resp = await handler(request)
-    except Refusal as refusal:
-        record.outcome, record.reason, record.detail = "refused", refusal.reason.label, refusal.detail
-        rt.metrics.refusals.labels(refusal.reason.label).inc()
-        resp = refusal_response(route, refusal)  # Capgo-shaped on Capgo routes, problem details elsewhere
-    except web.HTTPException as exc:
-        if exc.status < 400:
+    except BaseException as exc:  # the recorder answers it, or records it and has it re-raised
+        answer = recorder.settle(record, route, started, exc)
+        if answer is None:
             raise
-        reason = Reason.NOT_FOUND if exc.status in (404, 405) else Reason.BAD_REQUEST
-        record.outcome, record.reason = "refused", reason.label
-        rt.metrics.refusals.labels(reason.label).inc()
-        resp = refusal_response(route, Refusal(reason, exc.reason or "request refused"), exc.status)
-    except HttpProcessingError as exc:
-        # a body the parser refused mid-way (bad chunked encoding, body past Content-Length): the client's fault
-        detail = f"malformed HTTP request body ({type(exc).__name__})"
-        record.outcome, record.reason, record.detail = "refused", Reason.BAD_REQUEST.label, detail
-        rt.metrics.refusals.labels(Reason.BAD_REQUEST.label).inc()
-        resp = refusal_response(route, Refusal(Reason.BAD_REQUEST, detail))
-        resp.force_close()
-    except ConnectionError:
-        # the client went away while a handler wrote to it
-        record.outcome, record.reason = "aborted", Reason.CLIENT_GONE.label
-        rt.metrics.refusals.labels(Reason.CLIENT_GONE.label).inc()
-        record.duration_ms = round((time.monotonic() - started) * 1000, 3)
-        rt.metrics.requests.labels(route, record.outcome).inc()
-        rt.audit.write(record)
-        raise
-    except Exception:
-        # a bug: logged once with its traceback, answered with problem details, audited and counted
-        log.exception("unexpected error on %s %s", request.method, record.path)
-        record.outcome, record.reason = "refused", Reason.INTERNAL_ERROR.label
-        record.detail = "internal error"
-        rt.metrics.refusals.labels(Reason.INTERNAL_ERROR.label).inc()
-        resp = refusal_response(route, Refusal(Reason.INTERNAL_ERROR, "internal error"))
-        resp.force_close()
-    except asyncio.CancelledError:
-        # the client went away (handler_cancellation) or shutdown cancelled the request: still one audit line
-        if record.outcome == "ok":  # cancelled before the handler could record why
-            cancelled = Reason.SHUTDOWN if rt.shutting_down else Reason.CLIENT_GONE
-            record.outcome, record.reason = "aborted", cancelled.label
-            rt.metrics.refusals.labels(cancelled.label).inc()
-        record.duration_ms = round((time.monotonic() - started) * 1000, 3)
-        rt.metrics.requests.labels(route, record.outcome).inc()
-        rt.audit.write(record)
-        raise
+        resp = answer
     finally:
         rt.active -= 1
-        record.duration_ms = round((time.monotonic() - started) * 1000, 3)
-    if record.reason == Reason.REQUEST_TIMEOUT.label:
-        resp.force_close()  # the rest of the body is never read
-    record.status = resp.status
-    if record.outcome == "ok" and resp.status >= 400:
-        record.outcome = "refused"
-    rt.metrics.requests.labels(route, record.outcome).inc()
-    rt.audit.write(record)
+    recorder.finish(record, route, started, resp)
     return resp
 
 
@@ -168,24 +124,21 @@ async def _hsts(request: web.Request, response: web.StreamResponse) -> None:
     response.headers["Server"] = "ota-gateway"
 
 
-def low_level_recorder(rt: Runtime) -> Callable[[str, str | None, int, Reason, str], None]:
-    """Audit and count an answer the listener gave before the application saw a request (see listener.py)."""
+def recorder_for(rt: Runtime) -> Recorder:
+    """The runtime's recorder (metrics and audit log live as long as the runtime)."""
+    return Recorder(rt.metrics, rt.audit, lambda: rt.shutting_down)
 
-    def record(listener: str, peer: str | None, status: int, reason: Reason, detail: str) -> None:
-        entry = AuditRecord(route="other", method="-", path="-", peer=peer)
-        entry.outcome, entry.status, entry.reason, entry.detail = "refused", status, reason.label, detail
-        entry.duration_ms = 0.0
-        rt.metrics.refusals.labels(reason.label).inc()
-        rt.metrics.requests.labels("other", "refused").inc()
-        rt.audit.write(entry)
 
-    return record
+def low_level_recorder(rt: Runtime) -> LowLevelRecorder:
+    """Where the listener reports an answer it gave before the application saw a request (see listener.py)."""
+    return recorder_for(rt).low_level
 
 
 def create_app(runtime: Runtime) -> web.Application:
     """The public application served on the mTLS listeners."""
     app = web.Application(middlewares=[envelope, audit_gate], client_max_size=64 * 1024)
     app[RUNTIME] = runtime
+    app[RECORDER] = recorder_for(runtime)
     app.router.add_get(r"/bundles/{app_id}/{version}.zip", get_bundle, name="bundle", allow_head=False)
     # the Capgo updater protocol (docs/capgo-protocol.md) and the downloads its answers hand out
     app.router.add_post("/updates", post_updates, name="updates")

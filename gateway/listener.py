@@ -6,7 +6,8 @@ core/connguard.py: over a cap a new connection is closed at once and counted), t
 idle timeouts (`GuardedRequestHandler`: 408 problem details while HTTP can still answer, else a quiet close;
 counted by cause), and the answers aiohttp's parser gives before any application sees the request (malformed
 request line, oversized headers, bad chunked encoding): problem details without an echo of the client's bytes,
-one log line, and handed to `LowLevelRecorder` for the audit line and the counters.
+one log line, and handed to the recorder (`gateway/recorder.py`, `Recorder.low_level`) for the audit line and the
+counters.
 
 Starting TLS per connection (`loop.start_tls`) instead of passing an SSLContext to `create_server` gives the
 gateway every handshake outcome (counted by cause, even those OpenSSL rejects before any HTTP request), a

@@ -5,6 +5,7 @@ once the origin declared its size), `core/verify.py` judges the bytes. The expec
 origin's release index before the first byte; the answer carries that Content-Length; the verifier holds back the
 newest chunk until the digest matches. On any failure after the headers went out the connection is aborted, so the
 client's transfer ends short and can never look complete. Before the headers, failures are problem-details answers.
+Outcomes are raised, never recorded here: a `Refusal`, or `recorder.Answered` for the 416 and for an aborted stream.
 
 Memory per download is bounded by configuration, not by the client's speed: the origin is read only when the
 previous chunk has been handed to the client's transport, whose write buffer is capped (`limits.client_buffer`;
@@ -32,6 +33,7 @@ from gateway.core.reasons import Reason, Refusal
 from gateway.core.verify import Verifier
 from gateway.handlers.problem import problem_response
 from gateway.origins import Body, OriginError, ReleaseNotFound
+from gateway.recorder import Answered
 from gateway.state_keys import RUNTIME, Runtime, request_audit, request_peer
 
 WRITE_SLICE = 64 * 1024  # chunks are verified and sent in slices of this size; the verifier holds back one
@@ -88,23 +90,19 @@ async def stream_verified(
         raise Refusal(exc.reason, str(exc)) from exc
 
 
-def _unsatisfiable(request: web.Request, rt: Runtime, refusal: Unsatisfiable) -> web.Response:
+def _unsatisfiable(refusal: Unsatisfiable) -> Answered:
     """416 to a range the gateway cannot answer exactly (never a 200 with the whole file: the plugin appends it)."""
-    record = request_audit(request)
-    reason = refusal.reason
-    record.outcome, record.reason, record.detail = "refused", reason.label, refusal.detail
-    rt.metrics.refusals.labels(reason.label).inc()
-    resp = problem_response(reason, refusal.detail)
+    resp = problem_response(refusal.reason, refusal.detail)
     if refusal.size is not None:
         resp.headers["Content-Range"] = f"bytes */{refusal.size}"
-    return resp
+    return Answered(refusal, resp)
 
 
 async def _respond(request: web.Request, rt: Runtime, body: Body, plan: DownloadPlan) -> web.StreamResponse:
     record = request_audit(request)
     shape = plan_response(plan, body.declared_size)
     if isinstance(shape, Unsatisfiable):
-        return _unsatisfiable(request, rt, shape)
+        raise _unsatisfiable(shape)
     if isinstance(shape, Refusal):  # the origin declares another size than expected
         rt.metrics.verifications.labels(shape.reason.label).inc()
         raise shape
@@ -124,23 +122,21 @@ async def _respond(request: web.Request, rt: Runtime, body: Body, plan: Download
     if request.transport is not None:  # a write waits while more than this is buffered for the client
         request.transport.set_write_buffer_limits(high=limits.client_buffer, low=limits.client_buffer // 4)
     await resp.prepare(request)
+    record.status = resp.status  # what went out, whatever becomes of the body
     rt.metrics.in_flight.inc()
+    failed: Refusal | None = None
     try:
         await _pump(resp, verifier, body, limits)
     except Refusal as refusal:
         _abort(request, resp)
-        record.outcome, record.reason, record.detail = "aborted", refusal.reason.label, refusal.detail
-        rt.metrics.refusals.labels(refusal.reason.label).inc()
         if refusal.reason not in _NOT_VERIFIED:
             rt.metrics.verifications.labels(refusal.reason.label).inc()
         if refusal.reason in _ORIGIN_FAILED:
             rt.origin_failed(plan.origin, refusal.detail)
-    except asyncio.CancelledError:
-        reason = Reason.SHUTDOWN if rt.shutting_down else Reason.CLIENT_GONE
-        verifier.error(reason, "download cancelled")
+        failed = Refusal(refusal.reason, refusal.detail)  # without the traceback (and the frames it holds)
+    except asyncio.CancelledError:  # the recorder records it (client_gone or shutdown)
+        verifier.error(Reason.SHUTDOWN if rt.shutting_down else Reason.CLIENT_GONE, "download cancelled")
         _abort(request, resp)
-        record.outcome, record.reason, record.status = "aborted", reason.label, resp.status
-        rt.metrics.refusals.labels(reason.label).inc()
         raise
     else:
         rt.metrics.verifications.labels("passed").inc()
@@ -148,6 +144,8 @@ async def _respond(request: web.Request, rt: Runtime, body: Body, plan: Download
         record.bytes = verifier.released
         rt.metrics.bytes_streamed.inc(verifier.released)
         rt.metrics.in_flight.dec()
+    if failed is not None:  # raised outside the except block: the outcome carries no traceback of the pump
+        raise Answered(failed, resp, aborted=True)
     return resp
 
 

@@ -18,7 +18,8 @@ from gateway.core.plans import channel_self_problem, current_channel
 from gateway.core.policy import AppPolicy, admit
 from gateway.core.reasons import Reason, Refusal
 from gateway.handlers.capgo_common import call_origin, capgo_json, invalid, read_json
-from gateway.state_keys import RUNTIME, Runtime, request_audit, request_peer
+from gateway.recorder import Answered
+from gateway.state_keys import RUNTIME, request_audit, request_peer
 
 BODY_LIMIT = 16 * 1024
 _BOOLS = {"true": True, "false": False}
@@ -32,12 +33,10 @@ def _from_query(query: Any) -> dict[str, Any]:
     return body
 
 
-def _refuse_set(rt: Runtime, request: web.Request, message: str) -> web.Response:
+def _refuse_set(problem: Refusal) -> Answered:
     """The backend's refusal of a self-set channel (HTTP 400), with the `kind` the plugin needs."""
-    record = request_audit(request)
-    record.outcome, record.reason, record.detail = "refused", Reason.CHANNEL_NOT_ALLOWED.label, message
-    rt.metrics.refusals.labels(Reason.CHANNEL_NOT_ALLOWED.label).inc()
-    return capgo_json(error_body("channel_set_from_plugin_not_allowed", message, Kind.BLOCKED), 400)
+    body = error_body("channel_set_from_plugin_not_allowed", problem.detail, Kind.BLOCKED)
+    return Answered(problem, capgo_json(body, 400))
 
 
 def _local(request: web.Request, app: AppPolicy, default_channel: str | None) -> web.Response:
@@ -72,7 +71,7 @@ async def channel_self(request: web.Request) -> web.StreamResponse:
     problem = channel_self_problem(app, request.method, body.get("channel"))
     if problem is not None:
         if problem.reason is Reason.CHANNEL_NOT_ALLOWED:
-            return _refuse_set(rt, request, problem.detail)
+            raise _refuse_set(problem)
         raise problem
     origin = rt.origins[app.origin]
     record.origin = origin.name

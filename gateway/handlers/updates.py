@@ -36,6 +36,7 @@ from gateway.core.rollout import HALTED, NO_ROLLOUT, device_key, held_back, prev
 from gateway.handlers.capgo_common import RateLimited, call_origin, capgo_json, invalid, rate_limit, read_json
 from gateway.handlers.rollout import current_halts
 from gateway.origins import DirectoryOrigin, HttpsOrigin, OriginError, ReleaseNotFound
+from gateway.recorder import Answered
 from gateway.state import StateError
 from gateway.state_keys import RUNTIME, Runtime, request_audit, request_peer
 
@@ -135,14 +136,14 @@ def _tickets(
 
 
 def _decline(request: web.Request, rt: Runtime, outcome: Decline) -> web.Response:
-    """No new version: HTTP 200 with `error`, `message` and `kind`, counted and audited."""
-    record = request_audit(request)
-    if outcome.reason is not None:
-        rt.metrics.refusals.labels(outcome.reason.label).inc()
-        record.outcome, record.reason = "refused", outcome.reason.label
-    record.detail = outcome.message
+    """No new version: HTTP 200 with `error`, `message` and `kind`; raised as `Answered` when it refuses for a
+    reason (the recorder counts it), returned when the device is simply up to date."""
     rt.metrics.update_answers.labels(outcome.kind.value).inc()
-    return capgo_json(outcome.body())
+    response = capgo_json(outcome.body())
+    if outcome.reason is not None:
+        raise Answered(Refusal(outcome.reason, outcome.message), response)
+    request_audit(request).detail = outcome.message
+    return response
 
 
 async def _answer(
@@ -215,7 +216,11 @@ async def _update_check(request: web.Request) -> web.StreamResponse:
         staged = await _staged(rt, app, origin, device, channel, peer, outcome)
     if staged is None:
         return await _answer(request, rt, app, channel, origin, outcome, peer, served)
-    response = await _answer(request, rt, app, channel, origin, staged[0], peer, staged[1])
+    try:
+        response = await _answer(request, rt, app, channel, origin, staged[0], peer, staged[1])
+    except Answered as answered:
+        answered.detail = f"{answered.detail}; {staged[2]}"
+        raise
     record.detail = f"{record.detail}; {staged[2]}"
     return response
 

@@ -1,0 +1,118 @@
+"""The recorder: the one place that writes a request's audit line and counts its outcome.
+
+Owns the end of every request, like a mitmproxy addon that sees each flow once: `settle` turns what the handler
+raised into the answer and the outcome, `finish` writes the audit line and counts `ota_gateway_requests_total`
+and `ota_gateway_refusals_total` exactly once, and `low_level` does the same for answers the listener gives
+before the application sees a request (parser 400s, header 408s). Handlers only return a response or raise an
+outcome: a `Refusal` (answered in the route's shape), an `Answered` refusal that brings its own answer (a Capgo 200
+decline, a 416 with Content-Range), or an `Answered(..., aborted=True)` for a stream cut after its headers went out.
+Anything else becomes `internal_error` (500 problem details, traceback logged once); a cancelled request is
+`client_gone` or `shutdown`. It never decides a refusal itself and never reads a client string into a label.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+
+from gateway.audit import AuditLog, AuditRecord
+from gateway.core.reasons import Reason, Refusal
+from gateway.handlers.capgo_common import refusal_response
+from gateway.metrics import Metrics
+
+log = logging.getLogger("ota_gateway.http")
+
+
+class Answered(Refusal):
+    """A refusal that carries its own answer; `aborted`: the answer had started and its connection was cut."""
+
+    def __init__(self, refusal: Refusal, response: web.StreamResponse, *, aborted: bool = False) -> None:
+        super().__init__(refusal.reason, refusal.detail)
+        self.response = response
+        self.aborted = aborted
+
+
+@dataclass(frozen=True)
+class Recorder:
+    metrics: Metrics
+    audit: AuditLog
+    shutting_down: Callable[[], bool]
+
+    def settle(self, record: AuditRecord, route: str, started: float, exc: BaseException) -> web.StreamResponse | None:
+        """The answer to a handler's exception, its outcome noted on `record`; None: the caller re-raises it (a
+        vanished client or a cancellation, recorded here; a redirect or an interpreter exit, not an outcome).
+
+        Never raises `exc` itself: a frame holding the exception it raises is a reference cycle that would keep
+        every aborted request's buffers alive until the garbage collector runs."""
+        if isinstance(exc, Answered):
+            self._note(record, "aborted" if exc.aborted else "refused", exc.reason, exc.detail)
+            return exc.response
+        if isinstance(exc, Refusal):
+            self._note(record, "refused", exc.reason, exc.detail)
+            resp = refusal_response(route, exc)  # Capgo-shaped on Capgo routes, problem details elsewhere
+            if exc.reason is Reason.REQUEST_TIMEOUT:
+                resp.force_close()  # the rest of the body is never read
+            return resp
+        if isinstance(exc, web.HTTPException) and exc.status >= 400:
+            reason = Reason.NOT_FOUND if exc.status in (404, 405) else Reason.BAD_REQUEST
+            self._note(record, "refused", reason, record.detail)
+            return refusal_response(route, Refusal(reason, exc.reason or "request refused"), exc.status)
+        if isinstance(exc, HttpProcessingError):
+            # a body the parser refused mid-way (bad chunked encoding, body past Content-Length): the client's fault
+            detail = f"malformed HTTP request body ({type(exc).__name__})"
+            self._note(record, "refused", Reason.BAD_REQUEST, detail)
+            resp = refusal_response(route, Refusal(Reason.BAD_REQUEST, detail))
+            resp.force_close()
+            return resp
+        if isinstance(exc, ConnectionError):  # the client went away while a handler wrote to it
+            self._note(record, "aborted", Reason.CLIENT_GONE, record.detail)
+            self.finish(record, route, started)
+            return None
+        if isinstance(exc, asyncio.CancelledError):
+            # the client went away (handler_cancellation) or shutdown cancelled the request: still one audit line
+            cancelled = Reason.SHUTDOWN if self.shutting_down() else Reason.CLIENT_GONE
+            self._note(record, "aborted", cancelled, record.detail)
+            self.finish(record, route, started)
+            return None
+        if not isinstance(exc, Exception) or isinstance(exc, web.HTTPException):
+            return None  # a redirect, or SystemExit/KeyboardInterrupt: not a request outcome
+        # a bug: logged once with its traceback, answered with problem details, audited and counted
+        log.error("unexpected error on %s %s", record.method, record.path, exc_info=exc)
+        self._note(record, "refused", Reason.INTERNAL_ERROR, "internal error")
+        resp = refusal_response(route, Refusal(Reason.INTERNAL_ERROR, "internal error"))
+        resp.force_close()
+        return resp
+
+    def finish(
+        self, record: AuditRecord, route: str, started: float | None, response: web.StreamResponse | None = None
+    ) -> None:
+        """Write the audit line and count the request: the only place a request is counted."""
+        record.duration_ms = 0.0 if started is None else round((time.monotonic() - started) * 1000, 3)
+        if response is not None and not record.status:
+            record.status = response.status
+        if record.outcome == "ok" and record.status >= 400:
+            record.outcome = "refused"
+        if record.reason is not None:
+            self.metrics.refusals.labels(record.reason).inc()
+        self.metrics.requests.labels(route, record.outcome).inc()
+        self.audit.write(record)
+
+    def low_level(self, listener: str, peer: str | None, status: int, reason: Reason, detail: str) -> None:
+        """Audit and count an answer the listener gave before the application saw a request (listener.py)."""
+        entry = AuditRecord(route="other", method="-", path="-", peer=peer)
+        self._note(entry, "refused", reason, detail)
+        entry.status = status
+        self.finish(entry, "other", None)
+
+    @staticmethod
+    def _note(record: AuditRecord, outcome: str, reason: Reason, detail: str | None) -> None:
+        record.outcome, record.reason, record.detail = outcome, reason.label, detail
+
+
+RECORDER = web.AppKey("recorder", Recorder)

@@ -1,0 +1,185 @@
+"""The recorder (gateway/recorder.py) alone: for every outcome kind one audit line and each counter once, written to
+a real audit file and a real metrics registry. The envelope around it is covered end to end elsewhere
+(test_observability_scenario, test_app_errors, test_bundles)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.http_exceptions import TransferEncodingError
+
+from gateway.audit import AuditLog, AuditRecord
+from gateway.core.reasons import Reason, Refusal
+from gateway.metrics import Metrics
+from gateway.recorder import Answered, Recorder
+
+
+class _Setup:
+    def __init__(self, tmp_path: Path) -> None:
+        self.path = tmp_path / "audit.log"
+        self.metrics = Metrics()
+        self.audit = AuditLog(str(self.path))
+        self.stopping = False
+        self.recorder = Recorder(self.metrics, self.audit, lambda: self.stopping)
+
+    def lines(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.path.read_text().splitlines()]
+
+    def refusals(self, reason: str) -> float:
+        return self.metrics.registry.get_sample_value("ota_gateway_refusals_total", {"reason": reason}) or 0.0
+
+    def requests(self, route: str, outcome: str) -> float:
+        labels = {"route": route, "outcome": outcome}
+        return self.metrics.registry.get_sample_value("ota_gateway_requests_total", labels) or 0.0
+
+    def all_refusals(self) -> float:
+        return sum(self.refusals(r.label) for r in Reason)
+
+    def run(self, route: str, exc: BaseException | None, response: web.StreamResponse | None = None) -> Any:
+        """What the envelope does: settle an exception (if any), then finish unless it is to be re-raised."""
+        record = AuditRecord(route=route, method="GET", path="/x")
+        if exc is None:
+            assert response is not None
+            self.recorder.finish(record, route, 0.0, response)
+            return response
+        answer = self.recorder.settle(record, route, 0.0, exc)
+        if answer is not None:
+            self.recorder.finish(record, route, 0.0, answer)
+        return answer
+
+
+@pytest.fixture
+def rec(tmp_path: Path) -> _Setup:
+    return _Setup(tmp_path)
+
+
+def test_an_answered_request_is_one_ok_line_and_no_refusal(rec: _Setup) -> None:
+    rec.run("bundle", None, web.Response(status=200))
+    (line,) = rec.lines()
+    assert (line["outcome"], line["status"], line.get("reason")) == ("ok", 200, None)
+    assert rec.requests("bundle", "ok") == 1
+    assert rec.all_refusals() == 0
+
+
+def test_an_error_status_without_a_reason_is_refused_but_counts_no_reason(rec: _Setup) -> None:
+    rec.run("stats", None, web.Response(status=404))
+    (line,) = rec.lines()
+    assert (line["outcome"], line["status"], line.get("reason")) == ("refused", 404, None)
+    assert rec.requests("stats", "refused") == 1
+    assert rec.all_refusals() == 0
+
+
+def test_a_refusal_is_answered_in_the_routes_shape_recorded_and_counted_once(rec: _Setup) -> None:
+    problem = rec.run("bundle", Refusal(Reason.DENIED, "no"))
+    capgo = rec.run("updates", Refusal(Reason.DENIED, "no"))
+    assert problem.status == 403 and problem.content_type == "application/problem+json"
+    assert capgo.status == 403 and json.loads(capgo.body)["error"] == "denied"
+    lines = rec.lines()
+    assert [(x["route"], x["outcome"], x["reason"], x["detail"]) for x in lines] == [
+        ("bundle", "refused", "denied", "no"),
+        ("updates", "refused", "denied", "no"),
+    ]
+    assert rec.refusals("denied") == 2 and rec.all_refusals() == 2
+    assert rec.requests("bundle", "refused") == 1 and rec.requests("updates", "refused") == 1
+
+
+def test_an_answered_refusal_keeps_its_own_answer(rec: _Setup) -> None:
+    own = web.Response(status=200, text="declined")
+    answer = rec.run("updates", Answered(Refusal(Reason.DOWNGRADE, "older"), own))
+    assert answer is own
+    (line,) = rec.lines()
+    assert (line["outcome"], line["status"], line["reason"]) == ("refused", 200, "downgrade")
+    assert rec.refusals("downgrade") == 1 and rec.all_refusals() == 1
+    assert rec.requests("updates", "refused") == 1
+
+
+def test_an_aborted_stream_is_one_aborted_line(rec: _Setup) -> None:
+    started = web.StreamResponse(status=206)
+    answer = rec.run("ticket", Answered(Refusal(Reason.CHECKSUM_MISMATCH, "bad"), started, aborted=True))
+    assert answer is started
+    (line,) = rec.lines()
+    assert (line["outcome"], line["status"], line["reason"]) == ("aborted", 206, "checksum_mismatch")
+    assert rec.refusals("checksum_mismatch") == 1 and rec.all_refusals() == 1
+    assert rec.requests("ticket", "aborted") == 1 and rec.requests("ticket", "ok") == 0
+
+
+@pytest.mark.parametrize(
+    ("exc", "status", "reason"), [(web.HTTPNotFound(), 404, "not_found"), (web.HTTPBadRequest(), 400, "bad_request")]
+)
+def test_aiohttp_http_errors_are_refusals(rec: _Setup, exc: web.HTTPException, status: int, reason: str) -> None:
+    answer = rec.run("other", exc)
+    assert answer.status == status
+    (line,) = rec.lines()
+    assert (line["outcome"], line["status"], line["reason"]) == ("refused", status, reason)
+    assert rec.refusals(reason) == 1 and rec.all_refusals() == 1
+
+
+def test_a_redirect_is_no_outcome_of_the_recorder(rec: _Setup) -> None:
+    assert rec.run("other", web.HTTPFound("/elsewhere")) is None
+    assert not rec.path.exists() or rec.lines() == []
+    assert rec.all_refusals() == 0
+
+
+def test_a_body_the_parser_refused_is_a_bad_request_that_closes(rec: _Setup) -> None:
+    answer = rec.run("stats", TransferEncodingError("bad chunk"))
+    assert answer.status == 400 and answer.keep_alive is False
+    (line,) = rec.lines()
+    assert (line["reason"], line["detail"]) == ("bad_request", "malformed HTTP request body (TransferEncodingError)")
+    assert rec.refusals("bad_request") == 1 and rec.all_refusals() == 1
+
+
+def test_a_request_timeout_closes_the_connection(rec: _Setup) -> None:
+    answer = rec.run("stats", Refusal(Reason.REQUEST_TIMEOUT, "slow body"))
+    assert answer.status == 408 and answer.keep_alive is False
+    assert rec.refusals("request_timeout") == 1
+
+
+@pytest.mark.parametrize(
+    ("exc", "stopping", "reason"),
+    [
+        (ConnectionResetError("reset"), False, "client_gone"),
+        (asyncio.CancelledError(), False, "client_gone"),
+        (asyncio.CancelledError(), True, "shutdown"),
+    ],
+)
+def test_a_request_that_ends_without_an_answer_is_recorded_once_and_re_raised(
+    rec: _Setup, exc: BaseException, stopping: bool, reason: str
+) -> None:
+    rec.stopping = stopping
+    assert rec.run("bundle", exc) is None  # the envelope re-raises it
+    (line,) = rec.lines()
+    assert (line["outcome"], line["reason"]) == ("aborted", reason)
+    assert rec.refusals(reason) == 1 and rec.all_refusals() == 1
+    assert rec.requests("bundle", "aborted") == 1
+
+
+def test_an_unexpected_exception_is_a_500_problem_logged_once(rec: _Setup, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.ERROR, logger="ota_gateway.http"):
+        answer = rec.run("bundle", RuntimeError("kaboom SECRET"))
+    assert answer.status == 500 and answer.content_type == "application/problem+json"
+    assert b"SECRET" not in answer.body and answer.keep_alive is False
+    (line,) = rec.lines()
+    assert (line["outcome"], line["reason"], line["detail"]) == ("refused", "internal_error", "internal error")
+    assert rec.refusals("internal_error") == 1 and rec.all_refusals() == 1
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and errors[0].exc_info is not None
+
+
+def test_a_low_level_answer_is_one_line_of_the_other_route(rec: _Setup) -> None:
+    rec.recorder.low_level("main", "127.0.0.1", 408, Reason.REQUEST_TIMEOUT, "headers too slow")
+    (line,) = rec.lines()
+    assert (line["route"], line["method"], line["status"], line["reason"], line["peer"]) == (
+        "other",
+        "-",
+        408,
+        "request_timeout",
+        "127.0.0.1",
+    )
+    assert rec.refusals("request_timeout") == 1 and rec.all_refusals() == 1
+    assert rec.requests("other", "refused") == 1
