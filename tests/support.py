@@ -161,19 +161,22 @@ def write_config(
         ]
     )
     (policies / "apps.yaml").write_text(yaml.safe_dump({"apps": apps}))
+    port = port or free_port()
+    while admin_port is None or admin_port == port:  # two free_port() calls may name the same port
+        admin_port = free_port()
     config: dict[str, Any] = {
         "listeners": [
             {
                 "name": "main",
                 "address": "127.0.0.1",
-                "port": port or free_port(),
+                "port": port,
                 "cert": str(pki.server.cert),
                 "key": str(pki.server.key),
                 "client_ca": [str(pki.ca_pem)],
                 "handshake_timeout": 5,
             }
         ],
-        "admin": {"address": "127.0.0.1", "port": admin_port or free_port()},
+        "admin": {"address": "127.0.0.1", "port": admin_port},
         "origins": origins,
         "policies": "policies",
         "state": {"path": "state/gateway.sqlite"},
