@@ -549,6 +549,11 @@ class HttpsOrigin:
         async for chunk in resp.content.iter_any():
             data += chunk
             if len(data) > limit:
+                # abort, not close: a TLS close waits for the origin's close_notify while reading (and discarding)
+                # whatever it still sends, so an endless body would go on being read after the refusal
+                transport = resp.connection.transport if resp.connection is not None else None
+                if transport is not None:
+                    transport.abort()
                 raise OriginError(too_large)
         return bytes(data)
 
