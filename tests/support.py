@@ -236,6 +236,18 @@ class GatewayProcess:
                     return float(sample.value)
         return 0.0
 
+    def readyz(self) -> tuple[int, dict[str, Any]]:
+        """GET /readyz on the admin listener: (status, JSON body), whether it answers 200 or 503."""
+        import urllib.error
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(f"{self.admin_url}/readyz", timeout=5) as resp:
+                return int(resp.status), json.loads(resp.read())
+        except urllib.error.HTTPError as exc:
+            with exc:
+                return int(exc.code), json.loads(exc.read())
+
     def rss_peak_kib(self) -> int:
         for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
             if line.startswith("VmHWM:"):
@@ -454,6 +466,16 @@ def metric_value(gw: GatewayProcess, name: str, labels: dict[str, str] | None = 
 
 DEVICE_ID = "6f1c2f7e-3f5a-4c2e-9a55-0b1f7e9d2c11"
 PLUGIN_AGENT = "CapacitorUpdater/8.51.14 ({app}) android/14"
+
+
+def capgo_origin(directory: Path, capgo_dir: Path, versions: tuple[str, ...] = ("1.0.0", "1.1.0")) -> Path:
+    """A directory origin at `directory` with the committed Capgo bundles of `versions` on channel production."""
+    from gateway.publish import add_release
+
+    directory.mkdir(parents=True)
+    for version in versions:
+        add_release(directory, APP_ID, version, "production", capgo_dir / f"app_{version}.zip")
+    return directory
 
 
 def capgo_fixture(version: str) -> dict[str, Any]:

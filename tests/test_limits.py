@@ -18,7 +18,6 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -27,6 +26,7 @@ from tests.support import (
     APP_ID,
     GatewayProcess,
     Pki,
+    capgo_origin,
     device_body,
     free_port,
     https_request,
@@ -58,10 +58,7 @@ class Env:
 
 
 def publish(tmp_path: Path, capgo_dir: Path) -> Path:
-    origin = tmp_path / "origin"
-    origin.mkdir()
-    add_release(origin, APP_ID, "1.1.0", "production", capgo_dir / "app_1.1.0.zip")
-    return origin
+    return capgo_origin(tmp_path / "origin", capgo_dir, ("1.1.0",))
 
 
 @pytest.fixture(scope="module")
@@ -408,17 +405,6 @@ def test_partial_header_flood_on_plain_http_under_1024_fds_leaves_mtls_downloads
                 s.close()
 
 
-def _readyz(gw: GatewayProcess) -> tuple[int, dict[str, Any]]:
-    import urllib.error
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(f"{gw.admin_url}/readyz", timeout=5) as resp:
-            return resp.status, json.loads(resp.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
-
-
 def test_readyz_reports_descriptors_at_80_percent_of_the_limit(tmp_path: Path, pki: Pki, capgo_dir: Path) -> None:
     origin = publish(tmp_path, capgo_dir)
     plain_port = free_port()
@@ -432,20 +418,20 @@ def test_readyz_reports_descriptors_at_80_percent_of_the_limit(tmp_path: Path, p
         },
     )
     with run_gateway(cfg, nofile=256) as gw:
-        status, doc = _readyz(gw)
+        status, doc = gw.readyz()
         assert status == 200, doc
         assert gw.metric("ota_gateway_open_fds_ratio") < 0.8
         flood = _connect_many(plain_port, 190, b"GET / HTTP/1.1\r\n")
         try:
             assert wait_until(lambda: gw.metric("ota_gateway_connections_open", listener="plain_http") == 190)
-            status, doc = _readyz(gw)
+            status, doc = gw.readyz()
             assert status == 503
             assert any("open file descriptors" in r for r in doc["reasons"]), doc
             assert gw.metric("ota_gateway_open_fds_ratio") >= 0.8
         finally:
             for s in flood:
                 s.close()
-        assert wait_until(lambda: _readyz(gw)[0] == 200)
+        assert wait_until(lambda: gw.readyz()[0] == 200)
 
 
 # --- churn -----------------------------------------------------------------------------------------------------

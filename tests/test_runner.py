@@ -15,8 +15,6 @@ import socket
 import ssl
 import threading
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -92,15 +90,6 @@ def connect_refused(port: int) -> bool:
         return True
 
 
-def readyz_status(gw: GatewayProcess) -> int:
-    try:
-        with urllib.request.urlopen(f"{gw.admin_url}/readyz", timeout=2) as resp:
-            return int(resp.status)
-    except urllib.error.HTTPError as exc:
-        exc.close()
-        return int(exc.code)
-
-
 def bundle_audit(gw: GatewayProcess) -> dict[str, Any]:
     records = [r for r in gw.audit() if r.get("route") == "bundle"]
     assert len(records) == 1, records
@@ -118,7 +107,7 @@ def test_sigterm_lets_a_download_within_the_grace_finish(tmp_path: Path, pki: Pk
 
         # draining: the listener is closed to new connections, the admin side says not ready
         assert connect_refused(gw.port)
-        assert readyz_status(gw) == 503
+        assert gw.readyz()[0] == 503
         assert download.is_alive()
 
         download.join(15)

@@ -4,7 +4,6 @@ a config error at start."""
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -13,8 +12,17 @@ from pathlib import Path
 import pytest
 import yaml
 
-from gateway.publish import add_release
-from tests.support import APP_ID, Pki, capgo_call, device_body, free_port, redis_server, run_gateway, write_config
+from tests.support import (
+    APP_ID,
+    Pki,
+    capgo_call,
+    capgo_origin,
+    device_body,
+    free_port,
+    redis_server,
+    run_gateway,
+    write_config,
+)
 
 
 @pytest.fixture(scope="module")
@@ -44,12 +52,7 @@ def _config(directory: Path, pki: Pki, origin: Path, redis_url: str, **app: obje
 
 @pytest.fixture
 def origin(tmp_path: Path, capgo_dir: Path) -> Path:
-    root = tmp_path / "origin"
-    root.mkdir()
-    for version in ("1.0.0", "1.1.0"):
-        shutil.copy(capgo_dir / f"app_{version}.zip", tmp_path / f"{version}.zip")
-        add_release(root, APP_ID, version, "production", tmp_path / f"{version}.zip")
-    return root
+    return capgo_origin(tmp_path / "origin", capgo_dir)
 
 
 def test_two_hosts_share_the_rate_limit_budget(tmp_path: Path, pki: Pki, origin: Path, redis_url: str) -> None:

@@ -5,22 +5,19 @@ route's own shape (never a 500 text), counted, logged once, shown by /readyz, an
 from __future__ import annotations
 
 import json
-import shutil
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from gateway.publish import add_release
 from tests.support import (
     APP_ID,
     GatewayProcess,
     Pki,
     RedisServer,
     capgo_call,
+    capgo_origin,
     device_body,
     fill_up,
     https_request,
@@ -35,12 +32,7 @@ PROBE = 0.3  # state.probe_interval in these tests: recovery without traffic is 
 
 @pytest.fixture
 def origin(tmp_path: Path, capgo_dir: Path) -> Path:
-    root = tmp_path / "origin"
-    root.mkdir()
-    for version in ("1.0.0", "1.1.0"):
-        shutil.copy(capgo_dir / f"app_{version}.zip", tmp_path / f"{version}.zip")
-        add_release(root, APP_ID, version, "production", tmp_path / f"{version}.zip")
-    return root
+    return capgo_origin(tmp_path / "origin", capgo_dir)
 
 
 @pytest.fixture
@@ -60,14 +52,6 @@ def _config(directory: Path, pki: Pki, origin: Path, *, state: dict[str, Any], a
         origins={"local": {"type": "directory", "path": str(origin)}},
         extra={"state": {"probe_interval": PROBE, **state}, "audit": audit},
     )
-
-
-def _readyz(gw: GatewayProcess) -> tuple[int, dict[str, Any]]:
-    try:
-        with urllib.request.urlopen(f"{gw.admin_url}/readyz", timeout=5) as resp:
-            return resp.status, json.loads(resp.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
 
 
 def _state_errors(gw: GatewayProcess) -> dict[str, float]:
@@ -99,7 +83,7 @@ def test_redis_stopped_mid_run_fails_visibly_and_recovers(
     cfg = _config(tmp_path / "gw", pki, origin, state={"redis_url": redis.url}, audit={"path": "audit.log"})
     with run_gateway(cfg) as gw:
         assert _update(gw, pki).json()["version"] == "1.1.0"  # healthy: an offer
-        assert _readyz(gw)[0] == 200
+        assert gw.readyz()[0] == 200
         before = _state_errors(gw)
         failed_before = gw.metric("ota_gateway_update_answers_total", kind="failed")
 
@@ -113,14 +97,14 @@ def test_redis_stopped_mid_run_fails_visibly_and_recovers(
         stats = _stats(gw, pki)  # fail_open (the default): events still pass the rate limit and are counted
         assert stats.status == 200 and stats.json() == {"status": "ok"}
         assert _state_errors(gw)["hit"] - before["hit"] == 2
-        status, body = _readyz(gw)
+        status, body = gw.readyz()
         assert status == 503 and any(r.startswith("state store failing") for r in body["reasons"]), body
         line = gw.audit()[-2]  # the update check
         assert (line["route"], line["outcome"], line["reason"]) == ("updates", "refused", "state_error")
         assert wait_until(lambda: any("state store failing" in x for x in gw.stderr_lines), timeout=5)
 
         redis.start()  # same port, empty: no request needed, the probe sees it back
-        assert wait_until(lambda: _readyz(gw)[0] == 200, timeout=10 * PROBE + 5), _readyz(gw)
+        assert wait_until(lambda: gw.readyz()[0] == 200, timeout=10 * PROBE + 5), gw.readyz()
         assert wait_until(lambda: any("state store recovered" in x for x in gw.stderr_lines), timeout=5)
         assert _update(gw, pki).json()["version"] == "1.1.0"
         failing_lines = [x for x in gw.stderr_lines if "state store failing" in x]
@@ -146,7 +130,7 @@ def test_redis_down_with_rate_limit_fail_closed_refuses_stats(
         channel = capgo_call(f"{gw.base_url}/channel_self", pki.client_context(pki.client), device_body(), method="PUT")
         assert channel.status == 200  # a route that needs no state keeps working
         redis.start()
-        assert wait_until(lambda: _readyz(gw)[0] == 200, timeout=10 * PROBE + 5)
+        assert wait_until(lambda: gw.readyz()[0] == 200, timeout=10 * PROBE + 5)
         assert _stats(gw, pki).status == 200
 
 
@@ -167,12 +151,12 @@ def test_sqlite_on_a_full_disk_fails_offers_and_recovers(tmp_path: Path, pki: Pk
             after = _state_errors(gw)
             assert after["hit"] - before["hit"] == 1 and after["record_offer"] - before["record_offer"] == 1
             assert after["high_water"] == before["high_water"]  # reads still work on a full disk
-            status, body = _readyz(gw)
+            status, body = gw.readyz()
             assert status == 503 and "database or disk is full" in " ".join(body["reasons"]), body
             assert _stats(gw, pki).status == 200  # fail_open: events pass
 
             filler.unlink()
-            assert wait_until(lambda: _readyz(gw)[0] == 200, timeout=10 * PROBE + 5), _readyz(gw)
+            assert wait_until(lambda: gw.readyz()[0] == 200, timeout=10 * PROBE + 5), gw.readyz()
             assert _update(gw, pki).json()["version"] == "1.1.0"
             assert _state_errors(gw)["record_offer"] == after["record_offer"]
 
@@ -208,7 +192,7 @@ def test_audit_on_a_full_disk_keeps_serving_counts_and_records_the_gap(tmp_path:
             filler, _ = _fill_audit_disk(gw, pki, disk)
             for _ in range(4):  # keep_serving (the default): answered while their lines are lost
                 assert _ping(gw, pki).status == 200
-            assert _readyz(gw)[0] == 200
+            assert gw.readyz()[0] == 200
             lost = gw.metric("ota_gateway_audit_write_failures_total")
             assert lost == 5
             lines = _audit_lines(audit)  # whole lines only
@@ -230,7 +214,7 @@ def test_audit_fail_closed_refuses_while_lines_are_lost_and_recovers(tmp_path: P
         audit = disk / "audit.log"
         cfg = _config(tmp_path / "gw", pki, origin, state={}, audit={"path": str(audit), "on_failure": "fail_closed"})
         with run_gateway(cfg) as gw:
-            assert _ping(gw, pki).status == 200 and _readyz(gw)[0] == 200  # healthy twin
+            assert _ping(gw, pki).status == 200 and gw.readyz()[0] == 200  # healthy twin
             filler, _ = _fill_audit_disk(gw, pki, disk)
             refused = _ping(gw, pki)
             assert refused.status == 503 and refused.headers["content-type"] == "application/problem+json"
@@ -240,11 +224,11 @@ def test_audit_fail_closed_refuses_while_lines_are_lost_and_recovers(tmp_path: P
             assert stats.json()["kind"] == "failed"
             assert gw.metric("ota_gateway_refusals_total", reason="audit_unavailable") == 2
             assert gw.metric("ota_gateway_device_events_total", app=APP_ID, action="set") == 0  # never reached
-            status, body = _readyz(gw)
+            status, body = gw.readyz()
             assert status == 503 and any("audit log failing" in r for r in body["reasons"]), body
 
             filler.unlink()  # no request needed: the probe writes the gap record and ends the failure
-            assert wait_until(lambda: _readyz(gw)[0] == 200, timeout=10 * PROBE + 5), _readyz(gw)
+            assert wait_until(lambda: gw.readyz()[0] == 200, timeout=10 * PROBE + 5), gw.readyz()
             assert _ping(gw, pki).status == 200
             gap = [line for line in _audit_lines(audit) if line.get("event") == "audit_gap"]
             assert len(gap) == 1 and gap[0]["lost"] == gw.metric("ota_gateway_audit_write_failures_total") == 3
