@@ -210,6 +210,12 @@ class Origin(Protocol):
 
     async def index(self, app_id: str) -> ReleaseIndex: ...
 
+    async def published(self, app_id: str) -> frozenset[str]:
+        """The versions of the app's release index that this origin knows without a network call (a device event
+        never waits for the origin): a directory origin's index, nothing for an HTTPS origin, nothing when the
+        index cannot be read."""
+        ...
+
     def endpoint(self, name: EndpointName) -> Endpoint | None:
         """The update server's `<name>_path` (`updates_path`, ...), if this origin has one."""
         ...
@@ -274,6 +280,12 @@ class DirectoryOrigin:
     @property
     def hosts(self) -> None:
         return None
+
+    async def published(self, app_id: str) -> frozenset[str]:
+        try:
+            return frozenset(r.version for r in (await self.index(app_id)).releases)
+        except OriginError:
+            return frozenset()
 
     def endpoint(self, name: EndpointName) -> None:
         return None  # a folder has no update server
@@ -612,6 +624,9 @@ class HttpsOrigin:
         if self.config.forward_identity == "xfcc":
             return {XFCC: xfcc_value(peer.identity, by=None)}
         return {CLIENT_CERT: client_cert_value(peer.identity.der)}
+
+    async def published(self, app_id: str) -> frozenset[str]:
+        return frozenset()
 
     def locate(self, app_id: str, file: str) -> str:
         return str(self.base / app_id / file)

@@ -3,7 +3,9 @@
 Owns the end of every request, like a mitmproxy addon that sees each flow once: `settle` turns what the handler
 raised into the answer and the outcome, `finish` writes the audit line and counts `ota_gateway_requests_total`
 and `ota_gateway_refusals_total` exactly once, and `low_level` does the same for answers the listener gives
-before the application sees a request (parser 400s, header 408s). Handlers only return a response or raise an
+before the application sees a request (parser 400s, header 408s); `release` writes the line and sets the metrics of
+an event that is no request's outcome: a release halted (by its devices' failures or an operator) or resumed.
+Handlers only return a response or raise an
 outcome: a `Refusal` (answered in the route's shape), an `Answered` refusal that brings its own answer (a Capgo 200
 decline, a 416 with Content-Range), or an `Answered(..., aborted=True)` for a stream cut after its headers went out.
 Anything else becomes `internal_error` (500 problem details, traceback logged once); a cancelled request is
@@ -17,16 +19,20 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from gateway.audit import AuditLog, AuditRecord
+from gateway.core.identity import ClientIdentity
 from gateway.core.reasons import Reason, Refusal
 from gateway.handlers.capgo_common import refusal_response
 from gateway.metrics import Metrics
 
 log = logging.getLogger("ota_gateway.http")
+
+ReleaseAction = Literal["HALT", "RESUME"]
 
 
 class Answered(Refusal):
@@ -109,6 +115,22 @@ class Recorder:
         self._note(entry, "refused", reason, detail)
         entry.status = status
         self.finish(entry, "other", None)
+
+    def release(
+        self, action: ReleaseAction, app_id: str, version: str, detail: str, *, tipped_by: ClientIdentity | None = None
+    ) -> None:
+        """A release halted or resumed: its audit line (route `release`, method `HALT` or `RESUME`) and metrics.
+        `ota_gateway_release_halted{app,version}` follows the halt; an automatic halt (`tipped_by`: the client whose
+        event reached the failure ratio, named in the line) also counts in `ota_gateway_release_halts_total{app}`."""
+        record = AuditRecord(
+            "release", action, f"/releases/{app_id}/{version}", detail=detail, app=app_id, version=version
+        )
+        record.set_identity(tipped_by)
+        if action == "HALT" and tipped_by is not None:
+            self.metrics.release_halts.labels(app_id).inc()
+        self.metrics.halted_versions.setdefault(app_id, set()).add(version)
+        self.metrics.release_halted.labels(app_id, version).set(1 if action == "HALT" else 0)
+        self.audit.write(record)
 
     @staticmethod
     def _note(record: AuditRecord, outcome: str, reason: Reason, detail: str | None) -> None:

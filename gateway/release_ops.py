@@ -2,7 +2,8 @@
 
 Works against the state store of a running gateway (the SQLite file or the Redis of `state` in gateway.yaml), so
 every worker and host sees a change within a second. `halt` and `resume` write one audit line each (route
-`release`) to the configured audit log; `resume` clears the halt and the device counts behind it.
+`release`) to the configured audit log, through the recorder (`Recorder.release`) as the server's halts are;
+`resume` clears the halt and the device counts behind it.
 """
 
 from __future__ import annotations
@@ -11,11 +12,18 @@ import getpass
 import time
 from pathlib import Path
 
-from gateway.audit import AuditLog, AuditRecord
+from gateway.audit import AuditLog
 from gateway.config import Config
 from gateway.core.policy import AppPolicy
 from gateway.core.rollout import NO_ROLLOUT
 from gateway.core.versions import VersionError, parse
+from gateway.metrics import Metrics
+from gateway.recorder import Recorder, ReleaseAction
+
+_ACTIONS: dict[str, tuple[ReleaseAction, str, str]] = {  # action -> (audit method, done, nothing to do)
+    "halt": ("HALT", "halted", "was already halted"),
+    "resume": ("RESUME", "resumed", "was not halted"),
+}
 
 
 class ReleaseOpError(ValueError):
@@ -45,27 +53,18 @@ async def release_command(action: str, config_path: Path, app_id: str, version: 
     try:
         rollout = app.rollout or NO_ROLLOUT
         lines = []
-        if action in ("halt", "resume"):
+        if action in _ACTIONS:
+            method, done, unchanged = _ACTIONS[action]
             who = f"operator {getpass.getuser()} (ota-gateway release {action})"
             if action == "halt":
                 changed = await store.halt(app_id, version, f"halted by {who}")
             else:
                 changed = await store.resume(app_id, version)
-            verb = {"halt": ("halted", "was already halted"), "resume": ("resumed", "was not halted")}[action]
-            lines.append(f"{app_id} {version}: {verb[0] if changed else verb[1]}")
+            lines.append(f"{app_id} {version}: {done if changed else unchanged}")
             if changed:
                 audit = AuditLog(config.audit.path)
-                try:
-                    audit.write(
-                        AuditRecord(
-                            "release",
-                            action.upper(),
-                            f"/releases/{app_id}/{version}",
-                            detail=f"{verb[0]} by {who}",
-                            app=app_id,
-                            version=version,
-                        )
-                    )
+                try:  # this process's metrics are its own: the server's gauge follows the store within a second
+                    Recorder(Metrics(), audit, lambda: False).release(method, app_id, version, f"{done} by {who}")
                 finally:
                     audit.close()
         halts = await store.halts(app_id)

@@ -18,6 +18,7 @@ from gateway.audit import AuditLog, AuditRecord
 from gateway.core.reasons import Reason, Refusal
 from gateway.metrics import Metrics
 from gateway.recorder import Answered, Recorder
+from tests.core.test_plans import DEVICE
 
 
 class _Setup:
@@ -183,3 +184,39 @@ def test_a_low_level_answer_is_one_line_of_the_other_route(rec: _Setup) -> None:
     )
     assert rec.refusals("request_timeout") == 1 and rec.all_refusals() == 1
     assert rec.requests("other", "refused") == 1
+
+
+def _release_metrics(rec: _Setup, version: str) -> tuple[float, float]:
+    registry = rec.metrics.registry
+    halts = registry.get_sample_value("ota_gateway_release_halts_total", {"app": "com.example.app"}) or 0.0
+    labels = {"app": "com.example.app", "version": version}
+    return halts, registry.get_sample_value("ota_gateway_release_halted", labels) or 0.0
+
+
+def test_an_automatic_halt_is_one_release_line_naming_the_device_counted_and_shown(rec: _Setup) -> None:
+    rec.recorder.release("HALT", "com.example.app", "1.3.0", "halted automatically", tipped_by=DEVICE.identity)
+    (line,) = rec.lines()
+    assert (line["route"], line["method"], line["path"], line["app"], line["version"], line["outcome"]) == (
+        "release",
+        "HALT",
+        "/releases/com.example.app/1.3.0",
+        "com.example.app",
+        "1.3.0",
+        "ok",
+    )
+    assert line["identity_sha256"] == DEVICE.identity.sha256 and line["detail"] == "halted automatically"
+    assert _release_metrics(rec, "1.3.0") == (1, 1)
+    assert rec.all_refusals() == 0 and rec.requests("other", "ok") == 0  # no request: no request counters
+
+
+def test_an_operators_halt_and_resume_are_lines_that_move_the_gauge_but_not_the_automatic_count(rec: _Setup) -> None:
+    rec.recorder.release("HALT", "com.example.app", "1.3.0", "halted by operator")
+    assert _release_metrics(rec, "1.3.0") == (0, 1)
+    rec.recorder.release("RESUME", "com.example.app", "1.3.0", "resumed by operator")
+    assert _release_metrics(rec, "1.3.0") == (0, 0)
+    lines = rec.lines()
+    assert [(x["method"], x["detail"], x.get("identity_sha256")) for x in lines] == [
+        ("HALT", "halted by operator", None),
+        ("RESUME", "resumed by operator", None),
+    ]
+    assert rec.metrics.halted_versions == {"com.example.app": {"1.3.0"}}  # current_halts keeps this series fresh

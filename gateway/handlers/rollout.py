@@ -1,23 +1,22 @@
 """Staged rollouts and halting in the shell: the halted releases (read from the state store, cached at most one
 second, so every worker and every host sharing a Redis agrees within a second), device events counted per release,
-and the automatic halt with its audit line and metrics. `core/rollout.py` decides; this module reads and writes.
+and the automatic halt. `core/rollout.py` decides; this module reads and writes; the recorder
+(`Recorder.release`) writes a halt's audit line and metrics.
 
-Only releases the operator named are watched: the versions in the app's `rollout.releases` and, for a directory
-origin, the versions in its release index. A stats event for any other version counts nothing, so no client string
-ever becomes a state key or a metric label.
+Only releases the operator named are watched: the versions in the app's `rollout.releases` and those of the
+release index the origin knows without a network call (`Origin.published`: a directory origin's index). A stats
+event for any other version counts nothing, so no client string ever becomes a state key or a metric label.
 """
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Sequence
 
-from gateway.audit import AuditRecord
 from gateway.core.capgo import StatsEvent
 from gateway.core.policy import AppPolicy, Peer
 from gateway.core.rollout import Rollout, device_key, event_kind, should_halt
-from gateway.origins import DirectoryOrigin, OriginError
+from gateway.recorder import Recorder
 from gateway.state_keys import Runtime
 
 HALT_CACHE_SECONDS = 1.0
@@ -40,17 +39,14 @@ async def current_halts(rt: Runtime, app: AppPolicy) -> dict[str, str]:
 
 
 async def _watched(rt: Runtime, app: AppPolicy, rollout: Rollout) -> set[str]:
-    watched = set(rollout.releases)
-    origin = rt.origins[app.origin]
-    if isinstance(origin, DirectoryOrigin):
-        with contextlib.suppress(OriginError):
-            watched.update(r.version for r in (await origin.index(app.app_id)).releases)
-    return watched
+    return set(rollout.releases) | await rt.origins[app.origin].published(app.app_id)
 
 
-async def count_events(rt: Runtime, app: AppPolicy, peer: Peer, events: Sequence[StatsEvent]) -> list[str]:
-    """Count accepted device events against their release; halt releases that reach the failure ratio. Returns the
-    versions this call halted."""
+async def count_events(
+    rt: Runtime, recorder: Recorder, app: AppPolicy, peer: Peer, events: Sequence[StatsEvent]
+) -> list[str]:
+    """Count accepted device events against their release; halt releases that reach the failure ratio (the
+    recorder writes the halt). Returns the versions this call halted."""
     rollout = app.rollout
     if rollout is None:
         return []
@@ -78,15 +74,6 @@ async def count_events(rt: Runtime, app: AppPolicy, peer: Peer, events: Sequence
             )
             if await rt.state.halt(app.app_id, version, detail):
                 halted.append(version)
-                _report_halt(rt, app.app_id, version, detail, peer)
+                rt.halt_cache.pop(app.app_id, None)
+                recorder.release("HALT", app.app_id, version, detail, tipped_by=peer.identity)
     return halted
-
-
-def _report_halt(rt: Runtime, app_id: str, version: str, detail: str, peer: Peer) -> None:
-    rt.metrics.release_halts.labels(app_id).inc()
-    rt.metrics.halted_versions.setdefault(app_id, set()).add(version)
-    rt.metrics.release_halted.labels(app_id, version).set(1)
-    rt.halt_cache.pop(app_id, None)
-    record = AuditRecord("release", "HALT", f"/releases/{app_id}/{version}", detail=detail, app=app_id, version=version)
-    record.set_identity(peer.identity)  # whose event tipped the ratio
-    rt.audit.write(record)

@@ -19,6 +19,7 @@ from gateway.core.policy import admit
 from gateway.core.reasons import Reason, Refusal
 from gateway.handlers.capgo_common import call_origin, capgo_json, invalid, rate_limit, read_json
 from gateway.handlers.rollout import count_events
+from gateway.recorder import RECORDER
 from gateway.state_keys import RUNTIME, request_audit, request_peer
 
 BODY_LIMIT = 2 * 1024 * 1024  # 200 events with their metadata
@@ -58,7 +59,7 @@ async def post_stats(request: web.Request) -> web.StreamResponse:
     for event in events:
         rt.metrics.device_events.labels(app.app_id, event.label).inc()
     record.detail = f"{len(events)} event(s)"
-    halted = await count_events(rt, app, peer, events)
+    halted = await count_events(rt, request.app[RECORDER], app, peer, events)
     if halted:
         record.detail += f"; halted {', '.join(halted)}"
     return capgo_json(answer)
