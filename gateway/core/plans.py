@@ -10,7 +10,8 @@ origins and limits are passed in.
 The order of one download:   parse -> `plan_bundle` or `redeem_ticket` + `plan_ticket_download` -> open the origin
                              -> `plan_response` (with the size the origin declared) -> stream through the verifier.
 The order of an update check: parse -> `plan_update` -> ask the origin -> `core/review.review_answer`
-                             -> `plan_offer` (ticket urls) -> answer.
+                             -> `plan_staged` (held back by a rollout or a halt? then read the index
+                             -> `plan_fallback`) -> `plan_offer` (ticket urls) -> answer.
 """
 
 from __future__ import annotations
@@ -28,7 +29,17 @@ from gateway.core.names import host_of, is_channel
 from gateway.core.policy import AppPolicy, Peer, PolicySet, admit, channel_allowed
 from gateway.core.reasons import Reason, Refusal
 from gateway.core.releases import ReleaseIndex
-from gateway.core.review import Decline, Offer, Served, load_public_keys, new_version_body
+from gateway.core.review import (
+    Decline,
+    Offer,
+    Outcome,
+    Served,
+    load_public_keys,
+    new_version_body,
+    release_answer,
+    review_answer,
+)
+from gateway.core.rollout import HALTED, NO_ROLLOUT, Rollout, device_key, held_back, previous_release
 from gateway.core.tickets import Ticket, TicketError, TicketKey, open_ticket, seal
 from gateway.core.verify import Digest, Expectation
 
@@ -266,6 +277,86 @@ def plan_update(policies: PolicySet, peer: Peer, device: DeviceInfo) -> UpdatePl
         )
         return UpdatePlan(app, channel, app.origin, decline)
     return UpdatePlan(app, channel, app.origin)
+
+
+@dataclass(frozen=True, slots=True)
+class HeldBack:
+    """An offer this device may not have yet: why (`cause`: `halted` or `not_in_rollout`, and a sentence), and
+    whether to look for a release before it in the release index (`look_back`: `halt.offer_previous`)."""
+
+    version: str  # the offer held back
+    cause: str
+    why: str
+    look_back: bool
+    rollout: Rollout
+    device: str  # who the device is (`core/rollout.device_key`)
+    halts: Mapping[str, object] = field(repr=False)
+
+
+def plan_staged(
+    app: AppPolicy, offer: Offer, *, cert_sha256: str, device_id: str, halts: Mapping[str, object]
+) -> HeldBack | None:
+    """POST /updates, after the review accepted an offer: None if it may go to this device; else why not (the
+    version is halted, or its staged rollout does not include the device yet). An operator's halt holds for every
+    app, a rollout only for apps with a `rollout` block; who the device is follows `rollout.identity`."""
+    rollout = app.rollout or NO_ROLLOUT
+    who = device_key(cert_sha256, device_id, rollout.identity)
+    cause = held_back(rollout, app.app_id, offer.version, who, halts)
+    if cause is None:
+        return None
+    state = "halted" if cause == HALTED else "in a staged rollout not open to this device yet"
+    why = f"{offer.version} is {state}"
+    return HeldBack(offer.version, cause, why, rollout.halt.offer_previous, rollout, who, halts)
+
+
+@dataclass(frozen=True, slots=True)
+class Fallback:
+    """What a held-back device gets instead of the offer, the file the answer names (for its tickets), and why."""
+
+    outcome: Outcome
+    served: Served | None
+    why: str
+
+
+def plan_fallback(
+    held: HeldBack,
+    app: AppPolicy,
+    device: DeviceInfo,
+    channel: str,
+    index: ReleaseIndex | None,
+    *,
+    locate: Callable[[str], str],
+    hosts: frozenset[str] | None,
+) -> Fallback:
+    """The newest release of the device's channel in the release index (None: none could be read) that is older
+    than the held-back offer, newer than the device, and neither halted nor outside its own rollout; reviewed like
+    any offer, except that the channel high-water mark (which the held-back offer already raised) does not refuse
+    the gateway's own lower choice. A fallback whose review fails (`kind: failed`, a broken release) is that
+    failure; one the policy refuses leaves the device up to date, as does no fallback or `offer_previous: false`.
+    `locate`: where the origin keeps an index file (`Origin.locate`); `hosts`: the hosts its urls may name."""
+    if not held.look_back or index is None:
+        return _stay(held.why)
+    release = previous_release(
+        index,
+        channel,
+        device.version_name,
+        held.version,
+        lambda version: held_back(held.rollout, app.app_id, version, held.device, held.halts) is None,
+    )
+    if release is None:
+        return _stay(held.why)
+    answer = release_answer(release)
+    answer["url"] = locate(release.file)
+    served = Served(release.sha256, release.size)
+    keys = load_public_keys(app.verification.public_keys)
+    outcome = review_answer(answer, device, app, public_keys=keys, high_water=None, hosts=hosts, served=served)
+    if not isinstance(outcome, Decline) or outcome.kind is Kind.FAILED:
+        return Fallback(outcome, served, held.why)
+    return _stay(f"{held.why}; {release.version} before it: {outcome.message}")
+
+
+def _stay(why: str) -> Fallback:
+    return Fallback(Decline("no_new_version_available", why, Kind.UP_TO_DATE), None, why)
 
 
 def channel_self_problem(app: AppPolicy, method: str, channel: object) -> Refusal | None:

@@ -4,20 +4,22 @@ A thin shell: check the body (`core/capgo.py`), plan the check (`core/plans.plan
 apply the rate limit, get an answer (the HTTPS origin's Capgo update endpoint, `updates_path`, or else the newest
 release of the device's channel in the origin's release index), review it (`core/review.py`) against the policy and
 the channel high-water mark in the state store, hold back an offer that the device's staged rollout or a halt
-excludes (`core/rollout.py`: the release before it from the index, or up to date), then hand out download tickets
-in place of the origin's urls (`core/plans.plan_offer`). Every answer is Capgo-shaped JSON with
-`Cache-Control: no-store`; a refused offer is HTTP 200 with `error`, `message` and `kind`, as the plugin expects.
+excludes (`core/plans.plan_staged`, `plan_fallback`: the release before it from the index, or up to date), then
+hand out download tickets in place of the origin's urls (`core/plans.plan_offer`). Every answer is Capgo-shaped
+JSON with `Cache-Control: no-store`; a refused offer is HTTP 200 with `error`, `message` and `kind`, as the plugin
+expects.
 """
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import Any
 
 from aiohttp import web
 
 from gateway.core.capgo import DeviceInfo, InvalidRequest, Kind, parse_info
-from gateway.core.plans import plan_offer, plan_update
+from gateway.core.plans import Fallback, plan_fallback, plan_offer, plan_staged, plan_update
 from gateway.core.policy import AppPolicy, Peer, admit
 from gateway.core.reasons import Reason, Refusal
 from gateway.core.releases import Release
@@ -29,20 +31,16 @@ from gateway.core.review import (
     Served,
     index_answer,
     load_public_keys,
-    release_answer,
     review_answer,
 )
-from gateway.core.rollout import HALTED, NO_ROLLOUT, device_key, held_back, previous_release
 from gateway.handlers.capgo_common import RateLimited, call_origin, capgo_json, invalid, rate_limit, read_json
 from gateway.handlers.rollout import current_halts
-from gateway.origins import DirectoryOrigin, HttpsOrigin, OriginError, ReleaseNotFound
+from gateway.origins import Origin, OriginError, ReleaseNotFound
 from gateway.recorder import Answered
 from gateway.state import StateError
 from gateway.state_keys import RUNTIME, Runtime, request_audit, request_peer
 
 BODY_LIMIT = 64 * 1024
-
-Origin = DirectoryOrigin | HttpsOrigin
 
 
 async def get_updates(request: web.Request) -> web.StreamResponse:
@@ -84,33 +82,22 @@ def _locate(
 
 async def _staged(
     rt: Runtime, app: AppPolicy, origin: Origin, device: DeviceInfo, channel: str, peer: Peer, offer: Offer
-) -> tuple[Outcome, Served | None, str] | None:
-    """None if the offer may go to this device; else what it gets instead (the newest release before it that it
-    may have, from the release index, or up to date), the answer's file, and why (core/rollout.py)."""
-    rollout = app.rollout or NO_ROLLOUT  # an operator's halt (`release halt`) holds for every app
+) -> Fallback | None:
+    """None if the offer may go to this device; else what it gets instead (`core/plans.plan_staged` and
+    `plan_fallback`: the release before it that it may have, from the release index, or up to date)."""
     halts = await current_halts(rt, app)
-    who = device_key(peer.identity.sha256, device.device_id, rollout.identity)
-    cause = held_back(rollout, app.app_id, offer.version, who, halts)
-    if cause is None:
+    held = plan_staged(app, offer, cert_sha256=peer.identity.sha256, device_id=device.device_id, halts=halts)
+    if held is None:
         return None
-    rt.metrics.held_back.labels(app.app_id, cause).inc()
-    why = f"{offer.version} is {'halted' if cause == HALTED else 'in a staged rollout not open to this device yet'}"
-    if rollout.halt.offer_previous:
+    rt.metrics.held_back.labels(app.app_id, held.cause).inc()
+    index = None
+    if held.look_back:
         try:
             index = await origin.index(app.app_id)
         except OriginError:
-            index = None
-        usable = lambda v: held_back(rollout, app.app_id, v, who, halts) is None  # noqa: E731
-        release = index and previous_release(index, channel, device.version_name, offer.version, usable)
-        if release:
-            # the gateway's own choice from the index, below a version that passed the review: no high-water mark
-            answer, hosts, served = _locate(origin, app, release, release_answer(release))
-            keys = load_public_keys(app.verification.public_keys)
-            outcome = review_answer(answer, device, app, public_keys=keys, high_water=None, hosts=hosts, served=served)
-            if not isinstance(outcome, Decline) or outcome.kind is Kind.FAILED:  # a broken release is a failure
-                return outcome, served, why
-            why += f"; {release.version} before it: {outcome.message}"  # e.g. blocked by the policy: stay put
-    return Decline("no_new_version_available", why, Kind.UP_TO_DATE), None, why
+            index = None  # no release to fall back to: the device is up to date
+    locate = functools.partial(origin.locate, app.app_id)
+    return plan_fallback(held, app, device, channel, index, locate=locate, hosts=origin.hosts)
 
 
 def _tickets(
@@ -217,11 +204,11 @@ async def _update_check(request: web.Request) -> web.StreamResponse:
     if staged is None:
         return await _answer(request, rt, app, channel, origin, outcome, peer, served)
     try:
-        response = await _answer(request, rt, app, channel, origin, staged[0], peer, staged[1])
+        response = await _answer(request, rt, app, channel, origin, staged.outcome, peer, staged.served)
     except Answered as answered:
-        answered.detail = f"{answered.detail}; {staged[2]}"
+        answered.detail = f"{answered.detail}; {staged.why}"
         raise
-    record.detail = f"{record.detail}; {staged[2]}"
+    record.detail = f"{record.detail}; {staged.why}"
     return response
 
 

@@ -2,7 +2,8 @@
 
 Rules: admission, channel (downloads, update checks, /channel_self), size cap, ticket checks, origin confinement,
 location confinement, Range form and bounds, the session key of an encrypted download, the size the origin
-declares, and the Host a ticket url names. No sockets: plain values in, a plan or a Refusal out.
+declares, the Host a ticket url names, and an offer held back by a staged rollout or a halt (and its fallback).
+No sockets: plain values in, a plan or a Refusal out.
 """
 
 from __future__ import annotations
@@ -20,15 +21,19 @@ from gateway.core.capgo import DeviceInfo, Kind, parse_info
 from gateway.core.identity import ClientIdentity
 from gateway.core.plans import (
     DownloadPlan,
+    Fallback,
+    HeldBack,
     OfferPlan,
     ResponsePlan,
     Unsatisfiable,
     UpdatePlan,
     channel_self_problem,
     current_channel,
+    plan_fallback,
     plan_offer,
     plan_release,
     plan_response,
+    plan_staged,
     plan_ticket_download,
     plan_update,
     range_start,
@@ -37,10 +42,11 @@ from gateway.core.plans import (
     size_cap,
     ticket_base_url,
 )
-from gateway.core.policy import AppPolicy, Channels, ClientRule, Peer, PolicySet, Verification
+from gateway.core.policy import AppPolicy, Channels, ClientRule, Peer, PolicySet, Verification, Versions
 from gateway.core.reasons import Reason, Refusal
 from gateway.core.releases import Release, ReleaseIndex
-from gateway.core.review import ManifestEntry, Offer, Served
+from gateway.core.review import Decline, ManifestEntry, Offer, Served
+from gateway.core.rollout import HALTED, NOT_IN_ROLLOUT, Halt, Rollout
 from gateway.core.tickets import Ticket, TicketKey, open_ticket, seal
 from gateway.core.verify import Expectation
 from tests.support import CAPGO_FIXTURES, capgo_fixture, device_body
@@ -432,3 +438,145 @@ def test_public_url_wins_over_the_host_header() -> None:
     assert ticket_base_url("https://ota.example", "evil.example") == "https://ota.example"
     plan = offer_plan(public_url="https://ota.example", host_header="not a host")
     assert isinstance(plan, OfferPlan) and plan.body["url"].startswith("https://ota.example/bundles/t/")
+
+
+# --- staged rollouts and halts: held back, and the fallback ------------------------------------------------------
+
+STAGED_INDEX = ReleaseIndex(
+    APP_ID,
+    (
+        Release("1.1.0", "production", "1.1.0.zip", 100, SHA),
+        Release("1.2.0", "production", "1.2.0.zip", 100, SHA),
+        Release("1.2.5", "beta", "1.2.5.zip", 100, SHA),
+        Release("1.3.0", "production", "1.3.0.zip", 100, SHA),
+    ),
+)
+NEW = dataclasses.replace(OFFER, version="1.3.0", manifest=())
+DEVICE_IDS = ("00000000-0000-4000-8000-000000000001", "00000000-0000-4000-8000-000000000002")
+
+
+def staged(
+    app: AppPolicy = APP, halts: dict[str, str] | None = None, device_id: str = DEVICE_IDS[0]
+) -> HeldBack | None:
+    """The held-back plan (asserted held back; `passes` checks the other way)."""
+    held = plan_staged(app, NEW, cert_sha256=DEVICE.identity.sha256, device_id=device_id, halts=halts or {})
+    assert held is not None, "not held back"
+    return held
+
+
+def passes(app: AppPolicy = APP, halts: dict[str, str] | None = None) -> bool:
+    return plan_staged(app, NEW, cert_sha256=DEVICE.identity.sha256, device_id=DEVICE_IDS[0], halts=halts or {}) is None
+
+
+def rolled_out(percent: dict[str, float], app: AppPolicy = APP, **kw: Any) -> AppPolicy:
+    identity = kw.pop("identity", "certificate")
+    return dataclasses.replace(app, rollout=Rollout(percent, identity=identity, halt=Halt(**kw)))
+
+
+def fallback(
+    held: HeldBack,
+    app: AppPolicy,
+    *,
+    index: ReleaseIndex | None = STAGED_INDEX,
+    channel: str = "production",
+    version: str = "1.0.0",
+    host: str = "cdn.example",
+) -> Fallback:
+    dev = parse_info(device_body(APP_ID, version=version))
+    locate = lambda file: f"https://{host}/{APP_ID}/{file}"  # noqa: E731
+    return plan_fallback(held, app, dev, channel, index, locate=locate, hosts=frozenset({"cdn.example"}))
+
+
+def up_to_date(result: Fallback, why: str = "") -> None:
+    assert isinstance(result.outcome, Decline), result
+    assert (result.outcome.kind, result.outcome.reason, result.served) == (Kind.UP_TO_DATE, None, None)
+    assert why in result.outcome.message and result.why == result.outcome.message
+
+
+def offered(result: Fallback, version: str) -> None:
+    assert isinstance(result.outcome, Offer), result
+    assert result.outcome.version == version and result.served == Served(SHA, 100)
+    assert result.outcome.location == f"https://cdn.example/{APP_ID}/{version}.zip"
+
+
+def test_a_halted_offer_is_held_back_even_for_an_app_without_a_rollout() -> None:
+    held = staged(APP, {"1.3.0": "halted by operator"})
+    assert (held.cause, held.why) == (HALTED, "1.3.0 is halted")
+    assert passes(APP)
+    assert passes(APP, {"1.2.0": "another version"})
+
+
+def test_an_offer_is_held_back_from_a_device_outside_its_rollout() -> None:
+    held = staged(rolled_out({"1.3.0": 0}))
+    assert held.cause == NOT_IN_ROLLOUT and "staged rollout" in held.why
+    assert passes(rolled_out({"1.3.0": 100}))
+    assert passes(rolled_out({"1.2.0": 0}))  # a version the rollout does not list is at 100 %
+
+
+def test_who_the_device_is_follows_the_rollout_identity() -> None:
+    by_cert = [staged(rolled_out({"1.3.0": 0}), device_id=d) for d in DEVICE_IDS]
+    by_device = [staged(rolled_out({"1.3.0": 0}, identity="device"), device_id=d) for d in DEVICE_IDS]
+    assert by_cert[0].device == by_cert[1].device == DEVICE.identity.sha256  # one certificate, one device
+    assert len({by_device[0].device, by_device[1].device, DEVICE.identity.sha256}) == 3
+
+
+def test_a_held_back_device_gets_the_newest_release_before_the_offer() -> None:
+    app = rolled_out({"1.3.0": 0})
+    result = fallback(staged(app), app)
+    offered(result, "1.2.0")
+    assert result.why == "1.3.0 is in a staged rollout not open to this device yet"
+
+
+def test_without_offer_previous_or_an_index_the_device_is_up_to_date() -> None:
+    app = rolled_out({"1.3.0": 0}, offer_previous=False)
+    held = staged(app)
+    assert held.look_back is False
+    up_to_date(fallback(held, app), "staged rollout")
+    app = rolled_out({"1.3.0": 0})
+    assert staged(app).look_back is True
+    up_to_date(fallback(staged(app), app, index=None), "staged rollout")
+
+
+def test_the_fallback_is_older_than_the_offer_and_newer_than_the_device() -> None:
+    app = rolled_out({"1.3.0": 0})
+    only_new = ReleaseIndex(APP_ID, (STAGED_INDEX.releases[-1],))
+    up_to_date(fallback(staged(app), app, index=only_new))
+    up_to_date(fallback(staged(app), app, version="1.2.0"))
+    offered(fallback(staged(app), app, version="1.1.0"), "1.2.0")
+
+
+def test_a_fallback_that_is_itself_held_back_is_passed_over() -> None:
+    app = rolled_out({"1.3.0": 0, "1.2.0": 0})
+    offered(fallback(staged(app), app), "1.1.0")
+    halted = {"1.3.0": "x", "1.2.0": "x"}
+    offered(fallback(staged(APP, halted), APP), "1.1.0")
+    offered(fallback(staged(APP, {"1.3.0": "x"}), APP), "1.2.0")
+
+
+def test_the_fallback_comes_from_the_devices_channel() -> None:
+    app = rolled_out({"1.3.0": 0})
+    result = fallback(staged(app), app, channel="beta")
+    assert isinstance(result.outcome, Offer) and result.outcome.version == "1.2.5"
+    offered(fallback(staged(app), app, channel="production"), "1.2.0")
+
+
+def test_a_fallback_the_policy_refuses_leaves_the_device_up_to_date() -> None:
+    app = rolled_out({"1.3.0": 0}, app=dataclasses.replace(APP, versions=Versions(blocked=("1.2.0",))))
+    up_to_date(fallback(staged(app), app), "; 1.2.0 before it: 1.2.0 is a blocked version")
+    offered(fallback(staged(app), rolled_out({"1.3.0": 0})), "1.2.0")
+
+
+def test_a_broken_fallback_is_a_failure_not_up_to_date() -> None:
+    app = rolled_out({"1.3.0": 0}, app=SIGNED)  # the app signs its bundles; the index release carries no signature
+    result = fallback(staged(app), app)
+    assert isinstance(result.outcome, Decline)
+    assert (result.outcome.kind, result.outcome.reason) == (Kind.FAILED, Reason.SIGNATURE_INVALID)
+    assert result.why == "1.3.0 is in a staged rollout not open to this device yet"
+
+
+def test_the_fallback_is_confined_to_the_origins_hosts() -> None:
+    app = rolled_out({"1.3.0": 0})
+    result = fallback(staged(app), app, host="evil.example")
+    assert isinstance(result.outcome, Decline)
+    assert (result.outcome.kind, result.outcome.reason) == (Kind.FAILED, Reason.FOREIGN_HOST)
+    offered(fallback(staged(app), app, host="cdn.example"), "1.2.0")
