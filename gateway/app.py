@@ -1,7 +1,9 @@
 """The aiohttp applications: the public mTLS app (routes, identity and audit middleware) and the admin app.
 
-Owns routing and the request envelope: every request gets its client identity (from the TLS peer certificate,
-derived once per certificate), one audit record that handlers annotate (app, version, origin, detail), and HSTS.
+Owns routing and the request envelope: every request gets the runtime's current snapshot (config, policies,
+origins, keys; `state_keys.Snapshot`), which it uses to its end even if a reload replaces it meanwhile, its client
+identity (from the TLS peer certificate, derived once per certificate), one audit record that handlers annotate
+(app, version, origin, detail), and HSTS.
 The envelope never records an outcome itself: what the handler returns or raises goes to `gateway/recorder.py`,
 which answers refusals (problem details, Capgo-shaped JSON on the Capgo routes), writes the audit line and counts
 the request once. Top-down: listener -> envelope -> handler -> core plan -> origin / verifier -> recorder.
@@ -34,7 +36,7 @@ from gateway.listener import LowLevelRecorder
 from gateway.metrics import exposition_registry
 from gateway.peer import resolve_peer
 from gateway.recorder import RECORDER, Recorder
-from gateway.state_keys import AUDIT_KEY, PEER_KEY, RUNTIME, Runtime
+from gateway.state_keys import AUDIT_KEY, PEER_KEY, RUNTIME, SNAPSHOT_KEY, Runtime, request_snapshot
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 log = logging.getLogger("ota_gateway.http")
@@ -50,6 +52,7 @@ def _route_label(request: web.Request) -> str:
 @web.middleware
 async def envelope(request: web.Request, handler: Handler) -> web.StreamResponse:
     rt = request.app[RUNTIME]
+    snap = request[SNAPSHOT_KEY] = rt.snapshot  # taken once: the request keeps it across a reload
     started = time.monotonic()
     route = _route_label(request)
     peer = request.transport.get_extra_info("peername") if request.transport else None
@@ -57,11 +60,11 @@ async def envelope(request: web.Request, handler: Handler) -> web.StreamResponse
         route=route, method=request.method, path=request.path[:256], peer=str(peer[0]) if peer else None
     )
     request[AUDIT_KEY] = record
-    rt.active += 1
+    rt.live.active += 1
     recorder = request.app[RECORDER]
     resp: web.StreamResponse
     try:
-        peer = resolve_peer(request, rt)
+        peer = resolve_peer(request, snap, rt.metrics)
         request[PEER_KEY] = peer
         record.set_identity(peer.identity)
         record.via_proxy = peer.via_proxy
@@ -72,7 +75,7 @@ async def envelope(request: web.Request, handler: Handler) -> web.StreamResponse
             raise
         resp = answer
     finally:
-        rt.active -= 1
+        rt.live.active -= 1
     recorder.finish(record, route, started, resp)
     return resp
 
@@ -85,7 +88,7 @@ async def audit_gate(request: web.Request, handler: Handler) -> web.StreamRespon
     written ends the failure (as does the periodic probe), and requests are served again.
     """
     rt = request.app[RUNTIME]
-    if rt.audit.failing and rt.config.audit.on_failure == "fail_closed":
+    if rt.audit.failing and request_snapshot(request).config.audit.on_failure == "fail_closed":
         raise Refusal(Reason.AUDIT_UNAVAILABLE, "the audit log cannot be written (audit.on_failure: fail_closed)")
     return await handler(request)
 
@@ -106,7 +109,7 @@ def low_level_headers(rt: Runtime, *, tls: bool, sockname: object = None) -> dic
 
 def _listener_for(rt: Runtime, sockname: object) -> TlsListener:
     """The TLS listener bound to `sockname` (host, port, ...): same port, and same address unless only one matches."""
-    listeners = rt.config.listeners
+    listeners = rt.snapshot.config.listeners
     if isinstance(sockname, tuple) and len(sockname) >= 2:
         host, port = sockname[0], sockname[1]
         same_port = [lst for lst in listeners if lst.port == port]
@@ -126,7 +129,7 @@ async def _hsts(request: web.Request, response: web.StreamResponse) -> None:
 
 def recorder_for(rt: Runtime) -> Recorder:
     """The runtime's recorder (metrics and audit log live as long as the runtime)."""
-    return Recorder(rt.metrics, rt.audit, lambda: rt.shutting_down)
+    return Recorder(rt.metrics, rt.audit, lambda: rt.live.shutting_down)
 
 
 def low_level_recorder(rt: Runtime) -> LowLevelRecorder:
@@ -188,23 +191,24 @@ ORIGIN_FAILURE_WINDOW = 60.0  # an origin whose last answer within this many sec
 def readiness(rt: Runtime, now: dt.datetime, monotonic: float, fds: tuple[int, int] | None = None) -> list[str]:
     """Why the gateway should not get traffic now; empty when it is ready. `fds`: (open descriptors, limit)."""
     problems = []
-    if rt.shutting_down:
+    snap, live = rt.snapshot, rt.live
+    if live.shutting_down:
         problems.append("shutting down")
     if fds is not None and fd_pressure(*fds):
         problems.append(f"open file descriptors at {fds[0]} of the limit {fds[1]}")
-    for material in rt.material.values():
+    for material in snap.material.values():
         for exp in material.expiries:
             if exp.kind != "crl" and exp.not_after <= now:
                 problems.append(f"{exp.kind} {exp.name} expired at {exp.not_after:%Y-%m-%dT%H:%M:%SZ}")
         for crl in material.revocation.stale_lists(now):
             if material.revocation.expired_mode == "fail_closed":
                 problems.append(f"CRL {crl.source} of {crl.ca_name} is past its nextUpdate (fail_closed)")
-    for name, (ok, when, detail) in sorted(rt.origin_health.items()):
+    for name, (ok, when, detail) in sorted(live.origin_health.items()):
         if not ok and monotonic - when < ORIGIN_FAILURE_WINDOW:
             problems.append(f"origin {name} failing: {detail}")
-    if rt.state_fault.failing:  # until an operation or the periodic probe succeeds
-        problems.append(rt.state_fault.describe(monotonic))
-    if rt.audit.failing and rt.config.audit.on_failure == "fail_closed":
+    if live.state_fault.failing:  # until an operation or the periodic probe succeeds
+        problems.append(live.state_fault.describe(monotonic))
+    if rt.audit.failing and snap.config.audit.on_failure == "fail_closed":
         problems.append(rt.audit.fault.describe(monotonic) + " (fail_closed: requests are refused)")
     return problems
 
@@ -215,12 +219,13 @@ async def _readyz(request: web.Request) -> web.Response:
     if fds is not None:
         rt.metrics.open_fds_ratio.set(fds[0] / fds[1])
     problems = readiness(rt, dt.datetime.now(dt.UTC), time.monotonic(), fds)
+    snap = rt.snapshot
     body = {
         "status": "not ready" if problems else "ready",
         "reasons": problems,
-        "apps": len(rt.policies.apps),
-        "origins": sorted(rt.origins),
-        "last_reload_ok": rt.last_reload_ok,
+        "apps": len(snap.policies.apps),
+        "origins": sorted(snap.origins),
+        "last_reload_ok": rt.live.last_reload_ok,
     }
     return web.json_response(body, status=503 if problems else 200)
 

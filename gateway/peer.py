@@ -19,7 +19,8 @@ from gateway.core.forwarded import CLIENT_CERT, IDENTITY_HEADERS, XFCC, parse_cl
 from gateway.core.identity import ClientIdentity, identity_from_der
 from gateway.core.policy import Peer
 from gateway.core.reasons import Reason, Refusal
-from gateway.state_keys import Runtime
+from gateway.metrics import Metrics
+from gateway.state_keys import Snapshot
 
 
 def peer_der(request: web.Request) -> bytes | None:
@@ -31,13 +32,13 @@ def peer_der(request: web.Request) -> bytes | None:
     return der
 
 
-def _forwarded_identity(rt: Runtime, der: bytes, now: dt.datetime) -> tuple[ClientIdentity, str]:
+def _forwarded_identity(snap: Snapshot, der: bytes, now: dt.datetime) -> tuple[ClientIdentity, str]:
     try:
         identity = identity_from_der(der)
         cert = x509.load_der_x509_certificate(der)
     except ValueError:
         raise Refusal(Reason.BAD_REQUEST, "forwarded client certificate is not a valid certificate") from None
-    entry = rt.cas.get(identity.issuer)
+    entry = snap.cas.get(identity.issuer)
     if entry is None:
         raise Refusal(Reason.UNTRUSTED_CERT, "forwarded client certificate is not from a configured client CA")
     ca_name, ca_cert = entry
@@ -52,17 +53,18 @@ def _forwarded_identity(rt: Runtime, der: bytes, now: dt.datetime) -> tuple[Clie
     return identity, ca_name
 
 
-def resolve_peer(request: web.Request, rt: Runtime) -> Peer:
+def resolve_peer(request: web.Request, snap: Snapshot, metrics: Metrics) -> Peer:
+    """The request's `Peer`, judged against the request's snapshot (CAs, front proxy pins, CRLs)."""
     der = peer_der(request)
     if der is None:
         raise Refusal(Reason.NO_CLIENT_CERT, "a client certificate is required")
     identity = identity_from_der(der)
     now = dt.datetime.now(dt.UTC)
-    proxy = rt.front_proxy(identity)
+    proxy = snap.front_proxy(identity)
     if proxy is None:
         if any(h in request.headers for h in IDENTITY_HEADERS):
-            rt.metrics.spoofed_identity_headers.inc()
-        peer = Peer(identity, rt.cas.get(identity.issuer, (None, None))[0])
+            metrics.spoofed_identity_headers.inc()
+        peer = Peer(identity, snap.cas.get(identity.issuer, (None, None))[0])
     else:
         name = CLIENT_CERT if proxy.header == "client-cert" else XFCC
         value = request.headers.get(name)
@@ -72,9 +74,9 @@ def resolve_peer(request: web.Request, rt: Runtime) -> Peer:
             forwarded = parse_client_cert(value) if proxy.header == "client-cert" else parse_xfcc(value)
         except ValueError as exc:
             raise Refusal(Reason.BAD_REQUEST, f"{name} from front proxy {proxy.name}: {exc}") from None
-        device, ca_name = _forwarded_identity(rt, forwarded, now)
+        device, ca_name = _forwarded_identity(snap, forwarded, now)
         peer = Peer(device, ca_name, via_proxy=proxy.name)
-    why = rt.revoked(peer.identity, now)
+    why = snap.revoked(peer.identity, now)
     if why:
         raise Refusal(Reason.REVOKED, why)
     return peer

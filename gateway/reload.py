@@ -3,9 +3,12 @@
 Owns when and how config, policies and TLS material (server certificate and key, client CAs, CRLs) are reloaded:
 on SIGHUP and when a watched file changes (new mtime, new inode, a symlink swap as cert-manager and Kubernetes
 secrets do: files are watched through `stat`, which follows links, and `lstat` of the link itself). A reload
-builds the whole new state off the event loop; only if every part is valid is it swapped in, so new handshakes and
-requests see the new state while connections in flight keep theirs. A broken reload logs one line, keeps serving
-the last good state, sets `ota_gateway_config_last_reload_success` to 0 and counts a failure.
+builds the whole new state off the event loop (config, policies, TLS material, ticket keys; then the origins whose
+config changed), makes a new frozen `Snapshot` of it and only then replaces the old one, in one assignment: new
+handshakes and requests see the new snapshot, while requests in flight finish with the one they began with. Origins
+that changed or went away are closed `limits.shutdown_grace` seconds later. A broken reload logs one line, keeps
+serving the last good snapshot (the same object), sets `ota_gateway_config_last_reload_success` to 0 and counts a
+failure.
 Listener addresses and ports are not changed by a reload (that needs a restart; a warning says so).
 """
 
@@ -22,11 +25,14 @@ from pathlib import Path
 
 from gateway.config import Config, load_config_and_material
 from gateway.core.policy import PolicySet
+from gateway.core.tickets import TicketKey
 from gateway.errors import ConfigError
 from gateway.metrics import Metrics
 from gateway.origins import make_origin
 from gateway.policy_store import load_policies, policy_files
-from gateway.state_keys import Runtime
+from gateway.preflight import os_issue
+from gateway.state_keys import AnyOrigin, Runtime, Snapshot
+from gateway.ticket_keys import load_keyring
 from gateway.tls import ListenerMaterial
 
 log = logging.getLogger("ota_gateway.reload")
@@ -44,6 +50,22 @@ def load_all(config_path: Path) -> Loaded:
     config, material = load_config_and_material(config_path)
     policies = load_policies(config.policies, config)
     return Loaded(config, policies, material)
+
+
+def load_ticket_keys(config_path: Path, config: Config) -> tuple[TicketKey, ...]:
+    """The config's download-ticket keys (generated into the state folder on first start); raises `ConfigError`."""
+    try:
+        return load_keyring(config)
+    except OSError as exc:
+        where = exc.filename or config.state.path.parent
+        raise ConfigError([os_issue(str(config_path), "tickets", "cannot use the ticket key", where, exc)]) from None
+    except ValueError as exc:
+        raise ConfigError.single(str(config_path), "tickets", None, f"ticket keys: {exc}") from None
+
+
+def _load_for_reload(config_path: Path) -> tuple[Loaded, tuple[TicketKey, ...]]:
+    loaded = load_all(config_path)
+    return loaded, load_ticket_keys(config_path, loaded.config)
 
 
 def publish_state_metrics(metrics: Metrics, loaded: Loaded) -> None:
@@ -82,50 +104,57 @@ class Reloader:
         self.config_path = config_path
         self.rt = rt
         self._lock = asyncio.Lock()
-        self._last = fingerprint(watched_files(config_path, rt.config))
+        self._last = fingerprint(watched_files(config_path, rt.snapshot.config))
         self._retired: set[asyncio.Task[None]] = set()
         self._reported_stale: set[str] = set()
         self._crl_cas: set[str] = set()  # CA names exported in ota_gateway_crl_stale
 
     async def reload(self, trigger: str) -> bool:
         async with self._lock:
-            self._last = fingerprint(watched_files(self.config_path, self.rt.config))
+            self._last = fingerprint(watched_files(self.config_path, self.rt.snapshot.config))
             try:
-                loaded = await asyncio.to_thread(load_all, self.config_path)
+                loaded, keys = await asyncio.to_thread(_load_for_reload, self.config_path)
             except ConfigError as exc:
                 self.rt.metrics.reloads.labels("failure").inc()
                 self.rt.metrics.config_loaded.set(0)
-                self.rt.last_reload_ok = False
+                self.rt.live.last_reload_ok = False
                 first = str(exc.issues[0]) + (f" (and {len(exc.issues) - 1} more)" if len(exc.issues) > 1 else "")
                 print(f"ota-gateway: reload ({trigger}) failed, keeping the last good state: {first}", file=sys.stderr)
                 return False
-            self._swap(loaded)
+            self._swap(loaded, keys)
             self._last = fingerprint(watched_files(self.config_path, loaded.config))
             self.rt.metrics.reloads.labels("success").inc()
-            self.rt.last_reload_ok = True
+            self.rt.live.last_reload_ok = True
             publish_state_metrics(self.rt.metrics, loaded)
             print(f"ota-gateway: reloaded ({trigger}): {len(loaded.policies.apps)} app(s)", file=sys.stderr)
             return True
 
-    def _swap(self, loaded: Loaded) -> None:
-        old = self.rt.config
-        for new_lst, old_lst in zip(loaded.config.listeners, old.listeners, strict=False):
+    def _swap(self, loaded: Loaded, keys: tuple[TicketKey, ...]) -> None:
+        """Build the new snapshot whole (origins whose config is unchanged are kept), then replace the old one."""
+        old = self.rt.snapshot
+        for new_lst, old_lst in zip(loaded.config.listeners, old.config.listeners, strict=False):
             if (new_lst.address, new_lst.port) != (old_lst.address, old_lst.port):
                 print(f"ota-gateway: listener {new_lst.name}: address/port change needs a restart", file=sys.stderr)
-        origins = dict(self.rt.origins)
+        origins: dict[str, AnyOrigin] = {}
         for name, oc in loaded.config.origins.items():
-            if old.origins.get(name) != oc:
-                if name in origins:
-                    self._retire(origins[name], loaded.config.limits.shutdown_grace)
+            kept = old.origins.get(name)
+            if kept is not None and old.config.origins.get(name) == oc:
+                origins[name] = kept
+            else:
                 origins[name] = make_origin(name, oc)
                 self.rt.metrics.origin(name)
-        self.rt.origins = origins
-        self.rt.swap(loaded.config, loaded.policies, loaded.material)
+        new = Snapshot.build(loaded.config, loaded.policies, loaded.material, origins, keys)
+        self.rt.snapshot = new  # the one assignment: requests in flight keep the snapshot they hold
+        for name, origin in old.origins.items():
+            if new.origins.get(name) is not origin:
+                self._retire(origin, loaded.config.limits.shutdown_grace)
 
-    def _retire(self, origin: object, after: float) -> None:
+    def _retire(self, origin: AnyOrigin, after: float) -> None:
         async def close_later() -> None:
-            await asyncio.sleep(after)  # downloads in flight keep using it until then
-            await origin.close()  # type: ignore[attr-defined]
+            try:
+                await asyncio.sleep(after)  # requests in flight keep using it until then
+            finally:  # also when the gateway stops first
+                await origin.close()
 
         task = asyncio.get_running_loop().create_task(close_later(), name="retire-origin")
         self._retired.add(task)
@@ -137,7 +166,7 @@ class Reloader:
         all_stale: set[str] = set()
         # per CA name: stale if any of its CRLs is; a CA whose CRLs a reload removed goes back to 0
         by_ca = dict.fromkeys(self._crl_cas, 0)
-        for name, material in self.rt.material.items():
+        for name, material in self.rt.snapshot.material.items():
             stale = {crl.source for crl in material.revocation.stale_lists(now)}
             all_stale |= stale
             for crl in material.revocation.lists:
@@ -161,10 +190,10 @@ class Reloader:
         """Poll the watched files every `reload.interval` seconds; reload on any change."""
         while True:
             self.report_stale_crls()
-            await asyncio.sleep(self.rt.config.reload.interval)
-            if not self.rt.config.reload.watch:
+            await asyncio.sleep(self.rt.snapshot.config.reload.interval)
+            if not self.rt.snapshot.config.reload.watch:
                 continue
-            current = await asyncio.to_thread(fingerprint, watched_files(self.config_path, self.rt.config))
+            current = await asyncio.to_thread(fingerprint, watched_files(self.config_path, self.rt.snapshot.config))
             if current != self._last:
                 await self.reload("file change")
 

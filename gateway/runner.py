@@ -31,15 +31,17 @@ from gateway.app import create_admin_app, create_app, create_plain_app, low_leve
 from gateway.audit import AuditLog
 from gateway.config import Config
 from gateway.core.connguard import Caps, Timeouts, auto_max_connections
+from gateway.core.tickets import TicketKey
 from gateway.errors import ConfigError
 from gateway.listener import ConnectionBudget, GuardedAppRunner, HttpGuard, PlainListener, TlsListenerServer
 from gateway.memory import trim_after_churn
 from gateway.metrics import Metrics
 from gateway.origins import make_origin
 from gateway.preflight import bind_issue, current_user, os_issue
-from gateway.reload import Loaded, Reloader, load_all, publish_state_metrics
+from gateway.reload import Loaded, Reloader, load_all, load_ticket_keys, publish_state_metrics
 from gateway.state import GuardedState, RedisState, SqliteState, StateError, StateStore
-from gateway.state_keys import Runtime
+from gateway.state_keys import Runtime, Snapshot
+from gateway.ticket_keys import load_keyring
 from gateway.tls import ListenerMaterial, admin_context
 
 log = logging.getLogger("ota_gateway")
@@ -48,40 +50,36 @@ EXIT_OK = 0
 EXIT_FORCED = 3
 
 
-def build_runtime(loaded: Loaded, metrics: Metrics | None = None) -> Runtime:
+def build_runtime(
+    loaded: Loaded, metrics: Metrics | None = None, ticket_keys: tuple[TicketKey, ...] | None = None
+) -> Runtime:
+    """The runtime of a checked config: its first snapshot (ticket keys read now unless given), metrics, audit log."""
     metrics = metrics or Metrics()
     origins = {name: make_origin(name, oc) for name, oc in loaded.config.origins.items()}
     for name in origins:
         metrics.origin(name)
     publish_state_metrics(metrics, loaded)
+    keys = load_keyring(loaded.config) if ticket_keys is None else ticket_keys
     return Runtime(
-        config=loaded.config,
-        policies=loaded.policies,
-        origins=origins,
+        snapshot=Snapshot.build(loaded.config, loaded.policies, loaded.material, origins, keys),
         metrics=metrics,
         audit=AuditLog(loaded.config.audit.path, on_failure=metrics.audit_write_failures.inc),
-        material=loaded.material,
     )
 
 
-def _open_runtime(config_path: Path, loaded: Loaded) -> Runtime:
+async def _open_runtime(config_path: Path, loaded: Loaded) -> Runtime:
+    """The runtime, with the ticket keys (generated on first start); problems are config errors."""
+    keys = await asyncio.to_thread(load_ticket_keys, config_path, loaded.config)
     try:
-        return build_runtime(loaded)
+        return build_runtime(loaded, ticket_keys=keys)
     except OSError as exc:
         path = loaded.config.audit.path
         raise ConfigError([os_issue(str(config_path), "audit.path", "cannot open the audit log", path, exc)]) from None
 
 
 async def open_state(config_path: Path, rt: Runtime) -> StateStore:
-    """The state store at `state.path`, and the ticket keys (generated on first start); problems are config errors."""
-    try:
-        await asyncio.to_thread(rt.ticket_keys)
-    except OSError as exc:
-        where = exc.filename or rt.config.state.path.parent
-        raise ConfigError([os_issue(str(config_path), "tickets", "cannot use the ticket key", where, exc)]) from None
-    except ValueError as exc:
-        raise ConfigError.single(str(config_path), "tickets", None, f"ticket keys: {exc}") from None
-    return await open_store(config_path, rt.config)
+    """The state store at `state.path`; problems are config errors."""
+    return await open_store(config_path, rt.snapshot.config)
 
 
 async def open_store(config_path: Path, config: Config) -> StateStore:
@@ -117,13 +115,13 @@ async def open_store(config_path: Path, config: Config) -> StateStore:
 
 def guard_state(rt: Runtime, store: StateStore) -> StateStore:
     """The store with its failures counted, logged and reported (`GuardedState`)."""
-    return GuardedState(store, rt.state_fault, lambda op: rt.metrics.state_errors.labels(op).inc())
+    return GuardedState(store, rt.live.state_fault, lambda op: rt.metrics.state_errors.labels(op).inc())
 
 
 async def _probe(rt: Runtime) -> None:
     """Write to the state store every `state.probe_interval` s; retry a failing audit log. Failures are recorded."""
     while True:
-        await asyncio.sleep(rt.config.state.probe_interval)
+        await asyncio.sleep(rt.snapshot.config.state.probe_interval)
         with contextlib.suppress(StateError):
             await rt.state.probe()
         rt.audit.probe()
@@ -146,7 +144,8 @@ def raise_open_files_limit() -> int:
 
 
 def _budget(rt: Runtime, nofile: int) -> tuple[ConnectionBudget, Timeouts]:
-    limits, config = rt.config.limits, rt.config
+    config = rt.snapshot.config
+    limits = config.limits
     caps = Caps(
         connections=limits.max_connections or auto_max_connections(nofile),
         handshakes=limits.max_handshakes,
@@ -173,10 +172,10 @@ async def serve(
     store, audit log, a port in use) raises `ConfigError` with one line per problem. `restarted`: this process
     replaces a worker that died (counted in `ota_gateway_worker_restarts_total`).
     """
-    rt = _open_runtime(config_path, await asyncio.to_thread(load_all, config_path))
+    rt = await _open_runtime(config_path, await asyncio.to_thread(load_all, config_path))
     if restarted:
         rt.metrics.worker_restarts.inc()
-    config = rt.config
+    config = rt.snapshot.config
     rt.state = guard_state(rt, await open_state(config_path, rt))
     reloader = Reloader(config_path, rt)
     nofile = raise_open_files_limit()
@@ -266,7 +265,7 @@ async def serve(
         _say("shutting down, draining in-flight requests")
         forced = await _drain(rt, listeners, runner, config.limits.shutdown_grace, lambda: signals > 1)
     finally:
-        rt.shutting_down = True
+        rt.live.shutting_down = True
         for task in list(tasks):
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -277,7 +276,7 @@ async def serve(
         for side in side_runners:
             await side.cleanup()
         await reloader.close()
-        for origin in rt.origins.values():
+        for origin in rt.snapshot.origins.values():
             await origin.close()
         await rt.state.close()
         rt.audit.close()
@@ -315,7 +314,7 @@ async def _site(
 
 def _current(rt: Runtime, name: str) -> Callable[[], ListenerMaterial]:
     """The listener asks for its material on every connection, so a reload's swap takes effect at once."""
-    return lambda: rt.material[name]
+    return lambda: rt.snapshot.material[name]
 
 
 async def _drain(
@@ -326,12 +325,12 @@ async def _drain(
     hurry: Callable[[], bool],
 ) -> bool:
     """Stop accepting, close idle connections, wait for active requests. True if some were still running."""
-    rt.shutting_down = True
+    rt.live.shutting_down = True
     for listener in listeners:
         listener.close()
     assert runner.server is not None
     runner.server.pre_shutdown()
     deadline = time.monotonic() + grace
-    while rt.active > 0 and time.monotonic() < deadline and not hurry():  # noqa: ASYNC110 - shutdown-only poll
+    while rt.live.active > 0 and time.monotonic() < deadline and not hurry():  # noqa: ASYNC110 - shutdown-only poll
         await asyncio.sleep(0.05)
-    return rt.active > 0
+    return rt.live.active > 0

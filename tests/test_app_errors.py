@@ -43,7 +43,9 @@ def test_an_unexpected_exception_is_a_counted_audited_500_logged_once(
         runner = GuardedAppRunner(app, guard, handler_cancellation=True, access_log=None, shutdown_timeout=1.0)
         await runner.setup()
         assert runner.server is not None
-        listener = TlsListenerServer("main", lambda: rt.material["main"], runner.server, rt.metrics, 5.0, budget)
+        listener = TlsListenerServer(
+            "main", lambda: rt.snapshot.material["main"], runner.server, rt.metrics, 5.0, budget
+        )
         await listener.start("127.0.0.1", 0)
         port = listener.sockets[0].getsockname()[1]
         ctx = pki.client_context(pki.client)

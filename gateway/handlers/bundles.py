@@ -34,7 +34,7 @@ from gateway.core.verify import Verifier
 from gateway.handlers.problem import problem_response
 from gateway.origins import Body, OriginError, ReleaseNotFound
 from gateway.recorder import Answered
-from gateway.state_keys import RUNTIME, Runtime, request_audit, request_peer
+from gateway.state_keys import RUNTIME, Runtime, request_audit, request_peer, request_snapshot
 
 WRITE_SLICE = 64 * 1024  # chunks are verified and sent in slices of this size; the verifier holds back one
 # aborts that say nothing about the bundle (not counted as verification results)
@@ -44,7 +44,7 @@ _ORIGIN_FAILED = frozenset({Reason.ORIGIN_ERROR, Reason.SHORT_BODY, Reason.ORIGI
 
 
 async def get_bundle(request: web.Request) -> web.StreamResponse:
-    rt = request.app[RUNTIME]
+    rt, snap = request.app[RUNTIME], request_snapshot(request)
     record = request_audit(request)
     app_id = request.match_info["app_id"]
     version = request.match_info["version"]
@@ -52,8 +52,8 @@ async def get_bundle(request: web.Request) -> web.StreamResponse:
         raise Refusal(Reason.BAD_REQUEST, "app id or version is malformed")
     record.app, record.version = app_id, version
     peer = request_peer(request)
-    app = admit(rt.policies, peer, app_id)
-    origin = rt.origins[app.origin]
+    app = admit(snap.policies, peer, app_id)
+    origin = snap.origins[app.origin]
     record.origin = origin.name
     started = time.monotonic()
     try:
@@ -63,11 +63,11 @@ async def get_bundle(request: web.Request) -> web.StreamResponse:
     except OriginError as exc:
         rt.origin_failed(origin.name, str(exc))
         raise Refusal(exc.reason, str(exc)) from exc
-    plan = plan_release(app, index, version, origin=origin.name, max_bundle_bytes=rt.config.limits.max_bundle_bytes)
+    plan = plan_release(app, index, version, origin=origin.name, max_bundle_bytes=snap.config.limits.max_bundle_bytes)
     if isinstance(plan, Refusal):
         raise plan
     location = origin.locate(app_id, plan.location)
-    body_cm = origin.open(app_id, location, rt.config.limits.chunk_size, peer, size_hint=plan.expect.size)
+    body_cm = origin.open(app_id, location, snap.config.limits.chunk_size, peer, size_hint=plan.expect.size)
     return await stream_verified(request, rt, body_cm, plan, started)
 
 
@@ -118,7 +118,7 @@ async def _respond(request: web.Request, rt: Runtime, body: Body, plan: Download
     else:
         resp.enable_chunked_encoding()
     verifier = Verifier(expect, send_from=shape.send_from, digest_factory=plan.digest_factory())
-    limits = rt.config.limits
+    limits = request_snapshot(request).config.limits
     if request.transport is not None:  # a write waits while more than this is buffered for the client
         request.transport.set_write_buffer_limits(high=limits.client_buffer, low=limits.client_buffer // 4)
     await resp.prepare(request)
@@ -135,7 +135,7 @@ async def _respond(request: web.Request, rt: Runtime, body: Body, plan: Download
             rt.origin_failed(plan.origin, refusal.detail)
         failed = Refusal(refusal.reason, refusal.detail)  # without the traceback (and the frames it holds)
     except asyncio.CancelledError:  # the recorder records it (client_gone or shutdown)
-        verifier.error(Reason.SHUTDOWN if rt.shutting_down else Reason.CLIENT_GONE, "download cancelled")
+        verifier.error(Reason.SHUTDOWN if rt.live.shutting_down else Reason.CLIENT_GONE, "download cancelled")
         _abort(request, resp)
         raise
     else:

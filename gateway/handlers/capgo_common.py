@@ -23,7 +23,7 @@ from gateway.core.reasons import Reason, Refusal
 from gateway.handlers.problem import problem_response
 from gateway.origins import HttpsOrigin, OriginBusy, OriginError
 from gateway.state import StateError
-from gateway.state_keys import Runtime
+from gateway.state_keys import Runtime, Snapshot
 
 CAPGO_ROUTES = frozenset({"updates", "stats", "channel"})
 RATE_WINDOW = 60.0
@@ -83,7 +83,7 @@ def invalid(exc: InvalidRequest) -> Refusal:
     return Refusal(Reason.BAD_REQUEST, str(exc))
 
 
-async def rate_limit(rt: Runtime, route: str, app: AppPolicy, peer: Peer, per_minute: int) -> None:
+async def rate_limit(rt: Runtime, snap: Snapshot, route: str, app: AppPolicy, peer: Peer, per_minute: int) -> None:
     """Count one request of this identity on this route and app; raise `RateLimited` past the policy's limit.
 
     A failing state store (already counted and reported by `GuardedState`) lets the request pass with
@@ -93,7 +93,7 @@ async def rate_limit(rt: Runtime, route: str, app: AppPolicy, peer: Peer, per_mi
     try:
         retry = await rt.state.hit(key, per_minute, RATE_WINDOW, time.time())
     except StateError:
-        if rt.config.state.rate_limit_on_failure == "fail_closed":
+        if snap.config.state.rate_limit_on_failure == "fail_closed":
             raise
         return
     if retry is not None:

@@ -19,7 +19,7 @@ from gateway.core.policy import AppPolicy, admit
 from gateway.core.reasons import Reason, Refusal
 from gateway.handlers.capgo_common import call_origin, capgo_json, invalid, read_json
 from gateway.recorder import Answered
-from gateway.state_keys import RUNTIME, request_audit, request_peer
+from gateway.state_keys import RUNTIME, request_audit, request_peer, request_snapshot
 
 BODY_LIMIT = 16 * 1024
 _BOOLS = {"true": True, "false": False}
@@ -56,7 +56,7 @@ def _local(request: web.Request, app: AppPolicy, default_channel: str | None) ->
 
 
 async def channel_self(request: web.Request) -> web.StreamResponse:
-    rt = request.app[RUNTIME]
+    rt, snap = request.app[RUNTIME], request_snapshot(request)
     record = request_audit(request)
     peer = request_peer(request)
     if request.method not in ("GET", "PUT", "POST", "DELETE"):
@@ -67,13 +67,13 @@ async def channel_self(request: web.Request) -> web.StreamResponse:
     except InvalidRequest as exc:
         raise invalid(exc) from None
     record.app = device.app_id
-    app = admit(rt.policies, peer, device.app_id)
+    app = admit(snap.policies, peer, device.app_id)
     problem = channel_self_problem(app, request.method, body.get("channel"))
     if problem is not None:
         if problem.reason is Reason.CHANNEL_NOT_ALLOWED:
             raise _refuse_set(problem)
         raise problem
-    origin = rt.origins[app.origin]
+    origin = snap.origins[app.origin]
     record.origin = origin.name
     api = origin.endpoint("channel")
     if api is None:

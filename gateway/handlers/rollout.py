@@ -17,7 +17,7 @@ from gateway.core.capgo import StatsEvent
 from gateway.core.policy import AppPolicy, Peer
 from gateway.core.rollout import Rollout, device_key, event_kind, should_halt
 from gateway.recorder import Recorder
-from gateway.state_keys import Runtime
+from gateway.state_keys import Runtime, Snapshot
 
 HALT_CACHE_SECONDS = 1.0
 
@@ -25,11 +25,11 @@ HALT_CACHE_SECONDS = 1.0
 async def current_halts(rt: Runtime, app: AppPolicy) -> dict[str, str]:
     """The app's halted versions, at most HALT_CACHE_SECONDS old; refreshes the release_halted gauge."""
     now = time.monotonic()
-    cached = rt.halt_cache.get(app.app_id)
+    cached = rt.live.halt_cache.get(app.app_id)
     if cached is not None and now - cached[0] < HALT_CACHE_SECONDS:
         return cached[1]
     halts = await rt.state.halts(app.app_id)
-    rt.halt_cache[app.app_id] = (now, halts)
+    rt.live.halt_cache[app.app_id] = (now, halts)
     shown = rt.metrics.halted_versions.setdefault(app.app_id, set())
     if app.rollout is not None:
         shown.update(app.rollout.releases)
@@ -38,12 +38,12 @@ async def current_halts(rt: Runtime, app: AppPolicy) -> dict[str, str]:
     return halts
 
 
-async def _watched(rt: Runtime, app: AppPolicy, rollout: Rollout) -> set[str]:
-    return set(rollout.releases) | await rt.origins[app.origin].published(app.app_id)
+async def _watched(snap: Snapshot, app: AppPolicy, rollout: Rollout) -> set[str]:
+    return set(rollout.releases) | await snap.origins[app.origin].published(app.app_id)
 
 
 async def count_events(
-    rt: Runtime, recorder: Recorder, app: AppPolicy, peer: Peer, events: Sequence[StatsEvent]
+    rt: Runtime, snap: Snapshot, recorder: Recorder, app: AppPolicy, peer: Peer, events: Sequence[StatsEvent]
 ) -> list[str]:
     """Count accepted device events against their release; halt releases that reach the failure ratio (the
     recorder writes the halt). Returns the versions this call halted."""
@@ -57,7 +57,7 @@ async def count_events(
         if kind is None:
             continue
         if watched is None:
-            watched = await _watched(rt, app, rollout)
+            watched = await _watched(snap, app, rollout)
         version = event.info.version_name
         if version not in watched:
             continue
@@ -74,6 +74,6 @@ async def count_events(
             )
             if await rt.state.halt(app.app_id, version, detail):
                 halted.append(version)
-                rt.halt_cache.pop(app.app_id, None)
+                rt.live.halt_cache.pop(app.app_id, None)
                 recorder.release("HALT", app.app_id, version, detail, tipped_by=peer.identity)
     return halted

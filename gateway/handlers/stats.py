@@ -20,7 +20,7 @@ from gateway.core.reasons import Reason, Refusal
 from gateway.handlers.capgo_common import call_origin, capgo_json, invalid, rate_limit, read_json
 from gateway.handlers.rollout import count_events
 from gateway.recorder import RECORDER
-from gateway.state_keys import RUNTIME, request_audit, request_peer
+from gateway.state_keys import RUNTIME, request_audit, request_peer, request_snapshot
 
 BODY_LIMIT = 2 * 1024 * 1024  # 200 events with their metadata
 
@@ -31,7 +31,7 @@ async def get_stats(request: web.Request) -> web.StreamResponse:
 
 
 async def post_stats(request: web.Request) -> web.StreamResponse:
-    rt = request.app[RUNTIME]
+    rt, snap = request.app[RUNTIME], request_snapshot(request)
     record = request_audit(request)
     peer = request_peer(request)
     try:
@@ -40,9 +40,9 @@ async def post_stats(request: web.Request) -> web.StreamResponse:
         raise invalid(exc) from None
     app_id = events[0].info.app_id
     record.app = app_id
-    app = admit(rt.policies, peer, app_id)
-    await rate_limit(rt, "stats", app, peer, app.rate_limits.stats_per_minute)
-    origin = rt.origins[app.origin]
+    app = admit(snap.policies, peer, app_id)
+    await rate_limit(rt, snap, "stats", app, peer, app.rate_limits.stats_per_minute)
+    origin = snap.origins[app.origin]
     record.origin = origin.name
     answer: Any = stats_ok(len(events), batch)
     api = origin.endpoint("stats")
@@ -59,7 +59,7 @@ async def post_stats(request: web.Request) -> web.StreamResponse:
     for event in events:
         rt.metrics.device_events.labels(app.app_id, event.label).inc()
     record.detail = f"{len(events)} event(s)"
-    halted = await count_events(rt, request.app[RECORDER], app, peer, events)
+    halted = await count_events(rt, snap, request.app[RECORDER], app, peer, events)
     if halted:
         record.detail += f"; halted {', '.join(halted)}"
     return capgo_json(answer)

@@ -18,34 +18,34 @@ from aiohttp import web
 from gateway.core.plans import plan_ticket_download, redeem_ticket
 from gateway.core.reasons import Reason, Refusal
 from gateway.handlers.bundles import stream_verified
-from gateway.state_keys import RUNTIME, request_audit, request_peer
+from gateway.state_keys import RUNTIME, request_audit, request_peer, request_snapshot
 
 
 async def get_ticket_bundle(request: web.Request) -> web.StreamResponse:
-    rt = request.app[RUNTIME]
+    rt, snap = request.app[RUNTIME], request_snapshot(request)
     record = request_audit(request)
     peer = request_peer(request)
     record.path = f"/bundles/t/.../{request.match_info['filename'][:128]}"  # the audit log never holds a ticket
-    ticket = redeem_ticket(request.match_info["ticket"], rt.ticket_keys(), now=time.time(), peer=peer)
+    ticket = redeem_ticket(request.match_info["ticket"], snap.ticket_keys, now=time.time(), peer=peer)
     if isinstance(ticket, Refusal):
         rt.metrics.tickets.labels("refused").inc()
         raise ticket
     record.app, record.version, record.origin = ticket.app_id, ticket.version, ticket.origin
-    hosts = {name: o.hosts for name, o in rt.origins.items()}
+    hosts = {name: o.hosts for name, o in snap.origins.items()}
     plan = plan_ticket_download(
         ticket,
-        rt.policies,
+        snap.policies,
         peer,
         origin_hosts=hosts,
-        max_bundle_bytes=rt.config.limits.max_bundle_bytes,
+        max_bundle_bytes=snap.config.limits.max_bundle_bytes,
         range_header=request.headers.get("Range"),
     )
     if isinstance(plan, Refusal):
         if plan.reason is Reason.TICKET_INVALID:
             rt.metrics.tickets.labels("refused").inc()
         raise plan
-    origin = rt.origins[plan.origin]
+    origin = snap.origins[plan.origin]
     size = plan.expect.size
-    body_cm = origin.open(plan.app_id, plan.location, rt.config.limits.chunk_size, peer, size_hint=size)
+    body_cm = origin.open(plan.app_id, plan.location, snap.config.limits.chunk_size, peer, size_hint=size)
     rt.metrics.tickets.labels("redeemed").inc()
     return await stream_verified(request, rt, body_cm, plan, time.monotonic())

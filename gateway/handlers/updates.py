@@ -38,7 +38,7 @@ from gateway.handlers.rollout import current_halts
 from gateway.origins import Origin, OriginError, ReleaseNotFound
 from gateway.recorder import Answered
 from gateway.state import StateError
-from gateway.state_keys import RUNTIME, Runtime, request_audit, request_peer
+from gateway.state_keys import RUNTIME, Runtime, request_audit, request_peer, request_snapshot
 
 BODY_LIMIT = 64 * 1024
 
@@ -104,16 +104,17 @@ def _tickets(
     rt: Runtime, request: web.Request, app: AppPolicy, origin: Origin, offer: Offer, peer: Peer, served: Served | None
 ) -> dict[str, Any]:
     """The answer with the gateway's ticket urls in place of the origin's (`core/plans.plan_offer`)."""
+    snap = request_snapshot(request)
     planned = plan_offer(
         offer,
         served,
         app_id=app.app_id,
         origin=origin.name,
         peer=peer,
-        key=rt.ticket_keys()[0],
+        key=snap.ticket_keys[0],
         now=time.time(),
-        ttl=rt.config.tickets.ttl,
-        public_url=rt.config.tickets.public_url,
+        ttl=snap.config.tickets.ttl,
+        public_url=snap.config.tickets.public_url,
         host_header=request.headers.get("Host"),
     )
     if isinstance(planned, Refusal):
@@ -164,7 +165,7 @@ async def post_updates(request: web.Request) -> web.StreamResponse:
 
 
 async def _update_check(request: web.Request) -> web.StreamResponse:
-    rt = request.app[RUNTIME]
+    rt, snap = request.app[RUNTIME], request_snapshot(request)
     record = request_audit(request)
     peer = request_peer(request)
     try:
@@ -172,12 +173,12 @@ async def _update_check(request: web.Request) -> web.StreamResponse:
     except InvalidRequest as exc:
         raise invalid(exc) from None
     record.app, record.version = device.app_id, device.version_name
-    plan = plan_update(rt.policies, peer, device)
+    plan = plan_update(snap.policies, peer, device)
     if isinstance(plan, Refusal):
         raise plan
     app, channel = plan.app, plan.channel
-    await rate_limit(rt, "updates", app, peer, app.rate_limits.updates_per_minute)
-    origin = rt.origins[plan.origin]
+    await rate_limit(rt, snap, "updates", app, peer, app.rate_limits.updates_per_minute)
+    origin = snap.origins[plan.origin]
     record.origin = origin.name
     outcome: Outcome
     if plan.decline is not None:
@@ -238,7 +239,7 @@ async def post_manifest_size(request: web.Request) -> web.StreamResponse:
     like an update check, and only the known fields are forwarded. An app whose origin has no update endpoint
     gets a Capgo-shaped 404.
     """
-    rt = request.app[RUNTIME]
+    rt, snap = request.app[RUNTIME], request_snapshot(request)
     record = request_audit(request)
     peer = request_peer(request)
     try:
@@ -248,9 +249,9 @@ async def post_manifest_size(request: web.Request) -> web.StreamResponse:
     except InvalidRequest as exc:
         raise invalid(exc) from None
     record.app, record.version = device.app_id, version
-    app = admit(rt.policies, peer, device.app_id)
-    await rate_limit(rt, "updates", app, peer, app.rate_limits.updates_per_minute)
-    origin = rt.origins[app.origin]
+    app = admit(snap.policies, peer, device.app_id)
+    await rate_limit(rt, snap, "updates", app, peer, app.rate_limits.updates_per_minute)
+    origin = snap.origins[app.origin]
     record.origin = origin.name
     api = origin.endpoint("updates")
     if api is None:
