@@ -13,7 +13,8 @@ and bytes past it in one write). Records every request (`requests`) and its head
 Also a Capgo-style update server: POST /updates answers `update_answers[app_id]` (a dict, or a function of the
 request body returning one; default: no new version), POST /stats records the events and answers like the
 backend, /channel_self records the call and answers `channel_answer`. Bodies and User-Agents are recorded in
-`capgo_calls` as (path, method, body, user agent).
+`capgo_calls` as (path, method, body, user agent). With `updates_gate` set, POST /updates is recorded and then held
+until the test sets the event (at most 20 s), to keep an update check in flight.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ class OriginState:
     busy_retry_after: str | None = None  # when set, every Capgo endpoint answers 429 with this Retry-After
     index_modes: dict[str, str] = field(default_factory=dict)  # app -> "huge"
     index_bytes_sent: int = 0
+    updates_gate: threading.Event | None = None  # when set, POST /updates waits for it (at most 20 s)
 
 
 def build_origin_app(state: OriginState) -> web.Application:
@@ -159,6 +161,11 @@ def build_origin_app(state: OriginState) -> web.Application:
                 {"error": "too_many_requests"}, status=429, headers={"Retry-After": state.busy_retry_after}
             )
         if request.path == "/updates":
+            gate = state.updates_gate
+            for _ in range(1000):
+                if gate is None or gate.is_set():
+                    break
+                await asyncio.sleep(0.02)
             answer = state.update_answers.get(body.get("app_id"))
             if callable(answer):
                 answer = answer(body)

@@ -1,6 +1,7 @@
 """Reloads end to end through a real `ota-gateway serve`: the server certificate rotated by a symlink swap under
 load with zero failed requests; policies reloaded by file change; a broken reload (invalid policy, a key that does
-not match its certificate) keeps the last good state, says so in one line and is visible in the metrics."""
+not match its certificate) keeps the last good state, says so in one line and is visible in the metrics; a request
+in flight across a SIGHUP reload finishes with the snapshot it began with (ticket keys, public url)."""
 
 from __future__ import annotations
 
@@ -19,10 +20,16 @@ import trustme
 import yaml
 
 from gateway.publish import add_release
+from tests.capgo_env import default_apps, gateway_config
+from tests.origin_server import HttpsOrigin
 from tests.support import (
     APP_ID,
+    CAPGO_FIXTURES,
     GatewayProcess,
     Pki,
+    capgo_call,
+    capgo_fixture,
+    device_body,
     edit_config,
     https_request,
     make_zip,
@@ -260,3 +267,49 @@ def test_sighup_with_key_not_matching_certificate_keeps_the_old_certificate(tmp_
         assert str(tls / "server.key") in failed[0] and "does not match" in failed[0], failed[0]
         key_line = next(i for i, line in enumerate(cfg.read_text().splitlines(), 1) if line.strip().startswith("key:"))
         assert f"{cfg}:{key_line}: listeners[0].key: " in failed[0], failed[0]
+
+
+# ---- requests in flight keep their snapshot ---------------------------------------------------------------------
+
+
+def test_an_update_check_in_flight_across_a_sighup_finishes_under_its_snapshot(tmp_path: Path, pki: Pki) -> None:
+    """The origin holds an update check open while a SIGHUP reload moves the signing ticket key (k1 -> k2) and the
+    public url: the held check is answered with a k1 ticket at the old address (the snapshot it began with), a check
+    after the reload with a k2 ticket at the new one (the twin)."""
+    tmp_path.mkdir(exist_ok=True)
+    k1, k2 = tmp_path / "k1.secret", tmp_path / "k2.secret"
+    k1.write_text("a" * 64)
+    k2.write_text("b" * 64)
+    with HttpsOrigin(tmp_path) as origin:
+        cfg = gateway_config(tmp_path / "gw", pki, origin, default_apps(), k1)
+        edit_config(cfg, lambda c: c.update(reload={"watch": False}))
+        fx = capgo_fixture("1.1.0")
+        url = f"{origin.url}{APP_ID}/{fx['zip']}"
+        origin.state.files[f"{APP_ID}/{fx['zip']}"] = (CAPGO_FIXTURES / fx["zip"]).read_bytes()
+        origin.state.update_answers[APP_ID] = {"version": "1.1.0", "url": url, "checksum": fx["checksum"]}
+        with run_gateway(cfg) as gw:
+            ctx = pki.client_context(pki.client)
+            origin.state.updates_gate = threading.Event()
+            with ThreadPoolExecutor(1) as pool:
+                held = pool.submit(capgo_call, f"{gw.base_url}/updates", ctx, device_body(APP_ID, "1.0.0"))
+                try:
+                    assert wait_until(lambda: len(origin.state.capgo_calls) == 1, timeout=10)
+
+                    def move(config: dict[str, Any]) -> None:
+                        keys = [{"id": "k2", "secret_file": str(k2)}, {"id": "k1", "secret_file": str(k1)}]
+                        config["tickets"] = {"keys": keys, "public_url": "https://updates.example:8443"}
+
+                    edit_config(cfg, move)
+                    gw.proc.send_signal(signal.SIGHUP)
+                    assert wait_until(lambda: _reloads(gw, "success") == 1, timeout=10), gw.stderr_lines
+                finally:
+                    origin.state.updates_gate.set()
+                answer = held.result(timeout=20)
+            assert answer.status == 200, answer.body
+            old_url = answer.json()["url"]
+            assert old_url.startswith(f"{gw.base_url}/bundles/t/v1.k1."), old_url
+            fresh = capgo_call(f"{gw.base_url}/updates", ctx, device_body(APP_ID, "1.0.0"))
+            assert fresh.json()["url"].startswith("https://updates.example:8443/bundles/t/v1.k2."), fresh.body
+            # the ticket handed out in flight still opens: k1 verifies in the new snapshot
+            download = https_request(old_url, ctx)
+            assert download.status == 200 and download.body == (CAPGO_FIXTURES / fx["zip"]).read_bytes()
