@@ -20,9 +20,11 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+from collections.abc import Awaitable
 from contextlib import AbstractAsyncContextManager
 
 from aiohttp import web
+from aiohttp.http_writer import StreamWriter
 
 from gateway.config import Limits
 from gateway.core.names import is_app_id, is_version
@@ -153,7 +155,7 @@ def _at(deadline: float) -> float | None:
     return None if math.isinf(deadline) else deadline
 
 
-async def _pump(resp: web.StreamResponse, verifier: Verifier, body: Body, limits: Limits) -> None:
+async def _pump(resp: _BundleResponse, verifier: Verifier, body: Body, limits: Limits) -> None:
     """Origin -> verifier -> client, one chunk at a time, each side held to its minimum rate."""
     loop = asyncio.get_running_loop()
     origin = RateMeter(MinRate(limits.origin_min_rate, limits.rate_window))
@@ -167,18 +169,37 @@ async def _pump(resp: web.StreamResponse, verifier: Verifier, body: Body, limits
             f"below limits.{key} ({meter.rule.bytes_per_second} bytes/s)",
         )
 
-    async def send(piece: bytes | memoryview | None) -> None:
-        """Write one piece (or finish the response when it is None); a slow or vanished client is a refusal. A
-        write returns once the transport's buffer is below its mark again."""
+    unwaited = 0  # bytes handed to the client's transport since the last wait on it, not yet counted
+
+    async def waiting(step: Awaitable[None], moved: int) -> None:
+        """Wait on the client (`step`: a drain or the end of the response) under its minimum rate; `moved` bytes
+        count once it is done. A slow or vanished client is a refusal."""
+        nonlocal unwaited
+        if unwaited:  # written without waiting: they count now, as if each had been counted when written
+            client.moved(unwaited, loop.time())
+            unwaited = 0
         client.wait(loop.time())
         try:
             async with asyncio.timeout_at(_at(client.deadline(loop.time()))):
-                await (resp.write_eof() if piece is None else resp.write(piece))
+                await step
         except TimeoutError:
             raise too_slow(Reason.CLIENT_TOO_SLOW, client, "client_min_rate") from None
         except (ConnectionError, RuntimeError) as exc:
             raise verifier.error(Reason.CLIENT_GONE, f"client went away: {exc}") from None
-        client.moved(0 if piece is None else len(piece), loop.time())
+        client.moved(moved, loop.time())
+
+    async def send(piece: bytes | memoryview) -> None:
+        """Hand one piece to the client's transport; if that put its buffer above the mark, wait until it is below
+        again. Most writes of a fast client never wait, and cost no timer."""
+        nonlocal unwaited
+        try:
+            full = await resp.write_piece(piece)
+        except (ConnectionError, RuntimeError) as exc:
+            raise verifier.error(Reason.CLIENT_GONE, f"client went away: {exc}") from None
+        if full:
+            await waiting(resp.drained(), len(piece))
+        else:
+            unwaited += len(piece)
 
     chunks = body.through(verifier, WRITE_SLICE)
     try:
@@ -205,14 +226,31 @@ async def _pump(resp: web.StreamResponse, verifier: Verifier, body: Body, limits
     tail = verifier.finish()
     if tail:
         await send(tail)
-    await send(None)
+    await waiting(resp.write_eof(), 0)
 
 
 class _BundleResponse(web.StreamResponse):
     """Headers leave with the first released bytes (one TLS record and one send for a small bundle, as aiohttp's
-    own `Response` does), not alone at `prepare()`."""
+    own `Response` does), not alone at `prepare()`. Body pieces are handed to the transport without waiting
+    (`write_piece`); the caller waits (`drained`) only when the client's buffer is above its mark."""
 
     _send_headers_immediately = False
+
+    async def write_piece(self, data: bytes | memoryview) -> bool:
+        """Write `data` without waiting for the client; True when the transport's buffer is now above its mark."""
+        writer = self._payload_writer
+        if not isinstance(writer, StreamWriter):  # not aiohttp's own writer: its write() waits by itself
+            await self.write(data)
+            return False
+        if self._eof_sent:
+            raise RuntimeError("Cannot call write() after write_eof()")
+        await writer.write(data, drain=False)
+        return writer.protocol.writing_paused
+
+    async def drained(self) -> None:
+        """Return once the client's transport buffer is below its low mark again."""
+        if self._payload_writer is not None:
+            await self._payload_writer.drain()
 
 
 def _abort(request: web.Request, resp: web.StreamResponse) -> None:
