@@ -36,7 +36,7 @@ from gateway.listener import LowLevelRecorder
 from gateway.metrics import exposition_registry
 from gateway.peer import resolve_peer
 from gateway.recorder import RECORDER, Recorder
-from gateway.state_keys import AUDIT_KEY, PEER_KEY, RUNTIME, SNAPSHOT_KEY, Runtime, request_snapshot
+from gateway.state_keys import AUDIT_KEY, PEER_KEY, RUNTIME, SNAPSHOT_KEY, Runtime, Snapshot, request_snapshot
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 log = logging.getLogger("ota_gateway.http")
@@ -97,19 +97,19 @@ async def _server_header(request: web.Request, response: web.StreamResponse) -> 
     response.headers["Server"] = "ota-gateway"
 
 
-def low_level_headers(rt: Runtime, *, tls: bool, sockname: object = None) -> dict[str, str]:
+def low_level_headers(snap: Snapshot, *, tls: bool, sockname: object = None) -> dict[str, str]:
     """Server (and on TLS listeners HSTS) for an answer; `sockname` (the local address the connection came in on)
     picks the listener whose `hsts_max_age` applies, the first listener when it is unknown (parser errors)."""
     headers = {"Server": "ota-gateway"}
-    max_age = _listener_for(rt, sockname).hsts_max_age
+    max_age = _listener_for(snap, sockname).hsts_max_age
     if tls and max_age:
         headers["Strict-Transport-Security"] = f"max-age={max_age}"
     return headers
 
 
-def _listener_for(rt: Runtime, sockname: object) -> TlsListener:
+def _listener_for(snap: Snapshot, sockname: object) -> TlsListener:
     """The TLS listener bound to `sockname` (host, port, ...): same port, and same address unless only one matches."""
-    listeners = rt.snapshot.config.listeners
+    listeners = snap.config.listeners
     if isinstance(sockname, tuple) and len(sockname) >= 2:
         host, port = sockname[0], sockname[1]
         same_port = [lst for lst in listeners if lst.port == port]
@@ -122,7 +122,8 @@ def _listener_for(rt: Runtime, sockname: object) -> TlsListener:
 async def _hsts(request: web.Request, response: web.StreamResponse) -> None:
     transport = request.transport
     sockname = transport.get_extra_info("sockname") if transport is not None else None
-    for name, value in low_level_headers(request.app[RUNTIME], tls=True, sockname=sockname).items():
+    snap = request.get(SNAPSHOT_KEY) or request.app[RUNTIME].snapshot  # the request's own, once the envelope ran
+    for name, value in low_level_headers(snap, tls=True, sockname=sockname).items():
         response.headers.setdefault(name, value)
     response.headers["Server"] = "ota-gateway"
 

@@ -184,7 +184,7 @@ async def serve(
     record = low_level_recorder(rt)
 
     def guard(name: str, *, tls: bool) -> HttpGuard:
-        return HttpGuard(name, timeouts, budget, record, lambda: low_level_headers(rt, tls=tls))
+        return HttpGuard(name, timeouts, budget, record, lambda: low_level_headers(rt.snapshot, tls=tls))
 
     runner = GuardedAppRunner(
         create_app(rt),

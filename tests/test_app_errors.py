@@ -38,7 +38,7 @@ def test_an_unexpected_exception_is_a_counted_audited_500_logged_once(
         app.router.add_get("/boom", boom)
         budget = ConnectionBudget(Caps(100, 100, 100), rt.metrics)
         guard = HttpGuard(
-            "main", Timeouts(5, 5, 5), budget, low_level_recorder(rt), lambda: low_level_headers(rt, tls=True)
+            "main", Timeouts(5, 5, 5), budget, low_level_recorder(rt), lambda: low_level_headers(rt.snapshot, tls=True)
         )
         runner = GuardedAppRunner(app, guard, handler_cancellation=True, access_log=None, shutdown_timeout=1.0)
         await runner.setup()

@@ -4,6 +4,7 @@ In process, on a real config, real TLS material and the real `Reloader`."""
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import dataclasses
 from pathlib import Path
@@ -132,3 +133,20 @@ def test_a_failed_reload_leaves_the_very_same_snapshot(tmp_path: Path, pki: Pki,
         assert not rt.live.last_reload_ok
     finally:
         rt.audit.close()
+
+
+def _reads_of_current_snapshot(path: Path) -> list[int]:
+    """Lines of `path` that read a runtime's current snapshot (`<anything>.snapshot`)."""
+    tree = ast.parse(path.read_text())
+    return [n.lineno for n in ast.walk(tree) if isinstance(n, ast.Attribute) and n.attr == "snapshot"]
+
+
+def test_request_code_reads_only_the_snapshot_its_request_began_with() -> None:
+    """Handlers and the peer check get the request's snapshot (`request_snapshot`, or as an argument); reading
+    `rt.snapshot` there would see a reload in the middle of a request."""
+    gateway = Path(__file__).resolve().parent.parent / "gateway"
+    request_code = [*sorted((gateway / "handlers").glob("*.py")), gateway / "peer.py"]
+    assert len(request_code) >= 8
+    assert {p.name: _reads_of_current_snapshot(p) for p in request_code if _reads_of_current_snapshot(p)} == {}
+    # the twin: the check does see the one place that takes it, the envelope
+    assert _reads_of_current_snapshot(gateway / "app.py")
