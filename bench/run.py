@@ -485,7 +485,7 @@ def run_nginx(name: str, conf: Path, port: int, core: int) -> Iterator[Server]:
 
 @contextlib.contextmanager
 def run_gateway(name: str, config: Path, core: int | None, *extra: str, src: Path | None = None) -> Iterator[Server]:
-    """`ota-gateway serve --config config` (from `src` if given), pinned to `core`; waits for the admin line."""
+    """`ota-gateway serve --config config` (from `src` if given), pinned to `core`; waits for the readiness line."""
     cfg = yaml.safe_load(config.read_text())
     port = cfg["listeners"][0]["port"]
     base, env = gateway_command(src)
@@ -505,7 +505,8 @@ def run_gateway(name: str, config: Path, core: int | None, *extra: str, src: Pat
         assert proc.stderr is not None
         for line in proc.stderr:
             server.log.append(line.rstrip("\n"))
-            if "ota-gateway: admin on" in line:
+            # the readiness line; "admin on" is what sources before it printed last (A/B against older commits)
+            if line.startswith(("ota-gateway: ready: ", "ota-gateway: admin on")):
                 ready.set()
         ready.set()
 

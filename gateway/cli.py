@@ -9,22 +9,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
-import sys
 from pathlib import Path
 
-from gateway import __version__
+from gateway import __version__, logs
 from gateway.config import DEFAULT_CONFIG
 from gateway.core.rollout import FAILURE_ACTIONS
 from gateway.errors import ConfigError
+from gateway.logs import FORMATS, LEVELS, problem
 
 EXIT_USAGE = 2
 GROUP_HELP = "keys 0640 and owned by this group (name or gid), folder enterable by it; default: keys 0600"
 
 
 def _fail(message: str) -> int:
-    for line in message.splitlines() or [message]:
-        print(f"ota-gateway: {line}", file=sys.stderr)
+    problem(message)
     return EXIT_USAGE
 
 
@@ -47,9 +45,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from gateway import workers
     from gateway.core.startup import RestartPolicy
 
+    logs.setup(args.log_level, args.log_format)
     count = args.workers or workers.default_workers()
     if count > 1 and not workers.is_worker():
-        extra = ["--log-level", args.log_level] + ([] if args.uvloop else ["--no-uvloop"])
+        extra = ["--log-level", args.log_level, "--log-format", args.log_format]
+        extra += [] if args.uvloop else ["--no-uvloop"]
         try:
             policy = RestartPolicy(max_crashes=args.crash_limit, window=args.crash_window)
         except ValueError as exc:
@@ -57,10 +57,6 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         return workers.supervise(args.config, count, extra, policy)
     from gateway.runner import serve
 
-    logging.basicConfig(
-        level=getattr(logging, args.log_level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
     try:
         import uvloop  # optional: measurably faster on small requests
 
@@ -72,7 +68,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             serve(
                 args.config,
                 reuse_port=workers.is_worker(),
-                on_ready=workers.report_ready,
+                on_ready=workers.report_ready if workers.is_worker() else None,
                 restarted=workers.is_restart(),
             )
         )
@@ -185,7 +181,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="run the gateway")
     p.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
-    p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    p.add_argument(
+        "--log-level",
+        default="info",
+        choices=LEVELS,
+        help="info: lifecycle (default); warning: failures only; debug: also per-connection trouble",
+    )
+    p.add_argument(
+        "--log-format",
+        default="text",
+        choices=FORMATS,
+        help="text: 'ota-gateway: ...' lines (default); json: one object a line, for container log collectors",
+    )
     p.add_argument("--no-uvloop", dest="uvloop", action="store_false", help="use the stdlib event loop")
     p.add_argument("--workers", type=int, default=0, help="worker processes sharing the ports (default: one per core)")
     p.add_argument(

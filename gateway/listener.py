@@ -209,7 +209,7 @@ class TlsListenerServer:
 
     def failed(self, cause: str, exc: BaseException | str | None) -> None:
         self.metrics.handshake_failures.labels(self.name, cause).inc()
-        log.info("tls handshake failed on %s: %s (%s)", self.name, cause, exc)
+        log.debug("tls handshake failed on %s: %s (%s)", self.name, cause, exc)
 
     async def start(self, host: str, port: int, *, reuse_port: bool = False, sock: socket.socket | None = None) -> None:
         loop = asyncio.get_running_loop()
@@ -454,7 +454,7 @@ class GuardedRequestHandler(RequestHandler):
         peer = _peer_ip(transport)
         timeouts = self._guard.timeouts
         if expiry.cause == "body":
-            http_log.info("request body timeout on %s from %s", self.listener, peer)
+            http_log.debug("request body timeout on %s from %s", self.listener, peer)
             body, self._body = self._body, None
             self.close()  # read nothing more; the connection closes after the 408 the handler answers
             if body is not None:
@@ -463,7 +463,7 @@ class GuardedRequestHandler(RequestHandler):
             return
         if expiry.cause == "header":
             detail = f"the request headers were not complete within {timeouts.header:g} s"
-            http_log.info("request header timeout on %s from %s", self.listener, peer)
+            http_log.debug("request header timeout on %s from %s", self.listener, peer)
             self._guard.record(self.listener, peer, 408, Reason.REQUEST_TIMEOUT, detail)
             transport.write(_raw_problem(Reason.REQUEST_TIMEOUT, detail, 408, self._guard.headers()))
         self.force_close()  # close() after the write: the 408 is flushed first
@@ -485,7 +485,7 @@ class GuardedRequestHandler(RequestHandler):
             reason = Reason.BAD_REQUEST
             kind = type(exc).__name__ if exc is not None else "malformed"
             detail = f"malformed HTTP request ({kind})"  # the exception's class, never the client's bytes
-            http_log.info("malformed HTTP request on %s from %s: %s", self.listener, peer, kind)
+            http_log.debug("malformed HTTP request on %s from %s: %s", self.listener, peer, kind)
         else:
             reason = Reason.INTERNAL_ERROR
             detail = "internal error"

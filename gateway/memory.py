@@ -15,10 +15,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import ctypes.util
-import logging
 from collections.abc import Callable
-
-log = logging.getLogger("ota_gateway")
 
 INTERVAL = 5.0  # seconds between two checks
 CHURN = 64  # connections closed since the last trim that make one worthwhile

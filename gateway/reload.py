@@ -18,7 +18,6 @@ import asyncio
 import datetime as dt
 import logging
 import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,14 +118,14 @@ class Reloader:
                 self.rt.metrics.config_loaded.set(0)
                 self.rt.live.last_reload_ok = False
                 first = str(exc.issues[0]) + (f" (and {len(exc.issues) - 1} more)" if len(exc.issues) > 1 else "")
-                print(f"ota-gateway: reload ({trigger}) failed, keeping the last good state: {first}", file=sys.stderr)
+                log.warning("reload (%s) failed, keeping the last good state: %s", trigger, first)
                 return False
             self._swap(loaded, keys)
             self._last = fingerprint(watched_files(self.config_path, loaded.config))
             self.rt.metrics.reloads.labels("success").inc()
             self.rt.live.last_reload_ok = True
             publish_state_metrics(self.rt.metrics, loaded)
-            print(f"ota-gateway: reloaded ({trigger}): {len(loaded.policies.apps)} app(s)", file=sys.stderr)
+            log.info("reloaded (%s): %d app(s)", trigger, len(loaded.policies.apps))
             return True
 
     def _swap(self, loaded: Loaded, keys: tuple[TicketKey, ...]) -> None:
@@ -134,7 +133,7 @@ class Reloader:
         old = self.rt.snapshot
         for new_lst, old_lst in zip(loaded.config.listeners, old.config.listeners, strict=False):
             if (new_lst.address, new_lst.port) != (old_lst.address, old_lst.port):
-                print(f"ota-gateway: listener {new_lst.name}: address/port change needs a restart", file=sys.stderr)
+                log.warning("listener %s: address/port change needs a restart", new_lst.name)
         origins: dict[str, AnyOrigin] = {}
         for name, oc in loaded.config.origins.items():
             kept = old.origins.get(name)
@@ -176,10 +175,12 @@ class Reloader:
                     effect = (
                         "clients of this CA are refused" if mode == "fail_closed" else "still applied (keep_serving)"
                     )
-                    print(
-                        f"ota-gateway: listener {name}: CRL {crl.source} is past its nextUpdate "
-                        f"{crl.next_update:%Y-%m-%dT%H:%M:%SZ}; {effect}",
-                        file=sys.stderr,
+                    log.warning(
+                        "listener %s: CRL %s is past its nextUpdate %s; %s",
+                        name,
+                        crl.source,
+                        f"{crl.next_update:%Y-%m-%dT%H:%M:%SZ}",
+                        effect,
                     )
         self._reported_stale = all_stale
         for ca_name, value in by_ca.items():

@@ -20,7 +20,6 @@ import resource
 import signal
 import sqlite3
 import ssl
-import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -34,6 +33,7 @@ from gateway.core.connguard import Caps, Timeouts, auto_max_connections
 from gateway.core.tickets import TicketKey
 from gateway.errors import ConfigError
 from gateway.listener import ConnectionBudget, GuardedAppRunner, HttpGuard, PlainListener, TlsListenerServer
+from gateway.logs import announce_ready
 from gateway.memory import trim_after_churn
 from gateway.metrics import Metrics
 from gateway.origins import make_origin
@@ -44,7 +44,7 @@ from gateway.state_keys import Runtime, Snapshot
 from gateway.ticket_keys import load_keyring
 from gateway.tls import ListenerMaterial, admin_context
 
-log = logging.getLogger("ota_gateway")
+log = logging.getLogger("ota_gateway.runner")
 
 EXIT_OK = 0
 EXIT_FORCED = 3
@@ -127,10 +127,6 @@ async def _probe(rt: Runtime) -> None:
         rt.audit.probe()
 
 
-def _say(message: str) -> None:
-    print(f"ota-gateway: {message}", file=sys.stderr, flush=True)
-
-
 def raise_open_files_limit() -> int:
     """Raise the RLIMIT_NOFILE soft limit to the hard limit (systemd's soft default is 1,024); return it."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -168,7 +164,8 @@ async def serve(
 ) -> int:
     """Run until SIGTERM/SIGINT (or `shutdown_trigger`), then drain; return the exit code.
 
-    Start-up ends when every listener is bound: then `on_ready` is called. A problem before that (config, state
+    Start-up ends when every listener is bound: then `on_ready` is called (a worker tells its supervisor), or
+    without it the readiness line is logged (`gateway/logs.py`). A problem before that (config, state
     store, audit log, a port in use) raises `ConfigError` with one line per problem. `restarted`: this process
     replaces a worker that died (counted in `ota_gateway_worker_restarts_total`).
     """
@@ -180,7 +177,7 @@ async def serve(
     reloader = Reloader(config_path, rt)
     nofile = raise_open_files_limit()
     budget, timeouts = _budget(rt, nofile)
-    _say(f"open-files limit {nofile}; at most {budget.caps.connections} connections per worker")
+    log.info("open-files limit %d; at most %d connections per worker", nofile, budget.caps.connections)
     record = low_level_recorder(rt)
 
     def guard(name: str, *, tls: bool) -> HttpGuard:
@@ -229,7 +226,7 @@ async def serve(
             listeners.append(listener)
             for sock in listener.sockets:
                 host, port = sock.getsockname()[:2]
-                _say(f"listening on https://{host}:{port} ({lst.name})")
+                log.info("listening on https://%s:%s (%s)", host, port, lst.name)
         if config.plain_http.enabled:
             https_port = config.plain_http.https_port or config.listeners[0].port
             plain = config.plain_http
@@ -238,7 +235,7 @@ async def serve(
             side_runners.append(
                 await _site(plain_app, plain_guard, source, "plain_http", plain.address, plain.port, reuse_port)
             )
-            _say(f"plain HTTP on http://{config.plain_http.address}:{config.plain_http.port} (redirects only)")
+            log.info("plain HTTP on http://%s:%s (redirects only)", plain.address, plain.port)
         if config.admin.enabled:
             admin_tls = admin_context(config.admin.tls) if config.admin.tls else None
             admin = create_admin_app(rt)
@@ -249,9 +246,11 @@ async def serve(
                 )
             )
             scheme = "https" if admin_tls else "http"
-            _say(f"admin on {scheme}://{config.admin.address}:{config.admin.port} (/metrics /healthz /readyz)")
+            log.info("admin on %s://%s:%s (/metrics /healthz /readyz)", scheme, config.admin.address, config.admin.port)
         if on_ready is not None:
             on_ready()
+        else:
+            announce_ready(config, 1)
         watcher = loop.create_task(reloader.watch(), name="reload-watch")
         tasks.add(watcher)
         tasks.add(loop.create_task(trim_after_churn(lambda: budget.closed_total), name="malloc-trim"))
@@ -262,7 +261,7 @@ async def serve(
         await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
         for w in waiters:
             w.cancel()
-        _say("shutting down, draining in-flight requests")
+        log.info("shutting down, draining in-flight requests")
         forced = await _drain(rt, listeners, runner, config.limits.shutdown_grace, lambda: signals > 1)
     finally:
         rt.live.shutting_down = True
@@ -283,9 +282,9 @@ async def serve(
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
     if forced:
-        _say("stopped; in-flight requests were aborted after the grace period")
+        log.warning("stopped; in-flight requests were aborted after the grace period")
         return EXIT_FORCED
-    _say("stopped cleanly")
+    log.info("stopped cleanly")
     return EXIT_OK
 
 

@@ -17,6 +17,7 @@ the exit code is the worst of the workers': 3 if any had to abort requests.
 
 from __future__ import annotations
 
+import logging
 import os
 import selectors
 import shutil
@@ -29,8 +30,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 
+from gateway.config import Config
 from gateway.core.startup import RestartPolicy, after_crash
+from gateway.logs import announce_ready, problem
 from gateway.reload import load_all
+
+log = logging.getLogger("ota_gateway.workers")
 
 WORKER_ENV = "OTA_GATEWAY_WORKER"
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -105,8 +110,12 @@ class _Worker:
 
 
 class _Supervisor:
-    def __init__(self, cmd: list[str], env: dict[str, str], metrics_dir: Path, policy: RestartPolicy) -> None:
+    def __init__(
+        self, cmd: list[str], env: dict[str, str], metrics_dir: Path, policy: RestartPolicy, config: Config, count: int
+    ) -> None:
         self.cmd, self.env, self.metrics_dir, self.policy = cmd, env, metrics_dir, policy
+        self.config, self.count = config, count
+        self.announced = False  # the readiness line is logged once, when the first `count` workers are ready
         self.selector = selectors.DefaultSelector()
         self.workers: list[_Worker] = []
         self.pending: list[float] = []  # monotonic times at which to start a replacement
@@ -137,8 +146,15 @@ class _Supervisor:
                 worker.pipe = -1
                 return
             worker.said += data
-            if bytes(worker.said) == READY:
+            if bytes(worker.said) == READY and not worker.ready:
                 worker.ready = True
+                self._on_ready(worker)
+
+    def _on_ready(self, worker: _Worker) -> None:
+        log.info("worker %d ready", worker.proc.pid)
+        if not self.announced and sum(w.ready for w in self.workers) == self.count:
+            self.announced = True
+            announce_ready(self.config, self.count)
 
     def wait(self, timeout: float) -> None:
         for key, _ in self.selector.select(timeout):
@@ -192,12 +208,8 @@ class _Supervisor:
         self.selector.close()
 
 
-def _say(message: str) -> None:
-    print(f"ota-gateway: {message}", file=sys.stderr, flush=True)
-
-
 def supervise(config_path: Path, workers: int, extra_args: list[str], policy: RestartPolicy | None = None) -> int:
-    load_all(config_path)  # raises ConfigError: reported by the CLI, exit 2
+    config = load_all(config_path).config  # raises ConfigError: reported by the CLI, exit 2
     policy = policy or RestartPolicy()
     own_dir = MULTIPROC_ENV not in os.environ
     metrics_dir = Path(os.environ.get(MULTIPROC_ENV) or tempfile.mkdtemp(prefix="ota-gateway-metrics-"))
@@ -205,7 +217,7 @@ def supervise(config_path: Path, workers: int, extra_args: list[str], policy: Re
         stale.unlink()
     env = {**os.environ, WORKER_ENV: "1", MULTIPROC_ENV: str(metrics_dir)}
     cmd = [sys.executable, "-m", "gateway", "serve", "--config", str(config_path), "--workers", "1", *extra_args]
-    sup = _Supervisor(cmd, env, metrics_dir, policy)
+    sup = _Supervisor(cmd, env, metrics_dir, policy, config, workers)
 
     def forward(signum: int, frame: FrameType | None) -> None:
         if signum in (signal.SIGTERM, signal.SIGINT):
@@ -246,17 +258,18 @@ def _run(sup: _Supervisor) -> int:
         error = bytes(worker.said).decode("utf-8", "replace").strip()
         if not worker.ready:
             sup.stop_all()
-            for line in (error or f"worker {worker.proc.pid} {describe_exit(code)} during start-up").splitlines():
-                _say(line)
+            problem(error or f"worker {worker.proc.pid} {describe_exit(code)} during start-up")
             return EXIT_STARTUP
         verdict = after_crash(sup.policy, sup.history, now)
         sup.history = verdict.history
         what = f"worker {worker.proc.pid} {describe_exit(code)}"
         if not verdict.restart:
             sup.stop_all()
-            _say(f"{what}; {verdict.crashes} worker deaths within {sup.policy.window:g} s: stopping the server")
+            log.error("%s; %d worker deaths within %g s: stopping the server", what, verdict.crashes, sup.policy.window)
             return EXIT_CRASH_LOOP
-        _say(f"{what}; starting a new one in {verdict.delay:g} s ({verdict.crashes} within {sup.policy.window:g} s)")
+        log.warning(
+            "%s; starting a new one in %g s (%d within %g s)", what, verdict.delay, verdict.crashes, sup.policy.window
+        )
         sup.pending.append(now + verdict.delay)
         sup.pending.sort()
     sup.close()

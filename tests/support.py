@@ -265,11 +265,27 @@ class GatewayProcess:
             raise AssertionError("gateway did not stop in time") from None
 
 
+READY_LINE = "ota-gateway: ready: "  # logged once, when every listener of every worker accepts connections
+
+
+def is_ready_line(line: str) -> bool:
+    """The readiness line, in the text or the JSON log format."""
+    if line.startswith(READY_LINE):
+        return True
+    if line.startswith("{"):
+        try:
+            doc = json.loads(line)
+        except ValueError:
+            return False
+        return isinstance(doc, dict) and doc.get("logger") == "ota_gateway.ready"
+    return False
+
+
 def _pump_stderr(proc: subprocess.Popen[str], lines: list[str], ready: threading.Event) -> None:
     assert proc.stderr is not None
     for line in proc.stderr:
         lines.append(line.rstrip("\n"))
-        if "ota-gateway: admin on" in line:  # printed after every listener is up
+        if is_ready_line(line):
             ready.set()
     ready.set()
 
@@ -278,7 +294,7 @@ def _pump_stderr(proc: subprocess.Popen[str], lines: list[str], ready: threading
 def watch_gateway(
     config_path: Path, config: dict[str, Any], proc: subprocess.Popen[str], timeout: float
 ) -> Iterator[GatewayProcess]:
-    """Wait until a started `serve` listens (its stderr is read meanwhile); SIGTERM it afterwards, then SIGKILL."""
+    """Wait for a started `serve`'s readiness line (reading its stderr meanwhile); stop it afterwards."""
     gw = GatewayProcess(config_path, proc, config["listeners"][0]["port"], config["admin"]["port"])
     ready = threading.Event()
     pump = threading.Thread(target=_pump_stderr, args=(proc, gw.stderr_lines, ready), daemon=True)

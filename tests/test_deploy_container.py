@@ -34,7 +34,7 @@ from tests.deploy_support import (
     private_network,
     world_readable_tmpdir,
 )
-from tests.support import APP_ID, ROOT, Pki
+from tests.support import APP_ID, ROOT, Pki, is_ready_line
 
 CONTAINER_CONFIG = ROOT / "deploy" / "container" / "gateway.yaml"
 IMAGE_CONFIG = "/etc/ota-gateway/gateway.yaml"
@@ -208,7 +208,7 @@ def serve_as_service(
     def pump(stream: Any, into: list[str]) -> None:
         for line in stream:
             into.append(line.rstrip("\n"))
-            if "ota-gateway: admin on" in line:
+            if is_ready_line(line):
                 listening.set()
 
     threads = [
