@@ -94,6 +94,12 @@ class Metrics:
             registry=r,
         )
         self.origin_errors = Counter("ota_gateway_origin_errors", "Origin failures, by origin.", ["origin"], registry=r)
+        self.origin_overruns = Counter(
+            "ota_gateway_origin_overruns",
+            "Origin connections dropped for bytes after a complete answer (past its Content-Length, or while idle).",
+            ["origin"],
+            registry=r,
+        )
         self.config_loaded = Gauge(
             "ota_gateway_config_last_reload_success",
             "1 if the last load or reload of config, policies and certificates succeeded, else 0.",
@@ -244,6 +250,7 @@ class Metrics:
 
     def origin(self, name: str) -> None:
         self.origin_errors.labels(name)
+        self.origin_overruns.labels(name)
 
     def app_events(self, app_id: str) -> None:
         """Create an app's device-event label sets (zeros for every action) the first time it sends events."""

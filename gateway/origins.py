@@ -8,10 +8,13 @@ good; `core/verify.py` does.
 
 Bounds: every call to an HTTPS origin has a total deadline (`total_timeout`: a whole API or index call, a bundle
 GET up to its headers; past it, `OriginTooSlow`); release indexes and API answers are capped while they stream,
-never read whole first. A bundle body that ends before its Content-Length is `ShortBody`; bytes past it are
-`PastLength`, whenever they come: a bundle GET asks for `Connection: close`, its connection (`_WatchedHandler`)
-feeds aiohttp's parser exactly the head and the declared body and counts what follows, and the body ends only at
-the origin's end of stream or after `close_grace` seconds of silence; that connection is never reused.
+never read whole first. A bundle body that ends before its Content-Length is `ShortBody`. Every origin connection
+(`_GuardedHandler`) feeds aiohttp's parser exactly the head and the declared body of each answer and never parses
+a byte after them: bytes past a bundle's Content-Length that reached the gateway by the body's end are
+`PastLength` before its last chunk is handed out; bytes that come later, on the idle pooled connection, are an
+overrun (counted, logged, the connection aborted, never read as the next answer). At a body's end
+`core/keepalive.py` decides whether the connection goes back to the pool; a bundle whose origin announced its
+close, or whose socket holds unread bytes, ends only at the origin's end of stream, more bytes or `close_grace`.
 A directory origin opens only files inside the app's own folder (`core/confine.py`), symlinks followed. Each
 `OriginError` carries the refusal reason it stands for. Its text may reach the client (problem details), so a
 directory origin names files relative to its root there (`com.example.app/1.0.0.zip`) and logs the absolute path
@@ -27,6 +30,7 @@ import functools
 import logging
 import os
 import re
+import select
 import ssl
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
@@ -45,6 +49,7 @@ from gateway.core.confine import within
 from gateway.core.forwarded import CLIENT_CERT, XFCC, client_cert_value, xfcc_value
 from gateway.core.identity import spki_pin
 from gateway.core.jsonsafe import loads_bounded
+from gateway.core.keepalive import AfterBody, after_body
 from gateway.core.locations import location_problem
 from gateway.core.policy import Peer
 from gateway.core.reasons import Reason
@@ -361,8 +366,10 @@ def _open_first(path: Path, chunk_size: int, folder: Path) -> tuple[BinaryIO, in
 
 
 class _EndWatch:
-    """What one bundle GET learns of its connection after the declared body: bytes past it (`past`), and `ended`,
-    done once the origin closed, sent more, or stayed silent for `grace` seconds after the body."""
+    """What one bundle GET learns of its connection at the end of the declared body: bytes past it (`past`), and
+    `ended`, done once that is known: at once when nothing more had arrived (the connection goes back to the pool),
+    or, when the origin announced its close or unread bytes waited in the socket, once the origin closed, sent more,
+    or stayed silent for `grace` seconds."""
 
     def __init__(self, grace: float) -> None:
         self.grace = grace
@@ -370,47 +377,106 @@ class _EndWatch:
         self.ended: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
 
-_WATCH: contextvars.ContextVar[_EndWatch | None] = contextvars.ContextVar("origin_end_watch", default=None)
+class _Watches:
+    """The watches of one bundle GET: one per connection it used (a redirect's next hop gets its own); `last` is
+    the one of the connection the answer came on."""
+
+    def __init__(self, grace: float) -> None:
+        self.grace = grace
+        self.last: _EndWatch | None = None
+
+    def new(self) -> _EndWatch:
+        self.last = _EndWatch(self.grace)
+        return self.last
+
+
+_WATCH: contextvars.ContextVar[_Watches | None] = contextvars.ContextVar("origin_end_watch", default=None)
 _HEAD_END = re.compile(rb"\r?\n\r?\n")  # the parser is lenient about the CR before LF in responses
 
 
-class _WatchedHandler(ResponseHandler):
-    """aiohttp's response protocol, which for a watched request (a bundle GET) feeds its parser exactly the head and
-    the Content-Length bytes of the body, and counts, instead of parsing, every byte after them: in the same read
-    as the body's end, in the same read as the head, or later. The connection is held open after the body (aiohttp
-    closes it then) until the watch ends, and is never reused."""
+class _GuardedHandler(ResponseHandler):
+    """aiohttp's response protocol, which frames every Content-Length answer itself: it feeds the parser exactly the
+    head and the declared body, and never parses a byte after them. Bytes that come after a complete answer and
+    before the next request (in the same read as the body's end, in the same read as the head, later, or while the
+    connection waits in the pool) are an overrun: counted (`on_overrun`), never parsed, the connection aborted.
+    At the end of a body `core/keepalive.py` decides whether the connection goes back to the pool; for a bundle
+    (a watched request) that waits for the origin's end of stream, the close is held until the watch ends."""
 
-    _watch: _EndWatch | None = None
-    _phase = "head"  # head -> body -> after; "off" once the message has no length (or not watched)
-    _remaining = 0
-    _carry = b""
-    _message: Any = None
-    _close_wanted = False
-    _grace_timer: asyncio.TimerHandle | None = None
+    def __init__(self, loop: asyncio.AbstractEventLoop, on_overrun: Callable[[int, str], None]) -> None:
+        super().__init__(loop)
+        self._on_overrun = on_overrun
+        self._watch: _EndWatch | None = None
+        self._path = ""  # the path of the request in flight, or of the last one (for the overrun's log line)
+        # idle (no request in flight) -> head -> body -> idle; "parser" while the parser frames the body (chunked,
+        # until close); "held" after a bundle's body whose end is awaited
+        self._phase = "idle"
+        self._remaining = 0
+        self._carry = b""
+        self._message: Any = None
+        self._body: Any = None  # the payload stream of the answer in flight
+        self._keep = True  # False: never back to the pool
+        self._overran = False
+        self._close_wanted = False
+        self._grace_timer: asyncio.TimerHandle | None = None
+        self._served = 0
+        self._fd: int | None = None
 
-    def watch(self, watch: _EndWatch) -> None:
-        self._watch, self._phase, self._carry, self._message = watch, "head", b"", None
-        self.force_close()  # never back to the pool
+    def begin(self, watch: _EndWatch | None, path: str) -> None:
+        """A request is about to go out on this connection (`watch`: a bundle GET's)."""
+        self._watch, self._path = watch, path
+
+    @property
+    def reused(self) -> bool:
+        return self._served > 0
+
+    def pending(self) -> bool:
+        """Unread bytes (or the end of stream, or an error) wait in the socket."""
+        if self._fd is None:
+            sock = self.transport.get_extra_info("socket") if self.transport is not None else None
+            if sock is None:
+                return True
+            self._fd = sock.fileno()
+        poller = select.poll()
+        poller.register(self._fd, select.POLLIN)
+        return bool(poller.poll(0))
 
     @property
     def should_close(self) -> bool:
-        return self._watch is not None or super().should_close
+        return not self._keep or super().should_close
+
+    def set_response_params(self, **kwargs: Any) -> None:
+        self._phase, self._carry, self._message = "head", b"", None
+        self._served += 1
+        super().set_response_params(**kwargs)
 
     def feed_data(self, data: Any, size: int = 0) -> None:
-        self._message = data[0]  # (message, payload): the head the parser just completed
+        self._message, self._body = data  # (message, payload): the head the parser just completed
         super().feed_data(data, size)
 
+    def _to_parser(self) -> None:
+        """The parser frames the rest (chunked, until close, or what it could not parse); the verifier counts."""
+        self._phase = "parser"
+        self._end()
+        if self._message is not None and self._body is not None:
+            self._body.on_eof(self._parsed)  # its end: idle again
+
+    def _parsed(self) -> None:
+        if self._phase == "parser":
+            self._phase = "idle"
+
     def data_received(self, data: bytes) -> None:
-        watch = self._watch
-        if watch is None or self._phase == "off":
+        if not data:  # aiohttp resuming a paused parser: the bytes it holds were framed when they came
             super().data_received(data)
             return
         while data:
-            if self._phase == "after":
-                watch.past += len(data)  # never parsed: the origin sent more than it announced
-                self._end()
+            phase = self._phase
+            if phase == "parser":
+                super().data_received(data)
                 return
-            if self._phase == "head":
+            if phase in ("idle", "held"):
+                self._overrun(len(data))
+                return
+            if phase == "head":
                 buf = self._carry + data
                 found = _HEAD_END.search(buf)
                 if found is None:
@@ -418,55 +484,82 @@ class _WatchedHandler(ResponseHandler):
                     super().data_received(data)
                     return
                 cut = found.end() - len(self._carry)
-                self._message = None
+                self._message = self._body = None
                 super().data_received(data[:cut])
                 data, self._carry = data[cut:], b""
                 message = self._message
-                if message is None:  # the parser saw it otherwise: leave it to the parser
-                    self._phase = "off"
-                    self._end()
-                    super().data_received(data)
-                    return
+                if message is None:  # the parser saw it otherwise (an error): leave the rest to it
+                    self._to_parser()
+                    continue
                 if 100 <= message.code < 200:
                     continue  # an interim answer; the real head follows
                 length = message.headers.get("Content-Length", "")
-                if message.code in (204, 304):
+                if message.code in (204, 304) or self._skip_payload:
                     length = "0"
-                if not length.isdigit():  # chunked or until close: the verifier counts the bytes
-                    self._phase = "off"
-                    self._end()
-                    super().data_received(data)
-                    return
+                if not length.isdigit():
+                    self._to_parser()
+                    continue
                 self._phase, self._remaining = "body", int(length)
                 if self._remaining == 0:
-                    self._body_done()
+                    self._body_end(len(data))
                 continue
-            take = data[: self._remaining]
-            data = data[len(take) :]
+            take, data = data[: self._remaining], data[self._remaining :]
             self._remaining -= len(take)
             if self._remaining == 0:
-                self._body_done()  # first: the parser's end of body makes aiohttp close (held from then on)
+                self._body_end(len(data))  # first: the parser's end of body hands the connection back to the pool
             super().data_received(take)
 
-    def _body_done(self) -> None:
-        self._phase = "after"
-        if self._watch is not None and self._grace_timer is None:
+    def _body_end(self, extra: int) -> None:
+        close_announced = bool(self._message.should_close)
+        watched = self._watch is not None
+        pending = not extra and not close_announced and self.pending()
+        decision = after_body(extra=extra, close_announced=close_announced, pending=pending, watched=watched)
+        self._phase = "held" if decision is AfterBody.WAIT else "idle"
+        if decision is AfterBody.POOL:
+            self._end()
+            return
+        self._keep = False
+        if decision is AfterBody.WAIT:
+            assert self._watch is not None
             self._grace_timer = self._loop.call_later(self._watch.grace, self._end)
+        elif decision is AfterBody.DROP:
+            self._end()
+        # OVERRUN: counted by the caller's next round, with the bytes that follow
+
+    def _overrun(self, nbytes: int) -> None:
+        """Bytes after a complete answer, before the next request: never parsed; the connection is aborted."""
+        watch = self._watch
+        if watch is not None and not watch.ended.done():
+            watch.past += nbytes  # a bundle whose end was not yet settled: size_exceeded
+        self._keep = False
+        if not self._overran:
+            self._overran = True
+            self._on_overrun(nbytes, self._path)
+        self._end()
+        if self._body is None or self._body.is_eof():
+            self.abort()
+        # else the parser still holds some of the body: aiohttp's release at its end closes (aborts) the connection
 
     def _end(self) -> None:
         """The watch is over: tell the waiter, and close the connection if aiohttp asked meanwhile."""
         watch, self._watch = self._watch, None
+        if self._phase == "held":
+            self._phase = "idle"
         if self._grace_timer is not None:
             self._grace_timer.cancel()
             self._grace_timer = None
         if watch is not None and not watch.ended.done():
             watch.ended.set_result(None)
         if self._close_wanted:
-            super().close()
+            self._close_wanted = False
+            self.close()
 
     def close(self) -> None:
-        if self._watch is not None and self._phase == "after":
+        if self._phase == "held" and self._watch is not None:
             self._close_wanted = True  # held until the origin's end of stream, more bytes, or the grace
+            return
+        if self._overran:
+            super().abort()  # a TLS close would go on reading what the origin still sends
             return
         super().close()
 
@@ -482,19 +575,30 @@ class _WatchedHandler(ResponseHandler):
 
 
 class _PinningConnector(aiohttp.TCPConnector):
-    """A connector that refuses a TLS connection whose leaf SPKI is not one of the pins (in addition to the CA)."""
+    """A connector that refuses a TLS connection whose leaf SPKI is not one of the pins (in addition to the CA), and
+    never hands out a pooled connection whose socket holds unread bytes (they are never read as the next answer)."""
 
-    def __init__(self, pins: frozenset[str], **kwargs: Any) -> None:
+    def __init__(self, pins: frozenset[str], on_overrun: Callable[[int, str], None], **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._pins = pins
-        self._factory = functools.partial(_WatchedHandler, loop=self._loop)  # type: ignore[assignment]
+        self._factory = functools.partial(  # type: ignore[assignment]
+            _GuardedHandler, loop=self._loop, on_overrun=on_overrun
+        )
 
     async def connect(self, req: Any, traces: Any, timeout: Any) -> Any:  # noqa: ASYNC109 - aiohttp's signature
-        conn = await super().connect(req, traces, timeout)
-        watch = _WATCH.get()
-        if watch is not None and isinstance(conn.protocol, _WatchedHandler):
-            conn.protocol.watch(watch)  # before the request is written, so before any byte of the answer
-        return conn
+        for _ in range(self.limit + 1):  # each round takes a pooled connection (and drops it) or opens a new one
+            conn = await super().connect(req, traces, timeout)
+            protocol = conn.protocol
+            if not isinstance(protocol, _GuardedHandler):
+                return conn
+            if protocol.reused and protocol.pending():
+                protocol.abort()  # the origin's close, or bytes nobody asked for: not the next answer
+                conn.close()
+                continue
+            watches = _WATCH.get()
+            protocol.begin(watches.new() if watches is not None else None, req.url.path)
+            return conn  # the watch is set before the request is written, so before any byte of the answer
+        raise aiohttp.ClientConnectionError("no pooled origin connection without unread bytes")
 
     async def _wrap_create_connection(self, *args: Any, **kwargs: Any) -> Any:
         transport, protocol = await super()._wrap_create_connection(*args, **kwargs)
@@ -517,9 +621,10 @@ class _PinningConnector(aiohttp.TCPConnector):
 class HttpsOrigin:
     """A remote HTTPS origin: `<url>/<app_id>/releases.json` and the files it names."""
 
-    def __init__(self, name: str, config: HttpsOriginConfig) -> None:
+    def __init__(self, name: str, config: HttpsOriginConfig, on_overrun: Callable[[], None] | None = None) -> None:
         self.name = name
         self.config = config
+        self._on_overrun = on_overrun  # counts an overrun (ota_gateway_origin_overruns)
         self.base = URL(config.url)
         self._ssl: ssl.SSLContext = upstream_context(config)
         self._session: aiohttp.ClientSession | None = None
@@ -528,7 +633,9 @@ class HttpsOrigin:
 
     def _get_session(self) -> aiohttp.ClientSession:
         if self._session is None:
-            connector = _PinningConnector(frozenset(self.config.spki_pins), ssl=self._ssl, limit=256, ttl_dns_cache=60)
+            connector = _PinningConnector(
+                frozenset(self.config.spki_pins), self._overrun, ssl=self._ssl, limit=256, ttl_dns_cache=60
+            )
             timeout = aiohttp.ClientTimeout(
                 total=None, sock_connect=self.config.connect_timeout, sock_read=self.config.read_timeout
             )
@@ -540,6 +647,19 @@ class HttpsOrigin:
                 headers={"User-Agent": "ota-gateway"},
             )
         return self._session
+
+    def _overrun(self, nbytes: int, path: str) -> None:
+        """The origin sent bytes after a complete answer to `path` (past its Content-Length, or on an idle pooled
+        connection): its connection was aborted and the bytes never parsed."""
+        log.warning(
+            "origin %s: %d bytes after the end of the answer to %s (past its Content-Length, or while the connection "
+            "was idle): connection dropped",
+            self.name,
+            nbytes,
+            path,
+        )
+        if self._on_overrun is not None:
+            self._on_overrun()
 
     @asynccontextmanager
     async def _deadline(self, what: str) -> AsyncIterator[None]:
@@ -655,17 +775,20 @@ class HttpsOrigin:
     async def open_url(self, url: URL, peer: Peer | None = None) -> AsyncIterator[Body]:
         """GET a file by its URL, which must be https on this origin's hosts (download tickets name such URLs).
 
-        The origin is asked to close the connection after the body (`Connection: close`), and the body ends only
-        once it did (or stayed silent for `close_grace` seconds): a byte past Content-Length, whenever it comes,
-        is `PastLength` before the last chunk is handed out. The cost is a new connection per bundle."""
+        The connection comes from the pool and goes back to it: a byte past Content-Length that reached the gateway
+        by the body's end (in the same read, or waiting unread in the socket) is `PastLength` before the last chunk
+        is handed out; if the origin announced its close, or bytes were waiting, the body ends only at the origin's
+        end of stream, more bytes, or `close_grace` seconds of silence. Bytes that come later, on the idle pooled
+        connection, are an overrun of the origin (`_GuardedHandler`): counted, never read as another answer."""
         if url.scheme != "https" or (url.host or "").lower() not in self.hosts:
             raise OriginError(f"origin {self.name}: {url.host} is not one of its hosts")
-        watch = _EndWatch(self.config.close_grace)
-        token = _WATCH.set(watch)  # the connector hands it to the connection this GET gets
+        watches = _Watches(self.config.close_grace)
+        token = _WATCH.set(watches)  # the connector hands a watch to each connection this GET gets
         try:
-            async with self._get(url, {**self.identity_headers(peer), "Connection": "close"}) as resp:
+            async with self._get(url, self.identity_headers(peer)) as resp:
                 if resp.status != 200:
                     raise OriginError(f"origin {self.name}: {url.path} answered HTTP {resp.status}")
+                watch = watches.last
 
                 async def chunks() -> AsyncIterator[bytes]:
                     try:
@@ -675,7 +798,10 @@ class HttpsOrigin:
                         raise ShortBody(f"origin {self.name}: {url.path} ended before its end: {exc}") from None
                     except (aiohttp.ClientError, TimeoutError) as exc:
                         raise OriginError(f"origin {self.name}: body of {url.path}: {exc!r}") from None
-                    await asyncio.shield(watch.ended)  # the origin's end of stream, more bytes, or close_grace
+                    if watch is None:
+                        return
+                    if not watch.ended.done():
+                        await asyncio.shield(watch.ended)  # the origin's end of stream, more bytes, or close_grace
                     if watch.past:
                         raise PastLength(
                             f"origin {self.name}: {url.path} sent {watch.past} bytes past its Content-Length"
@@ -718,7 +844,10 @@ class HttpsOrigin:
             self._session = None
 
 
-def make_origin(name: str, config: OriginConfig) -> DirectoryOrigin | HttpsOrigin:
+def make_origin(
+    name: str, config: OriginConfig, on_overrun: Callable[[], None] | None = None
+) -> DirectoryOrigin | HttpsOrigin:
+    """The origin `config` describes; `on_overrun` counts an HTTPS origin's overruns (bytes after an answer)."""
     if isinstance(config, DirectoryOriginConfig):
         return DirectoryOrigin(name, config)
-    return HttpsOrigin(name, config)
+    return HttpsOrigin(name, config, on_overrun)

@@ -140,7 +140,7 @@ class Reloader:
             if kept is not None and old.config.origins.get(name) == oc:
                 origins[name] = kept
             else:
-                origins[name] = make_origin(name, oc)
+                origins[name] = make_origin(name, oc, self.rt.metrics.origin_overruns.labels(name).inc)
                 self.rt.metrics.origin(name)
         new = Snapshot.build(loaded.config, loaded.policies, loaded.material, origins, keys)
         self.rt.snapshot = new  # the one assignment: requests in flight keep the snapshot they hold

@@ -55,7 +55,8 @@ def build_runtime(
 ) -> Runtime:
     """The runtime of a checked config: its first snapshot (ticket keys read now unless given), metrics, audit log."""
     metrics = metrics or Metrics()
-    origins = {name: make_origin(name, oc) for name, oc in loaded.config.origins.items()}
+    overruns = metrics.origin_overruns
+    origins = {name: make_origin(name, oc, overruns.labels(name).inc) for name, oc in loaded.config.origins.items()}
     for name in origins:
         metrics.origin(name)
     publish_state_metrics(metrics, loaded)

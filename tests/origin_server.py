@@ -6,8 +6,11 @@ Serves `/<app_id>/releases.json` and the files it lists. `mode` per file: "ok", 
 then waits until the peer disconnects and records that in `disconnects`), "redirect:<url>" (302 to that URL).
 "slow:<seconds>" (the whole body, spread over that many seconds), "trickle:<seconds>" (one byte every that many
 seconds, until the peer leaves), "past_length" (the body, then bytes past its Content-Length, sent together with its
-last bytes), "past_later" (the body, then 0.2 s later bytes past it), "past_one_write" (status line, headers, body
-and bytes past it in one write). Records every request (`requests`) and its headers (`headers`).
+last bytes), "past_later" (the body, then 0.2 s later bytes past it), "past_later_close" (the same, with
+`Connection: close` in the answer), "past_one_write" (status line, headers, body and bytes past it in one write),
+"forge_later" (the whole answer, then 0.2 s later a forged second answer on the same kept-alive connection, which
+stays open). Records every request (`requests`), its headers (`headers`) and the client port it came from (`ports`:
+one port per connection).
 `index_modes[app] = "huge"` streams an endless release index (what it managed to send is in `index_bytes_sent`).
 
 Also a Capgo-style update server: POST /updates answers `update_answers[app_id]` (a dict, or a function of the
@@ -40,6 +43,7 @@ class OriginState:
     # (path, every request header as (name, value) pairs, repeats kept), in the order the requests came
     headers: list[tuple[str, list[tuple[str, str]]]] = field(default_factory=list)
     disconnects: list[str] = field(default_factory=list)  # "<app>/<file>" of "stall_watch" bodies the peer left
+    ports: list[int] = field(default_factory=list)  # the client port of each request, in order
     chunk: int = 16 * 1024
     update_answers: dict[str, Any] = field(default_factory=dict)  # app -> answer dict or fn(body) -> answer
     channel_answer: Any = None
@@ -51,9 +55,14 @@ class OriginState:
 
 
 def build_origin_app(state: OriginState) -> web.Application:
-    async def index(request: web.Request) -> web.StreamResponse:
+    def record(request: web.Request) -> None:
         state.requests.append(request.path)
         state.headers.append((request.path, list(request.headers.items())))
+        peer = request.transport.get_extra_info("peername") if request.transport is not None else None
+        state.ports.append(peer[1] if peer else 0)
+
+    async def index(request: web.Request) -> web.StreamResponse:
+        record(request)
         if state.index_modes.get(request.match_info["app"]) == "huge":
             resp = web.StreamResponse(headers={"Content-Type": "application/json"})
             resp.enable_chunked_encoding()
@@ -70,8 +79,7 @@ def build_origin_app(state: OriginState) -> web.Application:
         return web.json_response(doc)
 
     async def bundle(request: web.Request) -> web.StreamResponse:
-        state.requests.append(request.path)
-        state.headers.append((request.path, list(request.headers.items())))
+        record(request)
         key = f"{request.match_info['app']}/{request.match_info['file']}"
         data = state.files.get(key)
         if data is None:
@@ -99,6 +107,8 @@ def build_origin_app(state: OriginState) -> web.Application:
             resp.content_length = len(data) + 10
         else:
             resp.content_length = len(data)
+        if mode == "past_later_close":
+            resp.force_close()  # the answer says `Connection: close`
         await resp.prepare(request)
         if mode.startswith("trickle:"):
             pause = float(mode.split(":", 1)[1])
@@ -116,7 +126,21 @@ def build_origin_app(state: OriginState) -> web.Application:
             await asyncio.sleep(0.5)
             request.transport.close()
             return resp
-        if mode == "past_later":
+        if mode == "forge_later":
+            transport = request.transport
+            assert transport is not None
+            await resp.write(data)
+            await resp.write_eof()
+            forged = b'{"forged": true}'
+            head = f"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {len(forged)}\r\n\r\n"
+
+            def forge() -> None:
+                if not transport.is_closing():
+                    transport.write(head.encode() + forged)
+
+            asyncio.get_running_loop().call_later(0.2, forge)
+            return resp
+        if mode in ("past_later", "past_later_close"):
             assert request.transport is not None
             await resp.write(data)
             await asyncio.sleep(0.2)

@@ -57,6 +57,10 @@ def origin_errors(gw: GatewayProcess, origin: str = "cdn") -> float:
     return gw.metric("ota_gateway_origin_errors_total", origin=origin)
 
 
+def overruns(gw: GatewayProcess, origin: str = "cdn") -> float:
+    return gw.metric("ota_gateway_origin_overruns_total", origin=origin)
+
+
 def raw_get(gw: GatewayProcess, pki: Pki, path: str, timeout: float = 20) -> tuple[bytes, bytes, BaseException | None]:
     """GET on a fresh TLS connection, read to the end: (head, body, what ended it if not a clean close)."""
     sock = socket.create_connection(("127.0.0.1", gw.port), timeout=timeout)
@@ -137,7 +141,7 @@ def test_an_origin_above_the_minimum_rate_is_served_whole(gw: GatewayProcess, cd
     ("mode", "size"),
     [
         ("past_length", 300 * 1024),  # in the same write as the body's last bytes
-        ("past_later", 300 * 1024),  # in a write of their own, 0.2 s after the body
+        ("past_later_close", 300 * 1024),  # 0.2 s after the body, from an origin that announced its close
         ("past_one_write", 2000),  # status line, headers, body and more in one write
     ],
 )
@@ -145,10 +149,11 @@ def test_bytes_past_content_length_are_size_exceeded_every_time(
     gw: GatewayProcess, cdn: HttpsOrigin, pki: Pki, mode: str, size: int
 ) -> None:
     data = os.urandom(size)
-    version = {"past_length": "2.1.0", "past_later": "2.1.1", "past_one_write": "2.1.2"}[mode]
+    version = {"past_length": "2.1.0", "past_later_close": "2.1.1", "past_one_write": "2.1.2"}[mode]
     cdn.publish(APP_ID, version, data)
     cdn.state.modes[f"{APP_ID}/{version}.zip"] = mode
     before = (verifications(gw, "size_exceeded"), refusals(gw, "size_exceeded"))
+    before_overruns = overruns(gw)
     for _ in range(5):
         _head, body, _ = raw_get(gw, pki, f"/bundles/{APP_ID}/{version}.zip")
         assert len(body) < len(data), "the bundle must not complete when the origin sent more than it announced"
@@ -157,10 +162,37 @@ def test_bytes_past_content_length_are_size_exceeded_every_time(
         assert "Content-Length" in record["detail"] and record["bytes"] < len(data)
         gw.audit_path.write_text("")
     assert (verifications(gw, "size_exceeded"), refusals(gw, "size_exceeded")) == (before[0] + 5, before[1] + 5)
+    assert overruns(gw) >= before_overruns + 5  # each one dropped its connection
     cdn.state.modes[f"{APP_ID}/{version}.zip"] = "ok"  # the twin: exactly Content-Length bytes
     for _ in range(3):
         answer = https_request(f"{gw.base_url}/bundles/{APP_ID}/{version}.zip", pki.client_context(pki.client))
         assert answer.status == 200 and answer.body == data
+
+
+def test_bytes_after_a_served_bundle_on_a_pooled_connection_are_an_overrun(
+    gw: GatewayProcess, cdn: HttpsOrigin, pki: Pki
+) -> None:
+    """Bytes that come 0.2 s after the body, from an origin that keeps its connection alive, arrive once the bundle
+    was verified over exactly its Content-Length and released: the client has the signed bundle, and the bytes are
+    counted as the origin's overrun on the idle pooled connection, which is dropped (never read as an answer)."""
+    data = os.urandom(300 * 1024)
+    cdn.publish(APP_ID, "2.1.3", data)
+    cdn.state.modes[f"{APP_ID}/2.1.3.zip"] = "past_later"
+    before = (overruns(gw), verifications(gw, "size_exceeded"))
+    for i in range(3):
+        answer = https_request(f"{gw.base_url}/bundles/{APP_ID}/2.1.3.zip", pki.client_context(pki.client))
+        assert answer.status == 200 and answer.body == data  # the signed bundle, exactly
+        assert audit_for(gw, "/2.1.3.zip")["outcome"] == "ok"
+        assert wait_until(lambda i=i: overruns(gw) == before[0] + i + 1, timeout=10)  # counted, once per connection
+    assert verifications(gw, "size_exceeded") == before[1]
+    said = "bytes after the end of the answer to /com.example.app/2.1.3.zip"
+    assert any(said in line for line in gw.stderr_lines), gw.stderr_lines[-5:]
+    cdn.state.modes[f"{APP_ID}/2.1.3.zip"] = "ok"  # the twin: nothing after the body, nothing counted
+    for _ in range(3):
+        answer = https_request(f"{gw.base_url}/bundles/{APP_ID}/2.1.3.zip", pki.client_context(pki.client))
+        assert answer.status == 200 and answer.body == data
+    time.sleep(0.5)
+    assert overruns(gw) == before[0] + 3
 
 
 def test_an_endless_release_index_is_cut_at_the_cap_while_it_streams(
@@ -514,39 +546,111 @@ def rss_kib(gw: GatewayProcess) -> int:
     raise AssertionError("no VmRSS")
 
 
-def test_bundle_gets_close_their_connection_and_api_calls_keep_theirs(cdn: HttpsOrigin) -> None:
-    """The origin side of the watch, in process: a bundle GET asks for `Connection: close` and its connection is
-    never pooled; index calls still reuse one pooled connection."""
-    from yarl import URL
+class _InProcess:
+    """An `HttpsOrigin` of the gateway in this process, against the test origin: bundle GETs and index calls, the
+    pooled connections, and the overruns it counted."""
 
-    from gateway.config import HttpsOriginConfig
-    from gateway.origins import HttpsOrigin as Upstream
+    def __init__(self, cdn: HttpsOrigin) -> None:
+        from gateway.config import HttpsOriginConfig
+        from gateway.origins import HttpsOrigin as Upstream
 
+        self.overruns = 0
+        self.upstream = Upstream("cdn", HttpsOriginConfig(**cdn.origin_config(index_ttl=0)), self._count)
+
+    def _count(self) -> None:
+        self.overruns += 1
+
+    def pooled(self) -> int:
+        return sum(len(c) for c in self.upstream._get_session().connector._conns.values())  # type: ignore[union-attr]
+
+    async def bundle(self, app: str, file: str) -> bytes:
+        from yarl import URL
+
+        got = b""
+        async with self.upstream.open_url(URL(self.upstream.locate(app, file))) as body:
+            async for chunk in body.chunks:  # type: ignore[attr-defined]
+                got += chunk
+        return got
+
+
+def test_bundle_gets_and_index_calls_share_one_pooled_connection(cdn: HttpsOrigin) -> None:
     data = os.urandom(50_000)
     cdn.publish("com.example.reuse", "1.0.0", data)
+    first = len(cdn.state.ports)
 
-    async def main() -> list[int]:
-        upstream = Upstream("cdn", HttpsOriginConfig(**cdn.origin_config(index_ttl=0)))
+    async def main() -> tuple[list[int], int]:
+        origin = _InProcess(cdn)
         pooled = []
         try:
             for _ in range(3):
-                await upstream.index("com.example.reuse")
-                pooled.append(sum(len(c) for c in upstream._get_session().connector._conns.values()))  # type: ignore[union-attr]
-            got = b""
-            async with upstream.open_url(URL(upstream.locate("com.example.reuse", "1.0.0.zip"))) as body:
-                async for chunk in body.chunks:  # type: ignore[attr-defined]
-                    got += chunk
-            assert got == data
-            pooled.append(sum(len(c) for c in upstream._get_session().connector._conns.values()))  # type: ignore[union-attr]
+                await origin.upstream.index("com.example.reuse")
+                pooled.append(origin.pooled())
             for _ in range(2):
-                await upstream.index("com.example.reuse")
-                pooled.append(sum(len(c) for c in upstream._get_session().connector._conns.values()))  # type: ignore[union-attr]
-            return pooled
+                assert await origin.bundle("com.example.reuse", "1.0.0.zip") == data
+                pooled.append(origin.pooled())
+            await origin.upstream.index("com.example.reuse")
+            pooled.append(origin.pooled())
+            return pooled, origin.overruns
         finally:
-            await upstream.close()
+            await origin.upstream.close()
 
-    pooled = asyncio.run(main())
-    # one connection, reused by every index call; the bundle GET took it and did not put it back
-    assert pooled == [1, 1, 1, 0, 1, 1]
+    pooled, counted = asyncio.run(main())
+    assert pooled == [1] * 6 and counted == 0
+    assert len(set(cdn.state.ports[first:])) == 1  # one TLS connection to the origin carried all six
     bundle_headers = [h for p, h in cdn.state.headers if p.endswith("/com.example.reuse/1.0.0.zip")][-1]
-    assert ("Connection", "close") in bundle_headers
+    assert ("Connection", "close") not in bundle_headers
+
+
+@pytest.mark.parametrize("mode", ["ok", "forge_later"])
+def test_an_answer_forged_on_an_idle_pooled_connection_is_an_overrun_never_the_next_answer(
+    cdn: HttpsOrigin, mode: str
+) -> None:
+    """0.2 s after a bundle, the origin writes a whole second answer on the kept-alive connection while it waits in
+    the pool: counted as an overrun, the connection dropped, and the next index call gets the real index on a new
+    connection. The twin ("ok") reuses the connection and counts nothing."""
+    data = os.urandom(20_000)
+    cdn.publish("com.example.forge", "1.0.0", data)
+    cdn.state.modes["com.example.forge/1.0.0.zip"] = mode
+    first = len(cdn.state.ports)
+
+    async def main() -> int:
+        origin = _InProcess(cdn)
+        try:
+            assert await origin.bundle("com.example.forge", "1.0.0.zip") == data  # exactly the published bytes
+            for _ in range(40):  # the event loop runs, so the forged bytes are read as they come
+                await asyncio.sleep(0.05)
+            index = await origin.upstream.index("com.example.forge")
+            assert [r.version for r in index.releases] == ["1.0.0"]
+            return origin.overruns
+        finally:
+            await origin.upstream.close()
+
+    counted = asyncio.run(main())
+    ports = cdn.state.ports[first:]
+    if mode == "forge_later":
+        assert counted == 1 and len(set(ports)) == 2
+    else:
+        assert counted == 0 and len(set(ports)) == 1
+
+
+@pytest.mark.parametrize("mode", ["ok", "forge_later"])
+def test_unread_bytes_in_a_pooled_socket_are_never_read_as_the_next_answer(cdn: HttpsOrigin, mode: str) -> None:
+    """The event loop is held while the forged answer arrives, so it still waits unread in the socket when the next
+    request takes a connection from the pool: that connection is dropped, never read. The twin reuses it."""
+    data = os.urandom(20_000)
+    cdn.publish("com.example.unread", "1.0.0", data)
+    cdn.state.modes["com.example.unread/1.0.0.zip"] = mode
+    first = len(cdn.state.ports)
+
+    async def main() -> None:
+        origin = _InProcess(cdn)
+        try:
+            assert await origin.bundle("com.example.unread", "1.0.0.zip") == data
+            time.sleep(1.0)  # noqa: ASYNC251 - on purpose: the loop reads nothing meanwhile
+            index = await origin.upstream.index("com.example.unread")
+            assert [r.version for r in index.releases] == ["1.0.0"]
+        finally:
+            await origin.upstream.close()
+
+    asyncio.run(main())
+    assert len(set(cdn.state.ports[first:])) == (2 if mode == "forge_later" else 1)
