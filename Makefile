@@ -85,6 +85,7 @@ bench: $(STAMP)
 	$(PY) bench/rollout.py
 	$(PY) bench/hostile.py
 	$(PY) bench/slow_readers.py
+	PYTHONPATH=. $(PY) bench/bundle_get_cost.py 300 65536
 
 clean:
 	rm -rf $(VENV) .venv-scan $(CERTS) $(ORIGIN) state .pytest_cache .mypy_cache .ruff_cache

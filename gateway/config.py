@@ -176,7 +176,7 @@ class HttpsOriginConfig(Model):
     connect_timeout: Seconds = 5.0
     read_timeout: Seconds = 30.0
     total_timeout: Seconds = 8.0  # whole API and index calls, and a bundle GET up to its headers
-    close_grace: Seconds = 1.0  # after a bundle's body: how long to wait for the origin's close (or more bytes)
+    close_grace: Seconds = 1.0  # after a bundle's body, if the origin announced its close: wait that long for it
     redirect_hosts: list[str] = []
     max_redirects: Annotated[int, Field(ge=0, le=10)] = 3
     index_ttl: Annotated[float, Field(ge=0)] = 5.0
