@@ -6,7 +6,8 @@ Measures, each as the median of `--runs` repetitions:
    directly from the HTTPS origin (nginx serving files over TLS), through nginx as an mTLS reverse proxy, through
    nginx serving the file itself over mTLS, and through `ota-gateway serve` (directory origin and HTTPS origin,
    uvloop and `--no-uvloop`): wall-clock MB/s, CPU seconds of the proxy process(es), MB per CPU-second, peak RSS;
-2. full mTLS handshakes: new connections each doing one 1 KiB request: CPU ms each;
+2. full mTLS handshakes: new connections each doing one 1 KiB request: CPU ms each; and (2b) the same with each
+   connection offering the previous one's TLS session, in TLS 1.2 and 1.3, with how many the server resumed;
 3. 1 KiB requests on one keep-alive connection: CPU us each.
 
 CPU is utime+stime from /proc/<pid>/stat of the proxy process and all its children (nginx master + worker),
@@ -167,14 +168,16 @@ HANDSHAKE_TRIES = 20
 class Conn:
     """One TLS connection speaking just enough HTTP/1.1 (Content-Length bodies) to time requests precisely."""
 
-    def __init__(self, port: int, ctx: ssl.SSLContext, timeout: float = 60) -> None:
+    def __init__(
+        self, port: int, ctx: ssl.SSLContext, timeout: float = 60, session: ssl.SSLSession | None = None
+    ) -> None:
         for _ in range(HANDSHAKE_TRIES):
             CONNECTS[port] = CONNECTS.get(port, 0) + 1
             raw = socket.create_connection(("127.0.0.1", port), timeout=timeout)
             raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             raw.settimeout(HANDSHAKE_TIMEOUT)
             try:
-                self.sock = ctx.wrap_socket(raw, server_hostname="localhost")
+                self.sock = ctx.wrap_socket(raw, server_hostname="localhost", session=session)
                 break
             except (TimeoutError, ssl.SSLEOFError, ConnectionResetError):
                 raw.close()
@@ -367,6 +370,11 @@ PROXY_BODY = """\
         }}
     }}
 """
+
+
+# TLS session resumption in nginx, for the resumed-handshake rows: a session cache (TLS 1.2 session IDs and TLS 1.3
+# stateful sessions) and tickets, as a site that wants resumption configures it. Replaces the two lines above.
+NGINX_RESUME = "ssl_session_tickets on;\n        ssl_session_cache shared:SSL:10m;\n        ssl_session_timeout 5m;"
 
 
 def write_nginx(directory: Path, body: str) -> Path:
@@ -624,6 +632,77 @@ def bench_handshakes(label: str, server: Server, path: str, ws: Workspace, n: in
                 conn.close()
 
     return CountResult(label, n, [measure(server.pid, work) for _ in range(runs)])
+
+
+# 2b. Sessions offered back: each new connection offers the session of the one before (TLS 1.2: its session ID or
+# ticket; TLS 1.3: the last ticket received), against a full handshake of the same version. Counts how many the
+# server resumed, so the rows show what the wire does as well as what a reconnect costs.
+RESUME_VERSIONS = {"TLS 1.2": ssl.TLSVersion.TLSv1_2, "TLS 1.3": ssl.TLSVersion.TLSv1_3}
+NGINX_RESUME_LABEL = "nginx mTLS proxy, session cache + tickets"
+
+
+@dataclass
+class ResumeResult:
+    label: str
+    version: str
+    count: int
+    full: list[Sample] = field(default_factory=list)
+    offered: list[Sample] = field(default_factory=list)
+    resumed: int = 0
+    attempts: int = 0
+
+    def cpu_each(self, samples: list[Sample]) -> float:
+        return statistics.median(s.cpu / self.count for s in samples)
+
+
+def bench_resumed(
+    label: str, server: Server, path: str, ws: Workspace, n: int, version: str, res: ResumeResult
+) -> None:
+    """One run of `n` full handshakes, then one of `n` connections each offering the previous session."""
+    ctx = ws.client_context()
+    ctx.minimum_version = ctx.maximum_version = RESUME_VERSIONS[version]
+
+    def work(offer: bool) -> None:
+        session: ssl.SSLSession | None = None
+        for i in range(n):
+            conn = Conn(server.port, ctx, session=session)
+            try:
+                status, _, sha = conn.get(path, close=True)
+                if status != 200 or sha != ws.small_sha:
+                    raise BenchError(f"{label}: {path} answered {status}")
+                if offer:
+                    res.resumed += conn.sock.session_reused
+                    res.attempts += i > 0
+                    session = conn.sock.session  # TLS 1.3: a ticket, if any, came before the answer
+            finally:
+                conn.close()
+
+    res.full.append(measure(server.pid, lambda: work(False)))
+    res.offered.append(measure(server.pid, lambda: work(True)))
+
+
+def render_resumed(results: list[ResumeResult], n: int) -> str:
+    lines = [
+        f"## 2b. Sessions offered back ({n} new connections, each one 1 KiB request, Connection: close; each "
+        "connection offers the session of the one before)",
+        "",
+        "| proxy | TLS | CPU ms per connection, full handshake | session offered | resumed | offered / full |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        full, offered = r.cpu_each(r.full), r.cpu_each(r.offered)
+        lines.append(
+            f"| {r.label} | {r.version} | {full * 1000:.2f} | {offered * 1000:.2f} | {r.resumed} of {r.attempts} | "
+            f"{_ratio(offered, full)} |"
+        )
+    lines += [
+        "",
+        "The nginx proxy of sections 2 and 3 is configured like the gateway (`ssl_session_cache off`, "
+        "`ssl_session_tickets off`); the row with a session cache and tickets shows what resumption would buy. "
+        'The gateway resumes no session in either version (gateway/tls.py, README "TLS").',
+        "",
+    ]
+    return "\n".join(lines)
 
 
 def bench_keepalive(label: str, server: Server, path: str, ws: Workspace, n: int, runs: int) -> CountResult:
@@ -992,6 +1071,19 @@ def main(argv: list[str] | None = None) -> int:
             )
             nginx = stack.enter_context(run_nginx("nginx-proxy", conf, port, PROXY_CORE))
             nginx_label = "nginx mTLS proxy -> HTTPS origin"
+            resume_port = free_port()
+            resume_conf = write_nginx(
+                base / "nginx-resume",
+                PROXY_BODY.replace("ssl_session_tickets off;\n        ssl_session_cache off;", NGINX_RESUME).format(
+                    dir=base / "nginx-resume",
+                    port=resume_port,
+                    origin_port=origin.port,
+                    certs=ws.certs,
+                    origin=ws.origin,
+                    ciphers=CIPHERS,
+                ),
+            )
+            nginx_resume = stack.enter_context(run_nginx("nginx-resume", resume_conf, resume_port, PROXY_CORE))
             # (label, server, big path, small path, measure small requests too)
             rows: list[tuple[str, Server, str, str, bool]] = [
                 (
@@ -1067,6 +1159,22 @@ def main(argv: list[str] | None = None) -> int:
                     f"bench: small requests, round {rnd + 1} done ({time.monotonic() - started:.0f}s)", file=sys.stderr
                 )
             keepalive, handshakes = list(ka.values()), list(hs.values())
+
+            # 2b. sessions offered back, round-robin too
+            resume_rows = [(nginx_label, nginx, small_cdn), (NGINX_RESUME_LABEL, nginx_resume, small_cdn)]
+            resume_rows += [(label, server, small) for label, server, small in small_rows if "directory" in label]
+            n_resume = max(2, args.handshakes // 2)
+            resumes = {
+                (label, version): ResumeResult(label, version, n_resume)
+                for version in RESUME_VERSIONS
+                for label, _, _ in resume_rows
+            }
+            for rnd in range(args.runs):
+                for version in RESUME_VERSIONS:
+                    for label, server, small in resume_rows:
+                        bench_resumed(label, server, small, ws, n_resume, version, resumes[(label, version)])
+                took = time.monotonic() - started
+                print(f"bench: sessions offered, round {rnd + 1} done ({took:.0f}s)", file=sys.stderr)
             stalls = {
                 label: (STALLS.get(server.port, 0), CONNECTS.get(server.port, 0)) for label, server, _ in small_rows
             }
@@ -1074,6 +1182,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.gateway_label:
             info["gateway"] = args.gateway_label
         report = render(info, streams, handshakes, keepalive, stalls, sha_mbps, tcp_mbps, args)
+        report += "\n" + render_resumed(list(resumes.values()), n_resume)
         report += f"\nTotal harness time: {time.monotonic() - started:.0f} s. Command: `{' '.join(sys.argv)}`.\n"
         print(report)
         args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -1094,6 +1203,18 @@ def main(argv: list[str] | None = None) -> int:
                 ],
                 "keepalive": [
                     {"label": r.label, "n": r.count, "samples": [vars(s) for s in r.samples]} for r in keepalive
+                ],
+                "resumed": [
+                    {
+                        "label": r.label,
+                        "tls": r.version,
+                        "n": r.count,
+                        "full": [vars(x) for x in r.full],
+                        "offered": [vars(x) for x in r.offered],
+                        "resumed": r.resumed,
+                        "attempts": r.attempts,
+                    }
+                    for r in resumes.values()
                 ],
                 "sha256_mbps": sha_mbps,
             }

@@ -2,15 +2,21 @@
 
 Owns: reading PEM files (certificates, CA bundles, private keys) with errors that say which file and what is wrong,
 checking that a key matches its certificate, and building `ssl.SSLContext`s with the gateway's settings:
-client certificates required, TLS 1.2 minimum (1.3 preferred), Mozilla "intermediate" ciphers, no compression,
-no renegotiation, no session tickets (a resumed session would skip client-certificate checks made after
-a CRL or CA reload). It never accepts connections; `listener.py` does.
+client certificates required, TLS 1.2 minimum (1.3 preferred), Mozilla "intermediate" ciphers and key exchange
+groups (X25519, P-256, P-384), no compression, no renegotiation, and **no session resumption** in either version:
+no TLS 1.3 tickets, no TLS 1.2 tickets, no TLS 1.2 session-ID cache. Every connection is a full handshake, so
+OpenSSL checks the client's chain against the CAs and CRLs of the current context every time, whatever a reload
+changed, and no worker holds sessions in memory (bench/README.md, "Handshakes", has the measurements behind this).
+Two of these settings (the group list, the session cache) are not offered by Python 3.11's `ssl` module and are
+made through libssl itself (`_LibSsl`). It never accepts connections; `listener.py` does.
 """
 
 from __future__ import annotations
 
+import ctypes
 import datetime as dt
 import ssl
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +40,10 @@ INTERMEDIATE_CIPHERS = ":".join(
     ]
 )
 
-KEY_EXCHANGE_GROUP = "prime256v1"
+# Mozilla "intermediate" key exchange groups, in its order. X25519 first: the key share most clients send in their
+# first TLS 1.3 ClientHello (OpenSSL, BoringSSL, Apple); a server without it answers each with a HelloRetryRequest,
+# a second round trip and a second key share. P-256 for clients without X25519 (Java 8, Android 6).
+KEY_EXCHANGE_GROUPS = "X25519:P-256:P-384"
 
 _VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
 
@@ -45,6 +54,87 @@ class TlsMaterialError(ValueError):
     def __init__(self, field: str, message: str) -> None:
         super().__init__(message)
         self.field = field
+
+
+class _LibSsl:
+    """The libssl calls the `ssl` module of Python 3.11 does not offer, made through ctypes on the very libssl `_ssl`
+    is linked to: the key exchange group list and the session cache mode of an `SSLContext`'s `SSL_CTX`.
+
+    The `SSL_CTX *` is read from the `SSLContext` object (CPython's `PySSLContext` starts with it, right after the
+    object header) and checked before any use: libssl must report the same options and verify mode the `ssl` module
+    does for that context, else nothing is changed and `ssl.SSLError` is raised (the listener then refuses to start:
+    "TLS setup failed")."""
+
+    # openssl/ssl.h
+    SET_SESS_CACHE_MODE = 44
+    GET_SESS_CACHE_MODE = 45
+    SET_GROUPS_LIST = 92
+    SESS_CACHE_OFF = 0
+    VERIFY = {ssl.CERT_NONE: 0, ssl.CERT_OPTIONAL: 1, ssl.CERT_REQUIRED: 3}  # SSL_VERIFY_PEER | FAIL_IF_NO_PEER_CERT
+
+    def __init__(self) -> None:
+        import _ssl
+
+        lib = ctypes.CDLL(_ssl.__file__)  # symbols resolve through _ssl's own libssl
+        self.ctrl = lib.SSL_CTX_ctrl
+        self.ctrl.restype = ctypes.c_long
+        self.ctrl.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_void_p]
+        self.get_options = lib.SSL_CTX_get_options
+        self.get_options.restype = ctypes.c_uint64
+        self.get_options.argtypes = [ctypes.c_void_p]
+        self.get_verify_mode = lib.SSL_CTX_get_verify_mode
+        self.get_verify_mode.restype = ctypes.c_int
+        self.get_verify_mode.argtypes = [ctypes.c_void_p]
+
+    def handle(self, ctx: ssl.SSLContext) -> int:
+        """The `SSL_CTX *` behind `ctx`, once libssl confirms it is that context."""
+        if sys.implementation.name != "cpython":
+            raise ssl.SSLError(f"cannot reach libssl from {sys.implementation.name}: CPython is required")
+        ptr = ctypes.c_void_p.from_address(id(ctx) + object.__basicsize__).value
+        if not ptr or self.get_options(ptr) != ctx.options or self.get_verify_mode(ptr) != self.VERIFY[ctx.verify_mode]:
+            raise ssl.SSLError("cannot reach the SSL_CTX of an ssl.SSLContext (unexpected CPython layout)")
+        return ptr
+
+    def set_groups(self, ctx: ssl.SSLContext, groups: str) -> None:
+        if self.ctrl(self.handle(ctx), self.SET_GROUPS_LIST, 0, groups.encode()) != 1:
+            raise ssl.SSLError(f"libssl refused the key exchange groups {groups}")
+
+    def session_cache_mode(self, ctx: ssl.SSLContext) -> int:
+        return int(self.ctrl(self.handle(ctx), self.GET_SESS_CACHE_MODE, 0, None))
+
+    def disable_session_cache(self, ctx: ssl.SSLContext) -> None:
+        """No server-side session cache: TLS 1.2 ServerHellos carry no session ID, none is ever looked up."""
+        ptr = self.handle(ctx)
+        self.ctrl(ptr, self.SET_SESS_CACHE_MODE, self.SESS_CACHE_OFF, None)
+        if self.ctrl(ptr, self.GET_SESS_CACHE_MODE, 0, None) != self.SESS_CACHE_OFF:
+            raise ssl.SSLError("libssl kept its session cache on")
+
+
+_LIBSSL: _LibSsl | None = None
+
+
+def libssl() -> _LibSsl:
+    global _LIBSSL
+    if _LIBSSL is None:
+        try:
+            _LIBSSL = _LibSsl()
+        except (OSError, AttributeError) as exc:
+            raise ssl.SSLError(f"cannot load libssl functions: {exc}") from None
+    return _LIBSSL
+
+
+def _common_settings(ctx: ssl.SSLContext) -> None:
+    """What every mTLS server context of the gateway has: suites, groups, no compression, no renegotiation, no
+    resumption of any kind (TLS 1.3 tickets, TLS 1.2 tickets, TLS 1.2 session IDs)."""
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_3
+    ctx.set_ciphers(INTERMEDIATE_CIPHERS)
+    ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION | ssl.OP_NO_TICKET
+    ctx.num_tickets = 0
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    lib = libssl()
+    lib.set_groups(ctx, KEY_EXCHANGE_GROUPS)
+    lib.disable_session_cache(ctx)
 
 
 def _read(path: Path, field: str) -> bytes:
@@ -199,15 +289,8 @@ def server_context(listener: TlsListener, chain_crls: list[str] | None = None) -
     """The mTLS server context for one listener. With `chain_crls`, OpenSSL checks every certificate of the
     chain against them (crl_check: chain); leaf checks are made by the gateway itself after the handshake."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    _common_settings(ctx)
     ctx.minimum_version = _VERSIONS[listener.min_tls]
-    ctx.maximum_version = ssl.TLSVersion.TLSv1_3
-    ctx.set_ciphers(INTERMEDIATE_CIPHERS)
-    # Mozilla intermediate allows X25519, P-256 and P-384; the ssl module sets one group only, and P-256 is the
-    # one every client of that profile supports (Java 8 has no X25519).
-    ctx.set_ecdh_curve(KEY_EXCHANGE_GROUP)
-    ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION | ssl.OP_NO_TICKET
-    ctx.num_tickets = 0
-    ctx.verify_mode = ssl.CERT_REQUIRED
     ctx.verify_flags |= ssl.VERIFY_X509_STRICT
     ctx.load_cert_chain(listener.cert, listener.key)
     for ca in listener.client_ca:
@@ -224,13 +307,10 @@ def server_context(listener: TlsListener, chain_crls: list[str] | None = None) -
 
 
 def admin_context(tls: AdminTls) -> ssl.SSLContext:
-    """mTLS for the admin listener: the same settings as a public listener, its own certificate and CAs."""
+    """mTLS for the admin listener: the same settings as a public listener (no resumption either), its own
+    certificate and CAs."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.set_ciphers(INTERMEDIATE_CIPHERS)
-    ctx.set_ecdh_curve(KEY_EXCHANGE_GROUP)
-    ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
-    ctx.verify_mode = ssl.CERT_REQUIRED
+    _common_settings(ctx)
     ctx.load_cert_chain(tls.cert, tls.key)
     for ca in tls.client_ca:
         ctx.load_verify_locations(cafile=str(ca))

@@ -1,0 +1,180 @@
+"""A/B of the CPU per mTLS handshake: several gateway sources (and nginx) in one run, interleaved.
+
+Each `--src LABEL=DIR` is a folder holding a `gateway/` package (e.g. `git archive <commit> gateway | tar -x -C
+DIR`); `--src LABEL=.` is this tree. Every gateway and the nginx mTLS proxy of `run.py` run at once, pinned to
+core 0 (the client on core 1); rounds go over all of them in turn, in a different order each round, and each round
+does `--n` new connections per server, each a 1 KiB GET with `Connection: close` (as `run.py` section 2) in the
+modes asked for: `full` (no session offered), `resumed-1.2` / `resumed-1.3` (the client offers the session of the
+connection before; the column "resumed" says how many the server actually resumed). CPU is utime+stime of the
+server's process tree per connection; medians over the rounds.
+
+    .venv/bin/python bench/handshake_ab.py --src base=/tmp/base --src new=. --rounds 7 --n 200
+    .venv/bin/python bench/handshake_ab.py --src new=. --hold 60    # servers stay up 60 s for py-spy / perf
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import random
+import signal
+import socket
+import ssl
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import run
+
+MODES = ("full", "full-1.2", "resumed-1.2", "resumed-1.3")
+
+
+def connections(port: int, path: str, ws: run.Workspace, n: int, mode: str) -> int:
+    """`n` connections, each one GET with Connection: close; returns how many were resumed."""
+    ctx = ws.client_context()
+    if mode.endswith("-1.2"):
+        ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    session: ssl.SSLSession | None = None
+    reused = 0
+    for _ in range(n):
+        raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        with ctx.wrap_socket(raw, server_hostname="localhost", session=session) as tls:
+            tls.sendall(f"GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n".encode())
+            data = bytearray()
+            while chunk := tls.recv(65536):
+                data += chunk
+            if not data.startswith(b"HTTP/1.1 200"):
+                raise run.BenchError(f"{port}: {bytes(data[:100])!r}")
+            reused += tls.session_reused
+            if mode.startswith("resumed"):
+                session = tls.session  # TLS 1.3: the ticket arrived with the response (or never)
+    return reused
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--src", action="append", default=[], help="LABEL=DIR, a folder holding gateway/ ('.' = this tree)")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--n", type=int, default=200, help="connections per server, mode and round")
+    p.add_argument("--modes", default="full", help=f"comma-separated, of {', '.join(MODES)}")
+    p.add_argument("--no-nginx", action="store_true")
+    p.add_argument("--nginx-resume", action="store_true", help="nginx with ssl_session_cache and tickets on")
+    p.add_argument("--hold", type=float, default=0, help="keep the servers up this many seconds, then exit")
+    p.add_argument("--perf", action="store_true", help="after the rounds: CPU ms per connection by library (perf)")
+    args = p.parse_args(argv)
+    modes = args.modes.split(",")
+    os.sched_setaffinity(0, {run.CLIENT_CORE})
+    base = Path(tempfile.mkdtemp(prefix="ota-hs-ab-"))
+    ws = run.make_workspace(base, 4096, 1024)
+    small = f"/bundles/{run.APP_DIR}/{run.SMALL_VERSION}.zip"
+    servers: list[tuple[str, run.Server, str]] = []
+    with run.origin_server(ws) as origin, contextlib.ExitStack() as stack:
+        if not args.no_nginx:
+            port = run.free_port()
+            body = run.PROXY_BODY
+            if args.nginx_resume:
+                body = body.replace("ssl_session_tickets off;\n        ssl_session_cache off;", run.NGINX_RESUME)
+            conf = run.write_nginx(
+                base / "nginx-proxy",
+                body.format(
+                    dir=base / "nginx-proxy",
+                    port=port,
+                    origin_port=origin.port,
+                    certs=ws.certs,
+                    origin=ws.origin,
+                    ciphers=run.CIPHERS,
+                ),
+            )
+            nginx = stack.enter_context(run.run_nginx("nginx", conf, port, run.PROXY_CORE))
+            servers.append(("nginx (files from disk)", nginx, f"/files/{run.APP_DIR}/{run.SMALL_VERSION}.zip"))
+        for spec in args.src:
+            label, _, src = spec.partition("=")
+            if src == ".":
+                run.GATEWAY_CMD[:] = [str(run.GATEWAY_BIN)]
+                run.GATEWAY_ENV.pop("PYTHONPATH", None)
+            else:
+                run.use_gateway_source(Path(src))
+            cfg = run.gateway_config(ws, base / f"gw-{label}", origin.port)
+            servers.append((label, stack.enter_context(run.run_gateway(label, cfg, run.PROXY_CORE)), small))
+        for label, server, path in servers:
+            connections(server.port, path, ws, 5, "full")  # warm-up
+            print(f"{label}: pid {server.pid} port {server.port}", file=sys.stderr)
+        if args.hold:
+            time.sleep(args.hold)
+            return 0
+        cpu: dict[tuple[str, str], list[float]] = {}
+        reused: dict[tuple[str, str], int] = {}
+        load = [os.getloadavg()[0]]
+        for rnd in range(args.rounds):
+            order = servers[:]
+            random.Random(rnd).shuffle(order)
+            for mode in modes:
+                for label, server, path in order:
+                    c0 = run.cpu_seconds(server.pid)
+                    r = connections(server.port, path, ws, args.n, mode)
+                    time.sleep(0.02)
+                    cpu.setdefault((label, mode), []).append((run.cpu_seconds(server.pid) - c0) / args.n * 1000)
+                    reused[(label, mode)] = reused.get((label, mode), 0) + r
+            load.append(os.getloadavg()[0])
+            print(f"round {rnd + 1} done, load {load[-1]:.2f}", file=sys.stderr)
+        if args.perf:
+            by_dso = {label: perf_split(server, path, ws, args.n, modes[0]) for label, server, path in servers}
+    print(
+        f"\nload average (1 min) during the run: {min(load):.1f} to {max(load):.1f}; {args.rounds} rounds x {args.n}\n"
+    )
+    print("| server | mode | CPU ms per connection (median) | rounds | resumed |")
+    print("|---|---|---:|---|---:|")
+    for (label, mode), samples in cpu.items():
+        rounds = " ".join(f"{s:.2f}" for s in samples)
+        total = args.n * args.rounds
+        print(f"| {label} | {mode} | {statistics.median(samples):.2f} | {rounds} | {reused[(label, mode)]}/{total} |")
+    if args.perf:
+        dsos = sorted(
+            {d for split in by_dso.values() for d in split}, key=lambda d: -max(s.get(d, 0) for s in by_dso.values())
+        )
+        print(f"\nperf, {modes[0]}, CPU ms per connection by shared object (cpu-clock samples):\n")
+        print("| shared object | " + " | ".join(by_dso) + " |")
+        print("|---|" + "---:|" * len(by_dso))
+        for d in dsos[:14]:
+            print(f"| {d} | " + " | ".join(f"{split.get(d, 0):.3f}" for split in by_dso.values()) + " |")
+        print("| total | " + " | ".join(f"{sum(split.values()):.3f}" for split in by_dso.values()) + " |")
+    return 0
+
+
+def perf_split(server: run.Server, path: str, ws: run.Workspace, n: int, mode: str) -> dict[str, float]:
+    """CPU ms per connection of `server`'s process tree by shared object, from `perf record -e cpu-clock`."""
+    data = Path(tempfile.mkdtemp(prefix="ota-hs-perf-")) / "perf.data"
+    pids = ",".join(str(p) for p in run.process_tree(server.pid))
+    freq = 4000
+    rec = subprocess.Popen(
+        ["perf", "record", "-q", "-e", "cpu-clock", "-F", str(freq), "-p", pids, "-o", str(data)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    time.sleep(1.0)
+    connections(server.port, path, ws, n, mode)
+    time.sleep(0.05)
+    rec.send_signal(signal.SIGINT)
+    rec.wait(30)
+    out = subprocess.run(
+        ["perf", "report", "-i", str(data), "--no-children", "--sort", "dso", "-F", "sample,dso", "--stdio", "-q"],
+        capture_output=True,
+        text=True,
+    ).stdout
+    split: dict[str, float] = {}
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) >= 2 and parts[0].isdigit():
+            split[parts[1]] = int(parts[0]) / freq * 1000 / n
+    return split
+
+
+if __name__ == "__main__":
+    sys.exit(main())
