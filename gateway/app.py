@@ -21,6 +21,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.openmetrics.exposition import CONTENT_TYPE_LATEST as OPENMETRICS_TYPE
 from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 
+from gateway.answers import problem_response
 from gateway.audit import AuditRecord
 from gateway.config import TlsListener
 from gateway.core.connguard import fd_pressure
@@ -28,7 +29,6 @@ from gateway.core.names import host_of
 from gateway.core.reasons import Reason, Refusal
 from gateway.handlers.bundles import get_bundle
 from gateway.handlers.channel import channel_self
-from gateway.handlers.problem import problem_response
 from gateway.handlers.stats import get_stats, post_stats
 from gateway.handlers.ticket_download import get_ticket_bundle
 from gateway.handlers.updates import get_updates, post_manifest_size, post_updates

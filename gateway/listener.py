@@ -478,7 +478,7 @@ class GuardedRequestHandler(RequestHandler):
         message: str | None = None,
     ) -> web.StreamResponse:
         """Problem details instead of aiohttp's text (which echoes the client's bytes); audited and counted."""
-        from gateway.handlers.problem import problem_response
+        from gateway.answers import problem_response
 
         peer = _peer_ip(self.transport) if self.transport is not None else None
         if status < 500:
@@ -500,7 +500,7 @@ class GuardedRequestHandler(RequestHandler):
 
 
 def _raw_problem(reason: Reason, detail: str, status: int, headers: dict[str, str]) -> bytes:
-    from gateway.handlers.problem import problem_body
+    from gateway.answers import problem_body
 
     body = problem_body(reason, detail, status)
     lines = [

@@ -24,10 +24,10 @@ from typing import Literal
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
+from gateway.answers import refusal_response
 from gateway.audit import AuditLog, AuditRecord
 from gateway.core.identity import ClientIdentity
 from gateway.core.reasons import Reason, Refusal
-from gateway.handlers.capgo_common import refusal_response
 from gateway.metrics import Metrics
 
 log = logging.getLogger("ota_gateway.http")

@@ -26,6 +26,7 @@ from contextlib import AbstractAsyncContextManager
 from aiohttp import web
 from aiohttp.http_writer import StreamWriter
 
+from gateway.answers import problem_response
 from gateway.config import Limits
 from gateway.core.names import is_app_id, is_version
 from gateway.core.plans import DownloadPlan, Unsatisfiable, plan_release, plan_response
@@ -33,7 +34,6 @@ from gateway.core.policy import admit
 from gateway.core.rates import MinRate, RateMeter
 from gateway.core.reasons import Reason, Refusal
 from gateway.core.verify import Verifier
-from gateway.handlers.problem import problem_response
 from gateway.origins import Body, OriginError, ReleaseNotFound
 from gateway.recorder import Answered
 from gateway.state_keys import RUNTIME, Runtime, request_audit, request_peer, request_snapshot

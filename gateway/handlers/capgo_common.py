@@ -1,62 +1,31 @@
-"""What the Capgo routes (/updates, /stats, /channel_self) share: bodies, answers, rate limits, upstream calls.
+"""What the Capgo routes (/updates, /stats, /channel_self) share: bodies, rate limits, upstream calls.
 
-Owns the Capgo shape of every answer on those routes, refusals included: JSON with `error`, `message` and `kind`
-(`invalid_request` for a malformed body, `rate_limited` with Retry-After for a 429), always `Cache-Control:
-no-store`. Other routes keep RFC 9457 problem details; `refusal_response` picks the shape by route. Bodies are
-read with a per-route size cap; client strings never become metric labels.
+Bodies are read with a per-route size cap, the rate limit is counted per identity (`RateLimited`, a 429 with
+Retry-After), and the update server's endpoints are called with the gateway's own identity headers. The shape of
+the answers (Capgo JSON with `error`, `message` and `kind`; `invalid_request` for a malformed body) is
+`gateway/answers.py`'s. Client strings never become metric labels.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import re
 import time
 from typing import Any
 
 from aiohttp import web
 
-from gateway.core.capgo import InvalidRequest, error_body, kind_for
+from gateway.answers import RateLimited
+from gateway.core.capgo import InvalidRequest
 from gateway.core.jsonsafe import JsonRejected, loads_bounded
 from gateway.core.policy import AppPolicy, Peer
 from gateway.core.reasons import Reason, Refusal
-from gateway.handlers.problem import problem_response
 from gateway.origins import HttpsOrigin, OriginBusy, OriginError
 from gateway.state import StateError
 from gateway.state_keys import Runtime, Snapshot
 
-CAPGO_ROUTES = frozenset({"updates", "stats", "channel"})
 RATE_WINDOW = 60.0
 _UA_RE = re.compile(r"^[\x20-\x7e]{1,256}$")
-
-
-class RateLimited(Refusal):
-    """Too many requests from one identity: answered 429 with Retry-After (the plugin honours it)."""
-
-    def __init__(self, retry_after: float) -> None:
-        self.retry_after = max(1, math.ceil(retry_after))
-        super().__init__(Reason.RATE_LIMITED, f"too many requests; retry after {self.retry_after} s")
-
-
-def capgo_json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
-    return web.Response(
-        status=status,
-        body=json.dumps(body, separators=(",", ":")).encode(),
-        content_type="application/json",
-        headers={"Cache-Control": "no-store", **(headers or {})},
-    )
-
-
-def refusal_response(route: str, refusal: Refusal, status: int | None = None) -> web.Response:
-    """The answer to a refusal: Capgo-shaped on Capgo routes, problem details elsewhere."""
-    if route not in CAPGO_ROUTES:
-        return problem_response(refusal.reason, refusal.detail, status)
-    error = "invalid_request" if refusal.reason is Reason.BAD_REQUEST else refusal.reason.label
-    headers = {}
-    if isinstance(refusal, RateLimited):
-        headers["Retry-After"] = str(refusal.retry_after)
-    body = error_body(error, refusal.detail, kind_for(refusal.reason))
-    return capgo_json(body, status or refusal.reason.status, headers)
 
 
 async def read_json(request: web.Request, limit: int) -> Any:

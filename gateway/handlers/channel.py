@@ -13,11 +13,12 @@ from typing import Any
 
 from aiohttp import web
 
+from gateway.answers import capgo_json
 from gateway.core.capgo import InvalidRequest, Kind, error_body, parse_info
 from gateway.core.plans import channel_self_problem, current_channel
 from gateway.core.policy import AppPolicy, admit
 from gateway.core.reasons import Reason, Refusal
-from gateway.handlers.capgo_common import call_origin, capgo_json, invalid, read_json
+from gateway.handlers.capgo_common import call_origin, invalid, read_json
 from gateway.recorder import Answered
 from gateway.state_keys import RUNTIME, request_audit, request_peer, request_snapshot
 

@@ -14,10 +14,11 @@ from typing import Any
 
 from aiohttp import web
 
+from gateway.answers import capgo_json
 from gateway.core.capgo import InvalidRequest, parse_stats, stats_ok
 from gateway.core.policy import admit
 from gateway.core.reasons import Reason, Refusal
-from gateway.handlers.capgo_common import call_origin, capgo_json, invalid, rate_limit, read_json
+from gateway.handlers.capgo_common import call_origin, invalid, rate_limit, read_json
 from gateway.handlers.rollout import count_events
 from gateway.recorder import RECORDER
 from gateway.state_keys import RUNTIME, request_audit, request_peer, request_snapshot

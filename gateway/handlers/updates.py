@@ -18,6 +18,7 @@ from typing import Any
 
 from aiohttp import web
 
+from gateway.answers import RateLimited, capgo_json
 from gateway.core.capgo import DeviceInfo, InvalidRequest, Kind, parse_info
 from gateway.core.plans import Fallback, plan_fallback, plan_offer, plan_staged, plan_update
 from gateway.core.policy import AppPolicy, Peer, admit
@@ -33,7 +34,7 @@ from gateway.core.review import (
     load_public_keys,
     review_answer,
 )
-from gateway.handlers.capgo_common import RateLimited, call_origin, capgo_json, invalid, rate_limit, read_json
+from gateway.handlers.capgo_common import call_origin, invalid, rate_limit, read_json
 from gateway.handlers.rollout import current_halts
 from gateway.origins import Origin, OriginError, ReleaseNotFound
 from gateway.recorder import Answered
