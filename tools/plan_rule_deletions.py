@@ -3,7 +3,8 @@
 
 Each entry replaces one rule's text in gateway/core with a version that lacks the rule, runs tests/core, restores
 the file and prints the failing tests ("NOT CAUGHT" if none). Usage: .venv/bin/python tools/plan_rule_deletions.py
-[name fragment ...]. Exit status 1 if any deletion goes uncaught.
+[--markdown] [name fragment ...]; --markdown prints the table of docs/plan-rules.md. Exit status 1 if any deletion
+goes uncaught.
 """
 
 import pathlib
@@ -14,6 +15,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 P = "gateway/core/plans.py"
 L = "gateway/core/locations.py"
 T = "gateway/core/tickets.py"
+R = "gateway/core/rollout.py"
 MUTATIONS = [
     (
         "admission (ticket download)",
@@ -144,9 +146,122 @@ MUTATIONS = [
     ),
     ("Host header", P, "    if host_header is None or host_of(host_header) is None:", "    if host_header is None:"),
     ("tickets.public_url wins over Host", P, "    if public_url:\n        return public_url\n", ""),
+    (
+        "ticket: MAC compared as the text sealed (not decoded bytes)",
+        T,
+        '    if not hmac.compare_digest(mac.encode("ascii"), expected.encode("ascii")):',
+        "    if not hmac.compare_digest(_unb64(mac), _unb64(expected)):",
+    ),
+    (
+        "offer: a file without a digest keeps the origin's url",
+        P,
+        "    if offer.digest is None:\n        return OfferPlan(",
+        "    if False:\n        return OfferPlan(",
+    ),
+    ("offer: tickets expire after tickets.ttl", P, "    expires = int(now) + ttl", "    expires = int(now) + 10 * ttl"),
+    (
+        "offer: tickets bound to the client",
+        P,
+        "            identity=peer.identity.sha256,\n            expires=expires,",
+        '            identity="0" * 64,\n            expires=expires,',
+    ),
+    # staged rollouts and halts (plan_staged, plan_fallback and the core/rollout rules they apply)
+    (
+        "staged: a halted version is held back",
+        R,
+        "    if version in halted:\n        return HALTED",
+        "    if False:\n        return HALTED",
+    ),
+    (
+        "staged: a device outside the rollout is held back",
+        R,
+        "    return percent is None or position(app_id, version, device) < percent",
+        "    return True",
+    ),
+    (
+        "staged: identity certificate is the certificate alone",
+        R,
+        '    if identity == "certificate":\n        return cert_sha256',
+        "    if False:\n        return cert_sha256",
+    ),
+    (
+        "staged: identity device is the (certificate, device_id) pair",
+        R,
+        '    return hashlib.sha256(f"{cert_sha256}/{device_id.lower()}".encode()).hexdigest()',
+        "    return cert_sha256",
+    ),
+    (
+        "fallback: only with offer_previous",
+        P,
+        "    if not held.look_back or index is None:",
+        "    if index is None:",
+    ),
+    (
+        "fallback: the device's channel",
+        R,
+        "        if release.channel != channel:\n            continue\n",
+        "",
+    ),
+    (
+        "fallback: older than the held-back offer",
+        R,
+        "        if floor < version < ceiling and",
+        "        if floor < version and",
+    ),
+    (
+        "fallback: newer than the device",
+        R,
+        "        if floor < version < ceiling and",
+        "        if version < ceiling and",
+    ),
+    (
+        "fallback: not itself held back",
+        R,
+        " and usable(release.version):",
+        ":",
+    ),
+    (
+        "fallback: one the policy refuses leaves the device up to date",
+        P,
+        "    if not isinstance(outcome, Decline) or outcome.kind is Kind.FAILED:\n        return Fallback(",
+        "    if True:\n        return Fallback(",
+    ),
+    (
+        "fallback: a broken one is a failure",
+        P,
+        "    if not isinstance(outcome, Decline) or outcome.kind is Kind.FAILED:\n        return Fallback(",
+        "    if not isinstance(outcome, Decline):\n        return Fallback(",
+    ),
+    (
+        "fallback: confined to the origin's hosts",
+        P,
+        "high_water=None, hosts=hosts, served=served)",
+        "high_water=None, hosts=None, served=served)",
+    ),
+    (
+        "halt: not before min_devices",
+        R,
+        "    return tried >= halt.min_devices and tried > 0 and",
+        "    return tried > 0 and",
+    ),
+    (
+        "halt: at the failure ratio",
+        R,
+        " and failed >= halt.failure_ratio * tried",
+        " and failed >= 0",
+    ),
+    (
+        "halt: failures count as failed",
+        R,
+        '    if action in FAILURE_ACTIONS:\n        return "failed"',
+        '    if False:\n        return "failed"',
+    ),
 ]
-only = sys.argv[1:]
+markdown = "--markdown" in sys.argv
+only = [a for a in sys.argv[1:] if a != "--markdown"]
 uncaught = 0
+if markdown:
+    print("| rule deleted | file | tests that fail without it |\n| --- | --- | --- |")
 for name, path, old, new in MUTATIONS:
     if only and not any(o in name for o in only):
         continue
@@ -166,8 +281,15 @@ for name, path, old, new in MUTATIONS:
         f.write_text(orig)
     failed = [ln.split(" ", 1)[1].split(" - ")[0] for ln in r.stdout.splitlines() if ln.startswith("FAILED ")]
     uncaught += not failed
-    print(
-        f"{name}: {'NOT CAUGHT' if not failed else ', '.join(failed[:3]) + (f' (+{len(failed) - 3})' if len(failed) > 3 else '')}",
-        flush=True,
+    shown = (
+        "NOT CAUGHT" if not failed else ", ".join(failed[:3]) + (f" (+{len(failed) - 3})" if len(failed) > 3 else "")
     )
+    if markdown:
+        print(
+            f"| {name} | `{path}` | {shown if not failed else ', '.join(f'`{t}`' for t in failed[:3])}"
+            f"{f' (+{len(failed) - 3} more)' if len(failed) > 3 else ''} |",
+            flush=True,
+        )
+    else:
+        print(f"{name}: {shown}", flush=True)
 sys.exit(1 if uncaught else 0)

@@ -539,9 +539,9 @@ def test_without_offer_previous_or_an_index_the_device_is_up_to_date() -> None:
 
 def test_the_fallback_is_older_than_the_offer_and_newer_than_the_device() -> None:
     app = rolled_out({"1.3.0": 0})
-    only_new = ReleaseIndex(APP_ID, (STAGED_INDEX.releases[-1],))
-    up_to_date(fallback(staged(app), app, index=only_new))
-    up_to_date(fallback(staged(app), app, version="1.2.0"))
+    newer = ReleaseIndex(APP_ID, (*STAGED_INDEX.releases, Release("1.4.0", "production", "1.4.0.zip", 100, SHA)))
+    offered(fallback(staged(app), app, index=newer), "1.2.0")  # never a release above the one held back
+    assert fallback(staged(app), app, version="1.2.0").why == staged(app).why  # none above the device: no review
     offered(fallback(staged(app), app, version="1.1.0"), "1.2.0")
 
 
