@@ -182,6 +182,25 @@ CREATE TABLE IF NOT EXISTS release_halts (
 """
 
 
+def _journal_wal(conn: sqlite3.Connection, timeout: float) -> None:
+    """Put the file in WAL mode, waiting up to `timeout` seconds for another process that holds its write lock.
+
+    While another connection writes to a file still in rollback mode (the other worker of `--workers 2`, starting
+    at the same moment, switching a new file to WAL), SQLite refuses the switch with "database is locked" at once,
+    without its busy timeout (it would deadlock waiting). Once that writer is done the switch succeeds, or finds
+    the file in WAL mode already: so retry until the timeout.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if exc.sqlite_errorcode & 0xFF != sqlite3.SQLITE_BUSY or time.monotonic() >= deadline:
+                raise
+        time.sleep(0.01)
+
+
 class SqliteState:
     """The state store in one SQLite file; statements run on a dedicated thread, one connection."""
 
@@ -210,9 +229,13 @@ class SqliteState:
     def _connect(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         conn = sqlite3.connect(self.path, isolation_level=None, timeout=self._busy_timeout)
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=NORMAL")
-        conn.executescript(_SCHEMA)
+        try:
+            _journal_wal(conn, self._busy_timeout)
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.executescript(_SCHEMA)
+        except BaseException:
+            conn.close()
+            raise
         self._conn = conn
 
     def _db(self) -> sqlite3.Connection:

@@ -75,6 +75,42 @@ async def test_sqlite_persists_and_is_shared(tmp_path: Path) -> None:
         await again.close()
 
 
+async def test_sqlite_opens_a_new_file_while_another_process_writes_to_it(tmp_path: Path) -> None:
+    """Two workers starting together: one is converting the new file (rollback mode, its write lock held) while the
+    other opens it. SQLite refuses the other's switch to WAL at once, without its busy timeout; the store waits
+    for the writer instead (this failed 1 start in about 100 of `serve --workers 2`: exit 2)."""
+    import sqlite3
+
+    path = tmp_path / "s.sqlite"
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # a new file, still in rollback mode, its write lock held
+    asyncio.get_running_loop().call_later(0.3, other.execute, "COMMIT")
+    try:
+        state = await SqliteState.open(path, busy_timeout=10)
+        try:
+            assert await state.hit("k", 1, 60, 1000.0) is None
+            assert other.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+        finally:
+            await state.close()
+    finally:
+        other.close()
+
+
+async def test_sqlite_open_gives_up_after_the_busy_timeout(tmp_path: Path) -> None:
+    """The twin: a writer that keeps the lock past the busy timeout makes the open fail (a start-up error)."""
+    import sqlite3
+
+    path = tmp_path / "s.sqlite"
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    try:
+        with pytest.raises(sqlite3.OperationalError, match="locked"):
+            await SqliteState.open(path, busy_timeout=0.3)
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+
+
 async def test_closed_store_refuses(tmp_path: Path) -> None:
     state = await SqliteState.open(tmp_path / "s.sqlite")
     await state.close()
