@@ -1,9 +1,13 @@
 """Several worker processes on one port: `ota-gateway serve --workers N`.
 
-Owns the supervisor. It checks the config once (so that a bad config exits 2 before anything starts), then runs N
-`serve` processes that all bind the same ports with SO_REUSEPORT (the kernel spreads connections over them) and
-share a Prometheus multiprocess directory, so one scrape of the admin port, whichever worker answers it, sums all
-workers. SIGTERM/SIGINT/SIGHUP are passed on to every worker.
+Owns the supervisor. It checks the config once (so that a bad config exits 2 before anything starts), imports
+everything a worker runs (`preload`), then forks N workers that each run `serve` (the config is read again in each
+worker, so a worker restarted later sees the file as it is then). Forking after the imports shares the interpreter's
+modules, code and the libraries' pages between all workers copy-on-write (`gc.freeze` keeps the collector from
+touching them): a worker's own memory (USS) is what it allocates while serving, and a (re)started worker is ready
+without importing anything. The workers all bind the same ports with SO_REUSEPORT (the kernel spreads connections
+over them) and share a Prometheus multiprocess directory, so one scrape of the admin port, whichever worker answers
+it, sums all workers. SIGTERM/SIGINT/SIGHUP are passed on to every worker.
 
 Each worker gets the write end of a pipe (`OTA_GATEWAY_READY_FD`). It writes `ready` there once every listener is
 bound; if its start-up fails it writes its one-line error there instead (and not on stderr) and exits 2. A worker
@@ -12,20 +16,24 @@ exits 2; this holds for a restarted worker too. A worker that dies after `ready`
 (0.5 s, doubled for every other death within the window, at most 30 s), with one line on stderr, and counted in
 `ota_gateway_worker_restarts_total`; the `max_crashes`-th death within `window` seconds (default 5 in 60 s, see
 `gateway/core/startup.py`) stops the server with that worker's last error and exit code 1. After a stop signal
-the exit code is the worst of the workers': 3 if any had to abort requests.
+the exit code is the worst of the workers': 3 if any had to abort requests; a worker that a stop signal ended
+before it was ready (killed by it during its start-up) counts as a clean stop.
 """
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import logging
 import os
 import selectors
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
+import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -33,7 +41,6 @@ from types import FrameType
 from gateway.config import Config
 from gateway.core.startup import RestartPolicy, after_crash
 from gateway.logs import announce_ready, problem
-from gateway.reload import load_all
 
 log = logging.getLogger("ota_gateway.workers")
 
@@ -45,6 +52,7 @@ READY = b"ready\n"
 EXIT_STARTUP = 2
 EXIT_CRASH_LOOP = 1
 STOP_TIMEOUT = 60.0  # after the workers' own shutdown grace has had its chance, a stuck worker is killed
+FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
 def is_worker() -> bool:
@@ -100,9 +108,43 @@ def describe_exit(code: int) -> str:
     return f"exited with code {code}"
 
 
+class WorkerProcess:
+    """A forked worker, seen from the supervisor: its pid and, once reaped, its exit code (-N: killed by signal N)."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            try:
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:  # reaped elsewhere: the code is lost
+                self.returncode = 1
+            else:
+                if pid == self.pid:
+                    self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self, timeout: float) -> int | None:
+        """The exit code, or None if the worker still runs after `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        while self.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return self.returncode
+
+    def send_signal(self, signum: int) -> None:
+        if self.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signum)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
 @dataclass
 class _Worker:
-    proc: subprocess.Popen[bytes]
+    proc: WorkerProcess
     pipe: int  # read end of the ready pipe
     started: float
     said: bytearray = field(default_factory=bytearray)
@@ -111,9 +153,9 @@ class _Worker:
 
 class _Supervisor:
     def __init__(
-        self, cmd: list[str], env: dict[str, str], metrics_dir: Path, policy: RestartPolicy, config: Config, count: int
+        self, run_worker: Callable[[], int], metrics_dir: Path, policy: RestartPolicy, config: Config, count: int
     ) -> None:
-        self.cmd, self.env, self.metrics_dir, self.policy = cmd, env, metrics_dir, policy
+        self.run_worker, self.metrics_dir, self.policy = run_worker, metrics_dir, policy
         self.config, self.count = config, count
         self.announced = False  # the readiness line is logged once, when the first `count` workers are ready
         self.selector = selectors.DefaultSelector()
@@ -124,15 +166,45 @@ class _Supervisor:
 
     def start(self, restarted: bool) -> None:
         read, write = os.pipe()
-        env = {**self.env, READY_FD_ENV: str(write), RESTARTED_ENV: "1" if restarted else "0"}
+        # no forwarded signal may reach the child before it has put the default handlers back (the supervisor's
+        # handler, run in a worker, would signal the other workers)
+        signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)
         try:
-            proc = subprocess.Popen(self.cmd, env=env, pass_fds=(write,))
+            pid = os.fork()
+            if pid == 0:
+                self._in_child(read, write, restarted)  # never returns
         finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)
             os.close(write)
         os.set_blocking(read, False)
-        worker = _Worker(proc, read, time.monotonic())
+        worker = _Worker(WorkerProcess(pid), read, time.monotonic())
         self.selector.register(read, selectors.EVENT_READ, worker)
         self.workers.append(worker)
+
+    def _in_child(self, read: int, write: int, restarted: bool) -> None:
+        """In a new worker: drop the supervisor's state, run `serve`, exit with its code (never returns)."""
+        code = 1
+        try:
+            for sig in FORWARDED:
+                signal.signal(sig, signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)
+            os.close(read)
+            for other in self.workers:
+                if other.pipe >= 0:
+                    os.close(other.pipe)
+            self.selector.close()
+            os.environ.update({WORKER_ENV: "1", READY_FD_ENV: str(write), RESTARTED_ENV: "1" if restarted else "0"})
+            code = self.run_worker()
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            try:
+                sys.stdout.flush()
+                sys.stderr.flush()
+            finally:
+                os._exit(code)
 
     def _drain_pipe(self, worker: _Worker) -> None:
         while True:
@@ -189,11 +261,11 @@ class _Supervisor:
         deadline = time.monotonic() + STOP_TIMEOUT
         codes = []
         for worker in list(self.workers):
-            try:
-                codes.append(worker.proc.wait(max(0.1, deadline - time.monotonic())))
-            except subprocess.TimeoutExpired:
+            code = worker.proc.wait(max(0.1, deadline - time.monotonic()))
+            if code is None:
                 worker.proc.kill()
-                codes.append(worker.proc.wait())
+                code = worker.proc.wait(STOP_TIMEOUT)
+            codes.append(code if code is not None else -signal.SIGKILL)
             _mark_dead(worker.proc.pid, self.metrics_dir)
         self.close()
         return codes
@@ -209,15 +281,43 @@ class _Supervisor:
 
 
 def supervise(config_path: Path, workers: int, extra_args: list[str], policy: RestartPolicy | None = None) -> int:
-    config = load_all(config_path).config  # raises ConfigError: reported by the CLI, exit 2
     policy = policy or RestartPolicy()
     own_dir = MULTIPROC_ENV not in os.environ
     metrics_dir = Path(os.environ.get(MULTIPROC_ENV) or tempfile.mkdtemp(prefix="ota-gateway-metrics-"))
-    for stale in metrics_dir.glob("*.db"):
-        stale.unlink()
-    env = {**os.environ, WORKER_ENV: "1", MULTIPROC_ENV: str(metrics_dir)}
-    cmd = [sys.executable, "-m", "gateway", "serve", "--config", str(config_path), "--workers", "1", *extra_args]
-    sup = _Supervisor(cmd, env, metrics_dir, policy, config, workers)
+    # before prometheus_client is imported: it picks its multiprocess value class at import time
+    os.environ[MULTIPROC_ENV] = str(metrics_dir)
+    try:
+        config = preload(config_path)  # raises ConfigError: reported by the CLI, exit 2
+        for stale in metrics_dir.glob("*.db"):
+            stale.unlink()
+        argv = ["serve", "--config", str(config_path), "--workers", "1", *extra_args]
+        return _supervise(argv, metrics_dir, workers, policy, config)
+    finally:
+        if own_dir:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def preload(config_path: Path) -> Config:
+    """Check the config, then import what a worker runs, so that forked workers share it (copy-on-write)."""
+    from gateway.reload import load_all
+
+    config = load_all(config_path).config
+    import uvloop  # noqa: F401  (a dependency; `--no-uvloop` only leaves it unused)
+
+    import gateway.runner  # noqa: F401  (the whole serve path: aiohttp, handlers, origins, state, metrics)
+
+    gc.collect()
+    gc.freeze()  # the collector would write to every object it tracks, unsharing the pages they are on
+    return config
+
+
+def _supervise(argv: list[str], metrics_dir: Path, workers: int, policy: RestartPolicy, config: Config) -> int:
+    def run_worker() -> int:
+        from gateway.cli import main
+
+        return main(argv)
+
+    sup = _Supervisor(run_worker, metrics_dir, policy, config, workers)
 
     def forward(signum: int, frame: FrameType | None) -> None:
         if signum in (signal.SIGTERM, signal.SIGINT):
@@ -225,7 +325,7 @@ def supervise(config_path: Path, workers: int, extra_args: list[str], policy: Re
             sup.pending.clear()
         sup.signal_all(signum)
 
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    for sig in FORWARDED:
         signal.signal(sig, forward)
     try:
         for _ in range(workers):
@@ -235,9 +335,7 @@ def supervise(config_path: Path, workers: int, extra_args: list[str], policy: Re
         for worker in sup.workers:
             if worker.proc.poll() is None:
                 worker.proc.kill()
-                worker.proc.wait()
-        if own_dir:
-            shutil.rmtree(metrics_dir, ignore_errors=True)
+                worker.proc.wait(STOP_TIMEOUT)
 
 
 def _run(sup: _Supervisor) -> int:

@@ -270,6 +270,25 @@ def test_a_worker_killed_after_start_is_restarted_and_counted(site: Path) -> Non
         assert gw.stop() == 0
 
 
+def test_a_signal_to_one_worker_ends_only_that_worker(site: Path) -> None:
+    """Workers are forked from the supervisor: each has the default signal handlers, not the supervisor's (which
+    would pass a SIGTERM on to every worker). A SIGTERM sent to one worker drains that one; it is started again and
+    the other worker keeps serving under the same pid; the server still stops cleanly."""
+    with run_gateway(site, "--workers", "2") as gw:
+        assert wait_until(lambda: ready_workers(gw) == 2, timeout=20)
+        before = children(gw.proc.pid)
+        assert len(before) == 2
+        victim, other = sorted(before)
+        os.kill(victim, signal.SIGTERM)
+        assert wait_until(lambda: ready_workers(gw) == 3, timeout=20)
+        assert any(f"worker {victim} exited with code 0; starting a new one" in line for line in gw.stderr_lines)
+        after = children(gw.proc.pid)
+        assert other in after and victim not in after and len(after) == 2
+        assert sum("stopped cleanly" in line for line in gw.stderr_lines) == 1
+        assert healthy(gw.admin_url)
+        assert gw.stop() == 0
+
+
 def test_a_crash_loop_stops_the_server(site: Path) -> None:
     with run_gateway(site, "--workers", "2", "--crash-limit", "2", "--crash-window", "60") as gw:
         assert wait_until(lambda: ready_workers(gw) == 2, timeout=20)
