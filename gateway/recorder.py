@@ -4,7 +4,8 @@ Owns the end of every request, like a mitmproxy addon that sees each flow once: 
 raised into the answer and the outcome, `finish` writes the audit line and counts `ota_gateway_requests_total`
 and `ota_gateway_refusals_total` exactly once, and `low_level` does the same for answers the listener gives
 before the application sees a request (parser 400s, header 408s); `release` writes the line and sets the metrics of
-an event that is no request's outcome: a release halted (by its devices' failures or an operator) or resumed.
+an event that is no request's outcome: a release halted (by its devices' failures or an operator) or resumed;
+`halts_read` shows the halts read from the state store, `held_back` counts an offer a rollout or halt held back.
 Handlers only return a response or raise an
 outcome: a `Refusal` (answered in the route's shape), an `Answered` refusal that brings its own answer (a Capgo 200
 decline, a 416 with Content-Range), or an `Answered(..., aborted=True)` for a stream cut after its headers went out.
@@ -17,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -131,6 +132,19 @@ class Recorder:
         self.metrics.halted_versions.setdefault(app_id, set()).add(version)
         self.metrics.release_halted.labels(app_id, version).set(1 if action == "HALT" else 0)
         self.audit.write(record)
+
+    def halts_read(self, app_id: str, named: Iterable[str], halts: Mapping[str, str]) -> None:
+        """The app's halts as just read from the state store: `ota_gateway_release_halted` is 1 or 0 for every
+        version with a series and those the policy names (`named`), so a halt or resume made by another worker,
+        host or the `release` command shows on this worker's next read."""
+        shown = self.metrics.halted_versions.setdefault(app_id, set())
+        shown.update(named)
+        for version in shown:
+            self.metrics.release_halted.labels(app_id, version).set(1 if version in halts else 0)
+
+    def held_back(self, app_id: str, cause: str) -> None:
+        """An update check whose offer a halt or the staged rollout held back (`halted`, `not_in_rollout`)."""
+        self.metrics.held_back.labels(app_id, cause).inc()
 
     @staticmethod
     def _note(record: AuditRecord, outcome: str, reason: Reason, detail: str | None) -> None:

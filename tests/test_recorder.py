@@ -220,3 +220,29 @@ def test_an_operators_halt_and_resume_are_lines_that_move_the_gauge_but_not_the_
         ("RESUME", "resumed by operator", None),
     ]
     assert rec.metrics.halted_versions == {"com.example.app": {"1.3.0"}}  # current_halts keeps this series fresh
+
+
+def test_halts_read_show_each_named_or_seen_version_as_halted_or_not(rec: _Setup) -> None:
+    rec.recorder.halts_read("com.example.app", ("1.3.0",), {"1.2.0": "halted by operator"})
+    assert _release_metrics(rec, "1.2.0")[1] == 0  # halted in the store, but neither named nor seen yet: no series
+    assert (
+        rec.metrics.registry.get_sample_value(
+            "ota_gateway_release_halted", {"app": "com.example.app", "version": "1.3.0"}
+        )
+        == 0
+    )  # named by the policy: a series at 0
+    rec.recorder.halts_read("com.example.app", ("1.3.0",), {"1.3.0": "halted automatically"})
+    assert _release_metrics(rec, "1.3.0") == (0, 1)  # another worker's halt: shown, not counted again here
+    rec.recorder.halts_read("com.example.app", (), {})
+    assert _release_metrics(rec, "1.3.0") == (0, 0)  # resumed elsewhere: back to 0 on the next read
+    assert rec.lines() == []  # a read is no event: no audit line
+
+
+def test_an_offer_held_back_is_counted_by_cause(rec: _Setup) -> None:
+    rec.recorder.held_back("com.example.app", "halted")
+    rec.recorder.held_back("com.example.app", "halted")
+    rec.recorder.held_back("com.example.app", "not_in_rollout")
+    registry = rec.metrics.registry
+    name = "ota_gateway_rollout_held_back_total"
+    assert registry.get_sample_value(name, {"app": "com.example.app", "cause": "halted"}) == 2
+    assert registry.get_sample_value(name, {"app": "com.example.app", "cause": "not_in_rollout"}) == 1

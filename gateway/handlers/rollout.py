@@ -22,19 +22,15 @@ from gateway.state_keys import Runtime, Snapshot
 HALT_CACHE_SECONDS = 1.0
 
 
-async def current_halts(rt: Runtime, app: AppPolicy) -> dict[str, str]:
-    """The app's halted versions, at most HALT_CACHE_SECONDS old; refreshes the release_halted gauge."""
+async def current_halts(rt: Runtime, recorder: Recorder, app: AppPolicy) -> dict[str, str]:
+    """The app's halted versions, at most HALT_CACHE_SECONDS old; the recorder refreshes the release_halted gauge."""
     now = time.monotonic()
     cached = rt.live.halt_cache.get(app.app_id)
     if cached is not None and now - cached[0] < HALT_CACHE_SECONDS:
         return cached[1]
     halts = await rt.state.halts(app.app_id)
     rt.live.halt_cache[app.app_id] = (now, halts)
-    shown = rt.metrics.halted_versions.setdefault(app.app_id, set())
-    if app.rollout is not None:
-        shown.update(app.rollout.releases)
-    for version in shown:
-        rt.metrics.release_halted.labels(app.app_id, version).set(1 if version in halts else 0)
+    recorder.halts_read(app.app_id, app.rollout.releases if app.rollout is not None else (), halts)
     return halts
 
 

@@ -37,7 +37,7 @@ from gateway.core.review import (
 from gateway.handlers.capgo_common import call_origin, invalid, rate_limit, read_json
 from gateway.handlers.rollout import current_halts
 from gateway.origins import Origin, OriginError, ReleaseNotFound
-from gateway.recorder import Answered
+from gateway.recorder import RECORDER, Answered, Recorder
 from gateway.state import StateError
 from gateway.state_keys import RUNTIME, Runtime, request_audit, request_peer, request_snapshot
 
@@ -82,15 +82,22 @@ def _locate(
 
 
 async def _staged(
-    rt: Runtime, app: AppPolicy, origin: Origin, device: DeviceInfo, channel: str, peer: Peer, offer: Offer
+    rt: Runtime,
+    recorder: Recorder,
+    app: AppPolicy,
+    origin: Origin,
+    device: DeviceInfo,
+    channel: str,
+    peer: Peer,
+    offer: Offer,
 ) -> Fallback | None:
     """None if the offer may go to this device; else what it gets instead (`core/plans.plan_staged` and
     `plan_fallback`: the release before it that it may have, from the release index, or up to date)."""
-    halts = await current_halts(rt, app)
+    halts = await current_halts(rt, recorder, app)
     held = plan_staged(app, offer, cert_sha256=peer.identity.sha256, device_id=device.device_id, halts=halts)
     if held is None:
         return None
-    rt.metrics.held_back.labels(app.app_id, held.cause).inc()
+    recorder.held_back(app.app_id, held.cause)
     index = None
     if held.look_back:
         try:
@@ -202,7 +209,7 @@ async def _update_check(request: web.Request) -> web.StreamResponse:
     )
     staged = None
     if isinstance(outcome, Offer):
-        staged = await _staged(rt, app, origin, device, channel, peer, outcome)
+        staged = await _staged(rt, request.app[RECORDER], app, origin, device, channel, peer, outcome)
     if staged is None:
         return await _answer(request, rt, app, channel, origin, outcome, peer, served)
     try:
