@@ -253,6 +253,10 @@ class SqliteState:
 
     def _record(self, app_id: str, channel: str, version: str, lower: bool) -> None:
         db = self._db()
+        if not lower and _raised(self._high_water(app_id, channel), version, lower) is None:
+            # the usual case (the channel's newest release offered again): a read, no write lock. Marks only rise
+            # (but for `lower`), so a mark at or above `version` now stays so; the offer takes effect at this read
+            return
         db.execute("BEGIN IMMEDIATE")  # read-compare-write under the write lock: workers share the file
         try:
             new = _raised(self._high_water(app_id, channel), version, lower)

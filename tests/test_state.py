@@ -111,6 +111,29 @@ async def test_sqlite_open_gives_up_after_the_busy_timeout(tmp_path: Path) -> No
         other.close()
 
 
+async def test_sqlite_offer_at_or_below_the_mark_takes_no_write_lock(tmp_path: Path) -> None:
+    """An update check offers the channel's newest release again and again: that needs no write transaction, so
+    another worker holding the write lock does not hold it up. The twin: raising the mark does wait for the lock."""
+    import sqlite3
+
+    path = tmp_path / "s.sqlite"
+    state = await SqliteState.open(path, busy_timeout=0.2)
+    other = sqlite3.connect(path, isolation_level=None)
+    try:
+        await state.record_offer("com.example.app", "production", "2.0.0")
+        other.execute("BEGIN IMMEDIATE")  # another worker writing
+        await state.record_offer("com.example.app", "production", "2.0.0")
+        await state.record_offer("com.example.app", "production", "1.0.0")
+        with pytest.raises(sqlite3.OperationalError, match="locked"):
+            await state.record_offer("com.example.app", "production", "3.0.0")
+        other.execute("ROLLBACK")
+        await state.record_offer("com.example.app", "production", "3.0.0")
+        assert await state.high_water("com.example.app", "production") == "3.0.0"
+    finally:
+        other.close()
+        await state.close()
+
+
 async def test_closed_store_refuses(tmp_path: Path) -> None:
     state = await SqliteState.open(tmp_path / "s.sqlite")
     await state.close()
