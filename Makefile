@@ -86,6 +86,7 @@ bench: $(STAMP)
 	$(PY) bench/hostile.py
 	$(PY) bench/slow_readers.py
 	PYTHONPATH=. $(PY) bench/bundle_get_cost.py 300 65536
+	$(PY) bench/scaling.py
 
 clean:
 	rm -rf $(VENV) .venv-scan $(CERTS) $(ORIGIN) state .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,427 @@
+"""Scaling across cores: `serve --workers 2` against `--workers 1`, and nginx with 2 worker processes against 1.
+
+Measures requests per second, with the client load coming from separate processes (`--clients` processes, each
+with `--connections` keep-alive mTLS connections, asyncio on uvloop, one request in flight per connection), and
+the server's CPU per request (utime+stime of its process tree, as `bench/run.py` reads it):
+
+- **update checks**: `POST /updates` of the directory origin's app (the full path: body checks, policy, rate limit
+  and channel high-water mark in the shared SQLite state store, review, ticket, audit line, metrics); nginx has no
+  peer for these;
+- **1 KiB downloads**: `GET /bundles/<app>/1.0.0.zip` through the gateway's HTTPS origin (the nginx origin of
+  `bench/run.py`) and its directory origin, and through nginx as an mTLS proxy to the same HTTPS origin
+  (`bench/run.py`'s proxy config, `worker_processes` 1 and 2).
+
+Nothing is pinned: servers, origin and clients share both cores, as in production. Each connection has its own
+client certificate (devices do; the per-certificate rate limit is then not what is measured). Every row runs
+`--seconds` per round, rounds go round-robin over all rows (all servers are started first), medians are reported.
+The split column says how the server CPU of a 2-process row was shared between its workers (SO_REUSEPORT hashes
+each connection to one of them). The client processes' own CPU per request is shown: on a 2-core machine they
+take their part of the cores the servers would need, so the ceiling for "2 workers / 1 worker" is below 2.
+
+    .venv/bin/python bench/scaling.py                # part of `make bench` (about 2 minutes)
+    .venv/bin/python bench/scaling.py --quick        # 1 round of 2 s: checks the harness
+    .venv/bin/python bench/scaling.py --gateway-src DIR   # the same on another source copy
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import ssl
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import run as harness  # bench/run.py: workspace, servers, CPU accounting
+
+ALL_CORES = "0-1"  # nothing pinned: taskset over both cores, like an unpinned process
+CHECK = "check"
+GET = "get"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the client (a separate process: `scaling.py --client SPEC`)
+
+
+def _request(kind: str, path: str, app: str, device: str) -> bytes:
+    if kind == GET:
+        return f"GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n".encode()
+    body = json.dumps(
+        {
+            "platform": "android",
+            "device_id": device,
+            "app_id": app,
+            "version_build": "0.1.0",
+            "version_name": "0.9.0",
+            "plugin_version": "8.51.14",
+            "is_emulator": False,
+            "is_prod": True,
+        }
+    ).encode()
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+async def _connection(
+    spec: dict[str, Any], ctx: ssl.SSLContext, go: asyncio.Event, stop: asyncio.Event, counts: list[int]
+) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", spec["port"], ssl=ctx, server_hostname="localhost")
+    requests = [_request(spec["kind"], spec["path"], spec["app"], str(uuid.uuid4())) for _ in range(64)]
+    await go.wait()
+    i = 0
+    try:
+        while not stop.is_set():
+            writer.write(requests[i % len(requests)])
+            i += 1
+            head = await reader.readuntil(b"\r\n\r\n")
+            status = int(head[9:12])
+            lower = head.lower()
+            at = lower.find(b"content-length:")
+            if at < 0:
+                raise RuntimeError(f"answer without Content-Length: {head!r}")
+            length = int(lower[at + 15 : lower.find(b"\r\n", at)])
+            await reader.readexactly(length)
+            counts[0 if status == 200 else 1] += 1
+    finally:
+        writer.close()
+        with contextlib.suppress(Exception):
+            await writer.wait_closed()
+
+
+async def _client_main(spec: dict[str, Any]) -> None:
+    ctxs = []
+    for cert in spec["certs"]:
+        ctx = ssl.create_default_context(cafile=spec["ca"])
+        ctx.load_cert_chain(cert, cert.replace(".pem", ".key"))
+        ctxs.append(ctx)
+    go, stop = asyncio.Event(), asyncio.Event()
+    counts = [0, 0]
+    tasks = [
+        asyncio.ensure_future(_connection(spec, ctxs[i % len(ctxs)], go, stop, counts))
+        for i in range(spec["connections"])
+    ]
+    loop = asyncio.get_running_loop()
+    await asyncio.sleep(0.5)  # handshakes
+    for t in tasks:
+        if t.done() and t.exception():
+            raise t.exception()  # type: ignore[misc]
+    print("ready", flush=True)
+    await loop.run_in_executor(None, sys.stdin.readline)
+    c0, t0 = time.process_time(), time.perf_counter()
+    go.set()
+    await asyncio.sleep(spec["seconds"])
+    done = list(counts)
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    stop.set()
+    await asyncio.wait(tasks, timeout=10)
+    errors = [str(t.exception()) for t in tasks if t.done() and not t.cancelled() and t.exception()]
+    print(json.dumps({"ok": done[0], "bad": done[1], "wall": wall, "cpu": cpu, "errors": errors[:3]}), flush=True)
+
+
+def client_process(spec: dict[str, Any]) -> int:
+    try:
+        import uvloop
+
+        uvloop.run(_client_main(spec))
+    except ImportError:
+        asyncio.run(_client_main(spec))
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the harness
+
+
+@dataclass
+class Row:
+    label: str
+    kind: str  # CHECK or GET
+    server: harness.Server
+    path: str
+    app: str
+    rates: list[float] = field(default_factory=list)
+    cpu_us: list[float] = field(default_factory=list)
+    client_us: list[float] = field(default_factory=list)
+    split: list[float] = field(default_factory=list)  # the busiest process's share of the server CPU
+
+
+def _worker_pids(server: harness.Server) -> list[int]:
+    """The processes that serve: the children of a supervisor or nginx master, or the process itself."""
+    tree = harness.process_tree(server.proc.pid)
+    return tree[1:] or tree
+
+
+def _cpu(pid: int) -> float:
+    with contextlib.suppress(OSError):
+        f = harness._stat_fields(pid)
+        return (int(f[11]) + int(f[12])) / harness.CLK_TCK
+    return 0.0
+
+
+def drive(row: Row, certs: list[Path], ca: Path, clients: int, connections: int, seconds: float) -> None:
+    """`clients` client processes with `connections` connections each against `row` for `seconds`."""
+    procs = []
+    per = [certs[i::clients] for i in range(clients)]
+    try:
+        for i in range(clients):
+            spec = {
+                "port": row.server.port,
+                "kind": row.kind,
+                "path": row.path,
+                "app": row.app,
+                "ca": str(ca),
+                "certs": [str(c) for c in per[i]],
+                "connections": connections,
+                "seconds": seconds,
+            }
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, __file__, "--client", json.dumps(spec)],
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    text=True,
+                )
+            )
+        for p in procs:
+            assert p.stdout is not None
+            if p.stdout.readline().strip() != "ready":
+                raise harness.BenchError(f"{row.label}: a client did not connect (exit {p.wait()})")
+        pids = _worker_pids(row.server)
+        total0, each0 = harness.cpu_seconds(row.server.proc.pid), [_cpu(p) for p in pids]
+        for p in procs:
+            assert p.stdin is not None
+            p.stdin.write("go\n")
+            p.stdin.flush()
+        results = []
+        for p in procs:
+            assert p.stdout is not None
+            results.append(json.loads(p.stdout.readline()))
+        total1, each1 = harness.cpu_seconds(row.server.proc.pid), [_cpu(p) for p in pids]
+    finally:
+        for p in procs:
+            with contextlib.suppress(OSError):
+                p.stdin.close()  # type: ignore[union-attr]
+            try:
+                p.wait(15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+    ok, bad = sum(r["ok"] for r in results), sum(r["bad"] for r in results)
+    errors = [e for r in results for e in r["errors"]]
+    if bad or errors or not ok:
+        raise harness.BenchError(f"{row.label}: {ok} answers 200, {bad} other answers, errors: {errors[:3]}")
+    wall = max(r["wall"] for r in results)
+    row.rates.append(ok / wall)
+    row.cpu_us.append((total1 - total0) / ok * 1e6)
+    row.client_us.append(sum(r["cpu"] for r in results) / ok * 1e6)
+    used = [b - a for a, b in zip(each0, each1, strict=True)]
+    if len(used) > 1 and sum(used) > 0:
+        row.split.append(max(used) / sum(used))
+
+
+def memory_kib(pid: int) -> dict[str, int]:
+    """RSS, PSS (shared pages divided among the processes that map them) and USS (pages of this process alone)."""
+    out = {"rss": 0, "pss": 0, "uss": 0}
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            key, _, rest = line.partition(":")
+            value = int(rest.split()[0]) if rest.strip() and rest.split()[0].isdigit() else 0
+            if key == "Rss":
+                out["rss"] = value
+            elif key == "Pss":
+                out["pss"] = value
+            elif key in ("Private_Clean", "Private_Dirty"):
+                out["uss"] += value
+    return out
+
+
+def memory_rows(servers: list[harness.Server]) -> list[str]:
+    """One line per server: its processes' memory after the run (every worker has served requests by then)."""
+    lines = [
+        "| server | processes | RSS MiB, sum | PSS MiB, sum | USS MiB, sum | each worker: RSS / PSS / USS MiB |",
+        "|---|---:|---:|---:|---:|---|",
+    ]
+    for server in servers:
+        tree = harness.process_tree(server.proc.pid)
+        mem = {pid: memory_kib(pid) for pid in tree}
+        total = {k: sum(m[k] for m in mem.values()) / 1024 for k in ("rss", "pss", "uss")}
+        each = " ; ".join(
+            f"{mem[pid]['rss'] / 1024:.1f} / {mem[pid]['pss'] / 1024:.1f} / {mem[pid]['uss'] / 1024:.1f}"
+            for pid in _worker_pids(server)
+        )
+        lines.append(
+            f"| {server.name} | {len(tree)} | {total['rss']:.1f} | {total['pss']:.1f} | {total['uss']:.1f} | {each} |"
+        )
+    return lines
+
+
+def write_policy(ws: harness.Workspace, config: Path) -> None:
+    """Both apps, admitted for every certificate of the client CA, rate limits far above what is measured."""
+    apps = []
+    for app, origin in ((harness.APP_DIR, "local"), (harness.APP_CDN, "cdn")):
+        apps.append(
+            {
+                "app_id": app,
+                "origin": origin,
+                "channels": {"default": "production", "allowed": ["production"]},
+                "clients": [{"name": "bench", "issuer": [ws.ca.stem]}],
+                "rate_limits": {"updates_per_minute": 100000},
+            }
+        )
+    (config.parent / "policies" / "bench.yaml").write_text(yaml.safe_dump({"apps": apps}, sort_keys=False))
+
+
+def issue_certs(ws: harness.Workspace, n: int) -> list[Path]:
+    """`n` client certificates from the workspace's CA (as `ota-gateway certs issue-client` makes them)."""
+    from gateway.certs import issue_client
+
+    return [issue_client(ws.certs, f"scaling-{i}").cert_path for i in range(n)]
+
+
+def _median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def render(
+    rows: list[Row], memory: list[str], args: argparse.Namespace, load: tuple[float, float, float], took: float
+) -> str:
+    by = {r.label: r for r in rows}
+    info = harness.machine_info()
+    lines = [
+        "# Scaling across cores (bench/scaling.py)",
+        "",
+        f"{dt_now()}; {info.get('cpu', '?')}; gateway {harness.gateway_revision()}; load average before the run "
+        f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f}, after {' '.join(f'{x:.2f}' for x in os.getloadavg())}.",
+        f"{args.clients} client processes x {args.connections} keep-alive mTLS connections (one request in flight "
+        f"each, one client certificate each), {args.seconds:g} s per row and round, medians of {args.rounds} "
+        "round(s); nothing pinned.",
+        "",
+        "| server | requests | requests/s | server CPU us / request | client CPU us / request | busiest worker's "
+        "share of the CPU |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        split = f"{_median(r.split) * 100:.0f} %" if r.split else ""
+        what = "update check" if r.kind == CHECK else "1 KiB GET"
+        lines.append(
+            f"| {r.label} | {what} | {_median(r.rates):.0f} | {_median(r.cpu_us):.0f} | "
+            f"{_median(r.client_us):.0f} | {split} |"
+        )
+    lines += ["", "| ratio (requests/s) | | |", "|---|---|---:|"]
+    pairs = [
+        ("gateway --workers 2, update checks", "gateway --workers 1, update checks", "target >= 1.7x"),
+        ("gateway --workers 2, directory origin", "gateway --workers 1, directory origin", ""),
+        ("gateway --workers 2, HTTPS origin", "gateway --workers 1, HTTPS origin", ""),
+        ("nginx worker_processes 2", "nginx worker_processes 1", "what this machine and client allow"),
+        ("gateway --workers 2, HTTPS origin", "nginx worker_processes 2", "same origin, same client"),
+    ]
+    for a, b, note in pairs:
+        if a in by and b in by:
+            lines.append(f"| {a} / {b} | {note} | {_median(by[a].rates) / _median(by[b].rates):.2f}x |")
+    lines += ["", "Memory after the run (smaps_rollup; a supervisor or nginx master is counted in the sums):", ""]
+    lines += memory
+    command = " ".join(["bench/scaling.py", *sys.argv[1:]])
+    lines += ["", f"Total harness time: {took:.0f} s. Command: `{command}`."]
+    return "\n".join(lines) + "\n"
+
+
+def dt_now() -> str:
+    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    p.add_argument("--client", help=argparse.SUPPRESS)
+    p.add_argument("--seconds", type=float, default=3.0, help="per row and round (default 3)")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--clients", type=int, default=2, help="client processes (default 2)")
+    p.add_argument("--connections", type=int, default=8, help="connections per client process (default 8)")
+    p.add_argument("--only", default="", help="comma-separated: checks, get (default both)")
+    p.add_argument("--quick", action="store_true", help="1 round of 2 s")
+    p.add_argument("--out", type=Path, default=harness.BENCH / "results" / "scaling.md")
+    p.add_argument("--gateway-src", type=Path, help="run `python -m gateway` from this source folder instead")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.rounds, args.seconds = 1, 2.0
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.client:
+        return client_process(json.loads(args.client))
+    harness.use_gateway_source(args.gateway_src)
+    harness.check_prerequisites()
+    load = os.getloadavg()
+    started = time.monotonic()
+    only = set(args.only.split(",")) if args.only else {"checks", "get"}
+    with tempfile.TemporaryDirectory(prefix="ota-bench-scaling-") as tmp, contextlib.ExitStack() as stack:
+        base = Path(tmp)
+        ws = harness.make_workspace(base, 4096, 1024)
+        certs = issue_certs(ws, args.clients * args.connections)
+        origin_port = harness.free_port()
+        conf = harness.write_nginx(
+            base / "nginx-origin", harness.ORIGIN_BODY.format(port=origin_port, certs=ws.certs, origin=ws.origin)
+        )
+        stack.enter_context(harness.run_nginx("origin", conf, origin_port, ALL_CORES))  # type: ignore[arg-type]
+        small = f"{harness.SMALL_VERSION}.zip"
+        rows: list[Row] = []
+        for n in (1, 2):
+            cfg = harness.gateway_config(ws, base / f"gateway-{n}", origin_port)
+            write_policy(ws, cfg)
+            gw = stack.enter_context(harness.run_gateway(f"gateway-{n}", cfg, None, "--workers", str(n)))
+            if "checks" in only:
+                rows.append(Row(f"gateway --workers {n}, update checks", CHECK, gw, "/updates", harness.APP_DIR))
+            if "get" in only:
+                rows.append(
+                    Row(f"gateway --workers {n}, directory origin", GET, gw, f"/bundles/{harness.APP_DIR}/{small}", "")
+                )
+                rows.append(
+                    Row(f"gateway --workers {n}, HTTPS origin", GET, gw, f"/bundles/{harness.APP_CDN}/{small}", "")
+                )
+        if "get" in only:
+            for n in (1, 2):
+                port = harness.free_port()
+                body = harness.PROXY_BODY.format(
+                    dir=base / f"nginx-{n}",
+                    port=port,
+                    origin_port=origin_port,
+                    certs=ws.certs,
+                    origin=ws.origin,
+                    ciphers=harness.CIPHERS,
+                )
+                conf = harness.write_nginx(base / f"nginx-{n}", body)
+                conf.write_text(conf.read_text().replace("worker_processes 1;", f"worker_processes {n};"))
+                server = stack.enter_context(harness.run_nginx(f"nginx-{n}", conf, port, ALL_CORES))  # type: ignore[arg-type]
+                rows.append(Row(f"nginx worker_processes {n}", GET, server, f"/bundles/{harness.APP_CDN}/{small}", ""))
+        rows.sort(key=lambda r: (r.kind != CHECK, r.label))
+        for i in range(args.rounds):
+            for row in rows:
+                drive(row, certs, ws.ca, args.clients, args.connections, args.seconds)
+            print(f"bench: round {i + 1} of {args.rounds} done ({time.monotonic() - started:.0f}s)", file=sys.stderr)
+        servers = list({id(r.server): r.server for r in rows}.values())
+        memory = memory_rows(servers)
+    report = render(rows, memory, args, load, time.monotonic() - started)
+    print(report)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
