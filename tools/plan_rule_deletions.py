@@ -165,6 +165,49 @@ MUTATIONS = [
         "            identity=peer.identity.sha256,\n            expires=expires,",
         '            identity="0" * 64,\n            expires=expires,',
     ),
+    # what an update server's answer is to the gateway (server_answer)
+    (
+        "server answer: an update answer of 200 is reviewed",
+        P,
+        '        usable = status == 200 or (isinstance(body, dict) and "error" in body)',
+        '        usable = isinstance(body, dict) and "error" in body',
+    ),
+    (
+        "server answer: an update server's Capgo error is reviewed",
+        P,
+        '        usable = status == 200 or (isinstance(body, dict) and "error" in body)',
+        "        usable = status == 200",
+    ),
+    (
+        "server answer: stats accepted on a 2xx",
+        P,
+        '        if 200 <= status < 300:\n            verdict = "use"',
+        '        if False:\n            verdict = "use"',
+    ),
+    (
+        "server answer: only a 4xx refusal of stats is passed on",
+        P,
+        '"pass_on" if 400 <= status < 500 and isinstance(body, dict) else None',
+        '"pass_on" if isinstance(body, dict) else None',
+    ),
+    (
+        "server answer: a refusal of stats is a JSON object",
+        P,
+        '"pass_on" if 400 <= status < 500 and isinstance(body, dict) else None',
+        '"pass_on" if 400 <= status < 500 else None',
+    ),
+    (
+        "server answer: channel and size answers are JSON",
+        P,
+        '"pass_on" if isinstance(body, dict | list) and status < 500 else None',
+        '"pass_on" if status < 500 else None',
+    ),
+    (
+        "server answer: channel and size answers below 500",
+        P,
+        '"pass_on" if isinstance(body, dict | list) and status < 500 else None',
+        '"pass_on" if isinstance(body, dict | list) else None',
+    ),
     # staged rollouts and halts (plan_staged, plan_fallback and the core/rollout rules they apply)
     (
         "staged: a halted version is held back",

@@ -9,7 +9,7 @@ origins and limits are passed in.
 
 The order of one download:   parse -> `plan_bundle` or `redeem_ticket` + `plan_ticket_download` -> open the origin
                              -> `plan_response` (with the size the origin declared) -> stream through the verifier.
-The order of an update check: parse -> `plan_update` -> ask the origin -> `core/review.review_answer`
+The order of an update check: parse -> `plan_update` -> ask the origin (`server_answer`) -> `core/review.review_answer`
                              -> `plan_staged` (held back by a rollout or a halt? then read the index
                              -> `plan_fallback`) -> `plan_offer` (ticket urls) -> answer.
 """
@@ -19,7 +19,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from gateway.core import digests
 from gateway.core.capgo import DeviceInfo, Kind
@@ -357,6 +357,36 @@ def plan_fallback(
 
 def _stay(why: str) -> Fallback:
     return Fallback(Decline("no_new_version_available", why, Kind.UP_TO_DATE), None, why)
+
+
+ServerEndpoint = Literal["updates", "stats", "channel", "manifest_size"]
+
+
+def server_answer(
+    endpoint: ServerEndpoint, status: int, body: object, *, origin: str
+) -> Literal["use", "pass_on"] | Refusal:
+    """What an update server's answer (its status and parsed JSON body, None if not JSON) is to the gateway:
+
+    - `updates`: a 200, or a Capgo error object whatever the status, goes to the review (`use`);
+    - `stats`: a 2xx accepts the events (`use`); a 4xx with a JSON object refuses the batch, and the device gets
+      that answer (`pass_on`: the plugin drops the batch instead of retrying it);
+    - `channel`, `manifest_size`: a JSON object or list below 500 is the device's answer as it is (`pass_on`);
+
+    anything else is the origin's failure (`origin_error`; the plugin retries or reports a failure)."""
+    if endpoint == "updates":
+        usable = status == 200 or (isinstance(body, dict) and "error" in body)
+        verdict: Literal["use", "pass_on"] | None = "use" if usable else None
+    elif endpoint == "stats":
+        if 200 <= status < 300:
+            verdict = "use"
+        else:
+            verdict = "pass_on" if 400 <= status < 500 and isinstance(body, dict) else None
+    else:
+        verdict = "pass_on" if isinstance(body, dict | list) and status < 500 else None
+    if verdict is None:
+        name = {"updates": "update", "manifest_size": "size-estimate"}.get(endpoint, endpoint)
+        return Refusal(Reason.ORIGIN_ERROR, f"origin {origin}: {name} endpoint answered HTTP {status}")
+    return verdict
 
 
 def channel_self_problem(app: AppPolicy, method: str, channel: object) -> Refusal | None:

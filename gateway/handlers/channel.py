@@ -15,7 +15,7 @@ from aiohttp import web
 
 from gateway.answers import capgo_json
 from gateway.core.capgo import InvalidRequest, Kind, error_body, parse_info
-from gateway.core.plans import channel_self_problem, current_channel
+from gateway.core.plans import channel_self_problem, current_channel, server_answer
 from gateway.core.policy import AppPolicy, admit
 from gateway.core.reasons import Reason, Refusal
 from gateway.handlers.capgo_common import call_origin, invalid, read_json
@@ -87,6 +87,7 @@ async def channel_self(request: web.Request) -> web.StreamResponse:
         status, answer = await call_origin(
             rt, api.origin, api.path, request, peer, method=request.method, payload=payload
         )
-    if not isinstance(answer, dict | list) or status >= 500:
-        raise Refusal(Reason.ORIGIN_ERROR, f"origin {origin.name}: channel endpoint answered HTTP {status}")
+    verdict = server_answer("channel", status, answer, origin=origin.name)
+    if isinstance(verdict, Refusal):
+        raise verdict
     return capgo_json(answer, status)

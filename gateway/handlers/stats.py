@@ -16,8 +16,9 @@ from aiohttp import web
 
 from gateway.answers import capgo_json
 from gateway.core.capgo import InvalidRequest, parse_stats, stats_ok
+from gateway.core.plans import server_answer
 from gateway.core.policy import admit
-from gateway.core.reasons import Reason, Refusal
+from gateway.core.reasons import Refusal
 from gateway.handlers.capgo_common import call_origin, invalid, rate_limit, read_json
 from gateway.handlers.rollout import count_events
 from gateway.recorder import RECORDER
@@ -50,10 +51,11 @@ async def post_stats(request: web.Request) -> web.StreamResponse:
     if api is not None:
         payload = [dict(e.event) for e in events] if batch else dict(events[0].event)
         status, body = await call_origin(rt, api.origin, api.path, request, peer, payload=payload)
-        if 400 <= status < 500 and status != 429 and isinstance(body, dict):
+        verdict = server_answer("stats", status, body, origin=origin.name)
+        if isinstance(verdict, Refusal):
+            raise verdict
+        if verdict == "pass_on":
             return capgo_json(body, status)  # the backend refused the batch: the plugin drops it
-        if not 200 <= status < 300:
-            raise Refusal(Reason.ORIGIN_ERROR, f"origin {origin.name}: stats endpoint answered HTTP {status}")
         if isinstance(body, dict | list):
             answer = body
     rt.metrics.app_events(app.app_id)

@@ -20,7 +20,7 @@ from aiohttp import web
 
 from gateway.answers import RateLimited, capgo_json
 from gateway.core.capgo import DeviceInfo, InvalidRequest, Kind, parse_info
-from gateway.core.plans import Fallback, plan_fallback, plan_offer, plan_staged, plan_update
+from gateway.core.plans import Fallback, plan_fallback, plan_offer, plan_staged, plan_update, server_answer
 from gateway.core.policy import AppPolicy, Peer, admit
 from gateway.core.reasons import Reason, Refusal
 from gateway.core.releases import Release
@@ -56,9 +56,10 @@ async def _ask(
     api = origin.endpoint("updates")
     if api is not None:
         status, answer = await call_origin(rt, api.origin, api.path, request, peer, payload=dict(device.fields))
-        if status != 200 and not (isinstance(answer, dict) and "error" in answer):
+        verdict = server_answer("updates", status, answer, origin=origin.name)
+        if isinstance(verdict, Refusal):
             rt.origin_failed(origin.name, f"update endpoint answered HTTP {status}")
-            raise Refusal(Reason.ORIGIN_ERROR, f"origin {origin.name}: update endpoint answered HTTP {status}")
+            raise verdict
         return answer, origin.hosts, None
     try:
         index = await origin.index(app.app_id)
@@ -274,8 +275,7 @@ async def post_manifest_size(request: web.Request) -> web.StreamResponse:
     path = api.path.rstrip("/") + "/manifest_size"
     payload = {**device.fields, "version": version, "manifest": manifest}
     status, answer = await call_origin(rt, api.origin, path, request, peer, payload=payload)
-    if not isinstance(answer, dict | list) or status >= 500:
-        return capgo_json(
-            {"error": "origin_error", "message": f"the update server answered HTTP {status}", "kind": "failed"}, 502
-        )
+    verdict = server_answer("manifest_size", status, answer, origin=origin.name)
+    if isinstance(verdict, Refusal):
+        raise verdict
     return capgo_json(answer, status)

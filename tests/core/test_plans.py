@@ -2,7 +2,8 @@
 
 Rules: admission, channel (downloads, update checks, /channel_self), size cap, ticket checks, origin confinement,
 location confinement, Range form and bounds, the session key of an encrypted download, the size the origin
-declares, the Host a ticket url names, and an offer held back by a staged rollout or a halt (and its fallback).
+declares, the Host a ticket url names, an offer held back by a staged rollout or a halt (and its fallback), and what an
+update server's answer is to the gateway.
 No sockets: plain values in, a plan or a Refusal out.
 """
 
@@ -25,6 +26,7 @@ from gateway.core.plans import (
     HeldBack,
     OfferPlan,
     ResponsePlan,
+    ServerEndpoint,
     Unsatisfiable,
     UpdatePlan,
     channel_self_problem,
@@ -38,6 +40,7 @@ from gateway.core.plans import (
     plan_update,
     range_start,
     redeem_ticket,
+    server_answer,
     settle_size,
     size_cap,
     ticket_base_url,
@@ -580,3 +583,38 @@ def test_the_fallback_is_confined_to_the_origins_hosts() -> None:
     assert isinstance(result.outcome, Decline)
     assert (result.outcome.kind, result.outcome.reason) == (Kind.FAILED, Reason.FOREIGN_HOST)
     offered(fallback(staged(app), app, host="cdn.example"), "1.2.0")
+
+
+# --- what an update server's answer is to the gateway -------------------------------------------------------------
+
+ERROR = {"error": "no_new_version_available", "message": "none", "kind": "up_to_date"}
+
+
+def failed(endpoint: ServerEndpoint, status: int, body: object) -> None:
+    refused(server_answer(endpoint, status, body, origin="cdn"), Reason.ORIGIN_ERROR, f"answered HTTP {status}")
+
+
+def test_an_update_answer_is_reviewed_when_it_is_a_200_or_a_capgo_error() -> None:
+    assert server_answer("updates", 200, {"version": "1.1.0"}, origin="cdn") == "use"
+    assert server_answer("updates", 200, None, origin="cdn") == "use"  # the review refuses what is not JSON
+    assert server_answer("updates", 400, ERROR, origin="cdn") == "use"
+    failed("updates", 500, {"message": "boom"})
+    failed("updates", 404, None)
+    failed("updates", 302, {"version": "1.1.0"})
+
+
+def test_stats_are_accepted_on_a_2xx_and_a_refused_batch_is_passed_on() -> None:
+    assert server_answer("stats", 200, None, origin="cdn") == "use"
+    assert server_answer("stats", 204, None, origin="cdn") == "use"
+    assert server_answer("stats", 400, {"error": "invalid"}, origin="cdn") == "pass_on"
+    failed("stats", 400, ["not", "an", "object"])
+    failed("stats", 503, {"error": "down"})
+    failed("stats", 302, None)
+
+
+@pytest.mark.parametrize("endpoint", ["channel", "manifest_size"])
+def test_channel_and_size_answers_are_passed_on_when_json_below_500(endpoint: ServerEndpoint) -> None:
+    assert server_answer(endpoint, 200, {"channel": "beta"}, origin="cdn") == "pass_on"
+    assert server_answer(endpoint, 400, [], origin="cdn") == "pass_on"
+    failed(endpoint, 500, {"error": "down"})
+    failed(endpoint, 200, None)
