@@ -15,6 +15,8 @@ a byte after them: bytes past a bundle's Content-Length that reached the gateway
 overrun (counted, logged, the connection aborted, never read as the next answer). At a body's end
 `core/keepalive.py` decides whether the connection goes back to the pool; a bundle whose origin announced its
 close, or whose socket holds unread bytes, ends only at the origin's end of stream, more bytes or `close_grace`.
+A bundle's 200 body bypasses the parser: the TLS layer decrypts it straight into reused buffers (`_BodyReader`,
+through `_BufferedReads`), handed out as memoryviews, with `read_timeout` applied to every wait for its bytes.
 A directory origin opens only files inside the app's own folder (`core/confine.py`), symlinks followed. Each
 `OriginError` carries the refusal reason it stands for. Its text may reach the client (problem details), so a
 directory origin names files relative to its root there (`com.example.app/1.0.0.zip`) and logs the absolute path
@@ -24,6 +26,7 @@ on the server.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextvars
 import email.utils
 import functools
@@ -32,6 +35,7 @@ import os
 import re
 import select
 import ssl
+import sys
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -60,6 +64,10 @@ from gateway.tls import upstream_context
 INLINE_READ_BYTES = 64 * 1024  # directory-origin files up to this size are read on the event loop
 MAX_INDEX_BYTES = 4 * 1024 * 1024  # a release index larger than this is refused while it streams
 ORIGIN_READ_BUFFER = 64 * 1024  # TLS read-ahead per origin connection (asyncio's default is 256 KiB)
+# a bundle body is decrypted into buffers of this size, and at most this much waits unread: the small size while
+# the client is slow (memory per slow reader), the wide one while it keeps up (fewer, larger chunks per CPU)
+BODY_BUFFER = 128 * 1024
+BODY_BUFFER_WIDE = 512 * 1024
 _T = TypeVar("_T")
 
 log = logging.getLogger("ota_gateway.origins")
@@ -116,17 +124,21 @@ class ReleaseNotFound(OriginError):
     """The origin answered, but has no such app or file."""
 
 
-def _feeder(verifier: Verifier, piece: int) -> Callable[[bytes], list[bytes | memoryview]]:
+def _feeder(verifier: Verifier, piece: int) -> Callable[[bytes | memoryview], list[bytes | memoryview]]:
     """Feed a chunk to the verifier in slices of at most `piece` bytes; what it releases. The verifier keeps a copy
     of the slice it holds back, so no chunk outlives the sending of its own bytes."""
 
-    def feed(data: bytes) -> list[bytes | memoryview]:
+    def feed(data: bytes | memoryview) -> list[bytes | memoryview]:
         view = memoryview(data)
         out = [released for i in range(0, len(view), piece) if (released := verifier.feed(view[i : i + piece]))]
         verifier.detach()
         return out
 
     return feed
+
+
+def _keep_width(wide: bool) -> None:
+    """For a body that reads the same way whatever the client's pace."""
 
 
 class Body(Protocol):
@@ -136,9 +148,12 @@ class Body(Protocol):
     @property
     def declared_size(self) -> int | None: ...
 
-    def through(self, verifier: Verifier, piece: int) -> AsyncGenerator[list[bytes | memoryview], None]:
+    def through(
+        self, verifier: Verifier, piece: int, keeping_up: Callable[[], bool] = lambda: False
+    ) -> AsyncGenerator[list[bytes | memoryview], None]:
         """Each chunk fed to the verifier in slices of at most `piece` bytes, yielding what it releases; none is
-        kept here while the next one is read."""
+        kept here while the next one is read. `keeping_up()`: whether the client took the last chunk without a
+        wait (a body may then read in larger pieces)."""
         ...
 
 
@@ -147,12 +162,21 @@ class StreamBody:
     """A network body: chunks as they arrive."""
 
     declared_size: int | None
-    chunks: AsyncIterator[bytes]
+    chunks: AsyncIterator[bytes | memoryview]
+    widen: Callable[[bool], None] = _keep_width  # told before each chunk whether the client keeps up
 
-    async def through(self, verifier: Verifier, piece: int) -> AsyncGenerator[list[bytes | memoryview], None]:
-        feed = _feeder(verifier, piece)
-        async for chunk in self.chunks:
+    async def through(
+        self, verifier: Verifier, piece: int, keeping_up: Callable[[], bool] = lambda: False
+    ) -> AsyncGenerator[list[bytes | memoryview], None]:
+        feed, widen = _feeder(verifier, piece), self.widen
+        while True:
+            widen(keeping_up())
+            try:
+                chunk = await anext(self.chunks)
+            except StopAsyncIteration:
+                return
             yield feed(chunk)
+            del chunk
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,7 +189,9 @@ class FileBody:
     read_file: Callable[[], bytes]
     small: bool = False
 
-    async def through(self, verifier: Verifier, piece: int) -> AsyncGenerator[list[bytes | memoryview], None]:
+    async def through(
+        self, verifier: Verifier, piece: int, keeping_up: Callable[[], bool] = lambda: False
+    ) -> AsyncGenerator[list[bytes | memoryview], None]:
         feed, read = _feeder(verifier, piece), self.read_file
 
         def step() -> list[bytes | memoryview] | None:
@@ -375,6 +401,159 @@ class _EndWatch:
         self.grace = grace
         self.past = 0
         self.ended: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.body: _BodyReader | None = None  # the declared body of a 200 answer, once its head has arrived
+
+
+class _BodyReader:
+    """The declared body of a bundle GET, decrypted by the TLS layer straight into buffers (`space`, `filled`) and
+    handed out as memoryviews of them (`take`): aiohttp's parser and stream reader would copy every byte two or
+    three times. At most one buffer's size waits unread (`BODY_BUFFER`, or `BODY_BUFFER_WIDE` while the client
+    keeps up: `widen`); past that the connection stops reading until the bytes are taken. A buffer is written again
+    only once no view of it is alive anywhere (the verifier, the client's transport): its reference count says so;
+    otherwise a new one is used."""
+
+    def __init__(self, length: int, transport: asyncio.Transport | None, read_timeout: float | None) -> None:
+        self.length = length
+        self.received = 0
+        self._transport = transport
+        self._read_timeout = read_timeout
+        self._size = BODY_BUFFER
+        self._pool: list[bytearray] = []
+        self._buf: bytearray | None = None
+        self._start = 0  # taken up to here
+        self._filled = 0  # written up to here
+        self._ready: collections.deque[bytes | memoryview] = collections.deque()  # untaken, from earlier buffers
+        self._unread = 0
+        self._paused = False
+        self._waiter: asyncio.Future[None] | None = None
+        self._done = False
+        self._error: Exception | None = None
+
+    def widen(self, wide: bool) -> None:
+        """Whether the client keeps up: larger buffers then; a slow one gets small ones again."""
+        self._size = BODY_BUFFER_WIDE if wide else BODY_BUFFER
+
+    def _fresh(self) -> bytearray:
+        size = self._size
+        self._pool = [buf for buf in self._pool if len(buf) == size]  # others are freed once no view is left
+        for buf in self._pool:
+            if sys.getrefcount(buf) <= 3:  # the pool, `buf` and the call's argument: no view of it is alive
+                return buf
+        buf = bytearray(size)
+        if len(self._pool) < 3:
+            self._pool.append(buf)
+        return buf
+
+    def space(self, limit: int) -> memoryview:
+        """Where the next decrypted bytes go: at most `limit` bytes, never none; room for exactly `limit - 1` (the
+        rest of the body, when `limit` asks for one byte past it) is never offered, so that a byte past the body
+        that the TLS layer already holds lands here and is seen with the body's end."""
+        buf = self._buf
+        if buf is None or len(buf) - self._filled in (0, limit - 1):
+            if buf is not None and self._start < self._filled:
+                self._ready.append(memoryview(buf)[self._start : self._filled])
+            self._buf = None
+            buf = self._fresh()
+            if len(buf) == limit - 1:  # rare: a buffer exactly the rest of the body
+                buf = bytearray(limit)
+            self._buf = buf
+            self._start = self._filled = 0
+        return memoryview(buf)[self._filled : min(len(buf), self._filled + limit)]
+
+    def filled(self, n: int) -> None:
+        """`n` bytes were written where `space` said."""
+        self._filled += n
+        self._more(n)
+
+    def spill(self, n: int) -> bytes:
+        """A copy of the `n` bytes written after those `filled` counted (past the body): never handed out."""
+        assert self._buf is not None
+        return bytes(memoryview(self._buf)[self._filled : self._filled + n])
+
+    def put(self, data: bytes) -> None:
+        """Body bytes that came in the same read as the head."""
+        if data:
+            self._ready.append(data)
+            self._more(len(data))
+
+    def _more(self, n: int) -> None:
+        self.received += n
+        self._unread += n
+        if self._unread >= self._size and not self._paused and self._transport is not None:
+            self._paused = True
+            self._transport.pause_reading()
+        self._wake()
+
+    def finish(self) -> None:
+        """The declared body is complete: the connection reads on for whatever comes next (it may be pooled)."""
+        self._done = True
+        if self._paused and self._transport is not None:
+            self._paused = False
+            self._transport.resume_reading()
+        self._wake()
+
+    def fail(self, exc: Exception) -> None:
+        """The connection ended before the declared body did."""
+        if not self._done and self._error is None:
+            self._error = exc
+            self._wake()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def take(self) -> bytes | memoryview | None:
+        """The bytes received and not yet taken (waiting for some, at most `read_timeout` s); None at the end."""
+        while True:
+            if self._ready:
+                data: bytes | memoryview = self._ready.popleft()
+            elif self._buf is not None and self._start < self._filled:
+                data = memoryview(self._buf)[self._start : self._filled]
+                self._start = self._filled
+            elif self._error is not None:
+                raise self._error
+            elif self._done:
+                return None
+            else:
+                self._waiter = asyncio.get_running_loop().create_future()
+                try:
+                    async with asyncio.timeout(self._read_timeout):
+                        await self._waiter
+                finally:
+                    self._waiter = None
+                continue
+            self._unread -= len(data)
+            if self._paused and self._unread < self._size and self._transport is not None:
+                self._paused = False
+                self._transport.resume_reading()
+            return data
+
+
+class _BufferedReads(asyncio.BufferedProtocol):
+    """Stands in for a bundle GET's `_GuardedHandler` as the TLS transport's protocol, so that the transport
+    decrypts into the handler's buffers (uvloop does that only for a protocol that is not an `asyncio.Protocol`,
+    which aiohttp's handler is); everything else is passed on."""
+
+    def __init__(self, handler: _GuardedHandler) -> None:
+        self._handler = handler
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._handler.get_buffer(sizehint)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self._handler.buffer_updated(nbytes)
+
+    def eof_received(self) -> None:
+        self._handler.eof_received()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._handler.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self._handler.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._handler.resume_writing()
 
 
 class _Watches:
@@ -420,6 +599,42 @@ class _GuardedHandler(ResponseHandler):
         self._grace_timer: asyncio.TimerHandle | None = None
         self._served = 0
         self._fd: int | None = None
+        self._reader: _BodyReader | None = None  # a bundle's 200 body goes here instead of to the parser
+        self._scratch: bytearray | None = None  # buffered reads outside such a body land here
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        """Where the TLS layer decrypts the next bytes (with `_BufferedReads`): a bundle body's own buffers, with
+        room for one byte past the body (so that it is seen with the body's end, as in one read)."""
+        if self._reader is not None and self._phase == "body":
+            return self._reader.space(self._remaining + 1)
+        if self._scratch is None:
+            self._scratch = bytearray(ORIGIN_READ_BUFFER)
+        return memoryview(self._scratch)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        reader = self._reader
+        if reader is not None and self._phase == "body":
+            take = min(nbytes, self._remaining)
+            self._remaining -= take
+            reader.filled(take)
+            if self._remaining == 0:
+                past = reader.spill(nbytes - take)
+                self._body_end(len(past))  # first, as with the parser: the answer's end may pool the connection
+                self._read_to_end()
+                if past:
+                    self.data_received(past)  # after the body: an overrun, the bundle's size_exceeded
+            return
+        assert self._scratch is not None
+        self.data_received(bytes(memoryview(self._scratch)[:nbytes]))
+
+    def _read_to_end(self) -> None:
+        """The reader has the whole body: the answer is complete for aiohttp too (which may pool the connection;
+        its parser, which never saw the body, is replaced for the next request)."""
+        reader, self._reader = self._reader, None
+        if reader is not None:
+            reader.finish()
+        if self._body is not None:
+            self._body.feed_eof()
 
     def begin(self, watch: _EndWatch | None, path: str) -> None:
         """A request is about to go out on this connection (`watch`: a bundle GET's)."""
@@ -445,7 +660,7 @@ class _GuardedHandler(ResponseHandler):
         return not self._keep or super().should_close
 
     def set_response_params(self, **kwargs: Any) -> None:
-        self._phase, self._carry, self._message = "head", b"", None
+        self._phase, self._carry, self._message, self._reader = "head", b"", None, None
         self._served += 1
         super().set_response_params(**kwargs)
 
@@ -502,12 +717,20 @@ class _GuardedHandler(ResponseHandler):
                 self._phase, self._remaining = "body", int(length)
                 if self._remaining == 0:
                     self._body_end(len(data))
+                elif self._watch is not None and message.code == 200:  # a bundle: never through the parser
+                    self._reader = self._watch.body = _BodyReader(self._remaining, self.transport, self.read_timeout)
+                    self._drop_timeout()  # aiohttp's sock_read: the reader applies read_timeout itself
                 continue
             take, data = data[: self._remaining], data[self._remaining :]
             self._remaining -= len(take)
             if self._remaining == 0:
                 self._body_end(len(data))  # first: the parser's end of body hands the connection back to the pool
-            super().data_received(take)
+            if self._reader is not None:
+                self._reader.put(take)
+                if self._remaining == 0:
+                    self._read_to_end()
+            else:
+                super().data_received(take)
 
     def _body_end(self, extra: int) -> None:
         close_announced = bool(self._message.should_close)
@@ -570,6 +793,9 @@ class _GuardedHandler(ResponseHandler):
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self._close_wanted = False
+        if self._reader is not None and self._phase == "body":
+            got, length = self._reader.received, self._reader.length
+            self._reader.fail(aiohttp.ClientPayloadError(f"connection lost after {got} of {length} bytes"))
         self._end()
         super().connection_lost(exc)
 
@@ -606,6 +832,9 @@ class _PinningConnector(aiohttp.TCPConnector):
         set_limits = getattr(transport, "set_read_buffer_limits", None)  # TLS transports (asyncio's and uvloop's)
         if set_limits is not None:
             set_limits(high=ORIGIN_READ_BUFFER)
+        set_protocol = getattr(transport, "set_protocol", None)
+        if set_protocol is not None and isinstance(protocol, _GuardedHandler):
+            set_protocol(_BufferedReads(protocol))  # the TLS layer decrypts into the handler's buffers
         if self._pins:
             ssl_object = transport.get_extra_info("ssl_object")
             der = ssl_object.getpeercert(binary_form=True) if ssl_object else None
@@ -790,10 +1019,14 @@ class HttpsOrigin:
                     raise OriginError(f"origin {self.name}: {url.path} answered HTTP {resp.status}")
                 watch = watches.last
 
-                async def chunks() -> AsyncIterator[bytes]:
+                async def chunks() -> AsyncIterator[bytes | memoryview]:
                     try:
-                        async for data in resp.content.iter_any():
-                            yield data
+                        if watch is not None and watch.body is not None:  # a 200 with a Content-Length
+                            while (data := await watch.body.take()) is not None:
+                                yield data
+                        else:
+                            async for data in resp.content.iter_any():
+                                yield data
                     except aiohttp.ClientPayloadError as exc:
                         raise ShortBody(f"origin {self.name}: {url.path} ended before its end: {exc}") from None
                     except (aiohttp.ClientError, TimeoutError) as exc:
@@ -807,7 +1040,8 @@ class HttpsOrigin:
                             f"origin {self.name}: {url.path} sent {watch.past} bytes past its Content-Length"
                         )
 
-                yield StreamBody(resp.content_length, chunks())
+                widen = watch.body.widen if watch is not None and watch.body is not None else _keep_width
+                yield StreamBody(resp.content_length, chunks(), widen)
         finally:
             _WATCH.reset(token)
 

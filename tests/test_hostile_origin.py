@@ -137,6 +137,69 @@ def test_an_origin_above_the_minimum_rate_is_served_whole(gw: GatewayProcess, cd
     assert audit_for(gw, "/2.0.1.zip")["outcome"] == "ok"
 
 
+@pytest.fixture(scope="module")
+def quiet_cdn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HttpsOrigin]:
+    with HttpsOrigin(tmp_path_factory.mktemp("quiet-cdn")) as origin:
+        yield origin
+
+
+@pytest.fixture(scope="module")
+def quick_read_gw(
+    quiet_cdn: HttpsOrigin, pki: Pki, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[GatewayProcess]:
+    """`read_timeout` 1 s on the origin and no minimum rate: only the read timeout can cut a silent body."""
+    cdn = quiet_cdn
+    base = tmp_path_factory.mktemp("gw-read")
+    apps = [
+        {
+            "app_id": APP_ID,
+            "origin": "cdn",
+            "channels": {"default": "production", "allowed": ["production"]},
+            "clients": [{"name": "fleet", "issuer": ["ca"]}],
+        }
+    ]
+    cfg = write_config(
+        base,
+        pki,
+        origins={"cdn": cdn.origin_config(total_timeout=2, index_ttl=0, read_timeout=1)},
+        apps=apps,
+        extra={"limits": {**LIMITS, "origin_min_rate": 0}},
+    )
+    with run_gateway(cfg) as process:
+        yield process
+
+
+def test_a_body_that_falls_silent_is_cut_at_read_timeout(
+    quick_read_gw: GatewayProcess, quiet_cdn: HttpsOrigin, pki: Pki
+) -> None:
+    cdn = quiet_cdn
+    data = os.urandom(256 * 1024)
+    cdn.publish(APP_ID, "2.2.0", data)
+    cdn.state.modes[f"{APP_ID}/2.2.0.zip"] = "stall_watch"  # half the body, then silence for up to a minute
+    started = time.monotonic()
+    _head, body, _ = raw_get(quick_read_gw, pki, f"/bundles/{APP_ID}/2.2.0.zip")
+    assert time.monotonic() - started < 15  # read_timeout 1 s, with a wide margin
+    assert len(body) < len(data) // 2 + 1  # never past what the origin sent, never the tail
+    record = audit_for(quick_read_gw, "/2.2.0.zip")
+    assert (record["outcome"], record["reason"]) == ("aborted", "origin_error")
+    assert "TimeoutError" in record["detail"]
+    assert wait_until(lambda: f"{APP_ID}/2.2.0.zip" in cdn.state.disconnects, timeout=10)  # the origin was let go
+
+
+def test_a_body_with_pauses_shorter_than_read_timeout_is_served_whole(
+    quick_read_gw: GatewayProcess, quiet_cdn: HttpsOrigin, pki: Pki
+) -> None:
+    cdn = quiet_cdn
+    data = os.urandom(256 * 1024)
+    cdn.publish(APP_ID, "2.2.1", data)
+    cdn.state.modes[f"{APP_ID}/2.2.1.zip"] = "slow:2.5"  # 20 pieces 0.13 s apart: longer than read_timeout in all
+    answer = https_request(
+        f"{quick_read_gw.base_url}/bundles/{APP_ID}/2.2.1.zip", pki.client_context(pki.client), timeout=20
+    )
+    assert answer.status == 200 and answer.body == data
+    assert audit_for(quick_read_gw, "/2.2.1.zip")["outcome"] == "ok"
+
+
 @pytest.mark.parametrize(
     ("mode", "size"),
     [

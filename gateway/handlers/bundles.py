@@ -170,11 +170,14 @@ async def _pump(resp: _BundleResponse, verifier: Verifier, body: Body, limits: L
         )
 
     unwaited = 0  # bytes handed to the client's transport since the last wait on it, not yet counted
+    waits = 0  # waits on the client so far
+    keeping_up = False  # the client took the last chunk without a wait (the body may read larger pieces)
 
     async def waiting(step: Awaitable[None], moved: int) -> None:
         """Wait on the client (`step`: a drain or the end of the response) under its minimum rate; `moved` bytes
         count once it is done. A slow or vanished client is a refusal."""
-        nonlocal unwaited
+        nonlocal unwaited, waits
+        waits += 1
         if unwaited:  # written without waiting: they count now, as if each had been counted when written
             client.moved(unwaited, loop.time())
             unwaited = 0
@@ -201,7 +204,7 @@ async def _pump(resp: _BundleResponse, verifier: Verifier, body: Body, limits: L
         else:
             unwaited += len(piece)
 
-    chunks = body.through(verifier, WRITE_SLICE)
+    chunks = body.through(verifier, WRITE_SLICE, lambda: keeping_up)
     try:
         while True:
             before = verifier.received
@@ -218,9 +221,11 @@ async def _pump(resp: _BundleResponse, verifier: Verifier, body: Body, limits: L
             origin.moved(verifier.received - before, loop.time())
             if origin.too_slow(loop.time()):
                 raise too_slow(Reason.ORIGIN_TOO_SLOW, origin, "origin_min_rate")
+            waited = waits
             while pieces:
                 await send(pieces.pop(0))  # each piece let go of once written
             del pieces
+            keeping_up = waits == waited
     finally:
         await chunks.aclose()
     tail = verifier.finish()
