@@ -1163,6 +1163,8 @@ def main(argv: list[str] | None = None) -> int:
             # 2b. sessions offered back, round-robin too
             resume_rows = [(nginx_label, nginx, small_cdn), (NGINX_RESUME_LABEL, nginx_resume, small_cdn)]
             resume_rows += [(label, server, small) for label, server, small in small_rows if "directory" in label]
+            if args.streams_only:
+                resume_rows = []
             n_resume = max(2, args.handshakes // 2)
             resumes = {
                 (label, version): ResumeResult(label, version, n_resume)
