@@ -328,8 +328,8 @@ ORIGIN_BODY = """\
     }}
 """
 
-# The mTLS proxy: same TLS settings as the gateway (TLS 1.2+, intermediate suites, no tickets, no session cache,
-# client certificate required), forwards the client's subject like a real deployment would, keeps upstream
+# The mTLS proxy: same TLS settings as the gateway (TLS 1.2+, intermediate suites and groups, no tickets, no session
+# cache, client certificate required), forwards the client's subject like a real deployment would, keeps upstream
 # connections alive (as aiohttp's pool does), and streams without spooling to a temp file (bounded memory, as the
 # gateway). /files/ serves the same files from disk: the peer of the gateway's directory origin.
 PROXY_BODY = """\
@@ -344,6 +344,7 @@ PROXY_BODY = """\
         ssl_certificate_key {certs}/server.key;
         ssl_protocols TLSv1.2 TLSv1.3;
         ssl_ciphers {ciphers};
+        ssl_ecdh_curve X25519:prime256v1:secp384r1;
         ssl_session_tickets off;
         ssl_session_cache off;
         ssl_client_certificate {certs}/ca.pem;

@@ -190,3 +190,20 @@ def test_default_client_gets_no_hello_retry_request(gw: GatewayProcess, pki: Pki
 def test_key_share_for_an_unsupported_group_gets_a_hello_retry_request(gw: GatewayProcess, pki: Pki) -> None:
     """Twin: a first key share the gateway does not take costs a HelloRetryRequest, and the count above shows it."""
     assert _server_hellos(gw.port, pki, "X448:X25519") == 2
+
+
+# -- the contexts themselves ------------------------------------------------------------------------------------------
+
+
+def test_admin_context_has_the_same_settings(pki: Pki) -> None:
+    """The admin listener's mTLS context (served by asyncio's own TLS) resumes nothing either."""
+    from gateway.config import AdminTls
+    from gateway.tls import admin_context
+
+    ctx = admin_context(AdminTls(cert=pki.server.cert, key=pki.server.key, client_ca=[pki.ca_pem]))
+    assert libssl().session_cache_mode(ctx) == 0
+    assert ctx.num_tickets == 0 and ctx.options & ssl.OP_NO_TICKET
+    assert ctx.verify_mode == ssl.CERT_REQUIRED
+    # twin: a server context with Python's defaults has its session cache on and sends tickets
+    plain = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    assert libssl().session_cache_mode(plain) != 0 and plain.num_tickets > 0
