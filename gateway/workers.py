@@ -173,6 +173,9 @@ class _Supervisor:
             pid = os.fork()
             if pid == 0:
                 self._in_child(read, write, restarted)  # never returns
+        except BaseException:
+            os.close(read)
+            raise
         finally:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)
             os.close(write)
