@@ -29,11 +29,11 @@ from gateway.core.pins import normalize_cert_sha256
 from gateway.core.policy import Peer, PolicySet
 from gateway.core.tickets import TicketKey
 from gateway.metrics import Metrics
-from gateway.origins import DirectoryOrigin, HttpsOrigin
+from gateway.origins import Origin
 from gateway.state import MemoryState, StateStore
 from gateway.tls import ListenerMaterial
 
-AnyOrigin = DirectoryOrigin | HttpsOrigin
+AnyOrigin = Origin  # handlers use origins through the protocol only
 
 
 @dataclass(frozen=True, slots=True)
