@@ -7,13 +7,13 @@ Below the handlers and the recorder: imports only the core and aiohttp, never a 
 
 from __future__ import annotations
 
-import json
 import math
 from typing import Any
 
 from aiohttp import web
 
 from gateway.core.capgo import error_body, kind_for
+from gateway.core.jsonsafe import compact_json
 from gateway.core.reasons import Reason, Refusal
 
 CAPGO_ROUTES = frozenset({"updates", "stats", "channel"})
@@ -36,7 +36,7 @@ def problem_body(reason: Reason, detail: str, status: int) -> bytes:
         "detail": detail,
         "reason": reason.label,
     }
-    return json.dumps(body, separators=(",", ":")).encode()
+    return compact_json(body).encode()
 
 
 def problem_response(reason: Reason, detail: str, status: int | None = None) -> web.Response:
@@ -52,7 +52,7 @@ def problem_response(reason: Reason, detail: str, status: int | None = None) -> 
 def capgo_json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
     return web.Response(
         status=status,
-        body=json.dumps(body, separators=(",", ":")).encode(),
+        body=compact_json(body).encode(),
         content_type="application/json",
         headers={"Cache-Control": "no-store", **(headers or {})},
     )

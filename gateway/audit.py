@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import logging
 import os
 import stat
@@ -22,6 +21,7 @@ from typing import TextIO
 
 from gateway.core.faults import Fault
 from gateway.core.identity import ClientIdentity
+from gateway.core.jsonsafe import compact_json
 
 log = logging.getLogger("ota_gateway.audit")
 
@@ -90,7 +90,7 @@ class AuditLog:
     def write(self, record: AuditRecord) -> None:
         record.time = _now()
         # vars(), not dataclasses.asdict(): the fields are flat and asdict deep-copies each one (~150 us a line)
-        line = json.dumps({k: v for k, v in vars(record).items() if v is not None}, separators=(",", ":"))
+        line = compact_json({k: v for k, v in vars(record).items() if v is not None})
         self._emit(line + "\n", lines=1)
 
     def probe(self) -> None:
@@ -106,7 +106,7 @@ class AuditLog:
         size = len(text.encode())
         if self.fault.failing:
             gap = {"time": _now(), "event": "audit_gap", "lost": self._lost, "since": self._lost_since}
-            record = json.dumps(gap, separators=(",", ":"))
+            record = compact_json(gap)
             text = (record if text else record.ljust(self._failed_size - 1)) + "\n" + text
         if self._torn:
             text = "\n" + text
@@ -164,6 +164,14 @@ class AuditLog:
             self._own = self._fd = None
 
 
+_second: tuple[int, str] = (-1, "")  # the last second formatted, and its text
+
+
 def _now() -> str:
+    """UTC time with milliseconds, ISO 8601; the date and time of day are formatted once a second."""
+    global _second
     now = time.time()
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now * 1000) % 1000:03d}Z"
+    whole = int(now)
+    if _second[0] != whole:
+        _second = (whole, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)))
+    return f"{_second[1]}.{int(now * 1000) % 1000:03d}Z"

@@ -227,11 +227,9 @@ class Metrics:
             self.plain_http.labels(answer)
         for result in VERIFICATION_RESULTS:
             self.verifications.labels(result)
-        for reason in ALL_LABELS:
-            self.refusals.labels(reason)
-        for route in ROUTES:
-            for outcome in OUTCOMES:
-                self.requests.labels(route, outcome)
+        # children bound once: every request counts through these (`labels()` costs a lock and a tuple each call)
+        self.refusal_count = {reason: self.refusals.labels(reason) for reason in ALL_LABELS}
+        self.request_count = {(r, o): self.requests.labels(r, o) for r in ROUTES for o in OUTCOMES}
 
     def listener(self, name: str) -> None:
         """Create the label sets of one listener, so that zeros are exported before the first event."""

@@ -105,9 +105,10 @@ class Recorder:
             record.status = response.status
         if record.outcome == "ok" and record.status >= 400:
             record.outcome = "refused"
+        metrics = self.metrics
         if record.reason is not None:
-            self.metrics.refusals.labels(record.reason).inc()
-        self.metrics.requests.labels(route, record.outcome).inc()
+            (metrics.refusal_count.get(record.reason) or metrics.refusals.labels(record.reason)).inc()
+        (metrics.request_count.get((route, record.outcome)) or metrics.requests.labels(route, record.outcome)).inc()
         self.audit.write(record)
 
     def low_level(self, listener: str, peer: str | None, status: int, reason: Reason, detail: str) -> None:

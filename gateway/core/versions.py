@@ -8,7 +8,7 @@ caller, never guessed at. Build metadata does not take part in the order (SemVer
 
 from __future__ import annotations
 
-from functools import total_ordering
+from functools import lru_cache, total_ordering
 
 import semver
 
@@ -79,13 +79,22 @@ class BundleVersion:
 
 
 def parse(text: str) -> BundleVersion:
-    """Parse a version; raise `VersionError` if it is neither `builtin` nor a semantic version."""
+    """Parse a version; raise `VersionError` if it is neither `builtin` nor a semantic version. Cached (a
+    `BundleVersion` is never changed): an update check compares the same few versions several times, and semver's
+    parser costs a few microseconds each time. A refused text is not cached (the error is raised anew)."""
+    if not isinstance(text, str):
+        return BundleVersion(text)  # raises VersionError (and is no key for the cache)
+    return _parse(text)
+
+
+@lru_cache(maxsize=4096)
+def _parse(text: str) -> BundleVersion:
     return BundleVersion(text)
 
 
 def is_valid(text: str) -> bool:
     try:
-        BundleVersion(text)
+        parse(text)
     except VersionError:
         return False
     return True
@@ -96,7 +105,7 @@ def newest(texts: list[str] | tuple[str, ...]) -> str | None:
     best: BundleVersion | None = None
     for text in texts:
         try:
-            candidate = BundleVersion(text)
+            candidate = parse(text)
         except VersionError:
             continue
         if best is None or candidate > best:

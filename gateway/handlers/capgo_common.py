@@ -17,7 +17,7 @@ from aiohttp import web
 
 from gateway.answers import RateLimited
 from gateway.core.capgo import InvalidRequest
-from gateway.core.jsonsafe import JsonRejected, loads_bounded
+from gateway.core.jsonsafe import JsonRejected, compact_json, loads_bounded
 from gateway.core.policy import AppPolicy, Peer
 from gateway.core.reasons import Reason, Refusal
 from gateway.origins import HttpsOrigin, OriginBusy, OriginError
@@ -93,7 +93,7 @@ async def call_origin(
     url = origin.url(path)
     if query:
         url = url.with_query(query)
-    body = None if payload is None else json.dumps(payload, separators=(",", ":")).encode()
+    body = None if payload is None else compact_json(payload).encode()
     try:
         status, data = await origin.exchange(method, url, body=body, headers=upstream_headers(request), peer=peer)
     except OriginBusy as exc:  # healthy but busy: the device is told to wait as long as the origin asked

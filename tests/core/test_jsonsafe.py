@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.core.jsonsafe import JsonRejected, loads_bounded, nesting_depth
+from gateway.core.jsonsafe import JsonRejected, compact_json, loads_bounded, nesting_depth
 
 
 @pytest.mark.parametrize(
@@ -57,3 +57,25 @@ def test_malformed_json_is_rejected_as_a_value_error(raw: bytes | str) -> None:
 
 def test_str_input() -> None:
     assert loads_bounded('{"app_id": "com.example.app"}') == {"app_id": "com.example.app"}
+
+
+@pytest.mark.parametrize(
+    ("raw", "accepted"),
+    [
+        (b'{"a": "' + b"[" * 40 + b'"}', True),  # many brackets, all inside a string: the scan runs and finds 1
+        (b"[" * 33 + b"]" * 33, False),  # as many brackets, all real: refused
+        (b'{"a": [1, {"b": []}]}', True),  # few brackets: no scan needed
+    ],
+)
+def test_the_depth_check_only_skips_its_scan_when_the_brackets_cannot_reach_the_limit(
+    raw: bytes, accepted: bool
+) -> None:
+    if accepted:
+        loads_bounded(raw, max_depth=32)
+    else:
+        with pytest.raises(JsonRejected, match="nested deeper than 32"):
+            loads_bounded(raw, max_depth=32)
+
+
+def test_compact_json_has_no_spaces() -> None:
+    assert compact_json({"a": [1, "b c"], "d": None}) == '{"a":[1,"b c"],"d":null}'

@@ -61,3 +61,13 @@ def test_comparison_with_other_types_is_refused() -> None:
     with pytest.raises(TypeError):
         _ = parse("1.0.0") < "1.0.1"  # type: ignore[operator]
     assert parse("1.0.0") != "1.0.0"
+
+
+def test_parsed_versions_are_shared_and_refusals_are_not_cached() -> None:
+    assert parse("3.1.4") is parse("3.1.4")  # cached: an update check compares the same versions many times
+    for _ in range(2):  # a refused text is refused every time, never remembered as valid
+        with pytest.raises(VersionError):
+            parse("3.1")
+    for junk in (None, 3, ["1.0.0"]):  # not a string (and not hashable, for the list): refused, not a TypeError
+        with pytest.raises(VersionError):
+            parse(junk)  # type: ignore[arg-type]

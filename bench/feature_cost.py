@@ -1,0 +1,516 @@
+"""Where an update check's CPU goes: the cost of each feature (issue 12), end to end and stage by stage.
+
+Two parts, one report (Markdown, also written to `bench/results/feature_cost.md`):
+
+1. **End to end**: CPU (utime+stime from /proc) per request of processes pinned to core 0, the client on core 1,
+   each over one keep-alive mTLS connection, all servers up at once and driven in turn for `--runs` rounds
+   (medians), so that load from elsewhere hits every row alike:
+   - `aiohttp alone`: a bare aiohttp app with the same TLS (uvloop, client certificate required) that reads the
+     body of `POST /updates` and answers a fixed JSON of the same size: what HTTP + TLS + aiohttp cost at least;
+   - `GET /updates`: the gateway's liveness answer: envelope, identity and revocation, audit line, metrics, no
+     feature;
+   - `update check, offer (SQLite)`: the default config; a device below the newest release gets it offered: body,
+     policy, rate limit, index, review, rollout step, ticket, state (high-water mark read and raised), audit,
+     metrics;
+   - `update check, up to date (SQLite)`: the same gateway, a device already on the newest release: no ticket and
+     no high-water write;
+   - `update check, offer (Redis)`: `state.redis_url` to a redis-server this script starts (127.0.0.1, no
+     persistence), if one is installed; the Redis server's own CPU is shown apart;
+   - `GET 1 KiB bundle`: the directory origin's 1 KiB bundle (the per-request figure of `bench/run.py`).
+2. **In process**: each stage's own function on the same inputs as part 1 (the same config, policies, release
+   index, client certificate), timed with `time.process_time` over many calls (all threads: the SQLite store's
+   worker thread counts). The rest of a check (HTTP parsing, TLS, aiohttp, the envelope, the event loop) is the
+   end-to-end figure minus the stages.
+
+    .venv/bin/python bench/feature_cost.py                  # part of `make bench` (about 1 to 2 minutes)
+    .venv/bin/python bench/feature_cost.py --compare-src DIR # A/B: every gateway row also from another source copy
+                                                             #   (git archive <commit> gateway | tar -x -C DIR)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import http.client
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import run as harness  # bench/run.py: workspace, pinned gateway, CPU accounting
+
+OLD_VERSION, OLD_BUILD = "0.9.0", "0.1.0"  # below the index's releases: the newest is offered
+BIG = harness.BIG_VERSION  # the newest release of the index: a device on it is up to date
+
+
+def device_body(device: str, version: str) -> bytes:
+    return json.dumps(
+        {
+            "platform": "android",
+            "device_id": device,
+            "app_id": harness.APP_DIR,
+            "version_build": version,
+            "version_name": version,
+            "plugin_version": "8.51.14",
+            "is_emulator": False,
+            "is_prod": True,
+        }
+    ).encode()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# servers
+
+
+def write_config(ws: harness.Workspace, directory: Path, redis_url: str | None) -> Path:
+    """`bench/run.py`'s gateway config, the update checks' rate limit raised out of the way (every request still
+    counts against it), and optionally the Redis state store."""
+    config = harness.write_gateway_config(ws, directory, 1)
+    data = yaml.safe_load(config.read_text())
+    policies = Path(data["policies"]) / "bench.yaml"
+    apps = yaml.safe_load(policies.read_text())
+    for app in apps["apps"]:
+        app["rate_limits"] = {"updates_per_minute": 100000}
+    policies.write_text(yaml.safe_dump(apps, sort_keys=False))
+    if redis_url:
+        data["state"] = {"path": data["state"]["path"], "redis_url": redis_url}
+    config.write_text(yaml.safe_dump(data, sort_keys=False))
+    return config
+
+
+@contextlib.contextmanager
+def gateway_from(src: Path | None, name: str, config: Path) -> Iterator[harness.Server]:
+    """`ota-gateway serve`, one worker, pinned, from this tree or from the source copy `src`."""
+    saved_cmd, saved_env = list(harness.GATEWAY_CMD), dict(harness.GATEWAY_ENV)
+    harness.use_gateway_source(src)
+    try:
+        cm = harness.run_gateway(name, config, harness.PROXY_CORE, "--workers", "1")
+        server = cm.__enter__()  # the process is started: the command may be put back
+    finally:
+        harness.GATEWAY_CMD[:] = saved_cmd
+        harness.GATEWAY_ENV.clear()
+        harness.GATEWAY_ENV.update(saved_env)
+    try:
+        yield server
+    finally:
+        cm.__exit__(None, None, None)
+
+
+FLOOR_ANSWER = {"version": BIG, "url": "https://localhost/bundles/t/" + "x" * 300 + "/9.0.0.zip", "checksum": "0" * 64}
+
+
+def floor_server(certs: Path, port: int) -> None:
+    """The `aiohttp alone` row: same TLS as the gateway's listener, no gateway code."""
+    import ssl
+
+    import uvloop
+    from aiohttp import web
+
+    answer = json.dumps(FLOOR_ANSWER, separators=(",", ":")).encode()
+
+    async def updates(request: web.Request) -> web.Response:
+        json.loads(await request.read())
+        return web.Response(body=answer, content_type="application/json", headers={"Cache-Control": "no-store"})
+
+    async def main() -> None:
+        app = web.Application()
+        app.router.add_post("/updates", updates)
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(certs / "server.pem", certs / "server.key")
+        ctx.load_verify_locations(certs / "ca.pem")
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", port, ssl_context=ctx).start()
+        print("ota-gateway: admin on (floor server ready)", file=sys.stderr, flush=True)
+        await asyncio.Event().wait()
+
+    uvloop.run(main())
+
+
+@contextlib.contextmanager
+def run_floor(ws: harness.Workspace) -> Iterator[harness.Server]:
+    port = harness.free_port()
+    cmd = [*harness.pin_prefix(harness.PROXY_CORE), sys.executable, __file__, "--floor-server", str(ws.certs)]
+    proc = subprocess.Popen([*cmd, str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        harness.wait_port(port, proc, "aiohttp alone")
+        yield harness.Server("aiohttp alone", proc, port)
+    finally:
+        harness.stop_process(proc)
+
+
+@contextlib.contextmanager
+def run_redis(directory: Path) -> Iterator[subprocess.Popen[Any] | None]:
+    """A throwaway redis-server on 127.0.0.1 (no persistence), on the client's core; None if none is installed."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        yield None
+        return
+    port = harness.free_port()
+    directory.mkdir(parents=True, exist_ok=True)
+    args = ["--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(directory)]
+    proc = subprocess.Popen(
+        [*harness.pin_prefix(harness.CLIENT_CORE), binary, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        harness.wait_port(port, proc, "redis-server")
+        proc.url = f"redis://127.0.0.1:{port}/0"  # type: ignore[attr-defined]
+        yield proc
+    finally:
+        harness.stop_process(proc)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# part 1: end to end
+
+
+@dataclass
+class Row:
+    label: str
+    server: harness.Server
+    work: Callable[[http.client.HTTPSConnection], None]
+    source: str = "this tree"
+    samples: list[float] = field(default_factory=list)
+    wall: list[float] = field(default_factory=list)
+    conn: http.client.HTTPSConnection | None = None
+
+
+def check(conn: http.client.HTTPSConnection, version: str, expect: str) -> None:
+    conn.request(
+        "POST", "/updates", body=device_body(str(uuid.uuid4()), version), headers={"Content-Type": "application/json"}
+    )
+    resp = conn.getresponse()
+    answer = json.loads(resp.read())
+    if resp.status != 200 or (expect == "offer" and answer.get("version") != BIG):
+        raise harness.BenchError(f"update check answered {resp.status}: {answer}")
+    if expect == "up to date" and answer.get("kind") != "up_to_date":
+        raise harness.BenchError(f"update check of an up-to-date device answered {resp.status}: {answer}")
+
+
+def liveness(conn: http.client.HTTPSConnection) -> None:
+    conn.request("GET", "/updates")
+    resp = conn.getresponse()
+    if resp.status != 200 or json.loads(resp.read()) != {"status": "ok"}:
+        raise harness.BenchError(f"GET /updates answered {resp.status}")
+
+
+def bundle(conn: http.client.HTTPSConnection) -> None:
+    conn.request("GET", f"/bundles/{harness.APP_DIR}/{harness.SMALL_VERSION}.zip")
+    resp = conn.getresponse()
+    if resp.status != 200 or len(resp.read()) != 1024:
+        raise harness.BenchError(f"bundle GET answered {resp.status}")
+
+
+def drive(rows: list[Row], n: int, runs: int, ws: harness.Workspace) -> None:
+    ctx = ws.client_context()
+    for row in rows:
+        row.conn = http.client.HTTPSConnection("127.0.0.1", row.server.port, context=ctx, timeout=30)
+        row.conn.connect()
+        row.conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for _ in range(100):  # warm-up: the connection, the index cache, SQLite pages
+            row.work(row.conn)
+    for rnd in range(runs):
+        order = rows if rnd % 2 == 0 else rows[::-1]  # alternate the order: no row always runs after another
+        for row in order:
+            assert row.conn is not None
+            c0, t0 = harness.cpu_seconds(row.server.pid), time.perf_counter()
+            for _ in range(n):
+                row.work(row.conn)
+            row.wall.append((time.perf_counter() - t0) / n * 1e6)
+            time.sleep(0.02)
+            row.samples.append((harness.cpu_seconds(row.server.pid) - c0) / n * 1e6)
+    for row in rows:
+        if row.conn is not None:
+            row.conn.close()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# part 2: in process
+
+
+def timed(fn: Callable[[], object], n: int) -> float:
+    """CPU us per call of `fn` (process time: every thread of this process)."""
+    t0 = time.process_time()
+    for _ in range(n):
+        fn()
+    return (time.process_time() - t0) / n * 1e6
+
+
+def timed_async(loop: asyncio.AbstractEventLoop, fn: Callable[[], Awaitable[object]], n: int) -> float:
+    async def many() -> None:
+        for _ in range(n):
+            await fn()
+
+    t0 = time.process_time()
+    loop.run_until_complete(many())
+    return (time.process_time() - t0) / n * 1e6
+
+
+def stages(config_path: Path, ws: harness.Workspace, redis_url: str | None, n: int) -> list[tuple[str, str, float]]:
+    """(stage, what is timed, CPU us per check) for each stage of an update check that gets an offer."""
+    import datetime as dt
+
+    import uvloop
+
+    from gateway.audit import AuditLog, AuditRecord
+    from gateway.core.capgo import parse_info
+    from gateway.core.identity import identity_from_der
+    from gateway.core.jsonsafe import loads_bounded
+    from gateway.core.plans import plan_offer, plan_staged, plan_update
+    from gateway.core.policy import Peer
+    from gateway.core.review import Offer, index_answer, load_public_keys, review_answer
+    from gateway.core.tickets import TicketKey
+    from gateway.handlers.capgo_common import capgo_json
+    from gateway.metrics import Metrics
+    from gateway.origins import make_origin
+    from gateway.reload import load_all
+    from gateway.state import MemoryState, RedisState, SqliteState
+
+    loaded = load_all(config_path)
+    der = (ws.certs / "client.pem").read_text()
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    der_bytes = x509.load_pem_x509_certificate(der.encode()).public_bytes(Encoding.DER)
+    identity = identity_from_der(der_bytes)
+    material = list(loaded.material.values())
+    cas = {k: v for m in material for k, v in m.cas.items()}
+    peer = Peer(identity, cas.get(identity.issuer, (None, None))[0])
+    body = device_body(str(uuid.uuid4()), OLD_VERSION)
+    device = parse_info(loads_bounded(body))
+    plan = plan_update(loaded.policies, peer, device)
+    assert not isinstance(plan, Exception), plan
+    app, channel = plan.app, plan.channel
+    origin = make_origin("local", loaded.config.origins["local"])
+    loop = uvloop.new_event_loop()
+    asyncio.set_event_loop(loop)
+    index = loop.run_until_complete(origin.index(app.app_id))  # type: ignore[union-attr]
+    key = TicketKey("bench", os.urandom(32))
+    out: list[tuple[str, str, float]] = []
+
+    def review() -> object:
+        answer, release = index_answer(index, channel, device)
+        assert release is not None
+        served = (answer.setdefault("url", release.file), None)[1]
+        keys = load_public_keys(app.verification.public_keys)
+        return review_answer(answer, device, app, public_keys=keys, high_water=None, hosts=None, served=served)
+
+    offer = review()
+    assert isinstance(offer, Offer), offer
+    from gateway.core.review import Served
+
+    _, release = index_answer(index, channel, device)
+    assert release is not None
+    served = Served(release.sha256, release.size)
+
+    def ticket() -> object:
+        return plan_offer(
+            offer,
+            served,
+            app_id=app.app_id,
+            origin="local",
+            peer=peer,
+            key=key,
+            now=time.time(),
+            ttl=3600,
+            public_url=None,
+            host_header="127.0.0.1:8443",
+        )
+
+    planned = ticket()
+    answer_body = planned.body  # type: ignore[union-attr]
+
+    def revocation() -> object:
+        now = dt.datetime.now(dt.UTC)
+        identity_from_der(der_bytes)
+        return [m.revocation.check(identity, now) for m in material]
+
+    out.append(("request body", "JSON (bounded) + `parse_info`", timed(lambda: parse_info(loads_bounded(body)), n)))
+    out.append(("identity", "cached DER parse + revocation check", timed(revocation, n)))
+    policy = timed(lambda: plan_update(loaded.policies, peer, device), n)
+    out.append(("policy", "`plan_update` (admission, channel)", policy))
+    index_us = timed_async(loop, lambda: origin.index(app.app_id), n)  # type: ignore[union-attr]
+    out.append(("release index", "directory origin, cached (one `stat`)", index_us))
+    out.append(("review", "`index_answer` + `review_answer`", timed(review, n)))
+    halts: dict[str, str] = {}
+    rollout = lambda: plan_staged(app, offer, cert_sha256=identity.sha256, device_id=device.device_id, halts=halts)  # noqa: E731
+    out.append(("rollout step", "`plan_staged` (no rollout block, no halt)", timed(rollout, n)))
+    out.append(("ticket", "`plan_offer`: ticket sealed (MAC) into the url", timed(ticket, n)))
+    out.append(("answer", "`capgo_json` of the offer", timed(lambda: capgo_json(answer_body), n)))
+
+    with tempfile.TemporaryDirectory(prefix="ota-bench-fc-") as tmp:
+        audit = AuditLog(str(Path(tmp) / "audit.log"))
+
+        def audit_line() -> None:
+            record = AuditRecord(route="updates", method="POST", path="/updates", peer="127.0.0.1")
+            record.set_identity(identity)
+            record.app, record.version, record.origin = app.app_id, OLD_VERSION, "local"
+            record.status, record.detail, record.duration_ms = 200, f"offered {BIG}", 0.8
+            audit.write(record)
+
+        out.append(("audit", "`AuditRecord` + `AuditLog.write` to a file", timed(audit_line, n)))
+        audit.close()
+        metrics = Metrics()
+
+        def counters() -> None:
+            metrics.update_answers.labels("new_version").inc()
+            metrics.tickets.labels("issued").inc(1)
+            metrics.requests.labels("updates", "ok").inc()
+
+        out.append(("metrics", "the three counters an offer increments", timed(counters, n)))
+
+        stores: list[tuple[str, Any]] = [("memory", MemoryState())]
+        sqlite = loop.run_until_complete(SqliteState.open(Path(tmp) / "state.sqlite"))
+        stores.append(("SQLite", sqlite))
+        if redis_url:
+            stores.append(("Redis", loop.run_until_complete(RedisState.open(redis_url))))
+        rate_key = f"updates|{app.app_id}|{identity.sha256}"
+        for name, store in stores:
+            out.append(
+                (
+                    f"rate limit ({name})",
+                    "`hit`",
+                    timed_async(loop, lambda s=store: s.hit(rate_key, 10**9, 60.0, time.time()), n),
+                )
+            )
+
+            async def marks(s: Any = store) -> None:
+                await s.high_water(app.app_id, channel)
+                await s.record_offer(app.app_id, channel, BIG, lower=False)
+
+            out.append((f"state ({name})", "`high_water` + `record_offer`", timed_async(loop, marks, n)))
+        for _, store in stores:
+            loop.run_until_complete(store.close())
+    loop.close()
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# report
+
+
+def render(rows: list[Row], parts: list[tuple[str, str, float]], n: int, runs: int, redis_cpu: float | None) -> str:
+    lines = [
+        "# Where an update check's CPU goes (bench/feature_cost.py)",
+        "",
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; gateway {harness.gateway_revision()}; "
+        f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())} (1, 5, 15 min) at the end.",
+        f"Server pinned to core 0, client on core 1; {n} requests per round on one keep-alive mTLS connection, "
+        f"{runs} rounds, medians.",
+        "",
+        "## 1. End to end: CPU us per request",
+        "",
+        "| request | source | CPU us (median) | rounds | wall us per request (median) |",
+        "|---|---|---:|---|---:|",
+    ]
+    for row in rows:
+        rounds = " ".join(f"{s:.0f}" for s in row.samples)
+        cpu, wall = statistics.median(row.samples), statistics.median(row.wall)
+        lines.append(f"| {row.label} | {row.source} | {cpu:.0f} | {rounds} | {wall:.0f} |")
+    if redis_cpu is not None:
+        lines.append(f"\nThe Redis server's own CPU per check (not in the rows above): {redis_cpu:.0f} us.")
+    med = {(r.label, r.source): statistics.median(r.samples) for r in rows}
+    total = med.get(("update check, offer (SQLite)", "this tree"))
+    lines += ["", "## 2. An offered update check, stage by stage (in process, SQLite store)", ""]
+    if total is None:
+        return "\n".join(lines) + "\n"
+    lines += ["| stage | what is timed | CPU us per check | share of the check |", "|---|---|---:|---:|"]
+    own = 0.0
+    for stage, what, us in parts:
+        other_store = ("memory" in stage or "Redis" in stage) and ("rate limit" in stage or "state" in stage)
+        if not other_store:
+            own += us
+        share = "(instead of SQLite)" if other_store else f"{us / total * 100:.1f} %"
+        lines.append(f"| {stage} | {what} | {us:.1f} | {share} |")
+    floor = med.get(("aiohttp alone", "this tree"))
+    rest = total - own
+    lines.append(
+        f"| **the rest** | end to end ({total:.0f} us) minus the stages: HTTP parsing, TLS, aiohttp, the envelope "
+        f"(identity lookup, route, audit record), the event loop | {rest:.0f} | {rest / total * 100:.1f} % |"
+    )
+    if floor is not None:
+        lines.append(
+            f"\nOf the rest, aiohttp alone (same TLS, same body read, a fixed answer) costs {floor:.0f} us: "
+            f"{floor / total * 100:.0f} % of a check is the HTTP server the gateway is built on."
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    if argv is None and len(sys.argv) == 4 and sys.argv[1] == "--floor-server":
+        floor_server(Path(sys.argv[2]), int(sys.argv[3]))
+        return 0
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    p.add_argument("--requests", type=int, default=1000, help="requests per round and row")
+    p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--calls", type=int, default=3000, help="calls per in-process stage")
+    p.add_argument("--compare-src", type=Path, help="also run every gateway row from this source copy")
+    p.add_argument("--compare-label", default=None, help="how the report names the --compare-src rows")
+    p.add_argument("--no-redis", action="store_true")
+    p.add_argument("--out", type=Path, default=harness.BENCH / "results" / "feature_cost.md")
+    args = p.parse_args(argv)
+    os.sched_setaffinity(0, {harness.CLIENT_CORE})
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="ota-bench-fc-") as tmp, contextlib.ExitStack() as stack:
+        base = Path(tmp)
+        ws = harness.make_workspace(base, 4096, 1024)
+        redis = None if args.no_redis else stack.enter_context(run_redis(base / "redis"))
+        redis_url = getattr(redis, "url", None)
+        floor = stack.enter_context(run_floor(ws))
+        rows = [Row("aiohttp alone", floor, lambda c: check(c, OLD_VERSION, "any"))]
+        sources: list[tuple[Path | None, str]] = [(None, "this tree")]
+        if args.compare_src:
+            sources.append((args.compare_src, args.compare_label or str(args.compare_src)))
+        sqlite_config = None
+        for i, (src, label) in enumerate(sources):
+            config = write_config(ws, base / f"gw-sqlite-{i}", None)
+            sqlite_config = sqlite_config or config
+            gw = stack.enter_context(gateway_from(src, f"gateway-{i}", config))
+            rows += [
+                Row("GET /updates (no feature)", gw, liveness, label),
+                Row("update check, offer (SQLite)", gw, lambda c: check(c, OLD_VERSION, "offer"), label),
+                Row("update check, up to date (SQLite)", gw, lambda c: check(c, BIG, "up to date"), label),
+                Row("GET 1 KiB bundle (directory origin)", gw, bundle, label),
+            ]
+            if redis_url:
+                config = write_config(ws, base / f"gw-redis-{i}", redis_url)
+                gw = stack.enter_context(gateway_from(src, f"gateway-redis-{i}", config))
+                rows.append(Row("update check, offer (Redis)", gw, lambda c: check(c, OLD_VERSION, "offer"), label))
+        print(f"feature_cost: {len(rows)} rows up ({time.monotonic() - started:.0f} s)", file=sys.stderr)
+        redis_c0 = harness.cpu_seconds(redis.pid) if redis else 0.0
+        drive(rows, args.requests, args.runs, ws)
+        redis_cpu = None
+        if redis is not None:
+            redis_checks = sum(1 for r in rows if "Redis" in r.label) * args.requests * args.runs
+            redis_cpu = (harness.cpu_seconds(redis.pid) - redis_c0) / max(redis_checks, 1) * 1e6
+        print(f"feature_cost: end to end done ({time.monotonic() - started:.0f} s)", file=sys.stderr)
+        assert sqlite_config is not None
+        os.sched_setaffinity(0, {harness.PROXY_CORE})  # in-process timing on the servers' core, now idle
+        parts = stages(sqlite_config, ws, redis_url, args.calls)
+        os.sched_setaffinity(0, {harness.CLIENT_CORE})
+    report = render(rows, parts, args.requests, args.runs, redis_cpu)
+    report += f"\nHarness time {time.monotonic() - started:.0f} s. Command: `{' '.join(sys.argv)}`.\n"
+    print(report)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(report)
+    return 0
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(KeyboardInterrupt):
+        sys.exit(main())
