@@ -10,6 +10,8 @@ are ignored (the gateway never forwards a client's headers) and the attempt is c
 from __future__ import annotations
 
 import datetime as dt
+import ssl
+import weakref
 
 from aiohttp import web
 from cryptography import x509
@@ -22,13 +24,22 @@ from gateway.core.reasons import Reason, Refusal
 from gateway.metrics import Metrics
 from gateway.state_keys import Snapshot
 
+# the client certificate of each open TLS connection, read once: `getpeercert(binary_form=True)` encodes the DER
+# anew on every call (a third of resolving a peer). A connection's certificate cannot change: renegotiation is off
+# (gateway/tls.py) and TLS 1.3 has none. The entry goes with the connection's SSL object.
+_CONNECTION_DER: weakref.WeakKeyDictionary[ssl.SSLObject, bytes] = weakref.WeakKeyDictionary()
+
 
 def peer_der(request: web.Request) -> bytes | None:
     transport = request.transport
     ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
     if ssl_object is None:
         return None
-    der: bytes | None = ssl_object.getpeercert(binary_form=True)
+    der: bytes | None = _CONNECTION_DER.get(ssl_object)
+    if der is None:
+        der = ssl_object.getpeercert(binary_form=True)
+        if der is not None:
+            _CONNECTION_DER[ssl_object] = der
     return der
 
 
