@@ -83,6 +83,7 @@ test: lint typecheck deploy-check unit
 bench: $(STAMP)
 	$(PY) bench/run.py
 	$(PY) bench/rollout.py
+	$(PY) bench/feature_cost.py
 	$(PY) bench/hostile.py
 	$(PY) bench/slow_readers.py
 	PYTHONPATH=. $(PY) bench/bundle_get_cost.py 300 65536

@@ -114,8 +114,9 @@ def gateway_from(src: Path | None, name: str, config: Path) -> Iterator[harness.
 FLOOR_ANSWER = {"version": BIG, "url": "https://localhost/bundles/t/" + "x" * 300 + "/9.0.0.zip", "checksum": "0" * 64}
 
 
-def floor_server(certs: Path, port: int) -> None:
-    """The `aiohttp alone` row: same TLS as the gateway's listener, no gateway code."""
+def floor_server(certs: Path, port: int, small_file: Path) -> None:
+    """The `aiohttp alone` rows: same TLS as the gateway's listener, no gateway code: `POST /updates` reads the
+    body and answers a fixed offer; a bundle GET answers the 1 KiB file from memory (no hashing)."""
     import uvloop
     from aiohttp import web
 
@@ -125,9 +126,15 @@ def floor_server(certs: Path, port: int) -> None:
         json.loads(await request.read())
         return web.Response(body=answer, content_type="application/json", headers={"Cache-Control": "no-store"})
 
+    small = small_file.read_bytes()
+
+    async def bundle(request: web.Request) -> web.Response:
+        return web.Response(body=small, content_type="application/zip", headers={"Cache-Control": "no-store"})
+
     async def main() -> None:
         app = web.Application()
         app.router.add_post("/updates", updates)
+        app.router.add_get("/bundles/{app_id}/{version}.zip", bundle)
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.load_cert_chain(certs / "server.pem", certs / "server.key")
         ctx.load_verify_locations(certs / "ca.pem")
@@ -144,8 +151,9 @@ def floor_server(certs: Path, port: int) -> None:
 @contextlib.contextmanager
 def run_floor(ws: harness.Workspace) -> Iterator[harness.Server]:
     port = harness.free_port()
+    small = ws.origin / harness.APP_DIR / f"{harness.SMALL_VERSION}.zip"
     cmd = [*harness.pin_prefix(harness.PROXY_CORE), sys.executable, __file__, "--floor-server", str(ws.certs)]
-    proc = subprocess.Popen([*cmd, str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([*cmd, str(port), str(small)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         harness.wait_port(port, proc, "aiohttp alone")
         yield harness.Server("aiohttp alone", proc, port)
@@ -429,6 +437,13 @@ def render(rows: list[Row], parts: list[tuple[str, str, float]], n: int, runs: i
     if redis_cpu is not None:
         lines.append(f"\nThe Redis server's own CPU per check (not in the rows above): {redis_cpu:.0f} us.")
     med = {(r.label, r.source): statistics.median(r.samples) for r in rows}
+    others = sorted({r.source for r in rows} - {"this tree"})
+    for other in others:  # an A/B run (--compare-src): this tree against the other source, row by row
+        lines += ["", f"This tree against {other} (CPU per request, medians; the rounds alternate):", ""]
+        lines += ["| request | this tree | " + other + " | change |", "|---|---:|---:|---:|"]
+        for label in dict.fromkeys(r.label for r in rows if r.source == other):
+            new, old = med[(label, "this tree")], med[(label, other)]
+            lines.append(f"| {label} | {new:.0f} | {old:.0f} | {(new / old - 1) * 100:+.1f} % |")
     total = med.get(("update check, offer (SQLite)", "this tree"))
     lines += ["", "## 2. An offered update check, stage by stage (in process, SQLite store)", ""]
     if total is None:
@@ -441,7 +456,7 @@ def render(rows: list[Row], parts: list[tuple[str, str, float]], n: int, runs: i
             own += us
         share = "(instead of SQLite)" if other_store else f"{us / total * 100:.1f} %"
         lines.append(f"| {stage} | {what} | {us:.1f} | {share} |")
-    floor = med.get(("aiohttp alone", "this tree"))
+    floor = med.get(("aiohttp alone: POST /updates", "this tree"))
     rest = total - own
     lines.append(
         f"| **the rest** | end to end ({total:.0f} us) minus the stages: HTTP parsing, TLS, aiohttp, the envelope "
@@ -456,8 +471,8 @@ def render(rows: list[Row], parts: list[tuple[str, str, float]], n: int, runs: i
 
 
 def main(argv: list[str] | None = None) -> int:
-    if argv is None and len(sys.argv) == 4 and sys.argv[1] == "--floor-server":
-        floor_server(Path(sys.argv[2]), int(sys.argv[3]))
+    if argv is None and len(sys.argv) == 5 and sys.argv[1] == "--floor-server":
+        floor_server(Path(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4]))
         return 0
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     p.add_argument("--requests", type=int, default=1000, help="requests per round and row")
@@ -476,7 +491,10 @@ def main(argv: list[str] | None = None) -> int:
         redis = None if args.no_redis else stack.enter_context(run_redis(base / "redis"))
         redis_url = getattr(redis, "url", None)
         floor = stack.enter_context(run_floor(ws))
-        rows = [Row("aiohttp alone", floor, lambda c: check(c, OLD_VERSION, "any"))]
+        rows = [
+            Row("aiohttp alone: POST /updates", floor, lambda c: check(c, OLD_VERSION, "any")),
+            Row("aiohttp alone: GET 1 KiB", floor, bundle),
+        ]
         sources: list[tuple[Path | None, str]] = [(None, "this tree")]
         if args.compare_src:
             sources.append((args.compare_src, args.compare_label or str(args.compare_src)))
