@@ -192,8 +192,10 @@ class Row:
     server: harness.Server
     work: Callable[[http.client.HTTPSConnection], None]
     source: str = "this tree"
+    helper: int | None = None  # another process whose CPU this row causes (the Redis server), counted apart
     samples: list[float] = field(default_factory=list)
     wall: list[float] = field(default_factory=list)
+    helper_samples: list[float] = field(default_factory=list)
 
 
 def check(conn: http.client.HTTPSConnection, version: str, expect: str) -> None:
@@ -243,12 +245,15 @@ def drive(rows: list[Row], n: int, runs: int, ws: harness.Workspace) -> None:
             with contextlib.closing(connect(row, ctx)) as conn:
                 for _ in range(5):
                     row.work(conn)
+                h0 = harness.cpu_seconds(row.helper) if row.helper else 0.0
                 c0, t0 = harness.cpu_seconds(row.server.pid), time.perf_counter()
                 for _ in range(n):
                     row.work(conn)
                 row.wall.append((time.perf_counter() - t0) / n * 1e6)
                 time.sleep(0.02)
                 row.samples.append((harness.cpu_seconds(row.server.pid) - c0) / n * 1e6)
+                if row.helper:
+                    row.helper_samples.append((harness.cpu_seconds(row.helper) - h0) / n * 1e6)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -416,7 +421,7 @@ def stages(config_path: Path, ws: harness.Workspace, redis_url: str | None, n: i
 # report
 
 
-def render(rows: list[Row], parts: list[tuple[str, str, float]], n: int, runs: int, redis_cpu: float | None) -> str:
+def render(rows: list[Row], parts: list[tuple[str, str, float]], n: int, runs: int) -> str:
     lines = [
         "# Where an update check's CPU goes (bench/feature_cost.py)",
         "",
@@ -434,8 +439,11 @@ def render(rows: list[Row], parts: list[tuple[str, str, float]], n: int, runs: i
         rounds = " ".join(f"{s:.0f}" for s in row.samples)
         cpu, wall = statistics.median(row.samples), statistics.median(row.wall)
         lines.append(f"| {row.label} | {row.source} | {cpu:.0f} | {rounds} | {wall:.0f} |")
-    if redis_cpu is not None:
-        lines.append(f"\nThe Redis server's own CPU per check (not in the rows above): {redis_cpu:.0f} us.")
+    for row in rows:
+        if row.helper_samples:
+            us = statistics.median(row.helper_samples)
+            what = f"{row.label}, {row.source}"
+            lines.append(f"\n{what}: the Redis server's own CPU per check (not in the row): {us:.0f} us.")
     med = {(r.label, r.source): statistics.median(r.samples) for r in rows}
     others = sorted({r.source for r in rows} - {"this tree"})
     for other in others:  # an A/B run (--compare-src): this tree against the other source, row by row
@@ -512,20 +520,16 @@ def main(argv: list[str] | None = None) -> int:
             if redis_url:
                 config = write_config(ws, base / f"gw-redis-{i}", redis_url)
                 gw = stack.enter_context(gateway_from(src, f"gateway-redis-{i}", config))
-                rows.append(Row("update check, offer (Redis)", gw, lambda c: check(c, OLD_VERSION, "offer"), label))
+                offer = lambda c: check(c, OLD_VERSION, "offer")  # noqa: E731
+                rows.append(Row("update check, offer (Redis)", gw, offer, label, helper=redis.pid))
         print(f"feature_cost: {len(rows)} rows up ({time.monotonic() - started:.0f} s)", file=sys.stderr)
-        redis_c0 = harness.cpu_seconds(redis.pid) if redis else 0.0
         drive(rows, args.requests, args.runs, ws)
-        redis_cpu = None
-        if redis is not None:
-            redis_checks = sum(1 for r in rows if "Redis" in r.label) * args.requests * args.runs
-            redis_cpu = (harness.cpu_seconds(redis.pid) - redis_c0) / max(redis_checks, 1) * 1e6
         print(f"feature_cost: end to end done ({time.monotonic() - started:.0f} s)", file=sys.stderr)
         assert sqlite_config is not None
         os.sched_setaffinity(0, {harness.PROXY_CORE})  # in-process timing on the servers' core, now idle
         parts = stages(sqlite_config, ws, redis_url, args.calls)
         os.sched_setaffinity(0, {harness.CLIENT_CORE})
-    report = render(rows, parts, args.requests, args.runs, redis_cpu)
+    report = render(rows, parts, args.requests, args.runs)
     report += f"\nHarness time {time.monotonic() - started:.0f} s. Command: `{' '.join(sys.argv)}`.\n"
     print(report)
     args.out.parent.mkdir(parents=True, exist_ok=True)
