@@ -518,7 +518,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compare-label", default=None, help="how the report names the --compare-src rows")
     p.add_argument("--no-redis", action="store_true")
     p.add_argument("--out", type=Path, default=harness.BENCH / "results" / "feature_cost.md")
+    p.add_argument("--stages-only", action="store_true", help="part 2 only, with the `gateway` package on sys.path")
     args = p.parse_args(argv)
+    if args.stages_only:  # e.g. PYTHONPATH=DIR to time another source copy's stages
+        import gateway
+
+        with tempfile.TemporaryDirectory(prefix="ota-bench-fc-") as tmp:
+            ws = harness.make_workspace(Path(tmp), 4096, 1024)
+            parts = stages(write_config(ws, Path(tmp) / "gw", None), ws, None, args.calls)
+        print(f"stages of {Path(gateway.__file__).parent}:")
+        for stage, _, us in parts:
+            print(f"  {stage:24} {us:8.1f} us")
+        return 0
     os.sched_setaffinity(0, {harness.CLIENT_CORE})
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="ota-bench-fc-") as tmp, contextlib.ExitStack() as stack:

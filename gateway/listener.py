@@ -35,7 +35,7 @@ from aiohttp.http_parser import RawRequestMessage
 from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestHandler
 
-from gateway.core.connguard import Caps, Counts, Phase, Timeouts, admit, deadline
+from gateway.core.connguard import Caps, Counts, Phase, Timeouts, admit, deadline, fired_early, timer_needed
 from gateway.core.handshake import classify
 from gateway.core.identity import identity_from_der
 from gateway.core.reasons import Reason, Refusal
@@ -435,11 +435,12 @@ class GuardedRequestHandler(RequestHandler):
 
     def _enter(self, phase: Phase) -> None:
         self._phase, self._since = phase, self._loop.time()
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
         expiry = deadline(phase, self._since, self._guard.timeouts)
-        if expiry is not None:
+        timer = self._timer
+        if timer_needed(None if timer is None else timer.when(), expiry):
+            assert expiry is not None
+            if timer is not None:
+                timer.cancel()
             self._timer = self._loop.call_at(expiry.at, self._expired)
 
     def _expired(self) -> None:
@@ -447,6 +448,9 @@ class GuardedRequestHandler(RequestHandler):
         expiry = deadline(self._phase, self._since, self._guard.timeouts)
         transport = self.transport
         if expiry is None or transport is None or self._force_close:
+            return
+        if fired_early(expiry, self._loop.time()):  # armed for an earlier phase: wait for this one's deadline
+            self._timer = self._loop.call_at(expiry.at, self._expired)
             return
         if self._phase in (Phase.FIRST, Phase.HEADERS) and self._messages:
             return  # the headers are complete; the request is about to start

@@ -171,6 +171,23 @@ def test_slowloris_headers_on_the_tls_listener_get_408_and_are_counted(env: Env)
     assert (line["status"], line["reason"], line["outcome"]) == (408, "request_timeout", "refused")
 
 
+def test_slowloris_headers_on_a_reused_keepalive_connection_get_408_in_time(env: Env) -> None:
+    # the timers a keep-alive connection's phases share (one is re-armed, not one per request) still hold the
+    # header deadline of the next request
+    sock = env.tls()
+    sock.sendall(request("GET", "/updates"))
+    assert one_response(sock)[0] == 200  # the twin: a whole request on this connection is served
+    time.sleep(HEADER * 0.6)  # the first request's header timer is still armed, for a deadline before the next's
+    sock.sendall(b"GET /updates HTTP/1.1\r\nHost: localhost\r\n")
+    started = time.monotonic()
+    trickle(sock, b"X" * 40, 0.1)
+    raw, _ = read_until_closed(sock, 5)
+    elapsed = time.monotonic() - started
+    sock.close()
+    assert parse(raw)[0] == 408
+    assert HEADER * 0.9 < elapsed < HEADER * 3  # from this request's first byte, not from the first request's
+
+
 def test_headers_sent_slowly_but_within_the_timeout_are_served(env: Env) -> None:
     sock = env.tls()
     for byte in request("GET", "/updates"):

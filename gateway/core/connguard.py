@@ -57,6 +57,22 @@ def deadline(phase: Phase, since: float, timeouts: Timeouts) -> Expiry | None:
     return None
 
 
+# a timer that fires at most this much before its deadline counts as on time (event loops round timers to ms)
+EARLY_SLACK = 0.002
+
+
+def timer_needed(armed: float | None, expiry: Expiry | None) -> bool:
+    """Whether a connection entering a phase with deadline `expiry` must arm a new timer, given the one armed for
+    `armed` (None: no timer). One that fires no later than the deadline is kept, and re-armed when it fires early
+    (`fired_early`): a keep-alive connection's requests (headers, busy, idle, headers...) then arm no timer each."""
+    return expiry is not None and (armed is None or armed > expiry.at)
+
+
+def fired_early(expiry: Expiry, now: float) -> bool:
+    """A timer armed for an earlier phase fired before this phase's own deadline: wait on, do not act."""
+    return expiry.at - now > EARLY_SLACK
+
+
 @dataclass(frozen=True)
 class Caps:
     """Per-worker connection caps. `connections` counts every open connection of every listener."""

@@ -16,6 +16,8 @@ from gateway.core.connguard import (
     auto_max_connections,
     deadline,
     fd_pressure,
+    fired_early,
+    timer_needed,
 )
 
 T = Timeouts(header=10, body=30, idle=75)
@@ -83,3 +85,29 @@ def test_fd_pressure_at_80_percent() -> None:
     assert not fd_pressure(818, 1024)
     assert fd_pressure(820, 1024)
     assert not fd_pressure(5, 0)
+
+
+@pytest.mark.parametrize(
+    ("armed", "due", "needed"),
+    [
+        (None, 10.0, True),  # no timer yet: arm one
+        (5.0, 10.0, False),  # the armed one fires first: keep it (it re-arms when it fires early)
+        (10.0, 10.0, False),
+        (75.0, 10.0, True),  # the idle timer would fire after the header deadline: arm an earlier one
+        (5.0, None, False),  # no deadline in this phase (busy): nothing to arm
+        (None, None, False),
+    ],
+)
+def test_a_timer_is_armed_only_when_none_fires_by_the_deadline(
+    armed: float | None, due: float | None, needed: bool
+) -> None:
+    expiry = None if due is None else Expiry(due, "header", True)
+    assert timer_needed(armed, expiry) is needed
+
+
+def test_a_timer_of_an_earlier_phase_waits_for_this_phases_deadline() -> None:
+    idle = Expiry(75.0, "idle", False)
+    assert fired_early(idle, 10.0)  # the header timer of the last request fired: the idle deadline is later
+    assert not fired_early(idle, 75.0)  # its own deadline: act
+    assert not fired_early(idle, 74.999)  # a loop that rounds timers to ms fires a little early: still on time
+    assert not fired_early(idle, 80.0)
