@@ -473,10 +473,17 @@ def render(rows: list[Row], parts: list[tuple[str, str, float]], n: int, runs: i
     others = sorted({r.source for r in rows} - {"this tree"})
     for other in others:  # an A/B run (--compare-src): this tree against the other source, row by row
         lines += ["", f"This tree against {other} (CPU per request, medians; the rounds alternate):", ""]
-        lines += ["| request | this tree | " + other + " | change |", "|---|---:|---:|---:|"]
+        lines += [
+            f"| request | this tree | {other} | change of the medians | change, median of the rounds' (range) |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        by = {(r.label, r.source): r.samples for r in rows}
         for label in dict.fromkeys(r.label for r in rows if r.source == other):
             new, old = med[(label, "this tree")], med[(label, other)]
-            lines.append(f"| {label} | {new:.0f} | {old:.0f} | {(new / old - 1) * 100:+.1f} % |")
+            # each round of the two ran close in time: the ratio round by round cancels slow drift in the load
+            ratios = [a / b - 1 for a, b in zip(by[(label, "this tree")], by[(label, other)], strict=True)]
+            paired = f"{statistics.median(ratios) * 100:+.1f} % ({min(ratios) * 100:+.0f}..{max(ratios) * 100:+.0f})"
+            lines.append(f"| {label} | {new:.0f} | {old:.0f} | {(new / old - 1) * 100:+.1f} % | {paired} |")
     total = med.get(("update check, offer (SQLite)", "this tree"))
     lines += ["", "## 2. An offered update check, stage by stage (in process, SQLite store)", ""]
     if total is None:
