@@ -162,6 +162,28 @@ def run_floor(ws: harness.Workspace) -> Iterator[harness.Server]:
 
 
 @contextlib.contextmanager
+def run_nginx_files(ws: harness.Workspace) -> Iterator[harness.Server | None]:
+    """`bench/run.py`'s nginx mTLS proxy, for its `/files/` location only (files from disk, the directory origin's
+    peer); None if nginx is not installed."""
+    if shutil.which("nginx") is None:
+        yield None
+        return
+    port, directory = harness.free_port(), ws.dir / "nginx-files"
+    body = harness.PROXY_BODY.format(
+        dir=directory, port=port, origin_port=1, certs=ws.certs, origin=ws.origin, ciphers=harness.CIPHERS
+    )
+    with harness.run_nginx("nginx", harness.write_nginx(directory, body), port, harness.PROXY_CORE) as server:
+        yield server
+
+
+def nginx_file(conn: http.client.HTTPSConnection) -> None:
+    conn.request("GET", f"/files/{harness.APP_DIR}/{harness.SMALL_VERSION}.zip")
+    resp = conn.getresponse()
+    if resp.status != 200 or len(resp.read()) != 1024:
+        raise harness.BenchError(f"nginx GET answered {resp.status}")
+
+
+@contextlib.contextmanager
 def run_redis(directory: Path) -> Iterator[subprocess.Popen[Any] | None]:
     """A throwaway redis-server on 127.0.0.1 (no persistence), on the client's core; None if none is installed."""
     binary = shutil.which("redis-server")
@@ -505,6 +527,14 @@ def render(rows: list[Row], parts: list[tuple[str, str, float]], n: int, runs: i
         f"| **the rest** | end to end ({total:.0f} us) minus the stages: HTTP parsing, TLS, aiohttp, the envelope "
         f"(identity lookup, route, audit record), the event loop | {rest:.0f} | {rest / total * 100:.1f} % |"
     )
+    ngx = med.get(("nginx mTLS: GET 1 KiB file from disk", "this tree"))
+    gw_get = med.get(("GET 1 KiB bundle (directory origin)", "this tree"))
+    small_floor = med.get(("aiohttp alone: GET 1 KiB", "this tree"))
+    if ngx and gw_get and small_floor:
+        lines.append(
+            f"\n1 KiB GET against nginx (same run): gateway, directory origin {gw_get / ngx:.2f}x; aiohttp alone "
+            f"{small_floor / ngx:.2f}x (the floor of any gateway built on aiohttp)."
+        )
     if floor is not None:
         lines.append(
             f"\nOf the rest, aiohttp alone (same TLS, same body read, a fixed answer) costs {floor:.0f} us: "
@@ -518,7 +548,7 @@ def main(argv: list[str] | None = None) -> int:
         floor_server(Path(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4]))
         return 0
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    p.add_argument("--requests", type=int, default=1000, help="requests per round and row")
+    p.add_argument("--requests", type=int, default=600, help="requests per round and row")
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--calls", type=int, default=3000, help="calls per in-process stage")
     p.add_argument("--compare-src", type=Path, help="also run every gateway row from this source copy")
@@ -545,7 +575,9 @@ def main(argv: list[str] | None = None) -> int:
         redis = None if args.no_redis else stack.enter_context(run_redis(base / "redis"))
         redis_url = getattr(redis, "url", None)
         floor = stack.enter_context(run_floor(ws))
-        rows = [
+        nginx = stack.enter_context(run_nginx_files(ws))
+        rows = [] if nginx is None else [Row("nginx mTLS: GET 1 KiB file from disk", nginx, nginx_file)]
+        rows += [
             Row("aiohttp alone: POST /updates", floor, lambda c: check(c, OLD_VERSION, "any")),
             Row("aiohttp alone: GET 1 KiB", floor, bundle),
         ]
