@@ -314,7 +314,11 @@ def stages(config_path: Path, ws: harness.Workspace, redis_url: str | None, n: i
     from gateway.core.policy import Peer
     from gateway.core.review import Offer, index_answer, load_public_keys, review_answer
     from gateway.core.tickets import TicketKey
-    from gateway.handlers.capgo_common import capgo_json
+
+    try:
+        from gateway.answers import capgo_json
+    except ImportError:  # sources before gateway/answers.py (--stages-only of an older copy)
+        from gateway.handlers.capgo_common import capgo_json  # type: ignore[attr-defined,no-redef]
     from gateway.metrics import Metrics
     from gateway.origins import make_origin
     from gateway.reload import load_all
