@@ -215,6 +215,7 @@ class Row:
     work: Callable[[http.client.HTTPSConnection], None]
     source: str = "this tree"
     helper: int | None = None  # another process whose CPU this row causes (the Redis server), counted apart
+    scale: int = 1  # this many times the requests per round (nginx: ~50 us each would be a few 10 ms ticks)
     samples: list[float] = field(default_factory=list)
     wall: list[float] = field(default_factory=list)
     helper_samples: list[float] = field(default_factory=list)
@@ -268,14 +269,15 @@ def drive(rows: list[Row], n: int, runs: int, ws: harness.Workspace) -> None:
                 for _ in range(5):
                     row.work(conn)
                 h0 = harness.cpu_seconds(row.helper) if row.helper else 0.0
+                count = n * row.scale
                 c0, t0 = harness.cpu_seconds(row.server.pid), time.perf_counter()
-                for _ in range(n):
+                for _ in range(count):
                     row.work(conn)
-                row.wall.append((time.perf_counter() - t0) / n * 1e6)
+                row.wall.append((time.perf_counter() - t0) / count * 1e6)
                 time.sleep(0.02)
-                row.samples.append((harness.cpu_seconds(row.server.pid) - c0) / n * 1e6)
+                row.samples.append((harness.cpu_seconds(row.server.pid) - c0) / count * 1e6)
                 if row.helper:
-                    row.helper_samples.append((harness.cpu_seconds(row.helper) - h0) / n * 1e6)
+                    row.helper_samples.append((harness.cpu_seconds(row.helper) - h0) / count * 1e6)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -478,8 +480,8 @@ def render(rows: list[Row], parts: list[tuple[str, str, float]], n: int, runs: i
         "",
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; gateway {harness.gateway_revision()}; "
         f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())} (1, 5, 15 min) at the end.",
-        f"Server pinned to core 0, client on core 1; {n} requests per round on one keep-alive mTLS connection, "
-        f"{runs} rounds, medians.",
+        f"Server pinned to core 0, client on core 1; {n} requests per round (nginx: {n * 5}) on one keep-alive mTLS "
+        f"connection, {runs} rounds, medians.",
         "",
         "## 1. End to end: CPU us per request",
         "",
@@ -558,6 +560,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compare-src", type=Path, help="also run every gateway row from this source copy")
     p.add_argument("--compare-label", default=None, help="how the report names the --compare-src rows")
     p.add_argument("--no-redis", action="store_true")
+    p.add_argument("--only", help="comma-separated: drive only the rows whose label contains one of these")
     p.add_argument("--out", type=Path, default=harness.BENCH / "results" / "feature_cost.md")
     p.add_argument("--stages-only", action="store_true", help="part 2 only, with the `gateway` package on sys.path")
     args = p.parse_args(argv)
@@ -580,7 +583,7 @@ def main(argv: list[str] | None = None) -> int:
         redis_url = getattr(redis, "url", None)
         floor = stack.enter_context(run_floor(ws))
         nginx = stack.enter_context(run_nginx_files(ws))
-        rows = [] if nginx is None else [Row("nginx mTLS: GET 1 KiB file from disk", nginx, nginx_file)]
+        rows = [] if nginx is None else [Row("nginx mTLS: GET 1 KiB file from disk", nginx, nginx_file, scale=5)]
         rows += [
             Row("aiohttp alone: POST /updates", floor, lambda c: check(c, OLD_VERSION, "any")),
             Row("aiohttp alone: GET 1 KiB", floor, bundle),
@@ -604,6 +607,8 @@ def main(argv: list[str] | None = None) -> int:
                 gw = stack.enter_context(gateway_from(src, f"gateway-redis-{i}", config))
                 offer = lambda c: check(c, OLD_VERSION, "offer")  # noqa: E731
                 rows.append(Row("update check, offer (Redis)", gw, offer, label, helper=redis.pid))
+        if args.only:
+            rows = [r for r in rows if any(part in r.label for part in args.only.split(","))]
         print(f"feature_cost: {len(rows)} rows up ({time.monotonic() - started:.0f} s)", file=sys.stderr)
         drive(rows, args.requests, args.runs, ws)
         print(f"feature_cost: end to end done ({time.monotonic() - started:.0f} s)", file=sys.stderr)
