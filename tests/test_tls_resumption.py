@@ -13,7 +13,6 @@ import shutil
 import socket
 import ssl
 import subprocess
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import pytest
 
 from gateway.publish import add_release
 from gateway.tls import libssl
-from tests.support import APP_ID, CAPGO_FIXTURES, GatewayProcess, Pki, free_port, run_gateway, write_config
+from tests.support import APP_ID, CAPGO_FIXTURES, GatewayProcess, Pki, run_gateway, tls_server, write_config
 
 PATH = f"/bundles/{APP_ID}/1.1.0.zip"
 IO_TIMEOUT = 5.0
@@ -52,36 +51,15 @@ def resuming_server(pki: Pki) -> Iterator[int]:
     ctx.load_verify_locations(cafile=str(pki.ca_pem))
     ctx.verify_mode = ssl.CERT_REQUIRED
     assert libssl().session_cache_mode(ctx) != 0 and ctx.num_tickets > 0
-    listener = socket.create_server(("127.0.0.1", free_port()))
-    listener.settimeout(0.2)
-    stop = threading.Event()
 
-    def serve() -> None:
-        while not stop.is_set():
-            try:
-                conn, _ = listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            try:
-                conn.settimeout(IO_TIMEOUT)
-                with ctx.wrap_socket(conn, server_side=True) as tls:
-                    request = b""
-                    while b"\r\n\r\n" not in request and (chunk := tls.recv(4096)):
-                        request += chunk
-                    tls.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
-            except (OSError, ssl.SSLError):
-                conn.close()
+    def answer(tls: ssl.SSLSocket) -> None:
+        request = b""
+        while b"\r\n\r\n" not in request and (chunk := tls.recv(4096)):
+            request += chunk
+        tls.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
 
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    try:
-        yield listener.getsockname()[1]
-    finally:
-        stop.set()
-        listener.close()
-        thread.join(5)
+    with tls_server(ctx, answer, IO_TIMEOUT) as port:
+        yield port
 
 
 def _get(port: int, ctx: ssl.SSLContext, session: ssl.SSLSession | None) -> tuple[bool, ssl.SSLSession | None]:

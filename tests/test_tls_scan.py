@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import ssl
 import subprocess
-import threading
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +18,7 @@ import pytest
 
 from gateway import certs
 from gateway.publish import add_release
-from tests.support import APP_ID, ROOT, Pki, free_port, run_gateway, write_config
+from tests.support import APP_ID, ROOT, Pki, run_gateway, tls_server, write_config
 
 SCAN_PYTHON = ROOT / ".venv-scan" / "bin" / "python"
 SCRIPT = ROOT / "tests" / "tools" / "tls_scan.py"
@@ -67,37 +66,13 @@ def weak_server(pki: Pki) -> Iterator[int]:
         ctx.minimum_version = ssl.TLSVersion.TLSv1
     ctx.set_ciphers("ALL:@SECLEVEL=0")
     ctx.load_cert_chain(pki.server.cert, pki.server.key)
-    port = free_port()
-    import socket
 
-    listener = socket.create_server(("127.0.0.1", port))
-    listener.settimeout(0.5)
-    stop = threading.Event()
+    def answer(tls: ssl.SSLSocket) -> None:
+        tls.recv(1024)
+        tls.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
 
-    def serve() -> None:
-        while not stop.is_set():
-            try:
-                conn, _ = listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            try:
-                with ctx.wrap_socket(conn, server_side=True) as tls:
-                    tls.settimeout(2)
-                    tls.recv(1024)
-                    tls.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
-            except (OSError, ssl.SSLError):
-                conn.close()
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    try:
+    with tls_server(ctx, answer, timeout=2) as port:
         yield port
-    finally:
-        stop.set()
-        listener.close()
-        thread.join(5)
 
 
 def test_scanner_refuses_a_weak_server(weak_server: int, pki: Pki) -> None:
