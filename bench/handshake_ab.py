@@ -77,22 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     servers: list[tuple[str, run.Server, str]] = []
     with run.origin_server(ws) as origin, contextlib.ExitStack() as stack:
         if not args.no_nginx:
-            port = run.free_port()
-            body = run.PROXY_BODY
-            if args.nginx_resume:
-                body = body.replace("ssl_session_tickets off;\n        ssl_session_cache off;", run.NGINX_RESUME)
-            conf = run.write_nginx(
-                base / "nginx-proxy",
-                body.format(
-                    dir=base / "nginx-proxy",
-                    port=port,
-                    origin_port=origin.port,
-                    certs=ws.certs,
-                    origin=ws.origin,
-                    ciphers=run.CIPHERS,
-                ),
+            nginx = stack.enter_context(
+                run.run_nginx_proxy("nginx-proxy", base, ws, origin.port, resume=args.nginx_resume)
             )
-            nginx = stack.enter_context(run.run_nginx("nginx", conf, port, run.PROXY_CORE))
             servers.append(("nginx (files from disk)", nginx, f"/files/{run.APP_DIR}/{run.SMALL_VERSION}.zip"))
         for spec in args.src:
             label, _, src = spec.partition("=")

@@ -493,6 +493,28 @@ def run_nginx(name: str, conf: Path, port: int, core: int) -> Iterator[Server]:
 
 
 @contextlib.contextmanager
+def run_nginx_proxy(
+    name: str, base: Path, ws: Workspace, origin_port: int, *, resume: bool = False
+) -> Iterator[Server]:
+    """The nginx mTLS proxy to the HTTPS origin, configured like the gateway (or with its session cache and
+    tickets on, `resume`), pinned to the proxy core."""
+    body = (
+        PROXY_BODY.replace("ssl_session_tickets off;\n        ssl_session_cache off;", NGINX_RESUME)
+        if resume
+        else PROXY_BODY
+    )
+    port = free_port()
+    conf = write_nginx(
+        base / name,
+        body.format(
+            dir=base / name, port=port, origin_port=origin_port, certs=ws.certs, origin=ws.origin, ciphers=CIPHERS
+        ),
+    )
+    with run_nginx(name, conf, port, PROXY_CORE) as server:
+        yield server
+
+
+@contextlib.contextmanager
 def run_gateway(name: str, config: Path, core: int | None, *extra: str, src: Path | None = None) -> Iterator[Server]:
     """`ota-gateway serve --config config` (from `src` if given), pinned to `core`; waits for the readiness line."""
     cfg = yaml.safe_load(config.read_text())
@@ -1058,33 +1080,9 @@ def main(argv: list[str] | None = None) -> int:
         with origin_server(ws) as origin, contextlib.ExitStack() as stack:
             # Every proxy runs from the start and the repetitions go round-robin over them, so that drift on a noisy
             # machine hits all rows alike. Idle proxies use no CPU worth counting.
-            port = free_port()
-            conf = write_nginx(
-                base / "nginx-proxy",
-                PROXY_BODY.format(
-                    dir=base / "nginx-proxy",
-                    port=port,
-                    origin_port=origin.port,
-                    certs=ws.certs,
-                    origin=ws.origin,
-                    ciphers=CIPHERS,
-                ),
-            )
-            nginx = stack.enter_context(run_nginx("nginx-proxy", conf, port, PROXY_CORE))
+            nginx = stack.enter_context(run_nginx_proxy("nginx-proxy", base, ws, origin.port))
             nginx_label = "nginx mTLS proxy -> HTTPS origin"
-            resume_port = free_port()
-            resume_conf = write_nginx(
-                base / "nginx-resume",
-                PROXY_BODY.replace("ssl_session_tickets off;\n        ssl_session_cache off;", NGINX_RESUME).format(
-                    dir=base / "nginx-resume",
-                    port=resume_port,
-                    origin_port=origin.port,
-                    certs=ws.certs,
-                    origin=ws.origin,
-                    ciphers=CIPHERS,
-                ),
-            )
-            nginx_resume = stack.enter_context(run_nginx("nginx-resume", resume_conf, resume_port, PROXY_CORE))
+            nginx_resume = stack.enter_context(run_nginx_proxy("nginx-resume", base, ws, origin.port, resume=True))
             # (label, server, big path, small path, measure small requests too)
             rows: list[tuple[str, Server, str, str, bool]] = [
                 (
