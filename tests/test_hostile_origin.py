@@ -16,7 +16,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -664,6 +664,31 @@ def test_bundle_gets_and_index_calls_share_one_pooled_connection(cdn: HttpsOrigi
     assert ("Connection", "close") not in bundle_headers
 
 
+def _bundle_then_index(
+    cdn: HttpsOrigin, app_id: str, mode: str, pause: Callable[[], Awaitable[None]]
+) -> tuple[int, int]:
+    """One bundle GET through an in-process origin client, `pause`, then an index call that must get the real index:
+    (overruns counted, origin TLS connections used)."""
+    data = os.urandom(20_000)
+    cdn.publish(app_id, "1.0.0", data)
+    cdn.state.modes[f"{app_id}/1.0.0.zip"] = mode
+    first = len(cdn.state.ports)
+
+    async def main() -> int:
+        origin = _InProcess(cdn)
+        try:
+            assert await origin.bundle(app_id, "1.0.0.zip") == data  # exactly the published bytes
+            await pause()
+            index = await origin.upstream.index(app_id)
+            assert [r.version for r in index.releases] == ["1.0.0"]
+            return origin.overruns
+        finally:
+            await origin.upstream.close()
+
+    counted = asyncio.run(main())
+    return counted, len(set(cdn.state.ports[first:]))
+
+
 @pytest.mark.parametrize("mode", ["ok", "forge_later"])
 def test_an_answer_forged_on_an_idle_pooled_connection_is_an_overrun_never_the_next_answer(
     cdn: HttpsOrigin, mode: str
@@ -671,49 +696,22 @@ def test_an_answer_forged_on_an_idle_pooled_connection_is_an_overrun_never_the_n
     """0.2 s after a bundle, the origin writes a whole second answer on the kept-alive connection while it waits in
     the pool: counted as an overrun, the connection dropped, and the next index call gets the real index on a new
     connection. The twin ("ok") reuses the connection and counts nothing."""
-    data = os.urandom(20_000)
-    cdn.publish("com.example.forge", "1.0.0", data)
-    cdn.state.modes["com.example.forge/1.0.0.zip"] = mode
-    first = len(cdn.state.ports)
 
-    async def main() -> int:
-        origin = _InProcess(cdn)
-        try:
-            assert await origin.bundle("com.example.forge", "1.0.0.zip") == data  # exactly the published bytes
-            for _ in range(40):  # the event loop runs, so the forged bytes are read as they come
-                await asyncio.sleep(0.05)
-            index = await origin.upstream.index("com.example.forge")
-            assert [r.version for r in index.releases] == ["1.0.0"]
-            return origin.overruns
-        finally:
-            await origin.upstream.close()
+    async def loop_runs() -> None:
+        for _ in range(40):  # the event loop runs, so the forged bytes are read as they come
+            await asyncio.sleep(0.05)
 
-    counted = asyncio.run(main())
-    ports = cdn.state.ports[first:]
-    if mode == "forge_later":
-        assert counted == 1 and len(set(ports)) == 2
-    else:
-        assert counted == 0 and len(set(ports)) == 1
+    counted, connections = _bundle_then_index(cdn, "com.example.forge", mode, loop_runs)
+    assert (counted, connections) == ((1, 2) if mode == "forge_later" else (0, 1))
 
 
 @pytest.mark.parametrize("mode", ["ok", "forge_later"])
 def test_unread_bytes_in_a_pooled_socket_are_never_read_as_the_next_answer(cdn: HttpsOrigin, mode: str) -> None:
     """The event loop is held while the forged answer arrives, so it still waits unread in the socket when the next
     request takes a connection from the pool: that connection is dropped, never read. The twin reuses it."""
-    data = os.urandom(20_000)
-    cdn.publish("com.example.unread", "1.0.0", data)
-    cdn.state.modes["com.example.unread/1.0.0.zip"] = mode
-    first = len(cdn.state.ports)
 
-    async def main() -> None:
-        origin = _InProcess(cdn)
-        try:
-            assert await origin.bundle("com.example.unread", "1.0.0.zip") == data
-            time.sleep(1.0)  # noqa: ASYNC251 - on purpose: the loop reads nothing meanwhile
-            index = await origin.upstream.index("com.example.unread")
-            assert [r.version for r in index.releases] == ["1.0.0"]
-        finally:
-            await origin.upstream.close()
+    async def loop_held() -> None:
+        time.sleep(1.0)  # noqa: ASYNC251 - on purpose: the loop reads nothing meanwhile
 
-    asyncio.run(main())
-    assert len(set(cdn.state.ports[first:])) == (2 if mode == "forge_later" else 1)
+    _, connections = _bundle_then_index(cdn, "com.example.unread", mode, loop_held)
+    assert connections == (2 if mode == "forge_later" else 1)
