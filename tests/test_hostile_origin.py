@@ -9,6 +9,7 @@ has its passing twin. Limits are set low in the test config so that each case ta
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import secrets
@@ -88,7 +89,16 @@ def cdn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HttpsOrigin]:
 
 @pytest.fixture(scope="module")
 def gw(cdn: HttpsOrigin, pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
-    base = tmp_path_factory.mktemp("gw")
+    origin = cdn.origin_config(total_timeout=2, index_ttl=0)
+    with _cdn_gateway(tmp_path_factory.mktemp("gw"), pki, origin, LIMITS, APP_ID, "com.example.huge") as process:
+        yield process
+
+
+@contextlib.contextmanager
+def _cdn_gateway(
+    base: Path, pki: Pki, origin: dict[str, Any], limits: dict[str, Any], *app_ids: str
+) -> Iterator[GatewayProcess]:
+    """A gateway whose apps all come from the HTTPS origin `cdn`, production channel, the test CA's clients."""
     apps = [
         {
             "app_id": app,
@@ -96,15 +106,9 @@ def gw(cdn: HttpsOrigin, pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> 
             "channels": {"default": "production", "allowed": ["production"]},
             "clients": [{"name": "fleet", "issuer": ["ca"]}],
         }
-        for app in (APP_ID, "com.example.huge")
+        for app in app_ids
     ]
-    cfg = write_config(
-        base,
-        pki,
-        origins={"cdn": cdn.origin_config(total_timeout=2, index_ttl=0)},
-        apps=apps,
-        extra={"limits": LIMITS},
-    )
+    cfg = write_config(base, pki, origins={"cdn": origin}, apps=apps, extra={"limits": limits})
     with run_gateway(cfg) as process:
         yield process
 
@@ -148,24 +152,9 @@ def quick_read_gw(
     quiet_cdn: HttpsOrigin, pki: Pki, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[GatewayProcess]:
     """`read_timeout` 1 s on the origin and no minimum rate: only the read timeout can cut a silent body."""
-    cdn = quiet_cdn
-    base = tmp_path_factory.mktemp("gw-read")
-    apps = [
-        {
-            "app_id": APP_ID,
-            "origin": "cdn",
-            "channels": {"default": "production", "allowed": ["production"]},
-            "clients": [{"name": "fleet", "issuer": ["ca"]}],
-        }
-    ]
-    cfg = write_config(
-        base,
-        pki,
-        origins={"cdn": cdn.origin_config(total_timeout=2, index_ttl=0, read_timeout=1)},
-        apps=apps,
-        extra={"limits": {**LIMITS, "origin_min_rate": 0}},
-    )
-    with run_gateway(cfg) as process:
+    origin = quiet_cdn.origin_config(total_timeout=2, index_ttl=0, read_timeout=1)
+    limits = {**LIMITS, "origin_min_rate": 0}
+    with _cdn_gateway(tmp_path_factory.mktemp("gw-read"), pki, origin, limits, APP_ID) as process:
         yield process
 
 
