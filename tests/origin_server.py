@@ -72,6 +72,10 @@ def build_origin_app(state: OriginState) -> web.Application:
             for _ in range(10_000):  # 650 MB if nobody stops reading
                 await resp.write(filler)
                 state.index_bytes_sent += len(filler)
+                # yield, so that a reset by the gateway is seen (the next write raises): asyncio drops writes to a
+                # dead socket silently until connection_lost has run, which a loop that never waits never lets run.
+                # A TLS close_notify from the gateway does not stop this origin: it is endless on purpose.
+                await asyncio.sleep(0)
             return resp
         doc = state.indexes.get(request.match_info["app"])
         if doc is None:
