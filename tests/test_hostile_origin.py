@@ -113,12 +113,18 @@ def _cdn_gateway(
         yield process
 
 
+def _publish(cdn: HttpsOrigin, version: str, size: int, mode: str) -> bytes:
+    """Random bytes published as APP_ID's `version` bundle, served in `mode`; returns them."""
+    data = os.urandom(size)
+    cdn.publish(APP_ID, version, data)
+    cdn.state.modes[f"{APP_ID}/{version}.zip"] = mode
+    return data
+
+
 def test_an_origin_below_the_minimum_rate_is_cut_and_the_tail_never_sent(
     gw: GatewayProcess, cdn: HttpsOrigin, pki: Pki
 ) -> None:
-    data = os.urandom(4000)
-    cdn.publish(APP_ID, "2.0.0", data)
-    cdn.state.modes[f"{APP_ID}/2.0.0.zip"] = "trickle:0.2"  # 5 bytes/s, the minimum is 2000
+    data = _publish(cdn, "2.0.0", 4000, "trickle:0.2")  # 5 bytes/s, the minimum is 2000
     before = (refusals(gw, "origin_too_slow"), verifications(gw, "origin_too_slow"), origin_errors(gw))
     started = time.monotonic()
     _head, body, _ = raw_get(gw, pki, f"/bundles/{APP_ID}/2.0.0.zip")
@@ -133,9 +139,7 @@ def test_an_origin_below_the_minimum_rate_is_cut_and_the_tail_never_sent(
 
 
 def test_an_origin_above_the_minimum_rate_is_served_whole(gw: GatewayProcess, cdn: HttpsOrigin, pki: Pki) -> None:
-    data = os.urandom(64 * 1024)
-    cdn.publish(APP_ID, "2.0.1", data)
-    cdn.state.modes[f"{APP_ID}/2.0.1.zip"] = "slow:2.5"  # ~26 KB/s for 2.5 s: slower than total_timeout, fast enough
+    data = _publish(cdn, "2.0.1", 64 * 1024, "slow:2.5")  # ~26 KB/s for 2.5 s: slower than total_timeout, fast enough
     answer = https_request(f"{gw.base_url}/bundles/{APP_ID}/2.0.1.zip", pki.client_context(pki.client), timeout=20)
     assert answer.status == 200 and answer.body == data
     assert audit_for(gw, "/2.0.1.zip")["outcome"] == "ok"
@@ -162,9 +166,7 @@ def test_a_body_that_falls_silent_is_cut_at_read_timeout(
     quick_read_gw: GatewayProcess, quiet_cdn: HttpsOrigin, pki: Pki
 ) -> None:
     cdn = quiet_cdn
-    data = os.urandom(256 * 1024)
-    cdn.publish(APP_ID, "2.2.0", data)
-    cdn.state.modes[f"{APP_ID}/2.2.0.zip"] = "stall_watch"  # half the body, then silence for up to a minute
+    data = _publish(cdn, "2.2.0", 256 * 1024, "stall_watch")  # half the body, then silence for up to a minute
     started = time.monotonic()
     _head, body, _ = raw_get(quick_read_gw, pki, f"/bundles/{APP_ID}/2.2.0.zip")
     assert time.monotonic() - started < 15  # read_timeout 1 s, with a wide margin
@@ -178,10 +180,7 @@ def test_a_body_that_falls_silent_is_cut_at_read_timeout(
 def test_a_body_with_pauses_shorter_than_read_timeout_is_served_whole(
     quick_read_gw: GatewayProcess, quiet_cdn: HttpsOrigin, pki: Pki
 ) -> None:
-    cdn = quiet_cdn
-    data = os.urandom(256 * 1024)
-    cdn.publish(APP_ID, "2.2.1", data)
-    cdn.state.modes[f"{APP_ID}/2.2.1.zip"] = "slow:2.5"  # 20 pieces 0.13 s apart: longer than read_timeout in all
+    data = _publish(quiet_cdn, "2.2.1", 256 * 1024, "slow:2.5")  # 20 pieces 0.13 s apart: > read_timeout in all
     answer = https_request(
         f"{quick_read_gw.base_url}/bundles/{APP_ID}/2.2.1.zip", pki.client_context(pki.client), timeout=20
     )
