@@ -598,7 +598,7 @@ class _GuardedHandler(ResponseHandler):
         self._close_wanted = False
         self._grace_timer: asyncio.TimerHandle | None = None
         self._served = 0
-        self._fd: int | None = None
+        self._poller: select.poll | None = None  # this connection's socket, for `pending`
         self._reader: _BodyReader | None = None  # a bundle's 200 body goes here instead of to the parser
         self._scratch: bytearray | None = None  # buffered reads outside such a body land here
 
@@ -646,14 +646,13 @@ class _GuardedHandler(ResponseHandler):
 
     def pending(self) -> bool:
         """Unread bytes (or the end of stream, or an error) wait in the socket."""
-        if self._fd is None:
+        if self._poller is None:  # once per connection: asked at every body's end and every reuse
             sock = self.transport.get_extra_info("socket") if self.transport is not None else None
             if sock is None:
                 return True
-            self._fd = sock.fileno()
-        poller = select.poll()
-        poller.register(self._fd, select.POLLIN)
-        return bool(poller.poll(0))
+            self._poller = select.poll()
+            self._poller.register(sock.fileno(), select.POLLIN)
+        return bool(self._poller.poll(0))
 
     @property
     def should_close(self) -> bool:
