@@ -33,6 +33,8 @@ from typing import Any
 import trustme
 from aiohttp import web
 
+from gateway.tls import libssl
+
 
 @dataclass
 class OriginState:
@@ -44,6 +46,7 @@ class OriginState:
     headers: list[tuple[str, list[tuple[str, str]]]] = field(default_factory=list)
     disconnects: list[str] = field(default_factory=list)  # "<app>/<file>" of "stall_watch" bodies the peer left
     ports: list[int] = field(default_factory=list)  # the client port of each request, in order
+    ciphers: list[tuple[str, str]] = field(default_factory=list)  # (TLS suite, version) of each request, in order
     chunk: int = 16 * 1024
     update_answers: dict[str, Any] = field(default_factory=dict)  # app -> answer dict or fn(body) -> answer
     channel_answer: Any = None
@@ -60,6 +63,9 @@ def build_origin_app(state: OriginState) -> web.Application:
         state.headers.append((request.path, list(request.headers.items())))
         peer = request.transport.get_extra_info("peername") if request.transport is not None else None
         state.ports.append(peer[1] if peer else 0)
+        tls = request.transport.get_extra_info("ssl_object") if request.transport is not None else None
+        if tls is not None:
+            state.ciphers.append((tls.cipher()[0], tls.version()))
 
     async def index(request: web.Request) -> web.StreamResponse:
         record(request)
@@ -225,7 +231,9 @@ class HttpsOrigin:
     """Runs `build_origin_app` on 127.0.0.1 with a certificate from its own CA, in a thread with its own loop,
     so that tests can use blocking clients (curl, openssl, http.client) against a gateway in front of it."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, *, tls13_suites: str | None = None) -> None:
+        """`tls13_suites`: the only TLS 1.3 suites this origin accepts (unset: OpenSSL's default three)."""
+        self.tls13_suites = tls13_suites
         self.state = OriginState()
         self.ca = trustme.CA()
         self.ca_pem = directory / "origin-ca.pem"
@@ -238,7 +246,12 @@ class HttpsOrigin:
 
     def server_context(self) -> ssl.SSLContext:
         ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.options &= (
+            ~ssl.OP_CIPHER_SERVER_PREFERENCE
+        )  # the client's order decides, as in OpenSSL's and nginx's default
         self.cert.configure_cert(ctx)
+        if self.tls13_suites is not None:
+            libssl().set_ciphersuites(ctx, self.tls13_suites)
         return ctx
 
     def start(self) -> None:
