@@ -29,19 +29,21 @@ import asyncio
 import collections
 import contextvars
 import email.utils
+import errno
 import functools
 import logging
 import os
 import re
 import select
 import ssl
+import stat
 import sys
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Literal, NamedTuple, Protocol, TypeVar
+from typing import Any, Literal, NamedTuple, Protocol, TypeVar
 
 import aiohttp
 import yaml
@@ -49,7 +51,7 @@ from aiohttp.client_proto import ResponseHandler
 from yarl import URL
 
 from gateway.config import DirectoryOriginConfig, HttpsOriginConfig, OriginConfig
-from gateway.core.confine import within
+from gateway.core.confine import direct_entry, within
 from gateway.core.forwarded import CLIENT_CERT, XFCC, client_cert_value, xfcc_value
 from gateway.core.identity import spki_pin
 from gateway.core.jsonsafe import loads_bounded
@@ -148,6 +150,11 @@ class Body(Protocol):
     @property
     def declared_size(self) -> int | None: ...
 
+    @property
+    def waits(self) -> bool:
+        """Whether reading it may wait on the origin (False: a small local file, read at once on the event loop)."""
+        ...
+
     def through(
         self, verifier: Verifier, piece: int, keeping_up: Callable[[], bool] = lambda: False
     ) -> AsyncGenerator[list[bytes | memoryview], None]:
@@ -164,6 +171,7 @@ class StreamBody:
     declared_size: int | None
     chunks: AsyncIterator[bytes | memoryview]
     widen: Callable[[bool], None] = _keep_width  # told before each chunk whether the client keeps up
+    waits = True
 
     async def through(
         self, verifier: Verifier, piece: int, keeping_up: Callable[[], bool] = lambda: False
@@ -188,6 +196,10 @@ class FileBody:
     declared_size: int | None
     read_file: Callable[[], bytes]
     small: bool = False
+
+    @property
+    def waits(self) -> bool:
+        return not self.small
 
     async def through(
         self, verifier: Verifier, piece: int, keeping_up: Callable[[], bool] = lambda: False
@@ -270,12 +282,13 @@ class DirectoryOrigin:
     def __init__(self, name: str, config: DirectoryOriginConfig) -> None:
         self.name = name
         self.root = config.path
+        self._root = os.fspath(config.path)  # paths are joined as strings: pathlib costs more than the stat
         self._cache: dict[str, tuple[tuple[int, int], ReleaseIndex]] = {}
 
-    def _index_path(self, app_id: str) -> Path:
-        return self.root / app_id / "releases.yaml"
+    def _index_path(self, app_id: str) -> str:
+        return f"{self._root}/{app_id}/releases.yaml"
 
-    def _failed(self, message: str, path: Path, cause: BaseException) -> OriginError:
+    def _failed(self, message: str, path: str | Path, cause: BaseException) -> OriginError:
         """An error for the client that names no server path; the path and the cause go to the server log."""
         log.warning("%s (file %s: %s)", message, path, cause)
         return OriginError(message)
@@ -283,28 +296,28 @@ class DirectoryOrigin:
     async def index(self, app_id: str) -> ReleaseIndex:
         path = self._index_path(app_id)
         try:
-            st = path.stat()
+            st = os.stat(path)
         except FileNotFoundError:
             raise ReleaseNotFound(f"origin {self.name} has no index for {app_id}") from None
         except OSError as exc:
             raise self._failed(
-                f"origin {self.name}: cannot read {app_id}/{path.name}: {exc.strerror}", path, exc
+                f"origin {self.name}: cannot read {app_id}/releases.yaml: {exc.strerror}", path, exc
             ) from None
         stamp = (st.st_mtime_ns, st.st_ino)
         cached = self._cache.get(app_id)
         if cached and cached[0] == stamp:
             return cached[1]
         try:
-            text = await asyncio.to_thread(path.read_text, encoding="utf-8")
+            text = await asyncio.to_thread(Path(path).read_text, encoding="utf-8")
             index = parse_index(app_id, yaml.safe_load(text))
         except OSError as exc:
             raise self._failed(
-                f"origin {self.name}: cannot read {app_id}/{path.name}: {exc.strerror}", path, exc
+                f"origin {self.name}: cannot read {app_id}/releases.yaml: {exc.strerror}", path, exc
             ) from None
         except (UnicodeDecodeError, yaml.YAMLError) as exc:
-            raise self._failed(f"origin {self.name}: {app_id}/{path.name} is not valid YAML", path, exc) from None
+            raise self._failed(f"origin {self.name}: {app_id}/releases.yaml is not valid YAML", path, exc) from None
         except ReleaseIndexError as exc:
-            raise self._failed(f"origin {self.name}: {app_id}/{path.name}: {exc}", path, exc) from None
+            raise self._failed(f"origin {self.name}: {app_id}/releases.yaml: {exc}", path, exc) from None
         self._cache[app_id] = (stamp, index)
         return index
 
@@ -332,17 +345,22 @@ class DirectoryOrigin:
         problem = location_problem(location, None)
         if problem is not None:
             raise OriginError(f"origin {self.name}: {problem[1]}")
-        folder = self.root / app_id
-        path = folder / location
+        folder = f"{self._root}/{app_id}"
+        path = f"{folder}/{location}"
         shown = f"{app_id}/{location}"
         small = size_hint is not None and size_hint <= INLINE_READ_BYTES
         try:
             if small:
                 # a small file costs less to read at once than a trip to a worker thread (~100 us of CPU)
-                handle, size, first = _open_first(path, chunk_size, folder)
+                fd, size, first = _open_first(path, location, chunk_size, folder)
             else:
                 # one trip to a worker thread opens, sizes and reads the first chunk
-                handle, size, first = await asyncio.to_thread(_open_first, path, chunk_size, folder)
+                opening = asyncio.ensure_future(asyncio.to_thread(_open_first, path, location, chunk_size, folder))
+                try:
+                    fd, size, first = await asyncio.shield(opening)
+                except asyncio.CancelledError:  # the thread goes on: its descriptor is closed once it is done
+                    opening.add_done_callback(_close_opened)
+                    raise
         except FileNotFoundError as exc:
             raise self._failed(f"origin {self.name}: {shown} is listed in the index but missing", path, exc) from None
         except _Outside as exc:
@@ -355,14 +373,14 @@ class DirectoryOrigin:
             if pending:
                 return pending.pop()
             try:
-                return handle.read(chunk_size)  # reads on to the real end of the file, so growth is seen
+                return os.read(fd, chunk_size)  # reads on to the real end of the file, so growth is seen
             except OSError as exc:
                 raise self._failed(f"origin {self.name}: read error on {shown}: {exc.strerror}", path, exc) from None
 
         try:
             yield FileBody(size, read_next, small)
         finally:
-            handle.close()
+            os.close(fd)
 
     async def close(self) -> None:
         return None
@@ -372,23 +390,48 @@ class _Outside(Exception):
     """The opened file is not inside the app's folder (a symlink, or a path that leads out)."""
 
 
-def _real_path(handle: BinaryIO, path: Path) -> str:
-    """The real path of the file actually opened: from /proc (no race with a symlink swapped after the open)."""
+def _open_first(path: str, location: str, chunk_size: int, folder: str) -> tuple[int, int, bytes]:
+    """Open `path` (`folder`/`location`) inside the app's folder: its descriptor, size and first chunk.
+
+    A plain name in the folder itself is opened without following a symlink in its last part (`O_NOFOLLOW`; the
+    folder's own symlinks are followed): the file is then an entry of the app's folder, inside it by construction
+    (`core/confine.direct_entry`). A deeper location, or a name that is a symlink, is opened following every
+    symlink and its real path (from /proc: no race with a symlink swapped after the open) compared with the
+    folder's (`core/confine.within`)."""
+    flags = os.O_RDONLY | os.O_CLOEXEC
+    fd = -1
+    if direct_entry(location):
+        try:
+            fd = os.open(path, flags | os.O_NOFOLLOW)
+        except OSError as exc:
+            if exc.errno != errno.ELOOP:  # ELOOP: the name is a symlink; followed and checked below
+                raise
     try:
-        return os.readlink(f"/proc/self/fd/{handle.fileno()}")
+        if fd < 0:
+            fd = os.open(path, flags)
+            if not within(os.path.realpath(folder), _real_path(fd, path)):
+                raise _Outside()
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
+        return fd, st.st_size, os.read(fd, chunk_size)
+    except BaseException:
+        if fd >= 0:
+            os.close(fd)
+        raise
+
+
+def _close_opened(done: asyncio.Future[tuple[int, int, bytes]]) -> None:
+    if not done.cancelled() and done.exception() is None:
+        os.close(done.result()[0])
+
+
+def _real_path(fd: int, path: str) -> str:
+    """The real path of the file open as `fd`: from /proc (no race with a symlink swapped after the open)."""
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
     except OSError:
         return os.path.realpath(path)
-
-
-def _open_first(path: Path, chunk_size: int, folder: Path) -> tuple[BinaryIO, int, bytes]:
-    handle = open(path, "rb")  # noqa: SIM115 - closed by the caller's finally
-    try:
-        if not within(os.path.realpath(folder), _real_path(handle, path)):
-            raise _Outside()
-        return handle, os.fstat(handle.fileno()).st_size, handle.read(chunk_size)
-    except BaseException:
-        handle.close()
-        raise
 
 
 class _EndWatch:

@@ -21,6 +21,7 @@ import os
 import re
 import shutil
 import socket
+import ssl
 import subprocess
 import zipfile
 from collections.abc import Iterator
@@ -375,6 +376,72 @@ def test_flipped_byte_with_curl_is_a_partial_transfer(env: Env, bundle: bytes, t
     assert int(m.group(1)) == len(bundle) - received
     line = audit_line(env.gw, bundle_path("flip-curl"))
     assert (line["outcome"], line["reason"]) == ("aborted", "checksum_mismatch")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# small bundles (up to 64 KiB): read whole and verified before the answer starts (core/plans.read_whole)
+
+
+def raw_bundle_get(gw: GatewayProcess, pki: Pki, path: str) -> bytes:
+    """Everything the gateway sends for one GET on a fresh connection, read until it closes or cuts it."""
+    data = b""
+    with pki.client_context(pki.client).wrap_socket(
+        socket.create_connection(("127.0.0.1", gw.port), timeout=20), server_hostname="localhost"
+    ) as tls:
+        tls.sendall(f"GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n".encode())
+        try:
+            while chunk := tls.recv(65536):
+                data += chunk
+        except (OSError, ssl.SSLError):
+            pass
+    return data
+
+
+@pytest.fixture(scope="module")
+def small_bundle() -> bytes:
+    data = make_zip(1024)
+    assert len(data) < 64 * 1024
+    return data
+
+
+def test_a_small_bundle_arrives_byte_for_byte_in_one_answer(env: Env, small_bundle: bytes) -> None:
+    env.publish("small-ok", small_bundle)
+    before = counters(env.gw)
+    answer = env.get("small-ok")
+    assert (answer.status, answer.incomplete, answer.content_length) == (200, None, len(small_bundle))
+    assert answer.body == small_bundle
+    assert answer.headers["ETag"] == f'"{hashlib.sha256(small_bundle).hexdigest()}"'
+    line = audit_line(env.gw, bundle_path("small-ok"))
+    assert (line["outcome"], line["status"], line["bytes"]) == ("ok", 200, len(small_bundle))
+    assert moved(before, counters(env.gw)) == {verification("passed"): 1}
+
+
+@pytest.mark.parametrize("where", ["start", "last_byte"])
+def test_a_small_bundle_that_fails_verification_sends_not_one_byte(env: Env, small_bundle: bytes, where: str) -> None:
+    """Read whole before the answer starts: the client gets the connection cut, not even the status line, and the
+    outcome is the one a failed stream has (aborted, checksum_mismatch, counted once)."""
+    at = {"start": 0, "last_byte": len(small_bundle) - 1}[where]
+    version = f"small-flip-{where}"
+    env.publish(version, small_bundle)
+    env.flip(version, at)
+    before = counters(env.gw)
+    assert raw_bundle_get(env.gw, env.pki, bundle_path(version)) == b""
+    line = audit_line(env.gw, bundle_path(version))
+    assert (line["outcome"], line["reason"], line["status"], line["bytes"]) == ("aborted", "checksum_mismatch", 200, 0)
+    assert "does not match expected" in line["detail"]
+    assert moved(before, counters(env.gw)) == {verification("checksum_mismatch"): 1, refusal("checksum_mismatch"): 1}
+
+
+def test_a_small_bundle_of_another_size_is_refused_before_a_byte(directory_env: Env, small_bundle: bytes) -> None:
+    env = directory_env
+    env.publish("small-short", small_bundle)
+    env.stored("small-short").write_bytes(small_bundle[:-10])
+    before = counters(env.gw)
+    answer = env.get("small-short")
+    assert answer.status == 502 and answer.problem()["reason"] == "short_body"
+    line = audit_line(env.gw, bundle_path("small-short"))
+    assert (line["outcome"], line["reason"], line["status"], line["bytes"]) == ("refused", "short_body", 502, 0)
+    assert moved(before, counters(env.gw)) == {verification("short_body"): 1, refusal("short_body"): 1}
 
 
 def test_origin_sends_more_than_declared(env: Env, bundle: bytes) -> None:

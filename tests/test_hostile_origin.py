@@ -145,6 +145,32 @@ def test_an_origin_above_the_minimum_rate_is_served_whole(gw: GatewayProcess, cd
     assert audit_for(gw, "/2.0.1.zip")["outcome"] == "ok"
 
 
+def test_a_small_body_below_the_minimum_rate_is_cut_after_one_window_and_sends_nothing(
+    gw: GatewayProcess, cdn: HttpsOrigin, pki: Pki
+) -> None:
+    """A body smaller than one window's worth of the minimum rate (1,500 of 2,000 bytes) is read whole before the
+    answer starts, the origin given one window for all of it: a trickle is cut there, and the client gets nothing."""
+    _publish(cdn, "2.0.2", 1500, "trickle:0.2")  # 5 bytes/s
+    before = (refusals(gw, "origin_too_slow"), verifications(gw, "origin_too_slow"), origin_errors(gw))
+    started = time.monotonic()
+    head, body, _ = raw_get(gw, pki, f"/bundles/{APP_ID}/2.0.2.zip")
+    assert time.monotonic() - started < 10  # one window of 1 s, with a wide margin
+    assert (head, body) == (b"", b"")  # not even the status line
+    record = audit_for(gw, "/2.0.2.zip")
+    assert (record["outcome"], record["reason"], record["bytes"]) == ("aborted", "origin_too_slow", 0)
+    assert "below limits.origin_min_rate (2000 bytes/s)" in record["detail"]
+    after = (refusals(gw, "origin_too_slow"), verifications(gw, "origin_too_slow"), origin_errors(gw))
+    assert after == (before[0] + 1, before[1] + 1, before[2] + 1)
+    assert wait_until(lambda: f"{APP_ID}/2.0.2.zip" in cdn.state.disconnects, timeout=10)  # the origin was let go
+
+
+def test_a_small_body_within_one_window_is_served_whole(gw: GatewayProcess, cdn: HttpsOrigin, pki: Pki) -> None:
+    data = _publish(cdn, "2.0.3", 1500, "slow:0.3")  # 20 pieces over 0.3 s, the window is 1 s
+    answer = https_request(f"{gw.base_url}/bundles/{APP_ID}/2.0.3.zip", pki.client_context(pki.client), timeout=20)
+    assert answer.status == 200 and answer.body == data
+    assert audit_for(gw, "/2.0.3.zip")["outcome"] == "ok"
+
+
 @pytest.fixture(scope="module")
 def quiet_cdn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HttpsOrigin]:
     with HttpsOrigin(tmp_path_factory.mktemp("quiet-cdn")) as origin:
@@ -509,6 +535,9 @@ def test_directory_files_and_ticket_locations_stay_in_the_apps_folder(pki: Pki, 
     (root / APP_ID / "1.0.0.zip").write_bytes(own)
     os.symlink("1.0.0.zip", root / APP_ID / "current.zip")  # inside the folder: fine
     os.symlink("../com.example.other/1.0.0.zip", root / APP_ID / "escape.zip")  # leads out
+    (root / APP_ID / "assets").mkdir()
+    (root / APP_ID / "assets" / "1.0.0.zip").write_bytes(own)  # a real subfolder: fine
+    os.symlink("../com.example.other", root / APP_ID / "linked")  # a subfolder that leads out
     sha_own, sha_other = hashlib.sha256(own).hexdigest(), hashlib.sha256(secret_bytes).hexdigest()
     releases = [
         {"version": "1.0.0", "channel": "production", "file": "current.zip", "size": 4096, "sha256": sha_own},
@@ -547,6 +576,11 @@ def test_directory_files_and_ticket_locations_stay_in_the_apps_folder(pki: Pki, 
         answer = https_request(ticket("escape.zip", sha_other), ctx)  # a plain name, but a symlink that leads out
         assert answer.status == 502 and secret_bytes not in answer.body
         answer = https_request(ticket("1.0.0.zip", sha_own), ctx)  # the twin
+        assert answer.status == 200 and answer.body == own
+        answer = https_request(ticket("linked/1.0.0.zip", sha_other), ctx)  # a plain file behind a symlinked folder
+        assert answer.status == 502 and secret_bytes not in answer.body
+        assert "outside the app's folder" in answer.json()["detail"]
+        answer = https_request(ticket("assets/1.0.0.zip", sha_own), ctx)  # its twin: a real subfolder
         assert answer.status == 200 and answer.body == own
 
 

@@ -1,15 +1,19 @@
 """Origin helpers that need no server: reading an origin's Retry-After; what an origin publishes without a
-network call."""
+network call; which files a directory origin opens."""
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import os
 from pathlib import Path
 
+import pytest
 import yaml
 
 from gateway.config import DirectoryOriginConfig, HttpsOriginConfig
 from gateway.core.releases import Release, ReleaseIndex, index_document
+from gateway.core.verify import Expectation, Verifier
 from gateway.origins import DirectoryOrigin, HttpsOrigin, OriginError, retry_after_seconds
 from tests.support import free_port
 
@@ -56,3 +60,44 @@ def test_an_https_origin_publishes_nothing_without_asking_the_network() -> None:
     published, error = asyncio.run(both())
     assert published == frozenset()
     assert isinstance(error, OriginError)  # the same origin's index is asked of the network (nobody listens)
+
+
+async def _read_file(origin: DirectoryOrigin, location: str, data_size: int, sha: str, small: bool) -> bytes:
+    """A file of the directory origin, read through a verifier (on the event loop when `small`, else in a thread)."""
+    hint = data_size if small else 1 << 30
+    async with origin.open(APP, location, 64 * 1024, size_hint=hint) as body:
+        verifier = Verifier(Expectation(sha, data_size))
+        out = [bytes(p) async for pieces in body.through(verifier, 64 * 1024) for p in pieces]
+        return b"".join([*out, bytes(verifier.finish())])
+
+
+@pytest.mark.parametrize("small", [True, False])
+def test_a_directory_origin_follows_the_app_folders_own_symlink(tmp_path: Path, small: bool) -> None:
+    """The app folder may itself be a symlink (a release tree switched by a symlink): its files are inside it."""
+    data = os.urandom(3000)
+    sha = hashlib.sha256(data).hexdigest()
+    (tmp_path / "releases-v2").mkdir()
+    (tmp_path / "releases-v2" / "1.0.0.zip").write_bytes(data)
+    (tmp_path / "root").mkdir()
+    os.symlink("../releases-v2", tmp_path / "root" / APP)
+    origin = DirectoryOrigin("local", DirectoryOriginConfig(type="directory", path=tmp_path / "root"))
+    assert asyncio.run(_read_file(origin, "1.0.0.zip", len(data), sha, small)) == data
+
+
+@pytest.mark.parametrize("small", [True, False])
+def test_a_directory_origin_refuses_a_folder_named_as_a_file_and_a_name_that_leads_out(
+    tmp_path: Path, small: bool
+) -> None:
+    (tmp_path / APP / "assets").mkdir(parents=True)
+    (tmp_path / "secret.zip").write_bytes(b"x" * 10)
+    os.symlink("../secret.zip", tmp_path / APP / "out.zip")
+    origin = DirectoryOrigin("local", DirectoryOriginConfig(type="directory", path=tmp_path))
+    with pytest.raises(OriginError, match=r"cannot open com\.example\.app/assets: Is a directory"):
+        asyncio.run(_read_file(origin, "assets", 10, "ab" * 32, small))
+    with pytest.raises(OriginError, match="leads outside the app's folder"):
+        asyncio.run(_read_file(origin, "out.zip", 10, "ab" * 32, small))
+    descriptors = len(os.listdir("/proc/self/fd"))
+    for _ in range(20):  # a refused open leaves no descriptor behind
+        with pytest.raises(OriginError):
+            asyncio.run(_read_file(origin, "out.zip", 10, "ab" * 32, small))
+    assert len(os.listdir("/proc/self/fd")) <= descriptors

@@ -274,6 +274,28 @@ def test_range_resume_gets_exactly_the_remaining_bytes(env: CapgoEnv) -> None:
     assert https_request(url, env.ctx(), headers={"Range": "bytes=0-99"}).status == 416  # never a 200
 
 
+def test_range_of_a_small_file_is_exact_and_a_tampered_one_sends_nothing(env: CapgoEnv) -> None:
+    """A small file (read whole before its answer starts) keeps the Range rules: a 206 of exactly the bytes from N
+    on; a bad byte inside the skipped prefix still fails it, and the client gets nothing."""
+    good, bad = os.urandom(5000), os.urandom(5000)
+    entries = [
+        {"file_name": "assets/range.js", "file_hash": hashlib.sha256(good).hexdigest(), "download_url": ""},
+        {"file_name": "assets/range-bad.js", "file_hash": hashlib.sha256(bad).hexdigest(), "download_url": ""},
+    ]
+    entries[0]["download_url"] = env.host(APP_ID, "range.js", good)
+    entries[1]["download_url"] = env.host(APP_ID, "range-bad.js", bad, mode="flip:100")
+    env.offer(APP_ID, "1.1.0", manifest=entries)
+    urls = [e["download_url"] for e in env.new_version(APP_ID)["manifest"]]
+    answer = https_request(urls[0], env.ctx(), headers={"Range": "bytes=1000-"})
+    assert answer.status == 206
+    assert answer.headers["content-range"] == "bytes 1000-4999/5000"
+    assert answer.body == good[1000:]
+    assert https_request(urls[0], env.ctx(), headers={"Range": "bytes=5000-"}).status == 416
+    before = env.gw.metric("ota_gateway_bundle_verifications_total", result="checksum_mismatch")
+    assert incomplete(urls[1], env.ctx(), {"Range": "bytes=1000-"}) == 0
+    assert env.gw.metric("ota_gateway_bundle_verifications_total", result="checksum_mismatch") == before + 1
+
+
 def test_tampered_range_never_completes(env: CapgoEnv) -> None:
     env.offer(SECURE_APP, "1.1.0", encrypted=True, name="tampered-range.enc.zip")
     env.origin.state.modes[f"{SECURE_APP}/tampered-range.enc.zip"] = "flip:100"  # inside the skipped prefix

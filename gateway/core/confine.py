@@ -4,7 +4,8 @@ A file served for app A lies in `<origin root>/<A>/`, whatever the release index
 ticket names. The location itself must be a plain relative path (`core/locations.location_problem`: no `..`, no
 absolute path); this module owns the second half: the file actually opened, with every symlink followed, must
 still be inside the app's folder (whose own symlinks are followed too). The shell opens the file and passes both
-real paths in.
+real paths in, except for a `direct_entry`: a plain name opened without following a symlink in its last part is an
+entry of the folder itself, inside it with no real path to compare.
 
 Pure: no file system access; paths are strings.
 """
@@ -20,3 +21,10 @@ def within(folder: str, path: str) -> bool:
         return False
     folder, path = posixpath.normpath(folder), posixpath.normpath(path)
     return path != folder and path.startswith(folder.rstrip("/") + "/")
+
+
+def direct_entry(location: str) -> bool:
+    """Is `location` (a plain relative file, `core/locations.location_problem`) a name in the app's folder itself?
+    Opened with its last part's symlink not followed (`O_NOFOLLOW`), such a file is inside the folder by
+    construction. A deeper location could pass through a symlinked subfolder: its real path is compared."""
+    return "/" not in location and location not in ("", ".", "..")

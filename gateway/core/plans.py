@@ -16,6 +16,7 @@ The order of an update check: parse -> `plan_update` -> ask the origin (`server_
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from gateway.core.capgo_crypto import CapgoCryptoError, open_session_key, recove
 from gateway.core.locations import location_problem
 from gateway.core.names import host_of, is_channel
 from gateway.core.policy import AppPolicy, Peer, PolicySet, admit, channel_allowed
+from gateway.core.rates import MinRate
 from gateway.core.reasons import Reason, Refusal
 from gateway.core.releases import ReleaseIndex
 from gateway.core.review import (
@@ -245,6 +247,29 @@ def plan_response(plan: DownloadPlan, declared_size: int | None) -> ResponsePlan
         return Unsatisfiable(start, size)
     expect = Expectation(expect.sha256, size, expect.max_bytes)
     return ResponsePlan(206, expect, start, size - start, f"bytes {start}-{size - 1}/{size}")
+
+
+WHOLE_BODY_BYTES = 64 * 1024  # a body up to this size may be read whole and verified before its answer starts
+
+
+def read_whole(shape: ResponsePlan, origin_rate: MinRate) -> float | None:
+    """Whether a body is read whole and verified before its answer starts (headers and body then leave in one
+    write: no stream, no tail holdback needed, since the client gets nothing of a body that fails), and how many
+    seconds the origin has for all of it; None: stream it through the verifier's tail holdback.
+
+    Only a body of known size up to `WHOLE_BODY_BYTES`, and only where one deadline is exactly the streaming
+    path's minimum-rate rule (`core/rates.py`): a body smaller than one window's worth of `origin_min_rate` fails
+    that rule once a whole window of waiting on the origin has passed (and while it is read whole the gateway waits
+    on nothing else), so the origin has `rate_window` seconds; with the rule off, `math.inf`. A larger body, or one
+    a lowered rate could make a stream wait on longer, is streamed."""
+    size = shape.expect.size
+    if size is None or size > WHOLE_BODY_BYTES or shape.content_length is None:
+        return None
+    if not origin_rate.enabled:
+        return math.inf
+    if size >= origin_rate.need:
+        return None
+    return origin_rate.window
 
 
 # --- update checks -----------------------------------------------------------------------------------------------

@@ -6,6 +6,10 @@ origin's release index before the first byte; the answer carries that Content-Le
 newest chunk until the digest matches. On any failure after the headers went out the connection is aborted, so the
 client's transfer ends short and can never look complete. Before the headers, failures are problem-details answers.
 Outcomes are raised, never recorded here: a `Refusal`, or `recorder.Answered` for the 416 and for an aborted stream.
+A small body (`core/plans.read_whole`: up to 64 KiB, sized, below one window's worth of the origin's minimum rate)
+is read whole through the same verifier before the answer starts, and goes out with its headers in one write: no
+stream, no rate meter on the origin (one deadline is the same rule there); a failure is cut like a failed stream
+(the same outcome and audit line), before a byte went out.
 
 Memory per download is bounded by configuration, not by the client's speed: the origin is read only when the
 previous chunk has been handed to the client's transport, whose write buffer is capped (`limits.client_buffer`;
@@ -20,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import Awaitable
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import AbstractAsyncContextManager
 
 from aiohttp import web
@@ -29,7 +33,7 @@ from aiohttp.http_writer import StreamWriter
 from gateway.answers import problem_response
 from gateway.config import Limits
 from gateway.core.names import is_app_id, is_version
-from gateway.core.plans import DownloadPlan, Unsatisfiable, plan_release, plan_response
+from gateway.core.plans import DownloadPlan, Unsatisfiable, plan_release, plan_response, read_whole
 from gateway.core.policy import admit
 from gateway.core.rates import MinRate, RateMeter
 from gateway.core.reasons import Reason, Refusal
@@ -123,13 +127,27 @@ async def _respond(request: web.Request, rt: Runtime, body: Body, plan: Download
     limits = request_snapshot(request).config.limits
     if request.transport is not None:  # a write waits while more than this is buffered for the client
         request.transport.set_write_buffer_limits(high=limits.client_buffer, low=limits.client_buffer // 4)
-    await resp.prepare(request)
-    record.status = resp.status  # what went out, whatever becomes of the body
+    whole = read_whole(shape, MinRate(limits.origin_min_rate, limits.rate_window))
     rt.metrics.in_flight.inc()
     failed: Refusal | None = None
+    sent = 0  # of a body read whole: what was handed to the client (the verifier released it all before)
     try:
-        await _pump(resp, verifier, body, limits)
+        if whole is None:
+            await resp.prepare(request)
+            record.status = resp.status  # what went out, whatever becomes of the body
+            await _pump(resp, verifier, body, limits)
+        else:
+            data = await _read_whole(verifier, body, whole, limits)
+            await resp.prepare(request)
+            record.status = resp.status
+            client = _Client(resp, verifier, limits)
+            sent = len(data)
+            await client.send(data)
+            await client.end()
     except Refusal as refusal:
+        if not resp.prepared:  # read whole and refused: nothing went out; cut like a stream that failed
+            await resp.prepare(request)
+            record.status = resp.status
         _abort(request, resp)
         if refusal.reason not in _NOT_VERIFIED:
             rt.metrics.verifications.labels(refusal.reason.label).inc()
@@ -143,8 +161,8 @@ async def _respond(request: web.Request, rt: Runtime, body: Body, plan: Download
     else:
         rt.metrics.verifications.labels("passed").inc()
     finally:
-        record.bytes = verifier.released
-        rt.metrics.bytes_streamed.inc(verifier.released)
+        record.bytes = verifier.released if whole is None else sent
+        rt.metrics.bytes_streamed.inc(record.bytes)
         rt.metrics.in_flight.dec()
     if failed is not None:  # raised outside the except block: the outcome carries no traceback of the pump
         raise Answered(failed, resp, aborted=True)
@@ -155,54 +173,106 @@ def _at(deadline: float) -> float | None:
     return None if math.isinf(deadline) else deadline
 
 
+def _too_slow(verifier: Verifier, reason: Reason, rate: float, limits: Limits, rule: MinRate, key: str) -> Refusal:
+    return verifier.error(
+        reason,
+        f"{rate:.0f} bytes/s over the last {limits.rate_window:g} s of waiting, "
+        f"below limits.{key} ({rule.bytes_per_second} bytes/s)",
+    )
+
+
+async def _read_whole(verifier: Verifier, body: Body, seconds: float, limits: Limits) -> bytes | memoryview:
+    """A small body read whole through the verifier, the origin given `seconds` for it (`core/plans.read_whole`;
+    no timer for a body that never waits): its verified bytes, or a `Refusal` before any of them is sent."""
+    chunks = body.through(verifier, WRITE_SLICE)
+    try:
+        if math.isinf(seconds) or not body.waits:
+            pieces = await _collect(chunks)
+        else:
+            async with asyncio.timeout(seconds):
+                pieces = await _collect(chunks)
+    except TimeoutError:
+        rate = verifier.received / limits.rate_window
+        rule = MinRate(limits.origin_min_rate, limits.rate_window)
+        raise _too_slow(verifier, Reason.ORIGIN_TOO_SLOW, rate, limits, rule, "origin_min_rate") from None
+    except OriginError as exc:
+        raise verifier.error(exc.reason, str(exc)) from None
+    finally:
+        await chunks.aclose()
+    tail = verifier.finish()
+    if not pieces:
+        return tail
+    pieces.append(tail)
+    return b"".join(pieces)
+
+
+async def _collect(chunks: AsyncIterator[list[bytes | memoryview]]) -> list[bytes | memoryview]:
+    """Every piece the verifier released, kept until the end: a copy of any view into a body's reused buffers."""
+    pieces: list[bytes | memoryview] = []
+    async for released in chunks:
+        pieces += [bytes(p) if isinstance(p, memoryview) else p for p in released]
+    return pieces
+
+
+class _Client:
+    """The client's side of one answer: pieces handed to its transport without waiting, and a wait on it only when
+    its buffer is above the mark (or at the end), each wait under `limits.client_min_rate`."""
+
+    def __init__(self, resp: _BundleResponse, verifier: Verifier, limits: Limits) -> None:
+        self.resp, self.verifier, self.limits = resp, verifier, limits
+        self.meter = RateMeter(MinRate(limits.client_min_rate, limits.rate_window))
+        self.unwaited = 0  # bytes handed to the client's transport since the last wait on it, not yet counted
+        self.waits = 0  # waits on the client so far
+        self.loop = asyncio.get_running_loop()
+
+    async def wait(self, step: Awaitable[None], moved: int) -> None:
+        """Wait on the client (`step`: a drain or the end of the response) under its minimum rate; `moved` bytes
+        count once it is done. A slow or vanished client is a refusal."""
+        meter, loop = self.meter, self.loop
+        self.waits += 1
+        if self.unwaited:  # written without waiting: they count now, as if each had been counted when written
+            meter.moved(self.unwaited, loop.time())
+            self.unwaited = 0
+        meter.wait(loop.time())
+        try:
+            async with asyncio.timeout_at(_at(meter.deadline(loop.time()))):
+                await step
+        except TimeoutError:
+            rate = meter.rate(loop.time())
+            raise _too_slow(
+                self.verifier, Reason.CLIENT_TOO_SLOW, rate, self.limits, meter.rule, "client_min_rate"
+            ) from None
+        except (ConnectionError, RuntimeError) as exc:
+            raise self.verifier.error(Reason.CLIENT_GONE, f"client went away: {exc}") from None
+        meter.moved(moved, loop.time())
+
+    async def send(self, piece: bytes | memoryview) -> None:
+        """Hand one piece to the client's transport; if that put its buffer above the mark, wait until it is below
+        again. Most writes of a fast client never wait, and cost no timer."""
+        try:
+            full = await self.resp.write_piece(piece)
+        except (ConnectionError, RuntimeError) as exc:
+            raise self.verifier.error(Reason.CLIENT_GONE, f"client went away: {exc}") from None
+        if full:
+            await self.wait(self.resp.drained(), len(piece))
+        else:
+            self.unwaited += len(piece)
+
+    async def end(self) -> None:
+        """End the answer, waiting on the client for its buffer to drain."""
+        await self.wait(self.resp.write_eof(), 0)
+
+
 async def _pump(resp: _BundleResponse, verifier: Verifier, body: Body, limits: Limits) -> None:
     """Origin -> verifier -> client, one chunk at a time, each side held to its minimum rate."""
     loop = asyncio.get_running_loop()
     origin = RateMeter(MinRate(limits.origin_min_rate, limits.rate_window))
-    client = RateMeter(MinRate(limits.client_min_rate, limits.rate_window))
-
-    def too_slow(reason: Reason, meter: RateMeter, key: str) -> Refusal:
-        rate = meter.rate(loop.time())
-        return verifier.error(
-            reason,
-            f"{rate:.0f} bytes/s over the last {limits.rate_window:g} s of waiting, "
-            f"below limits.{key} ({meter.rule.bytes_per_second} bytes/s)",
-        )
-
-    unwaited = 0  # bytes handed to the client's transport since the last wait on it, not yet counted
-    waits = 0  # waits on the client so far
+    client = _Client(resp, verifier, limits)
     keeping_up = False  # the client took the last chunk without a wait (the body may read larger pieces)
 
-    async def waiting(step: Awaitable[None], moved: int) -> None:
-        """Wait on the client (`step`: a drain or the end of the response) under its minimum rate; `moved` bytes
-        count once it is done. A slow or vanished client is a refusal."""
-        nonlocal unwaited, waits
-        waits += 1
-        if unwaited:  # written without waiting: they count now, as if each had been counted when written
-            client.moved(unwaited, loop.time())
-            unwaited = 0
-        client.wait(loop.time())
-        try:
-            async with asyncio.timeout_at(_at(client.deadline(loop.time()))):
-                await step
-        except TimeoutError:
-            raise too_slow(Reason.CLIENT_TOO_SLOW, client, "client_min_rate") from None
-        except (ConnectionError, RuntimeError) as exc:
-            raise verifier.error(Reason.CLIENT_GONE, f"client went away: {exc}") from None
-        client.moved(moved, loop.time())
-
-    async def send(piece: bytes | memoryview) -> None:
-        """Hand one piece to the client's transport; if that put its buffer above the mark, wait until it is below
-        again. Most writes of a fast client never wait, and cost no timer."""
-        nonlocal unwaited
-        try:
-            full = await resp.write_piece(piece)
-        except (ConnectionError, RuntimeError) as exc:
-            raise verifier.error(Reason.CLIENT_GONE, f"client went away: {exc}") from None
-        if full:
-            await waiting(resp.drained(), len(piece))
-        else:
-            unwaited += len(piece)
+    def origin_too_slow() -> Refusal:
+        rate = origin.rate(loop.time())
+        return _too_slow(verifier, Reason.ORIGIN_TOO_SLOW, rate, limits, origin.rule, "origin_min_rate")
 
     chunks = body.through(verifier, WRITE_SLICE, lambda: keeping_up)
     try:
@@ -215,23 +285,23 @@ async def _pump(resp: _BundleResponse, verifier: Verifier, body: Body, limits: L
             except StopAsyncIteration:
                 break
             except TimeoutError:
-                raise too_slow(Reason.ORIGIN_TOO_SLOW, origin, "origin_min_rate") from None
+                raise origin_too_slow() from None
             except OriginError as exc:
                 raise verifier.error(exc.reason, str(exc)) from None
             origin.moved(verifier.received - before, loop.time())
             if origin.too_slow(loop.time()):
-                raise too_slow(Reason.ORIGIN_TOO_SLOW, origin, "origin_min_rate")
-            waited = waits
+                raise origin_too_slow()
+            waited = client.waits
             while pieces:
-                await send(pieces.pop(0))  # each piece let go of once written
+                await client.send(pieces.pop(0))  # each piece let go of once written
             del pieces
-            keeping_up = waits == waited
+            keeping_up = client.waits == waited
     finally:
         await chunks.aclose()
     tail = verifier.finish()
     if tail:
-        await send(tail)
-    await waiting(resp.write_eof(), 0)
+        await client.send(tail)
+    await client.end()
 
 
 class _BundleResponse(web.StreamResponse):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.core.confine import within
+from gateway.core.confine import direct_entry, within
 
 
 def test_a_file_below_the_folder_is_within() -> None:
@@ -24,3 +24,13 @@ def test_a_file_below_the_folder_is_within() -> None:
 )
 def test_a_file_elsewhere_is_not_within(path: str) -> None:
     assert not within("/srv/origin/com.a", path)
+
+
+@pytest.mark.parametrize("location", ["1.0.0.zip", "current.zip", "a"])
+def test_a_plain_name_is_an_entry_of_the_folder_itself(location: str) -> None:
+    assert direct_entry(location)
+
+
+@pytest.mark.parametrize("location", ["sub/1.0.0.zip", "a/b/c.zip", "", ".", ".."])
+def test_a_deeper_location_is_not_a_direct_entry(location: str) -> None:
+    assert not direct_entry(location)  # a subfolder may be a symlink: its real path is compared

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import hashlib
+import math
 from typing import Any
 
 import pytest
@@ -21,6 +22,7 @@ from gateway.core import capgo_crypto
 from gateway.core.capgo import DeviceInfo, Kind, parse_info
 from gateway.core.identity import ClientIdentity
 from gateway.core.plans import (
+    WHOLE_BODY_BYTES,
     DownloadPlan,
     Fallback,
     HeldBack,
@@ -39,6 +41,7 @@ from gateway.core.plans import (
     plan_ticket_download,
     plan_update,
     range_start,
+    read_whole,
     redeem_ticket,
     server_answer,
     settle_size,
@@ -46,6 +49,7 @@ from gateway.core.plans import (
     ticket_base_url,
 )
 from gateway.core.policy import AppPolicy, Channels, ClientRule, Peer, PolicySet, Verification, Versions
+from gateway.core.rates import MinRate
 from gateway.core.reasons import Reason, Refusal
 from gateway.core.releases import Release, ReleaseIndex
 from gateway.core.review import Decline, ManifestEntry, Offer, Served
@@ -335,6 +339,41 @@ def test_range_past_the_end_or_of_an_unknown_size_is_unsatisfiable() -> None:
     assert isinstance(plan_response(planned(range_header="bytes=99-"), 100), ResponsePlan)
     unknown = plan_response(planned(ticket=dataclasses.replace(TICKET, size=None), range_header="bytes=0-"), None)
     assert isinstance(unknown, Unsatisfiable) and unknown.size is None
+
+
+def shape(size: int | None, *, start: int | None = None) -> ResponsePlan:
+    expect = Expectation("ab" * 32, size, max_bytes=10**9)
+    if size is None:
+        return ResponsePlan(200, expect, 0, None)
+    if start is None:
+        return ResponsePlan(200, expect, 0, size)
+    return ResponsePlan(206, expect, start, size - start, f"bytes {start}-{size - 1}/{size}")
+
+
+DEFAULT_RATE = MinRate(4096, 60.0)  # limits.origin_min_rate, limits.rate_window
+
+
+def test_a_small_body_is_read_whole_within_one_rate_window() -> None:
+    assert read_whole(shape(1024), DEFAULT_RATE) == 60.0
+    assert read_whole(shape(WHOLE_BODY_BYTES), DEFAULT_RATE) == 60.0
+    assert read_whole(shape(1024, start=100), DEFAULT_RATE) == 60.0  # a range of a small body too
+    assert read_whole(shape(1024), MinRate(0, 60.0)) == math.inf  # the rule is off: no deadline of its own
+
+
+def test_a_large_or_unsized_body_is_streamed() -> None:
+    assert read_whole(shape(WHOLE_BODY_BYTES + 1), DEFAULT_RATE) is None
+    assert read_whole(shape(None), DEFAULT_RATE) is None  # chunked: the size is known to nobody
+    unsized_answer = ResponsePlan(200, Expectation("ab" * 32, 1024), 0, None)
+    assert read_whole(unsized_answer, DEFAULT_RATE) is None
+
+
+def test_a_small_body_that_a_lowered_rate_could_stream_longer_is_streamed() -> None:
+    """One deadline is the minimum-rate rule only for a body below one window's worth of the rate: a stream of a
+    larger one may be waited on for longer, so it keeps the stream and its meter."""
+    slow = MinRate(10, 60.0)  # 600 bytes per window
+    assert read_whole(shape(599), slow) == 60.0
+    assert read_whole(shape(600), slow) is None
+    assert read_whole(shape(1024), slow) is None
 
 
 # --- update checks -----------------------------------------------------------------------------------------------
