@@ -88,6 +88,7 @@ bench: $(STAMP)
 	$(PY) bench/slow_readers.py
 	PYTHONPATH=. $(PY) bench/bundle_get_cost.py 300 65536
 	$(PY) bench/scaling.py
+	$(PY) bench/floor.py
 
 clean:
 	rm -rf $(VENV) .venv-scan $(CERTS) $(ORIGIN) state .pytest_cache .mypy_cache .ruff_cache
