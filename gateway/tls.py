@@ -7,11 +7,14 @@ groups (X25519, P-256, P-384), no compression, no renegotiation, and **no sessio
 no TLS 1.3 tickets, no TLS 1.2 tickets, no TLS 1.2 session-ID cache. Every connection is a full handshake, so
 OpenSSL checks the client's chain against the CAs and CRLs of the current context every time, whatever a reload
 changed, and no worker holds sessions in memory (bench/README.md, "Handshakes", has the measurements behind this).
+A server sends the certificate chain of its `cert` file as it is: OpenSSL builds none from the client CAs (it would
+otherwise, in every handshake, verify the server's own certificate against them and send along the CA that issued it,
+when that CA also issues client certificates).
 Towards HTTPS origins the gateway is the TLS client: Python's default client context (certificate and host name
 checked), TLS 1.2 minimum, the same suites as Python's default but AES-128-GCM offered first in both versions
 (`ORIGIN_TLS13_SUITES`, `prefer_aes128`), which an origin that follows the client's order picks.
-Three of these settings (the group list, the session cache, the TLS 1.3 suites) are not offered by Python 3.11's
-`ssl` module and are made through libssl itself (`_LibSsl`). It never accepts connections; `listener.py` does.
+Four of these settings (the group list, the session cache, the chain, the TLS 1.3 suites) are not offered by Python
+3.11's `ssl` module and are made through libssl itself (`_LibSsl`). It never accepts connections; `listener.py` does.
 """
 
 from __future__ import annotations
@@ -67,7 +70,8 @@ class TlsMaterialError(ValueError):
 
 class _LibSsl:
     """The libssl calls the `ssl` module of Python 3.11 does not offer, made through ctypes on the very libssl `_ssl`
-    is linked to: the key exchange group list and the session cache mode of an `SSLContext`'s `SSL_CTX`.
+    is linked to: the key exchange group list, the TLS 1.3 suites, the session cache mode and the mode flags of an
+    `SSLContext`'s `SSL_CTX`.
 
     The `SSL_CTX *` is read from the `SSLContext` object (CPython's `PySSLContext` starts with it, right after the
     object header) and checked before any use: libssl must report the same options and verify mode the `ssl` module
@@ -75,6 +79,8 @@ class _LibSsl:
     "TLS setup failed")."""
 
     # openssl/ssl.h
+    MODE = 33  # SSL_CTRL_MODE: ORs the flags in, returns the new mode
+    MODE_NO_AUTO_CHAIN = 0x8
     SET_SESS_CACHE_MODE = 44
     GET_SESS_CACHE_MODE = 45
     SET_GROUPS_LIST = 92
@@ -129,6 +135,18 @@ class _LibSsl:
         if self.ctrl(ptr, self.GET_SESS_CACHE_MODE, 0, None) != self.SESS_CACHE_OFF:
             raise ssl.SSLError("libssl kept its session cache on")
 
+    def mode(self, ctx: ssl.SSLContext) -> int:
+        return int(self.ctrl(self.handle(ctx), self.MODE, 0, None))  # ORing in no flag reads the mode
+
+    def no_auto_chain(self, ctx: ssl.SSLContext) -> None:
+        """Send the certificate chain as loaded (`load_cert_chain`), never one built from the verify store.
+
+        Without this flag OpenSSL, for a certificate loaded without extra chain certificates, runs
+        `X509_verify_cert` on the server's own certificate in every handshake and sends what it found: with a server
+        certificate issued by a client CA, that CA (about 450 bytes, and one ECDSA verification per handshake)."""
+        if not self.ctrl(self.handle(ctx), self.MODE, self.MODE_NO_AUTO_CHAIN, None) & self.MODE_NO_AUTO_CHAIN:
+            raise ssl.SSLError("libssl kept building certificate chains")
+
 
 _LIBSSL: _LibSsl | None = None
 
@@ -145,7 +163,8 @@ def libssl() -> _LibSsl:
 
 def _common_settings(ctx: ssl.SSLContext) -> None:
     """What every mTLS server context of the gateway has: suites, groups, no compression, no renegotiation, no
-    resumption of any kind (TLS 1.3 tickets, TLS 1.2 tickets, TLS 1.2 session IDs)."""
+    resumption of any kind (TLS 1.3 tickets, TLS 1.2 tickets, TLS 1.2 session IDs), the chain of the `cert` file
+    sent as it is."""
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.maximum_version = ssl.TLSVersion.TLSv1_3
     ctx.set_ciphers(INTERMEDIATE_CIPHERS)
@@ -155,6 +174,7 @@ def _common_settings(ctx: ssl.SSLContext) -> None:
     lib = libssl()
     lib.set_groups(ctx, KEY_EXCHANGE_GROUPS)
     lib.disable_session_cache(ctx)
+    lib.no_auto_chain(ctx)
 
 
 def _read(path: Path, field: str) -> bytes:
