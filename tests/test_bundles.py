@@ -36,6 +36,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.core.identity import spki_pin
 from gateway.core.releases import CapgoSignature, Release, ReleaseIndex, index_document
+from gateway.origins import WIDE_AFTER
 from gateway.publish import add_release, read_index
 from tests.origin_server import HttpsOrigin
 from tests.support import APP_ID, GatewayProcess, Pki, free_port, run_gateway, wait_until, write_config
@@ -361,6 +362,35 @@ def test_flipped_byte_aborts_before_the_end(env: Env, bundle: bytes, where: str)
     assert len(answer.body) <= line["bytes"] < len(bundle)
     assert "does not match expected" in line["detail"]
     assert moved(before, counters(env.gw)) == {verification("checksum_mismatch"): 1, refusal("checksum_mismatch"): 1}
+
+
+@pytest.fixture(scope="module")
+def big_bundle() -> bytes:
+    """Past `WIDE_AFTER`: a client that keeps up gets the rest in wide slices (`origins._feeder`)."""
+    return make_zip(WIDE_AFTER + 4 * 1024 * 1024)
+
+
+def test_a_bundle_past_the_wide_mark_arrives_whole(env: Env, big_bundle: bytes) -> None:
+    env.publish("wide", big_bundle)
+    answer = env.get("wide")
+    assert (answer.status, answer.incomplete) == (200, None)
+    assert answer.body == big_bundle
+
+
+@pytest.mark.parametrize("where", ["past_the_mark", "last_byte"])
+def test_a_flipped_byte_past_the_wide_mark_aborts_before_the_end(env: Env, big_bundle: bytes, where: str) -> None:
+    at = {"past_the_mark": WIDE_AFTER + 1024 * 1024 + 7, "last_byte": len(big_bundle) - 1}[where]
+    version = f"wide-flip-{where}"
+    env.publish(version, big_bundle)
+    env.flip(version, at)
+    answer = env.get(version)
+    assert answer.status == 200 and answer.incomplete is not None
+    assert len(answer.body) < len(big_bundle)
+    assert answer.body == flipped(big_bundle, at)[: len(answer.body)]
+    if where == "last_byte":
+        assert len(answer.body) <= at, "the held-back tail (with the bad byte) must never reach the client"
+    line = audit_line(env.gw, bundle_path(version))
+    assert (line["outcome"], line["reason"]) == ("aborted", "checksum_mismatch")
 
 
 def test_flipped_byte_with_curl_is_a_partial_transfer(env: Env, bundle: bytes, tmp_path: Path) -> None:

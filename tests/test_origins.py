@@ -1,10 +1,12 @@
 """Origin helpers that need no server: reading an origin's Retry-After; what an origin publishes without a
-network call; which files a directory origin opens."""
+network call; which files a directory origin opens; how a body's chunks are sliced for the verifier and the
+client (narrow, or wide past `WIDE_AFTER` while the client keeps up)."""
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import io
 import os
 from pathlib import Path
 
@@ -12,9 +14,18 @@ import pytest
 import yaml
 
 from gateway.config import DirectoryOriginConfig, HttpsOriginConfig
+from gateway.core.reasons import Reason, Refusal
 from gateway.core.releases import Release, ReleaseIndex, index_document
-from gateway.core.verify import Expectation, Verifier
-from gateway.origins import DirectoryOrigin, HttpsOrigin, OriginError, retry_after_seconds
+from gateway.core.verify import Expectation, State, Verifier
+from gateway.origins import (
+    WIDE_AFTER,
+    WIDE_SLICE,
+    DirectoryOrigin,
+    FileBody,
+    HttpsOrigin,
+    OriginError,
+    retry_after_seconds,
+)
 from tests.support import free_port
 
 APP = "com.example.app"
@@ -101,3 +112,69 @@ def test_a_directory_origin_refuses_a_folder_named_as_a_file_and_a_name_that_lea
         with pytest.raises(OriginError):
             asyncio.run(_read_file(origin, "out.zip", 10, "ab" * 32, small))
     assert len(os.listdir("/proc/self/fd")) <= descriptors
+
+
+# -- how a body's chunks are sliced for the verifier and the client ----------------------------------------------
+
+
+def _through(data: bytes, chunk: int, keeping_up: bool) -> tuple[list[list[int]], bytes, Verifier]:
+    """A file body of `data` read in `chunk`-byte reads, fed through a real verifier in 64 KiB slices: the sizes of
+    the pieces released per chunk, all released bytes (with the tail from `finish`), and the verifier."""
+    stream = io.BytesIO(data)
+    body = FileBody(len(data), lambda: stream.read(chunk))
+    verifier = Verifier(Expectation(hashlib.sha256(data).hexdigest(), len(data)))
+    sizes: list[list[int]] = []
+    out = bytearray()
+
+    async def run() -> None:
+        async for pieces in body.through(verifier, PIECE, lambda: keeping_up):
+            sizes.append([len(p) for p in pieces])
+            for p in pieces:
+                out.extend(p)
+
+    asyncio.run(run())
+    out.extend(verifier.finish())
+    return sizes, bytes(out), verifier
+
+
+PIECE = 64 * 1024
+MIB = 1024 * 1024
+
+
+def test_a_client_that_keeps_up_gets_wide_slices_past_the_mark_and_the_held_back_piece_stays_small() -> None:
+    data = os.urandom(WIDE_AFTER + 3 * MIB + 12345)
+    sizes, out, verifier = _through(data, MIB, keeping_up=True)
+    assert out == data and verifier.state is State.PASSED
+    narrow = sizes[: WIDE_AFTER // MIB]  # nothing wide until WIDE_AFTER bytes are out
+    assert all(size <= PIECE for chunk in narrow for size in chunk)
+    wide = sizes[WIDE_AFTER // MIB + 1 : -1]
+    assert wide and all(max(chunk) == WIDE_SLICE and len(chunk) == 5 for chunk in wide)  # 4 x 256 KiB, one held
+    assert all(size <= WIDE_SLICE for chunk in sizes for size in chunk)
+
+
+def test_a_client_that_waits_gets_64_kib_slices_whatever_was_sent() -> None:
+    data = os.urandom(WIDE_AFTER + 3 * MIB)
+    sizes, out, verifier = _through(data, MIB, keeping_up=False)
+    assert out == data and verifier.state is State.PASSED
+    assert all(size <= PIECE for chunk in sizes for size in chunk)
+
+
+def test_a_flipped_byte_in_the_wide_part_fails_and_the_last_piece_is_never_released() -> None:
+    data = bytearray(os.urandom(WIDE_AFTER + 2 * MIB))
+    good = hashlib.sha256(data).hexdigest()
+    data[-1] ^= 1
+    stream = io.BytesIO(bytes(data))
+    body = FileBody(len(data), lambda: stream.read(MIB))
+    verifier = Verifier(Expectation(good, len(data)))
+    released = 0
+
+    async def run() -> None:
+        nonlocal released
+        async for pieces in body.through(verifier, PIECE, lambda: True):
+            released += sum(len(p) for p in pieces)
+
+    asyncio.run(run())
+    with pytest.raises(Refusal) as refused:
+        verifier.finish()
+    assert refused.value.reason is Reason.CHECKSUM_MISMATCH
+    assert released == len(data) - PIECE  # the held-back piece, with the bad byte, never left

@@ -13,8 +13,9 @@ stream, no rate meter on the origin (one deadline is the same rule there); a fai
 
 Memory per download is bounded by configuration, not by the client's speed: the origin is read only when the
 previous chunk has been handed to the client's transport, whose write buffer is capped (`limits.client_buffer`;
-a write waits while it is above that mark), and chunks go out in slices of `WRITE_SLICE`. So a download holds the
-verifier's chunk, the chunk being sent and the transport buffers, whatever the bundle size. Both sides must keep
+a write waits while it is above that mark), and chunks go out in slices of `WRITE_SLICE` (of `origins.WIDE_SLICE`
+while the client keeps up, past the first `origins.WIDE_AFTER` bytes). So a download holds the verifier's held-back
+slice, the chunk being sent and the transport buffers, whatever the bundle size. Both sides must keep
 `limits.origin_min_rate` / `limits.client_min_rate` over `limits.rate_window` seconds of waiting on them
 (`core/rates.py`), or the download is aborted (`origin_too_slow`, `client_too_slow`).
 """
