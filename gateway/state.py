@@ -29,7 +29,7 @@ from typing import Any, Protocol, TypeVar
 
 from gateway.core.faults import Fault
 from gateway.core.reasons import Reason, Refusal
-from gateway.core.versions import VersionError, parse
+from gateway.core.statecheck import Trip, TripResult, raised, retry_after, window_start
 
 T = TypeVar("T")
 _PRUNE_EVERY = 512
@@ -47,6 +47,11 @@ class StateStore(Protocol):
 
     async def hit(self, key: str, limit: int, window: float, now: float) -> float | None:
         """Count one request for `key`; None if within `limit` per `window` seconds, else seconds to wait."""
+        ...
+
+    async def check(self, trip: Trip) -> TripResult:
+        """One request's trip (`core/statecheck.py`): count it against its rate limit and read the high-water mark
+        it will need, each part's failure (one of the store's `errors`) returned, not raised."""
         ...
 
     async def probe(self) -> None:
@@ -76,28 +81,33 @@ class StateStore(Protocol):
     async def close(self) -> None: ...
 
 
-# the operations `GuardedState` guards and the `op` label values of ota_gateway_state_errors_total
+# the operations `GuardedState` guards by name and the `op` label values of ota_gateway_state_errors_total; a
+# `check` counts its parts as `hit` and `high_water`
 STATE_OPS: tuple[str, ...] = tuple(
-    name for name, value in vars(StateStore).items() if callable(value) and not name.startswith("_") and name != "close"
+    name
+    for name, value in vars(StateStore).items()
+    if callable(value) and not name.startswith("_") and name not in ("close", "check")
 )
 
 
-def _raised(current: str | None, version: str, lower: bool) -> str | None:
-    """The new mark, or None to keep the current one."""
-    if current is None or lower:
-        return version
+def _trip(
+    trip: Trip,
+    hit: Callable[[str, int, float, float], float | None],
+    read: Callable[[str, str], str | None],
+    errors: tuple[type[BaseException], ...],
+) -> TripResult:
+    """Carry out `trip` with a store's own (blocking) `hit` and high-water `read`; its `errors` are returned."""
+    retry, count_error = None, None
     try:
-        return version if parse(version) > parse(current) else None
-    except VersionError:  # a mark written by something else: replace it with a version that parses
-        return version
-
-
-def _window(now: float, window: float) -> float:
-    return math.floor(now / window) * window
-
-
-def _retry_after(count: int, limit: int, start: float, window: float, now: float) -> float | None:
-    return None if count <= limit else max(1.0, math.ceil(start + window - now))
+        retry = hit(trip.key, trip.limit, trip.window, trip.now)
+    except errors as exc:
+        count_error = exc
+    if trip.mark is None or not trip.reads_mark(counted=count_error is None, retry=retry):
+        return TripResult(retry, count_error)
+    try:
+        return TripResult(retry, count_error, read(*trip.mark), mark_read=True)
+    except errors as exc:
+        return TripResult(retry, count_error, mark_read=True, mark_error=exc)
 
 
 class MemoryState:
@@ -114,6 +124,9 @@ class MemoryState:
 
     async def high_water(self, app_id: str, channel: str) -> str | None:
         return self._marks.get((app_id, channel))
+
+    async def check(self, trip: Trip) -> TripResult:
+        return _trip(trip, self._hit, lambda app_id, channel: self._marks.get((app_id, channel)), self.errors)
 
     async def release_event(
         self, app_id: str, version: str, device: str, failed: bool, now: float, window: float
@@ -144,18 +157,21 @@ class MemoryState:
         return self._halts.get(app_id, {}).pop(version, None) is not None
 
     async def record_offer(self, app_id: str, channel: str, version: str, *, lower: bool = False) -> None:
-        new = _raised(self._marks.get((app_id, channel)), version, lower)
+        new = raised(self._marks.get((app_id, channel)), version, lower)
         if new is not None:
             self._marks[(app_id, channel)] = new
 
     async def hit(self, key: str, limit: int, window: float, now: float) -> float | None:
-        start = _window(now, window)
+        return self._hit(key, limit, window, now)
+
+    def _hit(self, key: str, limit: int, window: float, now: float) -> float | None:
+        start = window_start(now, window)
         self._hits += 1
         if self._hits % _PRUNE_EVERY == 0:
             self._counts = {k: v for k, v in self._counts.items() if k[1] >= start}
         count = self._counts.get((key, start), 0) + 1
         self._counts[(key, start)] = count
-        return _retry_after(count, limit, start, window, now)
+        return retry_after(count, limit, start, window, now)
 
     async def probe(self) -> None:
         return None
@@ -253,13 +269,13 @@ class SqliteState:
 
     def _record(self, app_id: str, channel: str, version: str, lower: bool) -> None:
         db = self._db()
-        if not lower and _raised(self._high_water(app_id, channel), version, lower) is None:
+        if not lower and raised(self._high_water(app_id, channel), version, lower) is None:
             # the usual case (the channel's newest release offered again): a read, no write lock. Marks only rise
             # (but for `lower`), so a mark at or above `version` now stays so; the offer takes effect at this read
             return
         db.execute("BEGIN IMMEDIATE")  # read-compare-write under the write lock: workers share the file
         try:
-            new = _raised(self._high_water(app_id, channel), version, lower)
+            new = raised(self._high_water(app_id, channel), version, lower)
             if new is not None:
                 db.execute(
                     "INSERT INTO high_water (app_id, channel, version) VALUES (?, ?, ?) "
@@ -274,7 +290,7 @@ class SqliteState:
 
     def _hit(self, key: str, limit: int, window: float, now: float) -> float | None:
         db = self._db()
-        start = _window(now, window)
+        start = window_start(now, window)
         self._hits += 1
         if self._hits % _PRUNE_EVERY == 0:
             db.execute("DELETE FROM rate WHERE window < ?", (start - 3600,))
@@ -283,7 +299,7 @@ class SqliteState:
             "ON CONFLICT (key, window) DO UPDATE SET count = count + 1 RETURNING count",
             (key, start),
         ).fetchone()
-        return _retry_after(int(row[0]), limit, start, window, now)
+        return retry_after(int(row[0]), limit, start, window, now)
 
     def _probe(self) -> None:
         self._db().execute(
@@ -350,6 +366,9 @@ class SqliteState:
     async def hit(self, key: str, limit: int, window: float, now: float) -> float | None:
         return await self._run(self._hit, key, limit, window, now)
 
+    async def check(self, trip: Trip) -> TripResult:
+        return await self._run(_trip, trip, self._hit, self._high_water, self.errors)
+
     async def probe(self) -> None:
         await self._run(self._probe)
 
@@ -377,6 +396,24 @@ class SqliteState:
             self._executor.shutdown(wait=False)
 
 
+# RedisState.check: KEYS[1] the rate counter, KEYS[2] (optional) the high-water mark; ARGV[1] the counter's TTL.
+# Returns {1, count, mark} or, when Redis refuses the count (e.g. out of memory), {0, error, mark}.
+_CHECK_LUA = """
+local n = redis.pcall('INCR', KEYS[1])
+local ok = 1
+if type(n) == 'table' then
+  ok, n = 0, n['err']
+else
+  redis.call('EXPIRE', KEYS[1], ARGV[1])
+end
+local mark = false
+if KEYS[2] then
+  mark = redis.call('GET', KEYS[2])
+end
+return {ok, n, mark}
+"""
+
+
 class RedisState:
     """The state store in Redis, for several gateway hosts behind one load balancer (`state.redis_url`).
 
@@ -390,6 +427,7 @@ class RedisState:
         self._client = client
         self._prefix = prefix
         self.errors: tuple[type[BaseException], ...] = (RedisError, OSError)
+        self._check_script = client.register_script(_CHECK_LUA)
 
     @classmethod
     async def open(cls, url: str, prefix: str = "ota-gateway:") -> RedisState:
@@ -419,7 +457,7 @@ class RedisState:
                 try:
                     await pipe.watch(key)
                     current = await pipe.get(key)
-                    new = _raised(current.decode() if isinstance(current, bytes) else current, version, lower)
+                    new = raised(current.decode() if isinstance(current, bytes) else current, version, lower)
                     if new is None:
                         await pipe.unwatch()
                         return
@@ -430,14 +468,36 @@ class RedisState:
                 except WatchError:
                     continue  # another host changed the mark meanwhile: compare again
 
+    def _counter(self, key: str, start: float) -> str:
+        return f"{self._prefix}rate:{key}:{start:.0f}"
+
     async def hit(self, key: str, limit: int, window: float, now: float) -> float | None:
-        start = _window(now, window)
-        counter = f"{self._prefix}rate:{key}:{start:.0f}"
+        start = window_start(now, window)
+        counter = self._counter(key, start)
         async with self._client.pipeline(transaction=True) as pipe:
             pipe.incr(counter)
             pipe.expire(counter, math.ceil(window) + 60)
             count, _ = await pipe.execute()
-        return _retry_after(int(count), limit, start, window, now)
+        return retry_after(int(count), limit, start, window, now)
+
+    async def check(self, trip: Trip) -> TripResult:
+        """One round trip: a script counts the request (INCR and EXPIRE, atomic as the script is) and reads the mark
+        (GET). A count Redis refuses (out of memory) is returned by the script, so the read still counts; the read
+        is dropped when `trip` says the request would not have made it."""
+        from redis.exceptions import ResponseError
+
+        start = window_start(trip.now, trip.window)
+        keys = [self._counter(trip.key, start)]
+        if trip.mark is not None:
+            keys.append(self._mark_key(*trip.mark))
+        counted, count, mark = await self._check_script(keys=keys, args=[math.ceil(trip.window) + 60])
+        if counted:
+            retry, count_error = retry_after(int(count), trip.limit, start, trip.window, trip.now), None
+        else:
+            retry, count_error = None, ResponseError(_text(count))
+        if trip.mark is None or not trip.reads_mark(counted=count_error is None, retry=retry):
+            return TripResult(retry, count_error)
+        return TripResult(retry, count_error, None if mark is None else _text(mark), mark_read=True)
 
     async def probe(self) -> None:
         await self._client.set(f"{self._prefix}probe", str(time.time()), ex=60)
@@ -530,6 +590,25 @@ class GuardedState:
 
         setattr(self, name, guarded)  # found directly from now on, without __getattr__
         return guarded
+
+    async def check(self, trip: Trip) -> TripResult:
+        """The store's `check`, its parts guarded as `hit` and `high_water`: a part that failed is counted, logged
+        and reported like a failed operation of that name; the caller raises `StateError` when it needs the part."""
+        try:
+            result = await self._inner.check(trip)
+        except self._errors as exc:  # the whole trip failed (Redis away): the count, and the read it would have made
+            reads = trip.reads_mark(counted=False, retry=None)
+            result = TripResult(count_error=exc, mark_read=reads, mark_error=exc if reads else None)
+        self._settled("hit", result.count_error)
+        if result.mark_read:
+            self._settled("high_water", result.mark_error)
+        return result
+
+    def _settled(self, op: str, error: BaseException | None) -> None:
+        if error is not None:
+            self._failed(op, error)
+        elif self._failed_ops:
+            self._succeeded(op)
 
     def _succeeded(self, op: str) -> None:
         if op == "probe":

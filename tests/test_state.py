@@ -12,8 +12,9 @@ import pytest
 
 from gateway.core.faults import Fault
 from gateway.core.reasons import Reason
+from gateway.core.statecheck import Trip
 from gateway.state import GuardedState, MemoryState, RedisState, SqliteState, StateError, StateStore
-from tests.support import fill_up, free_port, redis_server, small_filesystem
+from tests.support import RedisServer, fill_up, free_port, redis_server, small_filesystem
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +55,31 @@ async def test_rate_limit_window(store: StateStore) -> None:
     assert retry == 50  # until the end of the minute window
     assert await store.hit("b", 2, 60, now) is None  # another identity
     assert await store.hit("a", 2, 60, now + 50) is None  # next window
+
+
+async def test_check_counts_and_reads_the_mark_in_one_trip(store: StateStore) -> None:
+    """`check` counts like `hit` (one budget with it) and reads the mark `high_water` reads, but not for a request
+    over its limit."""
+    app, now = "com.example.app", 1_800_000_010.0
+    await store.record_offer(app, "production", "1.1.0")
+    trip = Trip("a", 2, 60, now, (app, "production"))
+    first = await store.check(trip)
+    assert (first.retry, first.count_error, first.mark, first.mark_read, first.mark_error) == (
+        None,
+        None,
+        "1.1.0",
+        True,
+        None,
+    )
+    assert (await store.check(trip)).mark == "1.1.0"
+    over = await store.check(trip)
+    assert over.retry == 50 and not over.mark_read and over.mark is None  # answered 429: nothing to review
+    assert await store.hit("a", 2, 60, now) == 50  # the same counter as `hit`
+    assert await store.check(Trip("a", 2, 60, now + 50, (app, "production"))) == first  # the next window
+    fresh = await store.check(Trip("b", 2, 60, now, (app, "beta")))
+    assert fresh.mark_read and fresh.mark is None  # no mark on this channel yet
+    bare = await store.check(Trip("c", 2, 60, now))
+    assert bare.retry is None and not bare.mark_read
 
 
 async def test_sqlite_persists_and_is_shared(tmp_path: Path) -> None:
@@ -234,6 +260,86 @@ async def test_guarded_sqlite_locked_by_another_process_fails_visibly_and_recove
     finally:
         other.close()
         await state.close()
+
+
+async def test_guarded_check_on_a_locked_sqlite_counts_the_failed_count_and_still_reads(tmp_path: Path) -> None:
+    """Another process holds the write lock: the trip's count fails (counted as `hit`), its read of the mark works
+    (WAL), as the two separate operations did; with the rate limit failing closed the trip does not read at all."""
+    import sqlite3
+
+    path = tmp_path / "s.sqlite"
+    fault, counted = Fault("state store"), []
+    state = GuardedState(await SqliteState.open(path, busy_timeout=0.2), fault, counted.append)
+    other = sqlite3.connect(path, isolation_level=None)
+    mark = ("com.example.app", "production")
+    try:
+        await state.record_offer(*mark, "1.0.0")
+        other.execute("BEGIN IMMEDIATE")
+        result = await state.check(Trip("k", 10, 60, 1_800_000_000.0, mark))
+        assert isinstance(result.count_error, sqlite3.OperationalError) and result.retry is None
+        assert result.mark == "1.0.0" and result.mark_error is None
+        assert counted == ["hit"] and fault.failing and "locked" in fault.detail
+        closed = await state.check(Trip("k", 10, 60, 1_800_000_000.0, mark, read_after_failed_count=False))
+        assert closed.count_error is not None and not closed.mark_read
+        assert counted == ["hit", "hit"]
+        other.execute("ROLLBACK")
+        healthy = await state.check(Trip("k", 10, 60, 1_800_000_000.0, mark))
+        assert healthy.count_error is None and healthy.mark == "1.0.0"
+        assert not fault.failing  # both operations that failed have succeeded since
+    finally:
+        other.close()
+        await state.close()
+
+
+async def test_redis_check_out_of_memory_refuses_the_count_but_reads_the_mark(redis_url: str) -> None:
+    """Redis at its `maxmemory` refuses writes, not reads: the script's count fails alone, as `hit` did beside a
+    separate `high_water`. The twin: the same trip once memory is allowed again."""
+    import redis.asyncio as aioredis
+
+    admin = aioredis.from_url(redis_url)
+    fault, counted = Fault("state store"), []
+    state = GuardedState(await RedisState.open(redis_url, f"test-{uuid.uuid4().hex}:"), fault, counted.append)
+    mark = ("com.example.app", "production")
+    try:
+        await state.record_offer(*mark, "1.0.0")
+        await admin.config_set("maxmemory", "1")
+        try:
+            result = await state.check(Trip(f"k-{uuid.uuid4().hex}", 10, 60, 1_800_000_000.0, mark))
+        finally:
+            await admin.config_set("maxmemory", "0")
+        assert result.count_error is not None and "OOM" in str(result.count_error)
+        assert result.mark == "1.0.0" and result.mark_error is None
+        assert counted == ["hit"] and fault.failing
+        healthy = await state.check(Trip(f"k-{uuid.uuid4().hex}", 10, 60, 1_800_000_000.0, mark))
+        assert healthy.count_error is None and healthy.retry is None and healthy.mark == "1.0.0"
+        assert not fault.failing
+    finally:
+        await state.close()
+        await admin.aclose()
+
+
+async def test_guarded_check_with_redis_stopped_fails_both_parts_or_only_the_count() -> None:
+    """Redis away: the whole trip fails; the read it would have made counts as failed too (the rate limit fails
+    open, the check goes on and needs the mark), but not when the limit fails closed (the check is refused)."""
+    server = RedisServer()
+    server.start()
+    fault, counted = Fault("state store"), []
+    try:
+        state = GuardedState(await RedisState.open(server.url), fault, counted.append)
+        mark = ("com.example.app", "production")
+        try:
+            assert (await state.check(Trip("k", 10, 60, 1_800_000_000.0, mark))).mark is None
+            server.stop()
+            result = await state.check(Trip("k", 10, 60, 1_800_000_000.0, mark))
+            assert result.count_error is not None and result.mark_read and result.mark_error is not None
+            assert counted == ["hit", "high_water"] and fault.failing
+            closed = await state.check(Trip("k", 10, 60, 1_800_000_000.0, mark, read_after_failed_count=False))
+            assert closed.count_error is not None and not closed.mark_read
+            assert counted == ["hit", "high_water", "hit"]
+        finally:
+            await state.close()
+    finally:
+        server.stop()
 
 
 async def test_release_devices_count_once_within_the_window(store: StateStore) -> None:

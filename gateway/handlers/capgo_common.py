@@ -20,6 +20,7 @@ from gateway.core.capgo import InvalidRequest
 from gateway.core.jsonsafe import JsonRejected, compact_json, loads_bounded
 from gateway.core.policy import AppPolicy, Peer
 from gateway.core.reasons import Reason, Refusal
+from gateway.core.statecheck import Trip, TripResult
 from gateway.origins import HttpsOrigin, OriginBusy, OriginError
 from gateway.state import StateError
 from gateway.state_keys import Runtime, Snapshot
@@ -52,21 +53,43 @@ def invalid(exc: InvalidRequest) -> Refusal:
     return Refusal(Reason.BAD_REQUEST, str(exc))
 
 
-async def rate_limit(rt: Runtime, snap: Snapshot, route: str, app: AppPolicy, peer: Peer, per_minute: int) -> None:
+async def rate_limit(
+    rt: Runtime,
+    snap: Snapshot,
+    route: str,
+    app: AppPolicy,
+    peer: Peer,
+    per_minute: int,
+    *,
+    mark: tuple[str, str] | None = None,
+) -> TripResult:
     """Count one request of this identity on this route and app; raise `RateLimited` past the policy's limit.
 
-    A failing state store (already counted and reported by `GuardedState`) lets the request pass with
-    `state.rate_limit_on_failure: fail_open`, the default, and refuses it (`state_error`) with `fail_closed`.
+    With `mark` (app id, channel), the same trip to the store reads that channel's high-water mark
+    (`core/statecheck.py`); `high_water()` takes it from the result. A failing state store (already counted and
+    reported by `GuardedState`) lets the request pass with `state.rate_limit_on_failure: fail_open`, the default,
+    and refuses it (`state_error`) with `fail_closed`.
     """
+    fail_open = snap.config.state.rate_limit_on_failure != "fail_closed"
     key = f"{route}|{app.app_id}|{peer.identity.sha256}"
-    try:
-        retry = await rt.state.hit(key, per_minute, RATE_WINDOW, time.time())
-    except StateError:
-        if snap.config.state.rate_limit_on_failure == "fail_closed":
-            raise
-        return
-    if retry is not None:
-        raise RateLimited(retry)
+    trip = Trip(key, per_minute, RATE_WINDOW, time.time(), mark, read_after_failed_count=fail_open)
+    result = await rt.state.check(trip)
+    if result.count_error is not None:
+        if not fail_open:
+            raise StateError("hit") from result.count_error
+    elif result.retry is not None:
+        raise RateLimited(result.retry)
+    return result
+
+
+def high_water(result: TripResult) -> str | None:
+    """The high-water mark read in a request's trip to the store (`rate_limit` with `mark`); `StateError` if the
+    read failed."""
+    if result.mark_error is not None:
+        raise StateError("high_water") from result.mark_error
+    if not result.mark_read:
+        raise RuntimeError("the trip to the state store read no high-water mark")
+    return result.mark
 
 
 def upstream_headers(request: web.Request) -> dict[str, str]:

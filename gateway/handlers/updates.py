@@ -34,7 +34,8 @@ from gateway.core.review import (
     load_public_keys,
     review_answer,
 )
-from gateway.handlers.capgo_common import call_origin, invalid, rate_limit, read_json
+from gateway.core.statecheck import must_record
+from gateway.handlers.capgo_common import call_origin, high_water, invalid, rate_limit, read_json
 from gateway.handlers.rollout import current_halts
 from gateway.origins import Origin, OriginError, ReleaseNotFound
 from gateway.recorder import RECORDER, Answered, Recorder
@@ -152,7 +153,10 @@ async def _answer(
     outcome: Outcome,
     peer: Peer,
     served: Served | None,
+    mark: str | None = None,
 ) -> web.Response:
+    """The answer to a check; an offer is recorded in the state store when it moves `mark`, the channel's
+    high-water mark it was reviewed against (`core/statecheck.must_record`; without one it always is)."""
     record = request_audit(request)
     if isinstance(outcome, Decline):
         return _decline(request, rt, outcome)
@@ -160,7 +164,8 @@ async def _answer(
         rt.metrics.update_answers.labels("builtin").inc()
         return capgo_json({"version": "builtin"})
     body = _tickets(rt, request, app, origin, outcome, peer, served)
-    await rt.state.record_offer(app.app_id, channel, outcome.version, lower=outcome.lowers_channel)
+    if must_record(mark, outcome.version, outcome.lowers_channel):
+        await rt.state.record_offer(app.app_id, channel, outcome.version, lower=outcome.lowers_channel)
     record.detail = f"offered {outcome.version}"
     rt.metrics.update_answers.labels("new_version").inc()
     return capgo_json(body)
@@ -186,7 +191,9 @@ async def _update_check(request: web.Request) -> web.StreamResponse:
     if isinstance(plan, Refusal):
         raise plan
     app, channel = plan.app, plan.channel
-    await rate_limit(rt, snap, "updates", app, peer, app.rate_limits.updates_per_minute)
+    # one trip to the store: the rate limit counted, and the channel's high-water mark read for the review
+    mark = None if plan.decline is not None else (app.app_id, channel)
+    trip = await rate_limit(rt, snap, "updates", app, peer, app.rate_limits.updates_per_minute, mark=mark)
     origin = snap.origins[plan.origin]
     record.origin = origin.name
     outcome: Outcome
@@ -204,7 +211,7 @@ async def _update_check(request: web.Request) -> web.StreamResponse:
         device,
         app,
         public_keys=load_public_keys(app.verification.public_keys),
-        high_water=await rt.state.high_water(app.app_id, channel),
+        high_water=(floor := high_water(trip)),
         hosts=hosts,
         served=served,
     )
@@ -212,9 +219,9 @@ async def _update_check(request: web.Request) -> web.StreamResponse:
     if isinstance(outcome, Offer):
         staged = await _staged(rt, request.app[RECORDER], app, origin, device, channel, peer, outcome)
     if staged is None:
-        return await _answer(request, rt, app, channel, origin, outcome, peer, served)
+        return await _answer(request, rt, app, channel, origin, outcome, peer, served, floor)
     try:
-        response = await _answer(request, rt, app, channel, origin, staged.outcome, peer, staged.served)
+        response = await _answer(request, rt, app, channel, origin, staged.outcome, peer, staged.served, floor)
     except Answered as answered:
         answered.detail = f"{answered.detail}; {staged.why}"
         raise
