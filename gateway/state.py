@@ -18,12 +18,14 @@ and raised as `StateError`, a refusal (`state_error`) that the routes answer in 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
+import queue
 import sqlite3
+import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -217,6 +219,55 @@ def _journal_wal(conn: sqlite3.Connection, timeout: float) -> None:
         time.sleep(0.01)
 
 
+def _settle(future: asyncio.Future[Any], result: object, error: BaseException | None) -> None:
+    if future.cancelled():
+        return
+    if error is None:
+        future.set_result(result)
+    else:
+        future.set_exception(error)
+
+
+class StoreThread:
+    """One long-lived thread that runs blocking calls in order, each awaited from an event loop.
+
+    A trip is a put on a `SimpleQueue` and one `call_soon_threadsafe` back with the result: about half the CPU of
+    `run_in_executor`'s chain of futures (bench/README.md, "Update checks: one trip to the store, session 3"). A
+    call whose awaiting task was cancelled before the thread took it is skipped, as an executor's would be.
+    """
+
+    def __init__(self, name: str) -> None:
+        self._jobs: queue.SimpleQueue[tuple[Callable[..., Any], tuple[object, ...], asyncio.Future[Any]] | None]
+        self._jobs = queue.SimpleQueue()
+        self._stopped = False
+        self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            fn, args, future = job
+            if future.cancelled():
+                continue
+            try:
+                result, error = fn(*args), None
+            except BaseException as exc:  # handed to the caller, whatever it is
+                result, error = None, exc
+            with contextlib.suppress(RuntimeError):  # the caller's loop is closed: nobody waits for the answer
+                future.get_loop().call_soon_threadsafe(_settle, future, result, error)
+
+    async def run(self, fn: Callable[..., T], *args: object) -> T:
+        if self._stopped:
+            raise RuntimeError("state store is closed")
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._jobs.put((fn, args, future))
+        return await future
+
+    def stop(self) -> None:
+        """The thread ends after the calls already queued; later calls raise RuntimeError."""
+        self._stopped = True
+        self._jobs.put(None)
+
+
 class SqliteState:
     """The state store in one SQLite file; statements run on a dedicated thread, one connection."""
 
@@ -225,7 +276,7 @@ class SqliteState:
     def __init__(self, path: Path, busy_timeout: float = 5.0) -> None:
         self.path = path
         self._busy_timeout = busy_timeout  # how long a statement waits for another process's lock
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ota-state")
+        self._thread = StoreThread("ota-state")
         self._conn: sqlite3.Connection | None = None
         self._hits = 0
 
@@ -235,12 +286,12 @@ class SqliteState:
         try:
             await store._run(store._connect)
         except BaseException:
-            store._executor.shutdown(wait=False)
+            store._thread.stop()
             raise
         return store
 
     async def _run(self, fn: Callable[..., T], *args: object) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        return await self._thread.run(fn, *args)
 
     def _connect(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -393,7 +444,7 @@ class SqliteState:
         try:
             await self._run(self._close)
         finally:
-            self._executor.shutdown(wait=False)
+            self._thread.stop()
 
 
 # RedisState.check: KEYS[1] the rate counter, KEYS[2] (optional) the high-water mark; ARGV[1] the counter's TTL.

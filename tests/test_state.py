@@ -365,3 +365,31 @@ async def test_halt_once_and_resume_clears_counts(store: StateStore) -> None:
     assert await store.resume(app, "1.3.0") is False
     assert await store.halts(app) == {}
     assert await store.release_counts(app, "1.3.0", now, 3600) == (0, 0)
+
+
+async def test_store_thread_runs_in_order_passes_errors_back_and_skips_cancelled_calls() -> None:
+    """The store's thread: calls run one after another, a call's exception reaches its caller, a call whose task
+    was cancelled before the thread took it never runs, and a stopped thread refuses new calls."""
+    import threading
+
+    from gateway.state import StoreThread
+
+    worker, ran, gate = StoreThread("test-state"), [], threading.Event()
+    try:
+        blocked = asyncio.ensure_future(worker.run(gate.wait, 10))
+        await asyncio.sleep(0.05)  # the thread is in the first call
+        skipped = asyncio.ensure_future(worker.run(ran.append, "cancelled"))
+        await asyncio.sleep(0)  # queued behind the first
+        skipped.cancel()
+        kept = asyncio.ensure_future(worker.run(ran.append, "kept"))
+        await asyncio.sleep(0)
+        gate.set()
+        assert await blocked is True
+        await kept
+        assert ran == ["kept"] and skipped.cancelled()
+        with pytest.raises(ZeroDivisionError):
+            await worker.run(lambda: 1 / 0)
+    finally:
+        worker.stop()
+    with pytest.raises(RuntimeError, match="closed"):
+        await worker.run(ran.append, "late")
