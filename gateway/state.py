@@ -8,6 +8,9 @@ the default: one file (`state.path`), WAL mode so several worker
 processes share it, every statement run on one dedicated thread so the event loop never waits on the disk.
 `MemoryState` keeps the same contract in a dict (tests, or a single process that may forget on restart).
 `RedisState` shares it between several hosts (`state.redis_url`). Version order is `core/versions.py`'s.
+A request makes one trip to the store (`check`: its rate-limit count and the channel's high-water mark read
+together, one script on Redis); what the trip reads and when an offer must still be recorded is
+`core/statecheck.py`'s decision, which the stores only execute.
 
 `GuardedState` wraps whichever store runs and makes its failures visible, for every operation of the
 `StateStore` interface (including ones added later): a failed operation (Redis stopped, SQLite on a full disk or
