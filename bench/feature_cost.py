@@ -17,7 +17,8 @@ Two parts, one report (Markdown, also written to `bench/results/feature_cost.md`
      (the same one trip to the store);
    - `update check, offer (Redis)`: `state.redis_url` to a redis-server this script starts (127.0.0.1, no
      persistence), if one is installed; the Redis server's own CPU is shown apart;
-   - `GET 1 KiB bundle`: the directory origin's 1 KiB bundle (the per-request figure of `bench/run.py`).
+   - `GET 1 KiB bundle`: the 1 KiB bundle of the directory origin and of the HTTPS origin (`bench/run.py`'s nginx
+     origin, on the client's core) (the per-request figures of `bench/run.py`).
 2. **In process**: each stage's own function on the same inputs as part 1 (the same config, policies, release
    index, client certificate), timed with `time.process_time` over many calls (all threads: the SQLite store's
    worker thread counts). The rest of a check (HTTP parsing, TLS, aiohttp, the envelope, the event loop) is the
@@ -78,10 +79,10 @@ def device_body(device: str, version: str) -> bytes:
 # servers
 
 
-def write_config(ws: harness.Workspace, directory: Path, redis_url: str | None) -> Path:
+def write_config(ws: harness.Workspace, directory: Path, redis_url: str | None, origin_port: int = 1) -> Path:
     """`bench/run.py`'s gateway config, the update checks' rate limit raised out of the way (every request still
-    counts against it), and optionally the Redis state store."""
-    config = harness.write_gateway_config(ws, directory, 1)
+    counts against it), and optionally the Redis state store; its HTTPS origin `cdn` on `origin_port`."""
+    config = harness.write_gateway_config(ws, directory, origin_port)
     data = yaml.safe_load(config.read_text())
     policies = Path(data["policies"]) / "bench.yaml"
     apps = yaml.safe_load(policies.read_text())
@@ -241,8 +242,8 @@ def liveness(conn: http.client.HTTPSConnection) -> None:
         raise harness.BenchError(f"GET /updates answered {resp.status}")
 
 
-def bundle(conn: http.client.HTTPSConnection) -> None:
-    conn.request("GET", f"/bundles/{harness.APP_DIR}/{harness.SMALL_VERSION}.zip")
+def bundle(conn: http.client.HTTPSConnection, app: str = harness.APP_DIR) -> None:
+    conn.request("GET", f"/bundles/{app}/{harness.SMALL_VERSION}.zip")
     resp = conn.getresponse()
     if resp.status != 200 or len(resp.read()) != 1024:
         raise harness.BenchError(f"bundle GET answered {resp.status}")
@@ -557,9 +558,11 @@ def render(rows: list[Row], parts: list[tuple[str, str, float]], n: int, runs: i
     ngx = med.get(("nginx mTLS: GET 1 KiB file from disk", "this tree"))
     gw_get = med.get(("GET 1 KiB bundle (directory origin)", "this tree"))
     small_floor = med.get(("aiohttp alone: GET 1 KiB", "this tree"))
+    gw_cdn = med.get(("GET 1 KiB bundle (HTTPS origin)", "this tree"))
     if ngx and gw_get and small_floor:
+        cdn = f", HTTPS origin {gw_cdn / ngx:.2f}x (against nginx's file from disk)" if gw_cdn else ""
         lines.append(
-            f"\n1 KiB GET against nginx (same run): gateway, directory origin {gw_get / ngx:.2f}x; aiohttp alone "
+            f"\n1 KiB GET against nginx (same run): gateway, directory origin {gw_get / ngx:.2f}x{cdn}; aiohttp alone "
             f"{small_floor / ngx:.2f}x (the floor of any gateway built on aiohttp)."
         )
     if floor is not None:
@@ -604,6 +607,8 @@ def main(argv: list[str] | None = None) -> int:
         redis_url = getattr(redis, "url", None)
         floor = stack.enter_context(run_floor(ws))
         nginx = stack.enter_context(run_nginx_files(ws))
+        # the HTTPS origin of the `GET 1 KiB bundle (HTTPS origin)` rows: bench/run.py's nginx origin, on core 1
+        cdn = None if nginx is None else stack.enter_context(harness.origin_server(ws))
         rows = [] if nginx is None else [Row("nginx mTLS: GET 1 KiB file from disk", nginx, nginx_file, scale=5)]
         rows += [
             Row("aiohttp alone: POST /updates", floor, lambda c: check(c, OLD_VERSION, "any")),
@@ -614,7 +619,7 @@ def main(argv: list[str] | None = None) -> int:
             sources.append((args.compare_src, args.compare_label or str(args.compare_src)))
         sqlite_config = None
         for i, (src, label) in enumerate(sources):
-            config = write_config(ws, base / f"gw-sqlite-{i}", None)
+            config = write_config(ws, base / f"gw-sqlite-{i}", None, cdn.port if cdn else 1)
             sqlite_config = sqlite_config or config
             gw = stack.enter_context(gateway_from(src, f"gateway-{i}", config))
             rows += [
@@ -623,6 +628,8 @@ def main(argv: list[str] | None = None) -> int:
                 Row("update check, up to date (SQLite)", gw, lambda c: check(c, BIG, "up to date"), label),
                 Row("GET 1 KiB bundle (directory origin)", gw, bundle, label),
             ]
+            if cdn is not None:
+                rows.append(Row("GET 1 KiB bundle (HTTPS origin)", gw, lambda c: bundle(c, harness.APP_CDN), label))
             if redis_url:
                 config = write_config(ws, base / f"gw-redis-{i}", redis_url)
                 gw = stack.enter_context(gateway_from(src, f"gateway-redis-{i}", config))

@@ -119,13 +119,25 @@ def _listener_for(snap: Snapshot, sockname: object) -> TlsListener:
     return listeners[0]
 
 
+# the headers of `low_level_headers` per local address, with the config they were made from (reused while it is
+# the request's own; one entry per listener address, dropped all at once should addresses ever pile up)
+_LISTENER_HEADERS: dict[object, tuple[object, tuple[tuple[str, str], ...]]] = {}
+
+
 async def _hsts(request: web.Request, response: web.StreamResponse) -> None:
     transport = request.transport
     sockname = transport.get_extra_info("sockname") if transport is not None else None
     snap = request.get(SNAPSHOT_KEY) or request.app[RUNTIME].snapshot  # the request's own, once the envelope ran
-    for name, value in low_level_headers(snap, tls=True, sockname=sockname).items():
-        response.headers.setdefault(name, value)
-    response.headers["Server"] = "ota-gateway"
+    cached = _LISTENER_HEADERS.get(sockname)
+    if cached is None or cached[0] is not snap.config:
+        cached = (snap.config, tuple(low_level_headers(snap, tls=True, sockname=sockname).items()))
+        if len(_LISTENER_HEADERS) >= 64:
+            _LISTENER_HEADERS.clear()
+        _LISTENER_HEADERS[sockname] = cached
+    headers = response.headers
+    for name, value in cached[1]:
+        headers.setdefault(name, value)
+    headers["Server"] = "ota-gateway"
 
 
 def recorder_for(rt: Runtime) -> Recorder:

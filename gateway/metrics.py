@@ -225,9 +225,9 @@ class Metrics:
             self.reloads.labels(result)
         for answer in ("redirect", "upgrade_required"):
             self.plain_http.labels(answer)
-        for result in VERIFICATION_RESULTS:
-            self.verifications.labels(result)
         # children bound once: every request counts through these (`labels()` costs a lock and a tuple each call)
+        self.verification_count = {result: self.verifications.labels(result) for result in VERIFICATION_RESULTS}
+        self.origin_seconds: dict[str, Histogram] = {}  # origin -> its `origin_latency` child (`origin()`)
         self.refusal_count = {reason: self.refusals.labels(reason) for reason in ALL_LABELS}
         self.request_count = {(r, o): self.requests.labels(r, o) for r in ROUTES for o in OUTCOMES}
 
@@ -249,6 +249,7 @@ class Metrics:
     def origin(self, name: str) -> None:
         self.origin_errors.labels(name)
         self.origin_overruns.labels(name)
+        self.origin_seconds[name] = self.origin_latency.labels(name)
 
     def app_events(self, app_id: str) -> None:
         """Create an app's device-event label sets (zeros for every action) the first time it sends events."""

@@ -357,20 +357,36 @@ class DirectoryOrigin:
     def locate(self, app_id: str, file: str) -> str:
         return file
 
-    @asynccontextmanager
-    async def open(
+    def open(
         self, app_id: str, location: str, chunk_size: int, peer: Peer | None = None, *, size_hint: int | None = None
-    ) -> AsyncIterator[Body]:
+    ) -> AbstractAsyncContextManager[Body]:
         """The file `location` below the app's folder; `size_hint` (the expected size) picks how it is read."""
+        return _OpenFile(self, app_id, location, chunk_size, size_hint)
+
+    async def close(self) -> None:
+        return None
+
+
+class _OpenFile:
+    """`DirectoryOrigin.open`: the file opened (and confined to the app's folder) on entry, closed on exit."""
+
+    def __init__(
+        self, origin: DirectoryOrigin, app_id: str, location: str, chunk_size: int, size_hint: int | None
+    ) -> None:
+        self.origin, self.app_id, self.location, self.chunk_size = origin, app_id, location, chunk_size
+        self.small = size_hint is not None and size_hint <= INLINE_READ_BYTES
+        self.fd = -1
+
+    async def __aenter__(self) -> Body:
+        origin, app_id, location, chunk_size = self.origin, self.app_id, self.location, self.chunk_size
         problem = location_problem(location, None)
         if problem is not None:
-            raise OriginError(f"origin {self.name}: {problem[1]}")
-        folder = f"{self._root}/{app_id}"
+            raise OriginError(f"origin {origin.name}: {problem[1]}")
+        folder = f"{origin._root}/{app_id}"
         path = f"{folder}/{location}"
         shown = f"{app_id}/{location}"
-        small = size_hint is not None and size_hint <= INLINE_READ_BYTES
         try:
-            if small:
+            if self.small:
                 # a small file costs less to read at once than a trip to a worker thread (~100 us of CPU)
                 fd, size, first = _open_first(path, location, chunk_size, folder)
             else:
@@ -382,11 +398,14 @@ class DirectoryOrigin:
                     opening.add_done_callback(_close_opened)
                     raise
         except FileNotFoundError as exc:
-            raise self._failed(f"origin {self.name}: {shown} is listed in the index but missing", path, exc) from None
+            raise origin._failed(
+                f"origin {origin.name}: {shown} is listed in the index but missing", path, exc
+            ) from None
         except _Outside as exc:
-            raise self._failed(f"origin {self.name}: {shown} leads outside the app's folder", path, exc) from None
+            raise origin._failed(f"origin {origin.name}: {shown} leads outside the app's folder", path, exc) from None
         except OSError as exc:
-            raise self._failed(f"origin {self.name}: cannot open {shown}: {exc.strerror}", path, exc) from None
+            raise origin._failed(f"origin {origin.name}: cannot open {shown}: {exc.strerror}", path, exc) from None
+        self.fd = fd
         pending = [first] if first else []
 
         def read_next() -> bytes:
@@ -395,15 +414,16 @@ class DirectoryOrigin:
             try:
                 return os.read(fd, chunk_size)  # reads on to the real end of the file, so growth is seen
             except OSError as exc:
-                raise self._failed(f"origin {self.name}: read error on {shown}: {exc.strerror}", path, exc) from None
+                raise origin._failed(
+                    f"origin {origin.name}: read error on {shown}: {exc.strerror}", path, exc
+                ) from None
 
-        try:
-            yield FileBody(size, read_next, small)
-        finally:
-            os.close(fd)
+        return FileBody(size, read_next, self.small)
 
-    async def close(self) -> None:
-        return None
+    async def __aexit__(self, *exc_info: object) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 class _Outside(Exception):
@@ -920,6 +940,7 @@ class HttpsOrigin:
         self._ssl: ssl.SSLContext = upstream_context(config)
         self._session: aiohttp.ClientSession | None = None
         self._allowed_hosts = {self.base.host, *config.redirect_hosts}
+        self._hosts = frozenset(h.lower() for h in self._allowed_hosts if h)
         self._cache: dict[str, tuple[float, ReleaseIndex]] = {}
 
     def _get_session(self) -> aiohttp.ClientSession:
@@ -1056,7 +1077,7 @@ class HttpsOrigin:
     @property
     def hosts(self) -> frozenset[str]:
         """The hosts this origin's urls may name (its own and `redirect_hosts`), lowercase."""
-        return frozenset(h.lower() for h in self._allowed_hosts if h)
+        return self._hosts
 
     def url(self, path: str) -> URL:
         """A path relative to the origin's url (`updates_path` and the like)."""

@@ -89,7 +89,9 @@ async def stream_verified(
     failure after the headers went out."""
     try:
         async with body_cm as body:
-            rt.metrics.origin_latency.labels(plan.origin).observe(time.monotonic() - started)
+            metrics = rt.metrics
+            seconds = metrics.origin_seconds.get(plan.origin) or metrics.origin_latency.labels(plan.origin)
+            seconds.observe(time.monotonic() - started)
             rt.origin_ok(plan.origin)
             return await _respond(request, rt, body, plan)
     except OriginError as exc:  # raised while opening: nothing has been sent yet
@@ -111,7 +113,7 @@ async def _respond(request: web.Request, rt: Runtime, body: Body, plan: Download
     if isinstance(shape, Unsatisfiable):
         raise _unsatisfiable(shape)
     if isinstance(shape, Refusal):  # the origin declares another size than expected
-        rt.metrics.verifications.labels(shape.reason.label).inc()
+        _verified(rt, shape.reason.label)
         raise shape
     expect = shape.expect
     resp = _BundleResponse(
@@ -151,7 +153,7 @@ async def _respond(request: web.Request, rt: Runtime, body: Body, plan: Download
             record.status = resp.status
         _abort(request, resp)
         if refusal.reason not in _NOT_VERIFIED:
-            rt.metrics.verifications.labels(refusal.reason.label).inc()
+            _verified(rt, refusal.reason.label)
         if refusal.reason in _ORIGIN_FAILED:
             rt.origin_failed(plan.origin, refusal.detail)
         failed = Refusal(refusal.reason, refusal.detail)  # without the traceback (and the frames it holds)
@@ -160,7 +162,7 @@ async def _respond(request: web.Request, rt: Runtime, body: Body, plan: Download
         _abort(request, resp)
         raise
     else:
-        rt.metrics.verifications.labels("passed").inc()
+        _verified(rt, "passed")
     finally:
         record.bytes = verifier.released if whole is None else sent
         rt.metrics.bytes_streamed.inc(record.bytes)
@@ -168,6 +170,11 @@ async def _respond(request: web.Request, rt: Runtime, body: Body, plan: Download
     if failed is not None:  # raised outside the except block: the outcome carries no traceback of the pump
         raise Answered(failed, resp, aborted=True)
     return resp
+
+
+def _verified(rt: Runtime, result: str) -> None:
+    """Count a finished verification by result (`ota_gateway_bundle_verifications_total`)."""
+    (rt.metrics.verification_count.get(result) or rt.metrics.verifications.labels(result)).inc()
 
 
 def _at(deadline: float) -> float | None:
@@ -221,15 +228,17 @@ class _Client:
 
     def __init__(self, resp: _BundleResponse, verifier: Verifier, limits: Limits) -> None:
         self.resp, self.verifier, self.limits = resp, verifier, limits
-        self.meter = RateMeter(MinRate(limits.client_min_rate, limits.rate_window))
+        self.meter: RateMeter | None = None  # made at the first wait (most small answers never wait)
         self.unwaited = 0  # bytes handed to the client's transport since the last wait on it, not yet counted
         self.waits = 0  # waits on the client so far
-        self.loop = asyncio.get_running_loop()
 
     async def wait(self, step: Awaitable[None], moved: int) -> None:
         """Wait on the client (`step`: a drain or the end of the response) under its minimum rate; `moved` bytes
         count once it is done. A slow or vanished client is a refusal."""
-        meter, loop = self.meter, self.loop
+        loop = asyncio.get_running_loop()
+        if self.meter is None:
+            self.meter = RateMeter(MinRate(self.limits.client_min_rate, self.limits.rate_window))
+        meter = self.meter
         self.waits += 1
         if self.unwaited:  # written without waiting: they count now, as if each had been counted when written
             meter.moved(self.unwaited, loop.time())
@@ -260,8 +269,14 @@ class _Client:
             self.unwaited += len(piece)
 
     async def end(self) -> None:
-        """End the answer, waiting on the client for its buffer to drain."""
-        await self.wait(self.resp.write_eof(), 0)
+        """End the answer, waiting on the client (under its minimum rate) if ending may wait for it."""
+        if not self.resp.ends_at_once():
+            await self.wait(self.resp.write_eof(), 0)
+            return
+        try:  # nothing to wait for: no timer
+            await self.resp.write_eof()
+        except (ConnectionError, RuntimeError) as exc:
+            raise self.verifier.error(Reason.CLIENT_GONE, f"client went away: {exc}") from None
 
 
 async def _pump(resp: _BundleResponse, verifier: Verifier, body: Body, limits: Limits) -> None:
@@ -322,6 +337,12 @@ class _BundleResponse(web.StreamResponse):
             raise RuntimeError("Cannot call write() after write_eof()")
         await writer.write(data, drain=False)
         return writer.protocol.writing_paused
+
+    def ends_at_once(self) -> bool:
+        """Whether `write_eof()` now cannot wait for the client: a declared length (nothing more to write once the
+        body is out) and the client's transport buffer below its mark."""
+        writer = self._payload_writer
+        return isinstance(writer, StreamWriter) and not writer.chunked and not writer.protocol.writing_paused
 
     async def drained(self) -> None:
         """Return once the client's transport buffer is below its low mark again."""
