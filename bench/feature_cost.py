@@ -453,9 +453,31 @@ def stages(config_path: Path, ws: harness.Workspace, redis_url: str | None, n: i
         statements = sqlite_statements(loop, sqlite, rate_key, app.app_id, channel, n)
         if statements is not None:
             out.append(("of which SQL (SQLite)", "the trip's statements alone, on the store's thread", statements))
+        out += trip_costs(loop, n)
         for _, store in stores:
             loop.run_until_complete(store.close())
     loop.close()
+    return out
+
+
+def trip_costs(loop: asyncio.AbstractEventLoop, n: int) -> list[tuple[str, str, float]]:
+    """CPU us of a trip to a store's thread and back alone (a no-op call awaited): the store's own thread
+    (`StoreThread`, session 3) and, for comparison, `run_in_executor` on a one-thread pool as before."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    out: list[tuple[str, str, float]] = []
+    try:
+        from gateway.state import StoreThread
+    except ImportError:
+        pass
+    else:
+        worker = StoreThread("bench-trip")
+        what = "a no-op call on the store's thread (`StoreThread`: SimpleQueue, `call_soon_threadsafe`)"
+        out.append(("of which the trip", what, timed_async(loop, lambda: worker.run(int), n)))
+        worker.stop()
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        us = timed_async(loop, lambda: loop.run_in_executor(pool, int), n)
+    out.append(("(a trip by `run_in_executor`)", "the same no-op call, as the store made it before session 3", us))
     return out
 
 
@@ -542,8 +564,9 @@ def render(rows: list[Row], parts: list[tuple[str, str, float]], n: int, runs: i
     own = 0.0
     for stage, what, us in parts:
         other_store = ("memory" in stage or "Redis" in stage) and ("rate limit" in stage or "state" in stage)
-        if stage.startswith("of which"):  # a part of the rows above
-            lines.append(f"| {stage} | {what} | {us:.1f} | ({us / total * 100:.1f} % of the check) |")
+        if stage.startswith(("of which", "(")):  # a part of the rows above, or a comparison
+            part = "(for comparison)" if stage.startswith("(") else f"({us / total * 100:.1f} % of the check)"
+            lines.append(f"| {stage} | {what} | {us:.1f} | {part} |")
             continue
         if not other_store:
             own += us
