@@ -491,13 +491,13 @@ def sqlite_statements(
         hit, high_water = store._hit, store._high_water
     except AttributeError:
         return None
-    try:
+    check = getattr(store, "_check", None)
+    if check is not None:
         from gateway.core.statecheck import Trip
-        from gateway.state import _trip
 
         def one() -> None:
-            _trip(Trip(key, 10**9, 60.0, time.time(), (app_id, channel)), hit, high_water, store.errors)
-    except ImportError:  # three trips
+            check(Trip(key, 10**9, 60.0, time.time(), (app_id, channel)))
+    else:  # three trips
 
         def one() -> None:
             hit(key, 10**9, 60.0, time.time())

@@ -97,22 +97,28 @@ STATE_OPS: tuple[str, ...] = tuple(
 
 def _trip(
     trip: Trip,
-    hit: Callable[[str, int, float, float], float | None],
+    count: Callable[[Trip], tuple[float | None, str | None]],
     read: Callable[[str, str], str | None],
     errors: tuple[type[BaseException], ...],
 ) -> TripResult:
-    """Carry out `trip` with a store's own (blocking) `hit` and high-water `read`; its `errors` are returned."""
-    retry, count_error = None, None
+    """Carry out `trip` with a store's own blocking steps; its `errors` are returned, not raised.
+
+    `count(trip)` counts the request and, in the same step, reads the mark `trip.mark` names (None without one):
+    (seconds to wait or None, the mark or None). When the count fails, `read` reads the mark alone, if the trip
+    still needs it: a store that refuses writes (full, locked) can usually still be read.
+    """
     try:
-        retry = hit(trip.key, trip.limit, trip.window, trip.now)
+        retry, mark = count(trip)
     except errors as exc:
-        count_error = exc
-    if trip.mark is None or not trip.reads_mark(counted=count_error is None, retry=retry):
-        return TripResult(retry, count_error)
-    try:
-        return TripResult(retry, count_error, read(*trip.mark), mark_read=True)
-    except errors as exc:
-        return TripResult(retry, count_error, mark_read=True, mark_error=exc)
+        if trip.mark is None or not trip.reads_mark(counted=False, retry=None):
+            return TripResult(count_error=exc)
+        try:
+            return TripResult(None, exc, read(*trip.mark), mark_read=True)
+        except errors as read_exc:
+            return TripResult(None, exc, mark_read=True, mark_error=read_exc)
+    if trip.mark is None or not trip.reads_mark(counted=True, retry=retry):
+        return TripResult(retry)
+    return TripResult(retry, None, mark, mark_read=True)
 
 
 class MemoryState:
@@ -131,7 +137,11 @@ class MemoryState:
         return self._marks.get((app_id, channel))
 
     async def check(self, trip: Trip) -> TripResult:
-        return _trip(trip, self._hit, lambda app_id, channel: self._marks.get((app_id, channel)), self.errors)
+        return _trip(trip, self._count, lambda app_id, channel: self._marks.get((app_id, channel)), self.errors)
+
+    def _count(self, trip: Trip) -> tuple[float | None, str | None]:
+        retry = self._hit(trip.key, trip.limit, trip.window, trip.now)
+        return retry, None if trip.mark is None else self._marks.get(trip.mark)
 
     async def release_event(
         self, app_id: str, version: str, device: str, failed: bool, now: float, window: float
@@ -201,6 +211,12 @@ CREATE TABLE IF NOT EXISTS release_halts (
     app_id TEXT NOT NULL, version TEXT NOT NULL, detail TEXT NOT NULL, PRIMARY KEY (app_id, version)
 );
 """
+
+
+_COUNT = (
+    "INSERT INTO rate (key, window, count) VALUES (?, ?, 1) ON CONFLICT (key, window) DO UPDATE SET count = count + 1"
+)
+_AND_MARK = " RETURNING count, (SELECT version FROM high_water WHERE app_id = ? AND channel = ?)"
 
 
 def _journal_wal(conn: sqlite3.Connection, timeout: float) -> None:
@@ -343,17 +359,24 @@ class SqliteState:
             raise
 
     def _hit(self, key: str, limit: int, window: float, now: float) -> float | None:
+        return self._count(Trip(key, limit, window, now))[0]
+
+    def _count(self, trip: Trip) -> tuple[float | None, str | None]:
+        """The count, and the mark `trip` names read by the same statement (one call into SQLite instead of two)."""
         db = self._db()
-        start = window_start(now, window)
+        start = window_start(trip.now, trip.window)
         self._hits += 1
         if self._hits % _PRUNE_EVERY == 0:
             db.execute("DELETE FROM rate WHERE window < ?", (start - 3600,))
-        row = db.execute(
-            "INSERT INTO rate (key, window, count) VALUES (?, ?, 1) "
-            "ON CONFLICT (key, window) DO UPDATE SET count = count + 1 RETURNING count",
-            (key, start),
-        ).fetchone()
-        return retry_after(int(row[0]), limit, start, window, now)
+        if trip.mark is None:
+            row = db.execute(_COUNT + " RETURNING count, NULL", (trip.key, start)).fetchone()
+        else:
+            row = db.execute(_COUNT + _AND_MARK, (trip.key, start, *trip.mark)).fetchone()
+        retry = retry_after(int(row[0]), trip.limit, start, trip.window, trip.now)
+        return retry, None if row[1] is None else str(row[1])
+
+    def _check(self, trip: Trip) -> TripResult:
+        return _trip(trip, self._count, self._high_water, self.errors)
 
     def _probe(self) -> None:
         self._db().execute(
@@ -421,7 +444,7 @@ class SqliteState:
         return await self._run(self._hit, key, limit, window, now)
 
     async def check(self, trip: Trip) -> TripResult:
-        return await self._run(_trip, trip, self._hit, self._high_water, self.errors)
+        return await self._run(self._check, trip)
 
     async def probe(self) -> None:
         await self._run(self._probe)
