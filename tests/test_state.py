@@ -101,6 +101,24 @@ async def test_sqlite_persists_and_is_shared(tmp_path: Path) -> None:
         await again.close()
 
 
+async def test_two_workers_checks_share_the_budget_and_the_marks(tmp_path: Path) -> None:
+    """Two connections to one file (two workers): one rate-limit budget per key across both, and a mark one of
+    them records is what the other's next trip reads."""
+    path, mark = tmp_path / "s.sqlite", ("com.example.app", "production")
+    one, two = await SqliteState.open(path), await SqliteState.open(path)
+    try:
+        trip = Trip("k", 1, 60, 1000.0, mark)
+        first = await one.check(trip)
+        assert first.retry is None and first.mark_read and first.mark is None
+        over = await two.check(trip)
+        assert over.retry is not None and not over.mark_read  # the budget was spent on the other worker
+        await one.record_offer(*mark, "2.0.0")
+        assert (await two.check(Trip("other", 1, 60, 1000.0, mark))).mark == "2.0.0"
+    finally:
+        await one.close()
+        await two.close()
+
+
 async def test_sqlite_opens_a_new_file_while_another_process_writes_to_it(tmp_path: Path) -> None:
     """Two workers starting together: one is converting the new file (rollback mode, its write lock held) while the
     other opens it. SQLite refuses the other's switch to WAL at once, without its busy timeout; the store waits
