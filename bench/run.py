@@ -329,9 +329,11 @@ ORIGIN_BODY = """\
 """
 
 # The mTLS proxy: same TLS settings as the gateway (TLS 1.2+, intermediate suites and groups, no tickets, no session
-# cache, client certificate required), forwards the client's subject like a real deployment would, keeps upstream
-# connections alive (as aiohttp's pool does), and streams without spooling to a temp file (bounded memory, as the
-# gateway). /files/ serves the same files from disk: the peer of the gateway's directory origin.
+# cache, client certificate required; towards the origin TLS 1.2+ (nginx 1.22's default is TLS 1.2 at most) and the
+# gateway's TLS 1.3 suite order, ORIGIN_TLS13_SUITES of gateway/tls.py, so both decrypt the origin's bytes with
+# AES-128-GCM), forwards the client's subject like a real deployment would, keeps upstream connections alive (as
+# aiohttp's pool does), and streams without spooling to a temp file (bounded memory, as the gateway). /files/ serves
+# the same files from disk: the peer of the gateway's directory origin.
 PROXY_BODY = """\
     access_log {dir}/access.log;
     upstream origin {{
@@ -359,6 +361,9 @@ PROXY_BODY = """\
             proxy_ssl_verify on;
             proxy_ssl_name localhost;
             proxy_ssl_session_reuse on;
+            proxy_ssl_protocols TLSv1.2 TLSv1.3;
+            proxy_ssl_conf_command Ciphersuites
+                TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256;
             proxy_max_temp_file_size 0;
             proxy_buffer_size 16k;
             proxy_buffers 8 64k;
