@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -39,30 +40,33 @@ def main(argv: list[str] | None = None) -> int:
     harness.check_prerequisites()
     os.sched_setaffinity(0, {harness.CLIENT_CORE})
     base = Path(tempfile.mkdtemp(prefix="ota-stream-profile-"))
-    big = f"/bundles/{args.app}/{harness.BIG_VERSION}.zip"
-    ws = harness.make_workspace(base, args.size_mib * harness.MIB, 1024)
-    with harness.origin_server(ws) as origin, contextlib.ExitStack() as stack:
-        cfg = harness.gateway_config(ws, base / "gw", origin.port, src=args.src)
-        gw = stack.enter_context(harness.run_gateway("gw", cfg, harness.PROXY_CORE, src=args.src))
-        ctx = ws.client_context()
-        harness.download(gw.port, big, ctx, ws.big_sha, ws.big_size)  # warm-up: the index, the origin connection
-        if args.tool == "perf":
-            cmd = ["perf", "record", "-e", "cpu-clock", "-F", "2000", "-g", "-o", str(args.out), "-p", str(gw.pid)]
-        else:
-            spy = str(harness.VENV_BIN / "py-spy")
-            cmd = [spy, "record", "--native", "-r", "250", "-f", "raw", "-o", str(args.out), "-p", str(gw.pid)]
-        profiler = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            time.sleep(1.0)  # let it attach
+    try:
+        big = f"/bundles/{args.app}/{harness.BIG_VERSION}.zip"
+        ws = harness.make_workspace(base, args.size_mib * harness.MIB, 1024)
+        with harness.origin_server(ws) as origin, contextlib.ExitStack() as stack:
+            cfg = harness.gateway_config(ws, base / "gw", origin.port, src=args.src)
+            gw = stack.enter_context(harness.run_gateway("gw", cfg, harness.PROXY_CORE, src=args.src))
+            ctx = ws.client_context()
+            harness.download(gw.port, big, ctx, ws.big_sha, ws.big_size)  # warm-up: the index, the origin connection
+            if args.tool == "perf":
+                cmd = ["perf", "record", "-e", "cpu-clock", "-F", "2000", "-g", "-o", str(args.out), "-p", str(gw.pid)]
+            else:
+                spy = str(harness.VENV_BIN / "py-spy")
+                cmd = [spy, "record", "--native", "-r", "250", "-f", "raw", "-o", str(args.out), "-p", str(gw.pid)]
+            profiler = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            try:
+                time.sleep(1.0)  # let it attach
 
-            def work() -> None:
-                for _ in range(args.downloads):
-                    harness.download(gw.port, big, ctx, ws.big_sha, ws.big_size)
+                def work() -> None:
+                    for _ in range(args.downloads):
+                        harness.download(gw.port, big, ctx, ws.big_sha, ws.big_size)
 
-            sample = harness.measure(gw.pid, work)
-        finally:
-            profiler.send_signal(signal.SIGINT)
-            profiler.wait(60)
+                sample = harness.measure(gw.pid, work)
+            finally:
+                profiler.send_signal(signal.SIGINT)
+                profiler.wait(60)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
     mb = args.downloads * ws.big_size / harness.MB
     print(f"{args.app}: {mb / sample.cpu:.0f} MB per CPU-second under {args.tool}, load average {os.getloadavg()}")
     print(f"profile: {args.out}")
