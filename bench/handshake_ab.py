@@ -10,14 +10,24 @@ server's process tree per connection; medians over the rounds.
 
     .venv/bin/python bench/handshake_ab.py --src base=/tmp/base --src new=. --rounds 7 --n 200
     .venv/bin/python bench/handshake_ab.py --src new=. --hold 60    # servers stay up 60 s for py-spy / perf
+    .venv/bin/python bench/handshake_ab.py --src base=/tmp/base --src new=. --rounds 0 --instructions 50
+
+`--instructions N` starts every server once more under valgrind's callgrind (nginx with `master_process off`) and
+counts the instructions it executes for N new connections after a warm-up: a count that load from other
+processes does not change (two runs of the same source agree to the instruction), so it resolves changes of 1 %
+that CPU time on this shared machine cannot; it says nothing about cache misses, so confirm with CPU time. Needs
+valgrind (`apt-get install valgrind`); about a minute per server.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import os
 import random
+import re
+import shutil
 import signal
 import socket
 import ssl
@@ -31,6 +41,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import run
+import yaml
 
 MODES = ("full", "full-1.2", "resumed-1.2", "resumed-1.3")
 
@@ -68,13 +79,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--nginx-resume", action="store_true", help="nginx with ssl_session_cache and tickets on")
     p.add_argument("--hold", type=float, default=0, help="keep the servers up this many seconds, then exit")
     p.add_argument("--perf", action="store_true", help="after the rounds: CPU ms per connection by library (perf)")
+    p.add_argument("--instructions", type=int, default=0, metavar="N", help="instructions per connection (callgrind)")
     args = p.parse_args(argv)
+    if args.instructions and not shutil.which("valgrind"):
+        raise SystemExit("--instructions needs valgrind: apt-get install -y valgrind")
     modes = args.modes.split(",")
     os.sched_setaffinity(0, {run.CLIENT_CORE})
     base = Path(tempfile.mkdtemp(prefix="ota-hs-ab-"))
     ws = run.make_workspace(base, 4096, 1024)
     small = f"/bundles/{run.APP_DIR}/{run.SMALL_VERSION}.zip"
     servers: list[tuple[str, run.Server, str]] = []
+    starts: list[tuple[str, list[str], dict[str, str], Path, int, str]] = []  # how to start each one under valgrind
     with run.origin_server(ws) as origin, contextlib.ExitStack() as stack:
         if not args.no_nginx:
             nginx = stack.enter_context(
@@ -90,6 +105,18 @@ def main(argv: list[str] | None = None) -> int:
                 run.use_gateway_source(Path(src))
             cfg = run.gateway_config(ws, base / f"gw-{label}", origin.port)
             servers.append((label, stack.enter_context(run.run_gateway(label, cfg, run.PROXY_CORE)), small))
+            port = yaml.safe_load(cfg.read_text())["listeners"][0]["port"]
+            argv = [*run.GATEWAY_CMD, "serve", "--config", str(cfg), "--workers", "1"]
+            starts.append((label, argv, dict(run.GATEWAY_ENV), cfg.parent, port, small))
+        if not args.no_nginx:
+            nginx_dir, port = base / "nginx-valgrind", run.free_port()
+            body = run.PROXY_BODY.format(
+                dir=nginx_dir, port=port, origin_port=origin.port, certs=ws.certs, origin=ws.origin, ciphers=run.CIPHERS
+            )
+            conf = run.write_nginx(nginx_dir, body)
+            argv = ["nginx", "-p", str(nginx_dir), "-e", str(nginx_dir / "error.log"), "-c", str(conf)]
+            argv += ["-g", "daemon off; master_process off;"]  # one process: the one callgrind counts
+            starts.insert(0, (servers[0][0], argv, {}, nginx_dir, port, servers[0][2]))
         for label, server, path in servers:
             connections(server.port, path, ws, 5, "full")  # warm-up
             print(f"{label}: pid {server.pid} port {server.port}", file=sys.stderr)
@@ -113,6 +140,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"round {rnd + 1} done, load {load[-1]:.2f}", file=sys.stderr)
         if args.perf:
             by_dso = {label: perf_split(server, path, ws, args.n, modes[0]) for label, server, path in servers}
+    counted: dict[str, dict[str, float]] = {}
+    if args.instructions:  # after the others stopped: valgrind is slow and would weigh on their rounds
+        for label, cmd, env, cwd, port, path in starts:
+            counted[label] = instructions(label, cmd, env, cwd, port, path, ws, args.instructions, base)
+            print(f"{label}: {sum(counted[label].values()) / 1e6:.3f} M instructions per connection", file=sys.stderr)
     print(
         f"\nload average (1 min) during the run: {min(load):.1f} to {max(load):.1f}; {args.rounds} rounds x {args.n}\n"
     )
@@ -132,7 +164,68 @@ def main(argv: list[str] | None = None) -> int:
         for d in dsos[:14]:
             print(f"| {d} | " + " | ".join(f"{split.get(d, 0):.3f}" for split in by_dso.values()) + " |")
         print("| total | " + " | ".join(f"{sum(split.values()):.3f}" for split in by_dso.values()) + " |")
+    if counted:
+        objs = sorted(
+            {o for c in counted.values() for o in c}, key=lambda o: -max(c.get(o, 0) for c in counted.values())
+        )
+        print(f"\ncallgrind, {modes[0]}: thousand instructions per connection ({args.instructions} connections)\n")
+        print("| shared object | " + " | ".join(counted) + " |")
+        print("|---|" + "---:|" * len(counted))
+        for o in objs[:10]:
+            print(f"| {o} | " + " | ".join(f"{c.get(o, 0) / 1e3:,.0f}" for c in counted.values()) + " |")
+        print("| total | " + " | ".join(f"{sum(c.values()) / 1e3:,.0f}" for c in counted.values()) + " |")
     return 0
+
+
+def instructions(
+    label: str,
+    argv: list[str],
+    env: dict[str, str],
+    cwd: Path,
+    port: int,
+    path: str,
+    ws: run.Workspace,
+    n: int,
+    base: Path,
+) -> dict[str, float]:
+    """Instructions per connection by shared object of one server run under callgrind: counted from after a
+    warm-up (instrumentation switched on with callgrind_control) to after `n` full-handshake connections."""
+    out = base / f"callgrind-{re.sub(r'[^A-Za-z0-9_.-]', '_', label)}"
+    out.mkdir(exist_ok=True)
+    vg = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}/cg.%p"]
+    proc = subprocess.Popen(
+        [*run.pin_prefix(run.PROXY_CORE), *vg, *argv],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd=cwd,
+        env={**os.environ, **env},
+    )
+    try:
+        run.wait_port(port, proc, f"{label} under valgrind", timeout=300)
+        connections(port, path, ws, 20, "full")  # warm-up, not counted (valgrind also translates code here)
+        for command in ("--instr=on", "--zero", "--dump"):
+            if command == "--dump":
+                connections(port, path, ws, n, "full")
+                time.sleep(0.5)
+            subprocess.run(["callgrind_control", command, str(proc.pid)], check=True, stdout=subprocess.DEVNULL)
+        time.sleep(0.5)
+    finally:
+        run.stop_process(proc, timeout=60)
+    dump = max(out.glob(f"cg.{proc.pid}.*"), key=lambda f: f.stat().st_mtime)
+    annotated = subprocess.run(["callgrind_annotate", "--threshold=100", str(dump)], capture_output=True, text=True)
+    by_object: collections.Counter[str] = collections.Counter()
+    total = 0.0
+    for line in annotated.stdout.splitlines():  # "  1,234 (0.5%)  ???:function [/path/to/object]"
+        m = re.match(r"\s*([\d,]+)\s+(?:\([^)]*\)\s+)?(.*?)\s*$", line)
+        if not m:
+            continue
+        count, what = int(m.group(1).replace(",", "")) / n, m.group(2)
+        if what == "PROGRAM TOTALS":
+            total = count
+        elif (obj := re.search(r"\[(.*)\]$", what)) is not None:
+            by_object[obj.group(1).rsplit("/", 1)[-1]] += count
+    by_object["other (functions shown by source file, mostly libc)"] = total - sum(by_object.values())
+    return dict(by_object)
 
 
 def perf_split(server: run.Server, path: str, ws: run.Workspace, n: int, mode: str) -> dict[str, float]:
