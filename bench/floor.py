@@ -19,8 +19,12 @@ Columns: CPU us per 1 KiB request on a keep-alive connection; CPU ms per connect
 utime+stime of each server's process tree (`bench/run.py`), medians over `--rounds` rounds that go over all
 servers in turn (a different order each round), so load from elsewhere hits every row alike.
 
-    .venv/bin/python bench/floor.py                 # part of `make bench`, about a minute
-    .venv/bin/python bench/floor.py --rounds 5 --handshakes 400 --requests 4000
+    .venv/bin/python bench/floor.py                 # part of `make bench`, about a minute and a half
+    .venv/bin/python bench/floor.py --rounds 7 --handshakes 400 --requests 4000
+    .venv/bin/python bench/floor.py --rounds 0 --instructions 50   # instructions per connection instead (valgrind)
+
+`--instructions N` adds a column counted by callgrind (`bench/handshake_ab.py --instructions`): instructions per
+new connection with one request, each server started once more under valgrind: a figure load does not move.
 """
 
 from __future__ import annotations
@@ -41,7 +45,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import feature_cost  # the nginx of `/files/`
+import handshake_ab  # instructions per connection under callgrind
 import run as harness  # workspace, gateway config, pinned servers, CPU accounting, the client
+import yaml
 
 KINDS = {
     "protocol": "uvloop Protocol (ssl=ctx)",
@@ -143,16 +149,18 @@ def run_floor(kind: str, config: Path, small_file: Path) -> Iterator[harness.Ser
 class Row:
     server: harness.Server
     path: str
+    start: tuple[list[str], dict[str, str], Path, int]  # how to start it again under valgrind: argv, env, cwd, port
     request_us: list[float] = field(default_factory=list)
     connection_ms: list[float] = field(default_factory=list)
+    instructions: float = 0.0  # per connection (callgrind), with --instructions
 
     @property
     def request(self) -> float:
-        return statistics.median(self.request_us)
+        return statistics.median(self.request_us) if self.request_us else float("nan")
 
     @property
     def connection(self) -> float:
-        return statistics.median(self.connection_ms)
+        return statistics.median(self.connection_ms) if self.connection_ms else float("nan")
 
     @property
     def handshake(self) -> float:
@@ -185,6 +193,9 @@ def render(rows: list[Row], load: list[float], args: argparse.Namespace, revisio
     def ratio(a: float, b: float) -> str:
         return f"{a / b:.2f}x" if b > 0 else "-"
 
+    counted = any(row.instructions for row in rows)
+    extra_head = " M instructions per connection (callgrind) | vs nginx |" if counted else ""
+
     lines = [
         f"## Floor: what the Python stack costs per 1 KiB request and per mTLS handshake ({revision})",
         "",
@@ -193,13 +204,14 @@ def render(rows: list[Row], load: list[float], args: argparse.Namespace, revisio
         f"TLS 1.3, X25519, client certificate required; load average (1 min) {min(load):.1f} to {max(load):.1f}.",
         "",
         "| server | CPU us per keep-alive 1 KiB request | vs nginx | CPU ms per connection | CPU ms per full "
-        "handshake | vs nginx |",
-        "|---|---:|---:|---:|---:|---:|",
+        "handshake | vs nginx |" + extra_head,
+        "|---|---:|---:|---:|---:|---:|" + ("---:|---:|" if counted else ""),
     ]
     for row in rows:
+        extra = f" {row.instructions / 1e6:.3f} | {ratio(row.instructions, nginx.instructions)} |" if counted else ""
         lines.append(
             f"| {row.server.name} | {row.request:.0f} | {ratio(row.request, nginx.request)} | {row.connection:.2f} | "
-            f"{row.handshake:.2f} | {ratio(row.handshake, nginx.handshake)} |"
+            f"{row.handshake:.2f} | {ratio(row.handshake, nginx.handshake)} |" + extra
         )
     lines += [
         "",
@@ -221,11 +233,12 @@ def main(argv: list[str] | None = None) -> int:
         serve(sys.argv[2], Path(sys.argv[3]), int(sys.argv[4]), Path(sys.argv[5]))
         return 0
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--requests", type=int, default=2000, help="keep-alive requests per server and round")
     p.add_argument("--handshakes", type=int, default=250, help="new connections per server and round")
     p.add_argument("--only", default=",".join(["nginx", *KINDS, "gateway"]), help="comma-separated rows (nginx first)")
     p.add_argument("--out", type=Path, default=harness.BENCH / "results" / "floor.md")
+    p.add_argument("--instructions", type=int, default=0, metavar="N", help="instructions per connection (callgrind)")
     args = p.parse_args(argv)
     harness.check_prerequisites()
     wanted = args.only.split(",")
@@ -241,14 +254,30 @@ def main(argv: list[str] | None = None) -> int:
             nginx = stack.enter_context(feature_cost.run_nginx_files(ws))
             if nginx is not None:
                 nginx.name = "nginx (file from disk)"
-                rows.append(Row(nginx, f"/files/{harness.APP_DIR}/{harness.SMALL_VERSION}.zip"))
+                cmd, port = handshake_ab.nginx_single_process(base / "nginx-valgrind", ws, 1)
+                path = f"/files/{harness.APP_DIR}/{harness.SMALL_VERSION}.zip"
+                rows.append(Row(nginx, path, (cmd, {}, base / "nginx-valgrind", port)))
         for kind in KINDS:
             if kind in wanted:
-                rows.append(Row(stack.enter_context(run_floor(kind, config, small)), BUNDLE))
+                port = harness.free_port()
+                cmd = [sys.executable, __file__, "--serve", kind, str(config), str(port), str(small)]
+                server = stack.enter_context(run_floor(kind, config, small))
+                rows.append(Row(server, BUNDLE, (cmd, {}, base, port)))
         if "gateway" in wanted:
             gw = stack.enter_context(harness.run_gateway("gateway", config, harness.PROXY_CORE, "--workers", "1"))
-            rows.append(Row(gw, BUNDLE))
+            cmd = [*harness.GATEWAY_CMD, "serve", "--config", str(config), "--workers", "1"]
+            port = yaml.safe_load(config.read_text())["listeners"][0]["port"]
+            rows.append(Row(gw, BUNDLE, (cmd, dict(harness.GATEWAY_ENV), config.parent, port)))
         load = measure(rows, ws, args.rounds, args.requests, args.handshakes)
+        if args.instructions:  # each server again, alone, under valgrind (the gateway's port is free once it stops)
+            stack.close()
+            for row in rows:
+                cmd, env, cwd, port = row.start
+                split = handshake_ab.instructions(
+                    row.server.name, cmd, env, cwd, port, row.path, ws, args.instructions, base
+                )
+                row.instructions = sum(split.values())
+                print(f"floor: {row.server.name}: {row.instructions / 1e6:.3f} M instructions", file=sys.stderr)
     report = render(rows, load, args, harness.gateway_revision(), time.monotonic() - started)
     print(report)
     args.out.parent.mkdir(parents=True, exist_ok=True)

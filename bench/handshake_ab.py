@@ -109,14 +109,8 @@ def main(argv: list[str] | None = None) -> int:
             argv = [*run.GATEWAY_CMD, "serve", "--config", str(cfg), "--workers", "1"]
             starts.append((label, argv, dict(run.GATEWAY_ENV), cfg.parent, port, small))
         if not args.no_nginx:
-            nginx_dir, port = base / "nginx-valgrind", run.free_port()
-            body = run.PROXY_BODY.format(
-                dir=nginx_dir, port=port, origin_port=origin.port, certs=ws.certs, origin=ws.origin, ciphers=run.CIPHERS
-            )
-            conf = run.write_nginx(nginx_dir, body)
-            argv = ["nginx", "-p", str(nginx_dir), "-e", str(nginx_dir / "error.log"), "-c", str(conf)]
-            argv += ["-g", "daemon off; master_process off;"]  # one process: the one callgrind counts
-            starts.insert(0, (servers[0][0], argv, {}, nginx_dir, port, servers[0][2]))
+            argv, port = nginx_single_process(base / "nginx-valgrind", ws, origin.port)
+            starts.insert(0, (servers[0][0], argv, {}, base / "nginx-valgrind", port, servers[0][2]))
         for label, server, path in servers:
             connections(server.port, path, ws, 5, "full")  # warm-up
             print(f"{label}: pid {server.pid} port {server.port}", file=sys.stderr)
@@ -175,6 +169,18 @@ def main(argv: list[str] | None = None) -> int:
             print(f"| {o} | " + " | ".join(f"{c.get(o, 0) / 1e3:,.0f}" for c in counted.values()) + " |")
         print("| total | " + " | ".join(f"{sum(c.values()) / 1e3:,.0f}" for c in counted.values()) + " |")
     return 0
+
+
+def nginx_single_process(directory: Path, ws: run.Workspace, origin_port: int) -> tuple[list[str], int]:
+    """The command of `run.py`'s nginx mTLS proxy as one process (`master_process off`: the one callgrind counts),
+    and its port."""
+    port = run.free_port()
+    body = run.PROXY_BODY.format(
+        dir=directory, port=port, origin_port=origin_port, certs=ws.certs, origin=ws.origin, ciphers=run.CIPHERS
+    )
+    conf = run.write_nginx(directory, body)
+    argv = ["nginx", "-p", str(directory), "-e", str(directory / "error.log"), "-c", str(conf)]
+    return [*argv, "-g", "daemon off; master_process off;"], port
 
 
 def instructions(
