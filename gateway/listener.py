@@ -40,6 +40,7 @@ from gateway.core.handshake import classify
 from gateway.core.identity import identity_from_der
 from gateway.core.reasons import Reason, Refusal
 from gateway.metrics import Metrics
+from gateway.peer import remember_der
 from gateway.tls import ListenerMaterial
 
 log = logging.getLogger("ota_gateway.tls")
@@ -151,7 +152,8 @@ class _Acceptor(asyncio.Protocol):
             listener.failed("revoked", revoked)
             tls.abort()
             return False
-        listener.metrics.handshakes.labels(listener.name).inc()
+        remember_der(ssl_object, der)  # the request's identity reads it from there, not again from OpenSSL
+        listener.handshakes_ok.inc()
         protocol = listener.protocol_factory()
         if isinstance(protocol, GuardedRequestHandler):
             protocol.attach(self._slot)
@@ -201,6 +203,7 @@ class TlsListenerServer:
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         metrics.listener(name)
+        self.handshakes_ok = metrics.handshakes.labels(name)  # looked up once, incremented per handshake
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro, name=f"tls-handshake-{self.name}")

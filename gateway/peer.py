@@ -30,6 +30,11 @@ from gateway.state_keys import Snapshot
 _CONNECTION_DER: weakref.WeakKeyDictionary[ssl.SSLObject, bytes] = weakref.WeakKeyDictionary()
 
 
+def remember_der(ssl_object: ssl.SSLObject, der: bytes) -> None:
+    """The certificate a TLS listener already read for the connection of `ssl_object` (its handshake checks)."""
+    _CONNECTION_DER[ssl_object] = der
+
+
 def peer_der(request: web.Request) -> bytes | None:
     transport = request.transport
     ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
