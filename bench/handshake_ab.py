@@ -213,7 +213,7 @@ def instructions(
             if command == "--dump":
                 connections(port, path, ws, n, "full")
                 time.sleep(0.5)
-            subprocess.run(["callgrind_control", command, str(proc.pid)], check=True, stdout=subprocess.DEVNULL)
+            subprocess.run(["callgrind_control", command, str(proc.pid)], check=True, capture_output=True)
         time.sleep(0.5)
     finally:
         run.stop_process(proc, timeout=60)
