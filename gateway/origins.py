@@ -437,8 +437,11 @@ def _open_first(path: str, location: str, chunk_size: int, folder: str) -> tuple
     folder's own symlinks are followed): the file is then an entry of the app's folder, inside it by construction
     (`core/confine.direct_entry`). A deeper location, or a name that is a symlink, is opened following every
     symlink and its real path (from /proc: no race with a symlink swapped after the open) compared with the
-    folder's (`core/confine.within`)."""
-    flags = os.O_RDONLY | os.O_CLOEXEC
+    folder's (`core/confine.within`).
+
+    `O_NONBLOCK`: opening a FIFO (or a device) never waits for a writer, so a small file opened on the event loop
+    cannot stall it; anything but a regular file is then refused."""
+    flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK
     fd = -1
     if direct_entry(location):
         try:
@@ -454,6 +457,8 @@ def _open_first(path: str, location: str, chunk_size: int, folder: str) -> tuple
         st = os.fstat(fd)
         if stat.S_ISDIR(st.st_mode):
             raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", path)
         return fd, st.st_size, os.read(fd, chunk_size)
     except BaseException:
         if fd >= 0:

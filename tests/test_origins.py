@@ -5,9 +5,12 @@ client (narrow, or wide past `WIDE_AFTER` while the client keeps up)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import io
 import os
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -112,6 +115,34 @@ def test_a_directory_origin_refuses_a_folder_named_as_a_file_and_a_name_that_lea
         with pytest.raises(OriginError):
             asyncio.run(_read_file(origin, "out.zip", 10, "ab" * 32, small))
     assert len(os.listdir("/proc/self/fd")) <= descriptors
+
+
+@pytest.mark.parametrize("small", [True, False])
+def test_a_directory_origin_refuses_a_fifo_at_once_and_serves_a_regular_file_by_its_side(
+    tmp_path: Path, small: bool
+) -> None:
+    """A FIFO listed as a bundle is refused without waiting for a writer (a small file is opened on the event loop:
+    a blocking open would stall every request); twin: a regular file in the same folder is served."""
+    (tmp_path / APP).mkdir()
+    os.mkfifo(tmp_path / APP / "pipe.zip")
+    data = os.urandom(1000)
+    (tmp_path / APP / "real.zip").write_bytes(data)
+    origin = DirectoryOrigin("local", DirectoryOriginConfig(type="directory", path=tmp_path))
+
+    def writer_comes() -> None:  # ends a blocked open, so that a regression fails on time instead of hanging
+        with contextlib.suppress(OSError):
+            os.close(os.open(tmp_path / APP / "pipe.zip", os.O_WRONLY | os.O_NONBLOCK))
+
+    rescue = threading.Timer(10, writer_comes)
+    rescue.start()
+    started = time.monotonic()
+    try:
+        with pytest.raises(OriginError, match=r"cannot open com\.example\.app/pipe\.zip: not a regular file"):
+            asyncio.run(_read_file(origin, "pipe.zip", 10, "ab" * 32, small))
+    finally:
+        rescue.cancel()
+    assert time.monotonic() - started < 5
+    assert asyncio.run(_read_file(origin, "real.zip", len(data), hashlib.sha256(data).hexdigest(), small)) == data
 
 
 # -- how a body's chunks are sliced for the verifier and the client ----------------------------------------------
