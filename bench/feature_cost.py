@@ -669,9 +669,7 @@ def main(argv: list[str] | None = None) -> int:
         os.sched_setaffinity(0, {harness.CLIENT_CORE})
     report = render(rows, parts, args.requests, args.runs)
     report += f"\nHarness time {time.monotonic() - started:.0f} s. Command: `{' '.join(sys.argv)}`.\n"
-    print(report)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(report)
+    harness.publish(report, args.out)
     return 0
 
 

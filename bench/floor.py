@@ -279,9 +279,7 @@ def main(argv: list[str] | None = None) -> int:
                 row.instructions = sum(split.values())
                 print(f"floor: {row.server.name}: {row.instructions / 1e6:.3f} M instructions", file=sys.stderr)
     report = render(rows, load, args, harness.gateway_revision(), time.monotonic() - started)
-    print(report)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(report)
+    harness.publish(report, args.out)
     return 0
 
 

@@ -36,6 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -149,26 +150,22 @@ def main(argv: list[str] | None = None) -> int:
         total = args.n * args.rounds
         print(f"| {label} | {mode} | {statistics.median(samples):.2f} | {rounds} | {reused[(label, mode)]}/{total} |")
     if args.perf:
-        dsos = sorted(
-            {d for split in by_dso.values() for d in split}, key=lambda d: -max(s.get(d, 0) for s in by_dso.values())
-        )
         print(f"\nperf, {modes[0]}, CPU ms per connection by shared object (cpu-clock samples):\n")
-        print("| shared object | " + " | ".join(by_dso) + " |")
-        print("|---|" + "---:|" * len(by_dso))
-        for d in dsos[:14]:
-            print(f"| {d} | " + " | ".join(f"{split.get(d, 0):.3f}" for split in by_dso.values()) + " |")
-        print("| total | " + " | ".join(f"{sum(split.values()):.3f}" for split in by_dso.values()) + " |")
+        print_split(by_dso, 14, lambda v: f"{v:.3f}")
     if counted:
-        objs = sorted(
-            {o for c in counted.values() for o in c}, key=lambda o: -max(c.get(o, 0) for c in counted.values())
-        )
         print(f"\ncallgrind, {modes[0]}: thousand instructions per connection ({args.instructions} connections)\n")
-        print("| shared object | " + " | ".join(counted) + " |")
-        print("|---|" + "---:|" * len(counted))
-        for o in objs[:10]:
-            print(f"| {o} | " + " | ".join(f"{c.get(o, 0) / 1e3:,.0f}" for c in counted.values()) + " |")
-        print("| total | " + " | ".join(f"{sum(c.values()) / 1e3:,.0f}" for c in counted.values()) + " |")
+        print_split(counted, 10, lambda v: f"{v / 1e3:,.0f}")
     return 0
+
+
+def print_split(splits: dict[str, dict[str, float]], top: int, cell: Callable[[float], str]) -> None:
+    """A Markdown table of per-server splits by shared object: the `top` objects (largest first), then the total."""
+    objs = sorted({o for c in splits.values() for o in c}, key=lambda o: -max(c.get(o, 0) for c in splits.values()))
+    print("| shared object | " + " | ".join(splits) + " |")
+    print("|---|" + "---:|" * len(splits))
+    for o in objs[:top]:
+        print(f"| {o} | " + " | ".join(cell(c.get(o, 0)) for c in splits.values()) + " |")
+    print("| total | " + " | ".join(cell(sum(c.values())) for c in splits.values()) + " |")
 
 
 def nginx_single_process(directory: Path, ws: run.Workspace, origin_port: int) -> tuple[list[str], int]:

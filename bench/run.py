@@ -1061,6 +1061,13 @@ def origin_server(ws: Workspace) -> Iterator[Server]:
         yield server
 
 
+def publish(report: str, out: Path) -> None:
+    """Print a bench report and write it to `out` (under the git-ignored results/)."""
+    print(report)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(report)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     use_gateway_source(args.gateway_src)
@@ -1190,9 +1197,7 @@ def main(argv: list[str] | None = None) -> int:
         report = render(info, streams, handshakes, keepalive, stalls, sha_mbps, tcp_mbps, args)
         report += "\n" + render_resumed(list(resumes.values()), n_resume)
         report += f"\nTotal harness time: {time.monotonic() - started:.0f} s. Command: `{' '.join(sys.argv)}`.\n"
-        print(report)
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(report)
+        publish(report, args.out)
         if args.json:
             raw = {
                 "streams": [

@@ -417,9 +417,7 @@ def main(argv: list[str] | None = None) -> int:
         servers = list({id(r.server): r.server for r in rows}.values())
         memory = memory_rows(servers)
     report = render(rows, memory, args, load, time.monotonic() - started)
-    print(report)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(report)
+    harness.publish(report, args.out)
     return 0
 
 

@@ -161,9 +161,7 @@ def render(rows: list[Row], args: argparse.Namespace) -> str:
 
 def finish(rows: list[Row], args: argparse.Namespace) -> int:
     report = render(rows, args)
-    print(report)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(report)
+    harness.publish(report, args.out)
     return 0
 
 
