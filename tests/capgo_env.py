@@ -6,6 +6,7 @@ one with tight rate limits.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import secrets
 import ssl
 from collections.abc import Iterator
@@ -74,6 +75,11 @@ class CapgoEnv:
         if mode is not None:
             self.origin.state.modes[f"{app}/{name}"] = mode
         return f"{self.origin.url}{app}/{name}"
+
+    def manifest_entry(self, app: str, path: str, data: bytes, mode: str | None = None) -> dict[str, str]:
+        """A delta-manifest entry for `assets/<path>`: `data` put on the origin (misbehaving in `mode`), its SHA-256."""
+        url = self.host(app, path, data, mode)
+        return {"file_name": f"assets/{path}", "file_hash": hashlib.sha256(data).hexdigest(), "download_url": url}
 
     def offer(self, app: str, version: str, *, encrypted: bool = False, name: str | None = None, **over: Any) -> None:
         """Make the origin answer update checks of `app` with a fixture version (plain or encrypted)."""

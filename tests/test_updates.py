@@ -279,11 +279,9 @@ def test_range_of_a_small_file_is_exact_and_a_tampered_one_sends_nothing(env: Ca
     on; a bad byte inside the skipped prefix still fails it, and the client gets nothing."""
     good, bad = os.urandom(5000), os.urandom(5000)
     entries = [
-        {"file_name": "assets/range.js", "file_hash": hashlib.sha256(good).hexdigest(), "download_url": ""},
-        {"file_name": "assets/range-bad.js", "file_hash": hashlib.sha256(bad).hexdigest(), "download_url": ""},
+        env.manifest_entry(APP_ID, "range.js", good),
+        env.manifest_entry(APP_ID, "range-bad.js", bad, mode="flip:100"),
     ]
-    entries[0]["download_url"] = env.host(APP_ID, "range.js", good)
-    entries[1]["download_url"] = env.host(APP_ID, "range-bad.js", bad, mode="flip:100")
     env.offer(APP_ID, "1.1.0", manifest=entries)
     urls = [e["download_url"] for e in env.new_version(APP_ID)["manifest"]]
     answer = https_request(urls[0], env.ctx(), headers={"Range": "bytes=1000-"})
@@ -370,12 +368,7 @@ def test_directory_origin_answers_from_its_release_index(tmp_path: Path, pki: Pk
 
 def test_manifest_files_get_their_own_verified_tickets(env: CapgoEnv) -> None:
     good, bad = os.urandom(5000), os.urandom(7000)
-    entries = [
-        {"file_name": "assets/app.js", "file_hash": hashlib.sha256(good).hexdigest(), "download_url": ""},
-        {"file_name": "assets/big.bin", "file_hash": hashlib.sha256(bad).hexdigest(), "download_url": ""},
-    ]
-    entries[0]["download_url"] = env.host(APP_ID, "app.js", good)
-    entries[1]["download_url"] = env.host(APP_ID, "big.bin", bad, mode="flip:6000")
+    entries = [env.manifest_entry(APP_ID, "app.js", good), env.manifest_entry(APP_ID, "big.bin", bad, mode="flip:6000")]
     env.offer(APP_ID, "1.1.0", manifest=entries)
     doc = env.new_version(APP_ID)
     urls = [e["download_url"] for e in doc["manifest"]]
