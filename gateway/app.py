@@ -15,8 +15,10 @@ import datetime as dt
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from typing import cast
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.openmetrics.exposition import CONTENT_TYPE_LATEST as OPENMETRICS_TYPE
 from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
@@ -34,63 +36,86 @@ from gateway.handlers.ticket_download import get_ticket_bundle
 from gateway.handlers.updates import get_updates, post_manifest_size, post_updates
 from gateway.listener import LowLevelRecorder
 from gateway.metrics import exposition_registry
-from gateway.peer import resolve_peer
+from gateway.peer import connection_memo, resolve_peer
 from gateway.recorder import RECORDER, Recorder
-from gateway.state_keys import AUDIT_KEY, PEER_KEY, RUNTIME, SNAPSHOT_KEY, Runtime, Snapshot, request_snapshot
+from gateway.state_keys import AUDIT_KEY, PEER_KEY, RUNTIME, SNAPSHOT_KEY, Runtime, Snapshot
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 log = logging.getLogger("ota_gateway.http")
 
 
+_ROUTE_LABELS = {"bundle", "updates", "stats", "channel", "ticket"}
+_LABEL_OF: dict[str | None, str] = {}  # route name -> the route label it counts under (a handful of names)
+
+
 def _route_label(request: web.Request) -> str:
     route = request.match_info.route
-    name = (route.name or "") if route is not None else ""
-    label = name.partition("_")[0]  # updates_size counts as updates
-    return label if label in ("bundle", "updates", "stats", "channel", "ticket") else "other"
+    name = route.name if route is not None else None
+    label = _LABEL_OF.get(name)
+    if label is None:
+        label = (name or "").partition("_")[0]  # updates_size counts as updates
+        label = _LABEL_OF[name] = label if label in _ROUTE_LABELS else "other"
+    return label
 
 
-@web.middleware
-async def envelope(request: web.Request, handler: Handler) -> web.StreamResponse:
-    rt = request.app[RUNTIME]
-    snap = request[SNAPSHOT_KEY] = rt.snapshot  # taken once: the request keeps it across a reload
-    started = time.monotonic()
-    route = _route_label(request)
-    peer = request.transport.get_extra_info("peername") if request.transport else None
-    record = AuditRecord(
-        route=route, method=request.method, path=request.path[:256], peer=str(peer[0]) if peer else None
-    )
-    request[AUDIT_KEY] = record
-    rt.live.active += 1
-    recorder = request.app[RECORDER]
-    resp: web.StreamResponse
-    try:
-        peer = resolve_peer(request, snap, rt.metrics)
-        request[PEER_KEY] = peer
-        record.set_identity(peer.identity)
-        record.via_proxy = peer.via_proxy
-        resp = await handler(request)
-    except BaseException as exc:  # the recorder answers it, or records it and has it re-raised
-        answer = recorder.settle(record, route, started, exc)
-        if answer is None:
-            raise
-        resp = answer
-    finally:
-        rt.live.active -= 1
-    recorder.finish(record, route, started, resp)
-    return resp
+_NO_PEER = object()
 
 
-@web.middleware
-async def audit_gate(request: web.Request, handler: Handler) -> web.StreamResponse:
+def _peer_ip(request: web.Request) -> str | None:
+    """The client's address as the audit line names it, read once per connection."""
+    memo = connection_memo(request)
+    ip = memo.get("ip", _NO_PEER)
+    if ip is _NO_PEER:
+        transport = request.transport
+        peer = transport.get_extra_info("peername") if transport is not None else None
+        ip = memo["ip"] = str(peer[0]) if peer else None
+    return cast("str | None", ip)
+
+
+def envelope_for(rt: Runtime, recorder: Recorder) -> Middleware:
+    """The one middleware of the public app: snapshot, identity, the audit gate, the handler, the recorder.
+
+    One coroutine (not one per concern) and its runtime and recorder bound here, not looked up per request."""
+
+    @web.middleware
+    async def envelope(request: web.Request, handler: Handler) -> web.StreamResponse:
+        snap = request[SNAPSHOT_KEY] = rt.snapshot  # taken once: the request keeps it across a reload
+        started = time.monotonic()
+        route = _route_label(request)
+        record = AuditRecord(route, request.method, request.path[:256], peer=_peer_ip(request))
+        request[AUDIT_KEY] = record
+        live = rt.live
+        live.active += 1
+        resp: web.StreamResponse
+        try:
+            peer = resolve_peer(request, snap, rt.metrics)
+            request[PEER_KEY] = peer
+            record.set_identity(peer.identity)
+            record.via_proxy = peer.via_proxy
+            if rt.audit.failing:
+                _audit_gate(snap)
+            resp = await handler(request)
+        except BaseException as exc:  # the recorder answers it, or records it and has it re-raised
+            answer = recorder.settle(record, route, started, exc)
+            if answer is None:
+                raise
+            resp = answer
+        finally:
+            live.active -= 1
+        recorder.finish(record, route, started, resp)
+        return resp
+
+    return envelope
+
+
+def _audit_gate(snap: Snapshot) -> None:
     """With `audit.on_failure: fail_closed`, no request is served while the audit log cannot be written.
 
     Inside the envelope, so the refusal is counted and its own audit line attempted: the first one that gets
     written ends the failure (as does the periodic probe), and requests are served again.
     """
-    rt = request.app[RUNTIME]
-    if rt.audit.failing and request_snapshot(request).config.audit.on_failure == "fail_closed":
+    if snap.config.audit.on_failure == "fail_closed":
         raise Refusal(Reason.AUDIT_UNAVAILABLE, "the audit log cannot be written (audit.on_failure: fail_closed)")
-    return await handler(request)
 
 
 async def _server_header(request: web.Request, response: web.StreamResponse) -> None:
@@ -119,21 +144,14 @@ def _listener_for(snap: Snapshot, sockname: object) -> TlsListener:
     return listeners[0]
 
 
-# the headers of `low_level_headers` per local address, with the config they were made from (reused while it is
-# the request's own; one entry per listener address, dropped all at once should addresses ever pile up)
-_LISTENER_HEADERS: dict[object, tuple[object, tuple[tuple[str, str], ...]]] = {}
-
-
 async def _hsts(request: web.Request, response: web.StreamResponse) -> None:
-    transport = request.transport
-    sockname = transport.get_extra_info("sockname") if transport is not None else None
     snap = request.get(SNAPSHOT_KEY) or request.app[RUNTIME].snapshot  # the request's own, once the envelope ran
-    cached = _LISTENER_HEADERS.get(sockname)
+    memo = connection_memo(request)  # the headers of the connection's listener, kept while its config is current
+    cached = memo.get("headers")
     if cached is None or cached[0] is not snap.config:
-        cached = (snap.config, tuple(low_level_headers(snap, tls=True, sockname=sockname).items()))
-        if len(_LISTENER_HEADERS) >= 64:
-            _LISTENER_HEADERS.clear()
-        _LISTENER_HEADERS[sockname] = cached
+        transport = request.transport
+        sockname = transport.get_extra_info("sockname") if transport is not None else None
+        cached = memo["headers"] = (snap.config, tuple(low_level_headers(snap, tls=True, sockname=sockname).items()))
     headers = response.headers
     for name, value in cached[1]:
         headers.setdefault(name, value)
@@ -152,9 +170,10 @@ def low_level_recorder(rt: Runtime) -> LowLevelRecorder:
 
 def create_app(runtime: Runtime) -> web.Application:
     """The public application served on the mTLS listeners."""
-    app = web.Application(middlewares=[envelope, audit_gate], client_max_size=64 * 1024)
+    recorder = recorder_for(runtime)
+    app = web.Application(middlewares=[envelope_for(runtime, recorder)], client_max_size=64 * 1024)
     app[RUNTIME] = runtime
-    app[RECORDER] = recorder_for(runtime)
+    app[RECORDER] = recorder
     app.router.add_get(r"/bundles/{app_id}/{version}.zip", get_bundle, name="bundle", allow_head=False)
     # the Capgo updater protocol (docs/capgo-protocol.md) and the downloads its answers hand out
     app.router.add_post("/updates", post_updates, name="updates")

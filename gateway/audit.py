@@ -103,7 +103,7 @@ class AuditLog:
             self._emit("", lines=0)
 
     def _emit(self, text: str, lines: int) -> None:
-        size = len(text.encode())
+        size = len(text) if text.isascii() else len(text.encode())  # compact_json writes ASCII
         if self.fault.failing:
             gap = {"time": _now(), "event": "audit_gap", "lost": self._lost, "since": self._lost_since}
             record = compact_json(gap)

@@ -369,6 +369,7 @@ class GuardedRequestHandler(RequestHandler):
         self._body: StreamReader | None = None
         self._inner_factory = self._request_factory
         self._request_factory = self._dispatch
+        self.memo: dict[str, Any] = {}  # what the application derives from this connection once (peer.py)
 
     def attach(self, slot: Slot | None) -> None:
         """Take over the slot a TLS listener admitted this connection with."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime as dt
 import ssl
 import weakref
+from typing import Any, cast
 
 from aiohttp import web
 from cryptography import x509
@@ -35,7 +36,18 @@ def remember_der(ssl_object: ssl.SSLObject, der: bytes) -> None:
     _CONNECTION_DER[ssl_object] = der
 
 
-def peer_der(request: web.Request) -> bytes | None:
+def connection_memo(request: web.BaseRequest) -> dict[str, Any]:
+    """What the application derived from the request's connection once, kept for the connection's life (its
+    client certificate, peer address, listener headers): the `memo` of the gateway's listeners' connections
+    (`listener.GuardedRequestHandler`); a fresh, empty dict on any other connection (nothing kept)."""
+    memo: dict[str, Any] | None = getattr(request.protocol, "memo", None)
+    return {} if memo is None else memo
+
+
+def peer_der(request: web.BaseRequest) -> bytes | None:
+    memo = connection_memo(request)
+    if "der" in memo:
+        return cast("bytes | None", memo["der"])
     transport = request.transport
     ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
     if ssl_object is None:
@@ -45,6 +57,8 @@ def peer_der(request: web.Request) -> bytes | None:
         der = ssl_object.getpeercert(binary_form=True)
         if der is not None:
             _CONNECTION_DER[ssl_object] = der
+    if der is not None:
+        memo["der"] = der
     return der
 
 
