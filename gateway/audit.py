@@ -125,9 +125,10 @@ class AuditLog:
                 log.error("%s (%d line(s) lost so far)", message, self._lost)
             return
         self._lost = 0
-        message = self.fault.succeeded(time.monotonic())
-        if message:
-            log.warning("%s", message)
+        if self.fault.failing:
+            message = self.fault.succeeded(time.monotonic())
+            if message:
+                log.warning("%s", message)
 
     def _write(self, data: bytes) -> None:
         if self._fd is None:
