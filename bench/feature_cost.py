@@ -282,6 +282,48 @@ def drive(rows: list[Row], n: int, runs: int, ws: harness.Workspace) -> None:
                     row.helper_samples.append((harness.cpu_seconds(row.helper) - h0) / count * 1e6)
 
 
+def instructions_per_request(
+    src: Path | None, config: Path, work: Callable[[http.client.HTTPSConnection], None], n: int, ws: harness.Workspace
+) -> float:
+    """Instructions per request of a gateway (`serve --workers 1` from this tree or `src`) run under valgrind's
+    callgrind: counted from after a warm-up (instrumentation switched on with callgrind_control) over `n`
+    requests of `work` on one keep-alive connection. Deterministic, unlike CPU time on a shared machine: an
+    A/B of a few per cent resolves (it does not see cache misses, so CPU time stays the measure that counts)."""
+    cmd, env = harness.gateway_command(src if src is not None else harness.ROOT)
+    out = config.parent / "callgrind"
+    out.mkdir(exist_ok=True)
+    vg = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}/cg.%p"]
+    port = yaml.safe_load(config.read_text())["listeners"][0]["port"]
+    proc = subprocess.Popen(
+        [*harness.pin_prefix(harness.PROXY_CORE), *vg, *cmd, "serve", "--config", str(config), "--workers", "1"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd=config.parent,
+        env={**os.environ, **env},
+    )
+    try:
+        harness.wait_port(port, proc, "gateway under valgrind", timeout=300)
+        time.sleep(2)  # the listener is up: let start-up finish
+        row = Row("callgrind", harness.Server("callgrind", proc, port), work)
+        with contextlib.closing(connect(row, ws.client_context())) as conn:
+            for _ in range(30):  # warm-up, not counted (valgrind also translates code here)
+                work(conn)
+            for command in ("--instr=on", "--zero", "--dump"):
+                if command == "--dump":
+                    for _ in range(n):
+                        work(conn)
+                    time.sleep(0.5)
+                subprocess.run(["callgrind_control", command, str(proc.pid)], check=True, capture_output=True)
+        time.sleep(0.5)
+    finally:
+        harness.stop_process(proc, timeout=60)
+    dump = max(out.glob(f"cg.{proc.pid}.*"), key=lambda f: f.stat().st_mtime)
+    for line in dump.read_text(errors="replace").splitlines():
+        if line.startswith(("totals:", "summary:")):
+            return int(line.split()[1]) / n
+    raise harness.BenchError(f"no totals in {dump}")
+
+
 # --------------------------------------------------------------------------------------------------------------
 # part 2: in process
 
@@ -610,7 +652,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", help="comma-separated: drive only the rows whose label contains one of these")
     p.add_argument("--out", type=Path, default=harness.BENCH / "results" / "feature_cost.md")
     p.add_argument("--stages-only", action="store_true", help="part 2 only, with the `gateway` package on sys.path")
+    p.add_argument(
+        "--instructions",
+        type=int,
+        default=0,
+        metavar="N",
+        help="only: instructions per request (callgrind, N requests) of GET /updates, the offer and the 1 KiB GET, "
+        "from this tree and --compare-src",
+    )
     args = p.parse_args(argv)
+    if args.instructions:
+        return instructions_only(args)
     if args.stages_only:  # e.g. PYTHONPATH=DIR to time another source copy's stages
         import gateway
 
@@ -670,6 +722,44 @@ def main(argv: list[str] | None = None) -> int:
     report = render(rows, parts, args.requests, args.runs)
     report += f"\nHarness time {time.monotonic() - started:.0f} s. Command: `{' '.join(sys.argv)}`.\n"
     harness.publish(report, args.out)
+    return 0
+
+
+def instructions_only(args: argparse.Namespace) -> int:
+    """`--instructions N`: each gateway row's instructions per request, this tree against `--compare-src`."""
+    if not shutil.which("valgrind"):
+        raise SystemExit("--instructions needs valgrind: apt-get install -y valgrind")
+    os.sched_setaffinity(0, {harness.CLIENT_CORE})
+    works: list[tuple[str, Callable[[http.client.HTTPSConnection], None]]] = [
+        ("GET /updates (no feature)", liveness),
+        ("update check, offer (SQLite)", lambda c: check(c, OLD_VERSION, "offer")),
+        ("GET 1 KiB bundle (directory origin)", bundle),
+    ]
+    if args.only:
+        works = [w for w in works if any(part in w[0] for part in args.only.split(","))]
+    sources: list[tuple[Path | None, str]] = [(None, "this tree")]
+    if args.compare_src:
+        sources.append((args.compare_src, args.compare_label or str(args.compare_src)))
+    lines = [
+        f"Instructions per request (callgrind, {args.instructions} keep-alive requests after 30 not counted; "
+        f"gateway {harness.gateway_revision()}):",
+        "",
+        "| request | " + " | ".join(label for _, label in sources) + (" | change |" if len(sources) > 1 else ""),
+        "|---|" + "---:|" * (len(sources) + (len(sources) > 1)),
+    ]
+    with tempfile.TemporaryDirectory(prefix="ota-bench-fc-") as tmp:
+        base = Path(tmp)
+        ws = harness.make_workspace(base, 4096, 1024)
+        for label, work in works:
+            counts = []
+            for i, (src, _) in enumerate(sources):
+                config = write_config(ws, base / f"gw-{len(counts)}-{i}-{uuid.uuid4().hex[:6]}", None)
+                counts.append(instructions_per_request(src, config, work, args.instructions, ws))
+            cells = " | ".join(f"{c / 1000:,.0f} k" for c in counts)
+            change = f" | {(counts[0] / counts[1] - 1) * 100:+.1f} %" if len(counts) > 1 else ""
+            lines.append(f"| {label} | {cells}{change} |")
+            print(lines[-1], file=sys.stderr)
+    print("\n".join(lines))
     return 0
 
 

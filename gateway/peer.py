@@ -88,13 +88,20 @@ def resolve_peer(request: web.Request, snap: Snapshot, metrics: Metrics) -> Peer
     der = peer_der(request)
     if der is None:
         raise Refusal(Reason.NO_CLIENT_CERT, "a client certificate is required")
-    identity = identity_from_der(der)
     now = dt.datetime.now(dt.UTC)
-    proxy = snap.front_proxy(identity)
+    memo = connection_memo(request)
+    direct = memo.get("peer")  # (snapshot, Peer) of a connection that is no front proxy, judged once per snapshot
+    if direct is not None and direct[0] is snap:
+        proxy, peer = None, cast(Peer, direct[1])
+    else:
+        identity = identity_from_der(der)
+        proxy = snap.front_proxy(identity)
+        if proxy is None:
+            peer = Peer(identity, snap.cas.get(identity.issuer, (None, None))[0])
+            memo["peer"] = (snap, peer)
     if proxy is None:
         if any(h in request.headers for h in IDENTITY_HEADERS):
             metrics.spoofed_identity_headers.inc()
-        peer = Peer(identity, snap.cas.get(identity.issuer, (None, None))[0])
     else:
         name = CLIENT_CERT if proxy.header == "client-cert" else XFCC
         value = request.headers.get(name)
