@@ -119,6 +119,8 @@ def build_origin_app(state: OriginState) -> web.Application:
             resp.content_length = len(data)
         if mode == "past_later_close":
             resp.force_close()  # the answer says `Connection: close`
+        if mode == "set_cookie":
+            resp.set_cookie("origin_session", "secret-of-the-first-client")
         await resp.prepare(request)
         if mode.startswith("trickle:"):
             pause = float(mode.split(":", 1)[1])

@@ -21,6 +21,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 
 from gateway.core.tickets import Ticket, TicketKey, seal
@@ -684,6 +685,42 @@ def test_bundle_gets_and_index_calls_share_one_pooled_connection(cdn: HttpsOrigi
     assert len(set(cdn.state.ports[first:])) == 1  # one TLS connection to the origin carried all six
     bundle_headers = [h for p, h in cdn.state.headers if p.endswith("/com.example.reuse/1.0.0.zip")][-1]
     assert ("Connection", "close") not in bundle_headers
+
+
+def test_an_origins_cookie_is_never_sent_back_and_no_content_coding_is_asked_for(cdn: HttpsOrigin) -> None:
+    data = os.urandom(5_000)
+    cdn.publish("com.example.cookie", "1.0.0", data)
+    cdn.state.modes["com.example.cookie/1.0.0.zip"] = "set_cookie"
+    url = cdn.url + "com.example.cookie/1.0.0.zip"
+
+    async def through_the_gateway() -> None:
+        origin = _InProcess(cdn)
+        try:
+            for _ in range(2):
+                assert await origin.bundle("com.example.cookie", "1.0.0.zip") == data
+        finally:
+            await origin.upstream.close()
+
+    async def through_a_client_with_a_jar() -> None:  # the twin: a jar (that takes an IP host's) sends it back
+        ctx = ssl.create_default_context(cafile=str(cdn.ca_pem))
+        async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as session:
+            for _ in range(2):
+                async with session.get(url, ssl=ctx) as resp:
+                    assert await resp.read() == data
+
+    def sent() -> list[list[tuple[str, str]]]:
+        return [h for p, h in cdn.state.headers if p.endswith("/com.example.cookie/1.0.0.zip")]
+
+    asyncio.run(through_the_gateway())
+    gateway = sent()
+    assert len(gateway) == 2
+    for headers in gateway:
+        assert not [v for k, v in headers if k.lower() == "cookie"]
+        assert [v for k, v in headers if k.lower() == "accept-encoding"] == ["identity"]
+    asyncio.run(through_a_client_with_a_jar())
+    default = sent()[2:]
+    assert [v for k, v in default[1] if k.lower() == "cookie"] == ["origin_session=secret-of-the-first-client"]
+    assert [v for k, v in default[0] if k.lower() == "accept-encoding"] != ["identity"]
 
 
 def _bundle_then_index(
