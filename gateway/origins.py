@@ -934,35 +934,6 @@ class _PinningConnector(aiohttp.TCPConnector):
         return transport, protocol
 
 
-class _Deadline:
-    """`HttpsOrigin._deadline`: `asyncio.timeout` without a generator per call. A TimeoutError out of the block
-    (the deadline, or one raised inside it) is `OriginTooSlow`, whose message (`what`, `path`, `after`) is made
-    only then."""
-
-    __slots__ = ("_after", "_origin", "_path", "_timeout", "_what")
-
-    def __init__(self, origin: HttpsOrigin, what: str, path: str, after: str) -> None:
-        self._origin, self._what, self._path, self._after = origin, what, path, after
-        self._timeout = asyncio.timeout(origin.config.total_timeout)
-
-    async def __aenter__(self) -> None:
-        await self._timeout.__aenter__()
-
-    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
-        try:
-            await self._timeout.__aexit__(exc_type, exc, tb)
-        except TimeoutError:
-            raise self._too_slow() from None
-        if exc_type is not None and issubclass(exc_type, TimeoutError):
-            raise self._too_slow() from None
-
-    def _too_slow(self) -> OriginTooSlow:
-        origin, what = self._origin, f"{self._what}{self._path}{self._after}"
-        return OriginTooSlow(
-            f"origin {origin.name}: {what} took longer than total_timeout ({origin.config.total_timeout:g} s)"
-        )
-
-
 class HttpsOrigin:
     """A remote HTTPS origin: `<url>/<app_id>/releases.json` and the files it names."""
 
@@ -988,14 +959,13 @@ class HttpsOrigin:
             self._session = aiohttp.ClientSession(
                 connector=connector,
                 timeout=timeout,
-                # no jar: an origin's Set-Cookie is never sent back (on another client's request, say), and no
-                # cookie filtering per request
+                # no jar: an origin's Set-Cookie is never sent back, on this client's request or another's
                 cookie_jar=aiohttp.DummyCookieJar(),
                 auto_decompress=False,
                 trust_env=False,
-                # every header aiohttp would add, given here: no additions per request (`skip_auto_headers` costs a
-                # header copy per request); bodies are verified and relayed as the origin's bytes, so no content
-                # coding is asked for
+                # bodies are verified and relayed as the origin's bytes (`auto_decompress=False`): no content coding
+                # is asked for (aiohttp would add `Accept-Encoding: gzip, deflate`); given here rather than through
+                # `skip_auto_headers`, which copies the headers on every request
                 headers={"User-Agent": "ota-gateway", "Accept": "*/*", "Accept-Encoding": "identity"},
             )
         return self._session
@@ -1013,10 +983,16 @@ class HttpsOrigin:
         if self._on_overrun is not None:
             self._on_overrun()
 
-    def _deadline(self, what: str, path: str = "", after: str = "") -> _Deadline:
-        """`total_timeout` over the block: past it, `OriginTooSlow` (a trickle of header bytes cannot hold a call);
-        its message names `what`, `path` and `after` (made only then)."""
-        return _Deadline(self, what, path, after)
+    @asynccontextmanager
+    async def _deadline(self, what: str) -> AsyncIterator[None]:
+        """`total_timeout` over the block: past it, `OriginTooSlow` (a trickle of header bytes cannot hold a call)."""
+        try:
+            async with asyncio.timeout(self.config.total_timeout):
+                yield
+        except TimeoutError:
+            raise OriginTooSlow(
+                f"origin {self.name}: {what} took longer than total_timeout ({self.config.total_timeout:g} s)"
+            ) from None
 
     async def _read_capped(self, resp: aiohttp.ClientResponse, limit: int, what: str) -> bytes:
         """The whole body, refused as soon as it passes `limit` bytes (announced or streamed)."""
@@ -1040,7 +1016,7 @@ class HttpsOrigin:
         session = self._get_session()
         for _ in range(self.config.max_redirects + 1):
             try:
-                async with self._deadline("GET ", url.path, " (until its headers)"):
+                async with self._deadline(f"GET {url.path} (until its headers)"):
                     resp = await session.get(url, allow_redirects=False, headers=headers)
             except OriginError:
                 raise
