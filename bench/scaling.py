@@ -322,7 +322,12 @@ def render(
             f"| {r.label} | {what} | {_median(r.rates):.0f} | {_median(r.cpu_us):.0f} | "
             f"{_median(r.client_us):.0f} | {split} |"
         )
-    lines += ["", "| ratio (requests/s) | | |", "|---|---|---:|"]
+    cores = len(os.sched_getaffinity(0))
+    lines += [
+        "",
+        f"| ratio (requests/s) | | | ceiling: what {cores} cores allow (1) |",
+        "|---|---|---:|---:|",
+    ]
     pairs = [
         ("gateway --workers 2, update checks", "gateway --workers 1, update checks", "target >= 1.7x"),
         ("gateway --workers 2, directory origin", "gateway --workers 1, directory origin", ""),
@@ -332,7 +337,17 @@ def render(
     ]
     for a, b, note in pairs:
         if a in by and b in by:
-            lines.append(f"| {a} / {b} | {note} | {_median(by[a].rates) / _median(by[b].rates):.2f}x |")
+            ratio = _median(by[a].rates) / _median(by[b].rates)
+            ceiling = ""
+            if by[a].kind == by[b].kind and a.split(" ")[0] == b.split(" ")[0]:  # the same server, more workers
+                most = cores * 1e6 / (_median(by[a].cpu_us) + _median(by[a].client_us))
+                ceiling = f"{most / _median(by[b].rates):.2f}x"
+            lines.append(f"| {a} / {b} | {note} | {ratio:.2f}x | {ceiling} |")
+    lines += [
+        "",
+        "(1) The clients run on the same cores: at most cores / (server + client CPU per request) requests/s, over "
+        "the one-worker row's rate. A ratio near its ceiling is bounded by the machine, not by the server.",
+    ]
     lines += ["", "Memory after the run (smaps_rollup; a supervisor or nginx master is counted in the sums):", ""]
     lines += memory
     command = " ".join(["bench/scaling.py", *sys.argv[1:]])
