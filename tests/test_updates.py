@@ -294,6 +294,43 @@ def test_range_of_a_small_file_is_exact_and_a_tampered_one_sends_nothing(env: Ca
     assert env.gw.metric("ota_gateway_bundle_verifications_total", result="checksum_mismatch") == before + 1
 
 
+CAPGO_SMALL = CAPGO_FIXTURES.parent / "capgo-small"  # tools/make_capgo_fixtures.sh ... 8: zips of about 8.7 KB
+SMALL_SECURE_APP = "com.example.smallsecure"
+
+
+def test_a_small_encrypted_bundle_is_verified_whole_and_a_tampered_one_sends_nothing(tmp_path: Path, pki: Pki) -> None:
+    """A Capgo-encrypted bundle below 64 KiB is read whole and verified (decrypted, its SHA-256 against the
+    publisher's signed checksum) before its answer starts: the real CLI's bundle arrives byte for byte; twin: the
+    same bundle with one byte flipped sends the client nothing."""
+    fx = next(f for f in json.loads((CAPGO_SMALL / "fixtures.json").read_text()) if f["version"] == "1.1.0")
+    data = (CAPGO_SMALL / fx["encrypted_zip"]).read_bytes()
+    assert len(data) < 64 * 1024
+    secure = next(app for app in default_apps() if app["app_id"] == SECURE_APP)
+    small = {
+        **secure,
+        "app_id": SMALL_SECURE_APP,
+        "verification": {"public_keys": [(CAPGO_SMALL / "key.pub").read_text()]},
+    }
+    with capgo_env(tmp_path, pki, [*default_apps(), small]) as env:
+        urls = {}
+        for name, mode in (("small.enc.zip", None), ("small-bad.enc.zip", "flip:100")):
+            url = env.host(SMALL_SECURE_APP, name, data, mode)
+            env.origin.state.update_answers[SMALL_SECURE_APP] = {
+                "version": "1.1.0",
+                "url": url,
+                "checksum": fx["encrypted_checksum"],
+                "session_key": fx["iv_session_key"],
+            }
+            urls[name] = env.new_version(SMALL_SECURE_APP)["url"]
+        passed = env.gw.metric("ota_gateway_bundle_verifications_total", result="passed")
+        download = https_request(urls["small.enc.zip"], env.ctx())
+        assert download.status == 200 and download.body == data
+        assert env.gw.metric("ota_gateway_bundle_verifications_total", result="passed") == passed + 1
+        failed = env.gw.metric("ota_gateway_bundle_verifications_total", result="checksum_mismatch")
+        assert incomplete(urls["small-bad.enc.zip"], env.ctx()) == 0
+        assert env.gw.metric("ota_gateway_bundle_verifications_total", result="checksum_mismatch") == failed + 1
+
+
 def test_tampered_range_never_completes(env: CapgoEnv) -> None:
     env.offer(SECURE_APP, "1.1.0", encrypted=True, name="tampered-range.enc.zip")
     env.origin.state.modes[f"{SECURE_APP}/tampered-range.enc.zip"] = "flip:100"  # inside the skipped prefix
