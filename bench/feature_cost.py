@@ -306,15 +306,12 @@ def instructions_per_request(
         time.sleep(2)  # the listener is up: let start-up finish
         row = Row("callgrind", harness.Server("callgrind", proc, port), work)
         with contextlib.closing(connect(row, ws.client_context())) as conn:
-            for _ in range(30):  # warm-up, not counted (valgrind also translates code here)
-                work(conn)
-            for command in ("--instr=on", "--zero", "--dump"):
-                if command == "--dump":
-                    for _ in range(n):
-                        work(conn)
-                    time.sleep(0.5)
-                subprocess.run(["callgrind_control", command, str(proc.pid)], check=True, capture_output=True)
-        time.sleep(0.5)
+
+            def requests(count: int, conn: Any = conn) -> None:
+                for _ in range(count):
+                    work(conn)
+
+            harness.callgrind_window(proc.pid, lambda: requests(30), lambda: requests(n))
     finally:
         harness.stop_process(proc, timeout=60)
     dump = max(out.glob(f"cg.{proc.pid}.*"), key=lambda f: f.stat().st_mtime)

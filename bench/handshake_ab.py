@@ -205,13 +205,9 @@ def instructions(
     )
     try:
         run.wait_port(port, proc, f"{label} under valgrind", timeout=300)
-        connections(port, path, ws, 20, "full")  # warm-up, not counted (valgrind also translates code here)
-        for command in ("--instr=on", "--zero", "--dump"):
-            if command == "--dump":
-                connections(port, path, ws, n, "full")
-                time.sleep(0.5)
-            subprocess.run(["callgrind_control", command, str(proc.pid)], check=True, capture_output=True)
-        time.sleep(0.5)
+        run.callgrind_window(
+            proc.pid, lambda: connections(port, path, ws, 20, "full"), lambda: connections(port, path, ws, n, "full")
+        )
     finally:
         run.stop_process(proc, timeout=60)
     dump = max(out.glob(f"cg.{proc.pid}.*"), key=lambda f: f.stat().st_mtime)

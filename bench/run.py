@@ -1061,6 +1061,18 @@ def origin_server(ws: Workspace) -> Iterator[Server]:
         yield server
 
 
+def callgrind_window(pid: int, warm_up: Callable[[], object], counted: Callable[[], object]) -> None:
+    """For a process started under `valgrind --tool=callgrind --instr-atstart=no`: run `warm_up` uncounted (valgrind
+    also translates code then), then `counted` with the instrumentation on and the counters zeroed, and dump."""
+    warm_up()
+    for command in ("--instr=on", "--zero", "--dump"):
+        if command == "--dump":
+            counted()
+            time.sleep(0.5)
+        subprocess.run(["callgrind_control", command, str(pid)], check=True, capture_output=True)
+    time.sleep(0.5)
+
+
 def publish(report: str, out: Path) -> None:
     """Print a bench report and write it to `out` (under the git-ignored results/)."""
     print(report)
