@@ -724,8 +724,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def instructions_only(args: argparse.Namespace) -> int:
     """`--instructions N`: each gateway row's instructions per request, this tree against `--compare-src`."""
-    if not shutil.which("valgrind"):
-        raise SystemExit("--instructions needs valgrind: apt-get install -y valgrind")
+    harness.require_valgrind()
     os.sched_setaffinity(0, {harness.CLIENT_CORE})
     works: list[tuple[str, Callable[[http.client.HTTPSConnection], None]]] = [
         ("GET /updates (no feature)", liveness),

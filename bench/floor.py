@@ -241,6 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--instructions", type=int, default=0, metavar="N", help="instructions per connection (callgrind)")
     args = p.parse_args(argv)
     harness.check_prerequisites()
+    if args.instructions:
+        harness.require_valgrind()
     wanted = args.only.split(",")
     os.sched_setaffinity(0, {harness.CLIENT_CORE})
     started = time.monotonic()

@@ -27,7 +27,6 @@ import contextlib
 import os
 import random
 import re
-import shutil
 import signal
 import socket
 import ssl
@@ -82,8 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--perf", action="store_true", help="after the rounds: CPU ms per connection by library (perf)")
     p.add_argument("--instructions", type=int, default=0, metavar="N", help="instructions per connection (callgrind)")
     args = p.parse_args(argv)
-    if args.instructions and not shutil.which("valgrind"):
-        raise SystemExit("--instructions needs valgrind: apt-get install -y valgrind")
+    if args.instructions:
+        run.require_valgrind()
     modes = args.modes.split(",")
     os.sched_setaffinity(0, {run.CLIENT_CORE})
     base = Path(tempfile.mkdtemp(prefix="ota-hs-ab-"))

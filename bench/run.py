@@ -1061,6 +1061,12 @@ def origin_server(ws: Workspace) -> Iterator[Server]:
         yield server
 
 
+def require_valgrind() -> None:
+    """`--instructions` counts under valgrind's callgrind, which the bench does not install by itself."""
+    if not shutil.which("valgrind"):
+        raise SystemExit("--instructions needs valgrind: apt-get install -y valgrind")
+
+
 def callgrind_window(pid: int, warm_up: Callable[[], object], counted: Callable[[], object]) -> None:
     """For a process started under `valgrind --tool=callgrind --instr-atstart=no`: run `warm_up` uncounted (valgrind
     also translates code then), then `counted` with the instrumentation on and the counters zeroed, and dump."""
