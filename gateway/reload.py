@@ -27,10 +27,10 @@ from gateway.core.policy import PolicySet
 from gateway.core.tickets import TicketKey
 from gateway.errors import ConfigError
 from gateway.metrics import Metrics
-from gateway.origins import make_origin
+from gateway.origins import Origin, make_origin
 from gateway.policy_store import load_policies, policy_files
 from gateway.preflight import os_issue
-from gateway.state_keys import AnyOrigin, Runtime, Snapshot
+from gateway.state_keys import Runtime, Snapshot
 from gateway.ticket_keys import load_keyring
 from gateway.tls import ListenerMaterial
 
@@ -134,7 +134,7 @@ class Reloader:
         for new_lst, old_lst in zip(loaded.config.listeners, old.config.listeners, strict=False):
             if (new_lst.address, new_lst.port) != (old_lst.address, old_lst.port):
                 log.warning("listener %s: address/port change needs a restart", new_lst.name)
-        origins: dict[str, AnyOrigin] = {}
+        origins: dict[str, Origin] = {}
         for name, oc in loaded.config.origins.items():
             kept = old.origins.get(name)
             if kept is not None and old.config.origins.get(name) == oc:
@@ -148,7 +148,7 @@ class Reloader:
             if new.origins.get(name) is not origin:
                 self._retire(origin, loaded.config.limits.shutdown_grace)
 
-    def _retire(self, origin: AnyOrigin, after: float) -> None:
+    def _retire(self, origin: Origin, after: float) -> None:
         async def close_later() -> None:
             try:
                 await asyncio.sleep(after)  # requests in flight keep using it until then

@@ -499,8 +499,9 @@ class RedisState:
     """
 
     def __init__(self, client: Any, prefix: str = "ota-gateway:") -> None:
-        from redis.exceptions import RedisError
+        from redis.exceptions import RedisError, ResponseError
 
+        self._refused = ResponseError  # a count the script caught (redis.pcall), raised as the error it was
         self._client = client
         self._prefix = prefix
         self.errors: tuple[type[BaseException], ...] = (RedisError, OSError)
@@ -561,8 +562,6 @@ class RedisState:
         """One round trip: a script counts the request (INCR and EXPIRE, atomic as the script is) and reads the mark
         (GET). A count Redis refuses (out of memory) is returned by the script, so the read still counts; the read
         is dropped when `trip` says the request would not have made it."""
-        from redis.exceptions import ResponseError
-
         start = window_start(trip.now, trip.window)
         keys = [self._counter(trip.key, start)]
         if trip.mark is not None:
@@ -571,7 +570,7 @@ class RedisState:
         if counted:
             retry, count_error = retry_after(int(count), trip.limit, start, trip.window, trip.now), None
         else:
-            retry, count_error = None, ResponseError(_text(count))
+            retry, count_error = None, self._refused(_text(count))
         if trip.mark is None or not trip.reads_mark(counted=count_error is None, retry=retry):
             return TripResult(retry, count_error)
         return TripResult(retry, count_error, None if mark is None else _text(mark), mark_read=True)

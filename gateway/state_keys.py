@@ -33,8 +33,6 @@ from gateway.origins import Origin
 from gateway.state import MemoryState, StateStore
 from gateway.tls import ListenerMaterial
 
-AnyOrigin = Origin  # handlers use origins through the protocol only
-
 
 @dataclass(frozen=True, slots=True)
 class Snapshot:
@@ -43,7 +41,7 @@ class Snapshot:
     config: Config
     policies: PolicySet
     material: Mapping[str, ListenerMaterial]  # listener name -> TLS material
-    origins: Mapping[str, AnyOrigin]  # exactly the config's origins
+    origins: Mapping[str, Origin]  # exactly the config's origins
     ticket_keys: tuple[TicketKey, ...]  # the first signs, all verify
     cas: Mapping[str, tuple[str, x509.Certificate]]  # CA subject -> (client CA name, certificate), all listeners
     proxies: Mapping[str, FrontProxy]  # pin (spki base64 or certificate sha256 hex) -> front proxy
@@ -54,7 +52,7 @@ class Snapshot:
         config: Config,
         policies: PolicySet,
         material: Mapping[str, ListenerMaterial],
-        origins: Mapping[str, AnyOrigin],
+        origins: Mapping[str, Origin],
         ticket_keys: tuple[TicketKey, ...],
     ) -> Snapshot:
         """A snapshot with its derived values computed; the mappings are read-only copies."""

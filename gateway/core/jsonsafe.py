@@ -40,7 +40,7 @@ _FALLBACK = json.JSONEncoder(separators=(",", ":")).encode
 
 def compact_json(obj: Any) -> str:
     """`obj` as compact JSON text (ASCII, no spaces)."""
-    if _encode_chunks is None or isinstance(obj, str):
+    if _encode_chunks is None:
         return _FALLBACK(obj)
     return "".join(_encode_chunks(obj, 0))
 
