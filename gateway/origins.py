@@ -944,8 +944,7 @@ class HttpsOrigin:
         self.base = URL(config.url)
         self._ssl: ssl.SSLContext = upstream_context(config)
         self._session: aiohttp.ClientSession | None = None
-        self._allowed_hosts = {self.base.host, *config.redirect_hosts}
-        self._hosts = frozenset(h.lower() for h in self._allowed_hosts if h)
+        self._hosts = frozenset(h.lower() for h in (self.base.host, *config.redirect_hosts) if h)  # yarl lowercases
         self._cache: dict[str, tuple[float, ReleaseIndex]] = {}
 
     def _get_session(self) -> aiohttp.ClientSession:
@@ -1025,7 +1024,7 @@ class HttpsOrigin:
             if resp.status in (301, 302, 303, 307, 308) and "Location" in resp.headers:
                 target = url.join(URL(resp.headers["Location"]))
                 resp.release()
-                if target.scheme != "https" or target.host not in self._allowed_hosts:
+                if target.scheme != "https" or target.host not in self._hosts:
                     raise OriginError(f"origin {self.name}: redirect to a host that is not configured: {target.host}")
                 url = target
                 continue

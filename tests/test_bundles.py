@@ -670,15 +670,17 @@ def test_redirect_outside_the_configured_hosts_is_refused(https_env: Env, bundle
     assert moved(before, counters(https_env.gw)) == {refusal("origin_error"): 1, origin_error("main"): 1}
 
 
+@pytest.mark.parametrize("listed", ["localhost", "LocalHost"])
 def test_redirect_to_a_configured_host_is_followed(
-    tmp_path: Path, pki: Pki, https_origin: HttpsOrigin, bundle: bytes
+    tmp_path: Path, pki: Pki, https_origin: HttpsOrigin, bundle: bytes, listed: str
 ) -> None:
-    """The positive twin of the test above: with `redirect_hosts: [localhost]` the same redirect works."""
+    """The positive twin of the test above: with `redirect_hosts: [localhost]` the same redirect works (host names
+    compare without case, as DNS does)."""
     https_origin.publish(APP_ID, "1.0.0", bundle)
     https_origin.publish(APP_ID, "1.0.0-target", bundle)
     target_path = f"/{APP_ID}/1.0.0-target.zip"
     https_origin.state.modes[f"{APP_ID}/1.0.0.zip"] = f"redirect:https://localhost:{https_origin.port}{target_path}"
-    cfg = write_config(tmp_path / "gw", pki, origins={"cdn": https_origin.origin_config(redirect_hosts=["localhost"])})
+    cfg = write_config(tmp_path / "gw", pki, origins={"cdn": https_origin.origin_config(redirect_hosts=[listed])})
     with run_gateway(cfg) as gw:
         answer = get(gw, pki, bundle_path("1.0.0"))
         assert (answer.status, answer.incomplete) == (200, None)
