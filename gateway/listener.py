@@ -40,7 +40,6 @@ from gateway.core.handshake import classify
 from gateway.core.identity import identity_from_der
 from gateway.core.reasons import Reason, Refusal
 from gateway.metrics import Metrics
-from gateway.peer import remember_der
 from gateway.tls import ListenerMaterial
 
 log = logging.getLogger("ota_gateway.tls")
@@ -152,11 +151,11 @@ class _Acceptor(asyncio.Protocol):
             listener.failed("revoked", revoked)
             tls.abort()
             return False
-        remember_der(ssl_object, der)  # the request's identity reads it from there, not again from OpenSSL
         listener.handshakes_ok.inc()
         protocol = listener.protocol_factory()
         if isinstance(protocol, GuardedRequestHandler):
             protocol.attach(self._slot)
+            protocol.memo["der"] = der  # the request's identity reads it from there, not again from OpenSSL
         tls.set_protocol(protocol)
         protocol.connection_made(tls)
         if self._pending:

@@ -10,8 +10,6 @@ are ignored (the gateway never forwards a client's headers) and the attempt is c
 from __future__ import annotations
 
 import datetime as dt
-import ssl
-import weakref
 from typing import Any, cast
 
 from aiohttp import web
@@ -25,16 +23,6 @@ from gateway.core.reasons import Reason, Refusal
 from gateway.metrics import Metrics
 from gateway.state_keys import Snapshot
 
-# the client certificate of each open TLS connection, read once: `getpeercert(binary_form=True)` encodes the DER
-# anew on every call (a third of resolving a peer). A connection's certificate cannot change: renegotiation is off
-# (gateway/tls.py) and TLS 1.3 has none. The entry goes with the connection's SSL object.
-_CONNECTION_DER: weakref.WeakKeyDictionary[ssl.SSLObject, bytes] = weakref.WeakKeyDictionary()
-
-
-def remember_der(ssl_object: ssl.SSLObject, der: bytes) -> None:
-    """The certificate a TLS listener already read for the connection of `ssl_object` (its handshake checks)."""
-    _CONNECTION_DER[ssl_object] = der
-
 
 def connection_memo(request: web.BaseRequest) -> dict[str, Any]:
     """What the application derived from the request's connection once, kept for the connection's life (its
@@ -45,6 +33,9 @@ def connection_memo(request: web.BaseRequest) -> dict[str, Any]:
 
 
 def peer_der(request: web.BaseRequest) -> bytes | None:
+    """The client certificate (DER) of the request's connection, read once: `getpeercert(binary_form=True)` encodes
+    it anew on every call. The gateway's listeners put the one their handshake checks read in the connection's memo;
+    a connection's certificate cannot change (renegotiation is off, gateway/tls.py; TLS 1.3 has none)."""
     memo = connection_memo(request)
     if "der" in memo:
         return cast("bytes | None", memo["der"])
@@ -52,11 +43,7 @@ def peer_der(request: web.BaseRequest) -> bytes | None:
     ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
     if ssl_object is None:
         return None
-    der: bytes | None = _CONNECTION_DER.get(ssl_object)
-    if der is None:
-        der = ssl_object.getpeercert(binary_form=True)
-        if der is not None:
-            _CONNECTION_DER[ssl_object] = der
+    der: bytes | None = ssl_object.getpeercert(binary_form=True)
     if der is not None:
         memo["der"] = der
     return der
