@@ -550,13 +550,10 @@ class RedisState:
         return f"{self._prefix}rate:{key}:{start:.0f}"
 
     async def hit(self, key: str, limit: int, window: float, now: float) -> float | None:
-        start = window_start(now, window)
-        counter = self._counter(key, start)
-        async with self._client.pipeline(transaction=True) as pipe:
-            pipe.incr(counter)
-            pipe.expire(counter, math.ceil(window) + 60)
-            count, _ = await pipe.execute()
-        return retry_after(int(count), limit, start, window, now)
+        counted = await self.check(Trip(key, limit, window, now))  # the one counting script
+        if counted.count_error is not None:
+            raise counted.count_error
+        return counted.retry
 
     async def check(self, trip: Trip) -> TripResult:
         """One round trip: a script counts the request (INCR and EXPIRE, atomic as the script is) and reads the mark
