@@ -130,7 +130,8 @@ async def _respond(request: web.Request, rt: Runtime, body: Body, plan: Download
     limits = request_snapshot(request).config.limits
     if request.transport is not None:  # a write waits while more than this is buffered for the client
         request.transport.set_write_buffer_limits(high=limits.client_buffer, low=limits.client_buffer // 4)
-    whole = read_whole(shape, MinRate(limits.origin_min_rate, limits.rate_window))
+    origin_rule = MinRate(limits.origin_min_rate, limits.rate_window)
+    whole = read_whole(shape, origin_rule)
     rt.metrics.in_flight.inc()
     failed: Refusal | None = None
     sent = 0  # of a body read whole: what was handed to the client (the verifier released it all before)
@@ -138,9 +139,9 @@ async def _respond(request: web.Request, rt: Runtime, body: Body, plan: Download
         if whole is None:
             await resp.prepare(request)
             record.status = resp.status  # what went out, whatever becomes of the body
-            await _pump(resp, verifier, body, limits)
+            await _pump(resp, verifier, body, limits, origin_rule)
         else:
-            data = await _read_whole(verifier, body, whole, limits)
+            data = await _read_whole(verifier, body, whole, origin_rule)
             await resp.prepare(request)
             record.status = resp.status
             client = _Client(resp, verifier, limits)
@@ -181,15 +182,15 @@ def _at(deadline: float) -> float | None:
     return None if math.isinf(deadline) else deadline
 
 
-def _too_slow(verifier: Verifier, reason: Reason, rate: float, limits: Limits, rule: MinRate, key: str) -> Refusal:
+def _too_slow(verifier: Verifier, reason: Reason, rate: float, rule: MinRate, key: str) -> Refusal:
     return verifier.error(
         reason,
-        f"{rate:.0f} bytes/s over the last {limits.rate_window:g} s of waiting, "
+        f"{rate:.0f} bytes/s over the last {rule.window:g} s of waiting, "
         f"below limits.{key} ({rule.bytes_per_second} bytes/s)",
     )
 
 
-async def _read_whole(verifier: Verifier, body: Body, seconds: float, limits: Limits) -> bytes | memoryview:
+async def _read_whole(verifier: Verifier, body: Body, seconds: float, rule: MinRate) -> bytes | memoryview:
     """A small body read whole through the verifier, the origin given `seconds` for it (`core/plans.read_whole`;
     no timer for a body that never waits): its verified bytes, or a `Refusal` before any of them is sent."""
     chunks = body.through(verifier, WRITE_SLICE)
@@ -200,9 +201,8 @@ async def _read_whole(verifier: Verifier, body: Body, seconds: float, limits: Li
             async with asyncio.timeout(seconds):
                 pieces = await _collect(chunks)
     except TimeoutError:
-        rate = verifier.received / limits.rate_window
-        rule = MinRate(limits.origin_min_rate, limits.rate_window)
-        raise _too_slow(verifier, Reason.ORIGIN_TOO_SLOW, rate, limits, rule, "origin_min_rate") from None
+        rate = verifier.received / rule.window
+        raise _too_slow(verifier, Reason.ORIGIN_TOO_SLOW, rate, rule, "origin_min_rate") from None
     except OriginError as exc:
         raise verifier.error(exc.reason, str(exc)) from None
     finally:
@@ -249,9 +249,7 @@ class _Client:
                 await step
         except TimeoutError:
             rate = meter.rate(loop.time())
-            raise _too_slow(
-                self.verifier, Reason.CLIENT_TOO_SLOW, rate, self.limits, meter.rule, "client_min_rate"
-            ) from None
+            raise _too_slow(self.verifier, Reason.CLIENT_TOO_SLOW, rate, meter.rule, "client_min_rate") from None
         except (ConnectionError, RuntimeError) as exc:
             raise self.verifier.error(Reason.CLIENT_GONE, f"client went away: {exc}") from None
         meter.moved(moved, loop.time())
@@ -279,16 +277,16 @@ class _Client:
             raise self.verifier.error(Reason.CLIENT_GONE, f"client went away: {exc}") from None
 
 
-async def _pump(resp: _BundleResponse, verifier: Verifier, body: Body, limits: Limits) -> None:
+async def _pump(resp: _BundleResponse, verifier: Verifier, body: Body, limits: Limits, rule: MinRate) -> None:
     """Origin -> verifier -> client, one chunk at a time, each side held to its minimum rate."""
     loop = asyncio.get_running_loop()
-    origin = RateMeter(MinRate(limits.origin_min_rate, limits.rate_window))
+    origin = RateMeter(rule)
     client = _Client(resp, verifier, limits)
     keeping_up = False  # the client took the last chunk without a wait (the body may read larger pieces)
 
     def origin_too_slow() -> Refusal:
         rate = origin.rate(loop.time())
-        return _too_slow(verifier, Reason.ORIGIN_TOO_SLOW, rate, limits, origin.rule, "origin_min_rate")
+        return _too_slow(verifier, Reason.ORIGIN_TOO_SLOW, rate, origin.rule, "origin_min_rate")
 
     chunks = body.through(verifier, WRITE_SLICE, lambda: keeping_up)
     try:
