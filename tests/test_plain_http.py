@@ -3,13 +3,25 @@ problem details otherwise. Every TLS answer carries Strict-Transport-Security.""
 
 from __future__ import annotations
 
+import http.client
 import json
+import signal
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from tests.origin_server import HttpsOrigin
-from tests.support import APP_ID, Pki, edit_config, free_port, https_request, run_gateway, write_config
+from tests.support import (
+    APP_ID,
+    Pki,
+    edit_config,
+    free_port,
+    https_request,
+    run_gateway,
+    wait_until,
+    write_config,
+)
 
 
 def _curl(*args: str) -> tuple[int, dict[str, str], bytes]:
@@ -136,3 +148,40 @@ def test_each_listener_sends_its_own_hsts_max_age(
             assert answers["first"].headers.get("strict-transport-security") == "max-age=600", path
             assert "strict-transport-security" not in answers["second"].headers, path  # 0 turns it off
             assert answers["second"].headers.get("server") == "ota-gateway"
+
+
+def test_a_reload_changes_hsts_on_a_connection_kept_open_across_it(
+    tmp_path: Path, pki: Pki, https_origin: HttpsOrigin, capgo_dir: Path
+) -> None:
+    """A connection keeps its listener's headers between requests (worked out once), but only while the config they
+    came from is current: after a reload that changes `hsts_max_age`, the next answer on the same connection
+    carries the new value."""
+    https_origin.publish(APP_ID, "1.1.0", (capgo_dir / "app_1.1.0.zip").read_bytes())
+    cfg = write_config(tmp_path / "gw", pki, origins={"cdn": https_origin.origin_config()})
+
+    def hsts(seconds: int) -> Callable[[dict[str, Any]], None]:
+        def edit(config: dict[str, Any]) -> None:
+            config["listeners"][0]["hsts_max_age"] = seconds
+
+        return edit
+
+    edit_config(cfg, hsts(600))
+    with run_gateway(cfg) as gw:
+        keep = http.client.HTTPSConnection("127.0.0.1", gw.port, context=pki.client_context(pki.client), timeout=10)
+        try:
+            seen = []
+            for _ in range(2):
+                keep.request("GET", f"/bundles/{APP_ID}/1.1.0.zip")
+                answer = keep.getresponse()
+                answer.read()
+                seen.append(answer.getheader("strict-transport-security"))
+            edit_config(cfg, hsts(1200))
+            gw.proc.send_signal(signal.SIGHUP)
+            assert wait_until(lambda: gw.metric("ota_gateway_config_reloads_total", result="success") == 1)
+            keep.request("GET", f"/bundles/{APP_ID}/1.1.0.zip")
+            answer = keep.getresponse()
+            answer.read()
+            seen.append(answer.getheader("strict-transport-security"))
+        finally:
+            keep.close()
+    assert seen == ["max-age=600", "max-age=600", "max-age=1200"]
