@@ -4,6 +4,9 @@ about the client is set by the gateway alone."""
 
 from __future__ import annotations
 
+import http.client
+import json
+import signal
 import urllib.parse
 from pathlib import Path
 from typing import Any
@@ -19,6 +22,7 @@ from tests.support import (
     CertFiles,
     GatewayProcess,
     Pki,
+    edit_config,
     https_request,
     leaf_certificate,
     run_gateway,
@@ -165,3 +169,30 @@ def test_xfcc_header(tmp_path: Path, pki: Pki, https_origin: HttpsOrigin, publis
         assert len(sent) == 2
         assert _values(sent[1], "X-Forwarded-Client-Cert") == [xfcc_value(third_identity)]
         assert all(incoming not in v for headers in sent for _, v in headers)
+
+
+def test_a_reload_that_makes_a_connected_client_a_front_proxy_applies_to_its_open_connection(
+    tmp_path: Path, pki: Pki, https_origin: HttpsOrigin, published: bytes
+) -> None:
+    """A connection's verdict (direct client or front proxy) is kept between its requests only while the snapshot
+    it came from is current: after a reload pins this client as a front proxy, the next request on the same
+    connection must forward a device identity (401 without one); before the reload the same request was served."""
+    cfg = _start(tmp_path, pki, https_origin, "client-cert", "client-cert")
+    with run_gateway(cfg) as gw:
+        keep = http.client.HTTPSConnection("127.0.0.1", gw.port, context=pki.client_context(pki.client), timeout=10)
+        try:
+            keep.request("GET", URL_PATH)
+            first = keep.getresponse()
+            assert first.status == 200 and first.read() == published
+
+            def pin_moves(config: dict[str, Any]) -> None:
+                config["front_proxies"][0]["cert_sha256"] = [pki.client.sha256]
+
+            edit_config(cfg, pin_moves)
+            gw.proc.send_signal(signal.SIGHUP)
+            assert wait_until(lambda: gw.metric("ota_gateway_config_reloads_total", result="success") == 1)
+            keep.request("GET", URL_PATH)
+            again = keep.getresponse()
+            assert again.status == 401 and json.loads(again.read())["reason"] == "no_client_cert"
+        finally:
+            keep.close()
