@@ -145,6 +145,51 @@ def test_a_directory_origin_refuses_a_fifo_at_once_and_serves_a_regular_file_by_
     assert asyncio.run(_read_file(origin, "real.zip", len(data), hashlib.sha256(data).hexdigest(), small)) == data
 
 
+def test_a_download_cancelled_while_its_file_opens_leaves_no_descriptor(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A large file is opened in a worker thread; a request cancelled meanwhile (the client went away) must not
+    leak the descriptor the thread opens after it: it is closed once the thread is done. Twin: a download that is
+    not cancelled gets its body."""
+    from gateway import origins
+
+    (tmp_path / APP).mkdir()
+    data = os.urandom(3000)
+    (tmp_path / APP / "big.zip").write_bytes(data)
+    origin = DirectoryOrigin("local", DirectoryOriginConfig(type="directory", path=tmp_path))
+    go, opened = threading.Event(), threading.Event()
+    real_open = origins._open_first
+
+    def slow_open(*args: object) -> tuple[int, int, bytes]:
+        go.wait(10)
+        try:
+            return real_open(*args)  # type: ignore[arg-type]
+        finally:
+            opened.set()
+
+    monkeypatch.setattr(origins, "_open_first", slow_open)
+
+    async def cancelled() -> None:
+        async def download() -> None:
+            async with origin.open(APP, "big.zip", 64 * 1024, size_hint=1 << 30):
+                raise AssertionError("the open was to be cancelled")
+
+        task = asyncio.ensure_future(download())
+        await asyncio.sleep(0.1)  # the thread is waiting in the open
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        go.set()
+        await asyncio.to_thread(opened.wait, 10)
+        await asyncio.sleep(0.1)  # the done-callback that closes the descriptor runs on the loop
+
+    descriptors = len(os.listdir("/proc/self/fd"))
+    asyncio.run(cancelled())
+    assert len(os.listdir("/proc/self/fd")) <= descriptors
+    opened.clear()
+    assert asyncio.run(_read_file(origin, "big.zip", len(data), hashlib.sha256(data).hexdigest(), False)) == data
+
+
 # -- how a body's chunks are sliced for the verifier and the client ----------------------------------------------
 
 
