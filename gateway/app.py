@@ -262,10 +262,26 @@ async def _readyz(request: web.Request) -> web.Response:
     return web.json_response(body, status=503 if problems else 200)
 
 
+@web.middleware
+async def _admin_problems(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """aiohttp's own 404 and 405 (text/plain) as problem details, like every other error answer."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        detail = "the admin listener serves /metrics, /healthz and /readyz (GET)"
+        resp = problem_response(Reason.NOT_FOUND, detail, exc.status)
+        if "Allow" in exc.headers:
+            resp.headers["Allow"] = exc.headers["Allow"]
+        return resp
+
+
 def create_admin_app(runtime: Runtime) -> web.Application:
     """Plain-HTTP admin application (loopback by default): /metrics, /healthz, /readyz."""
-    app = web.Application()
+    app = web.Application(middlewares=[_admin_problems])
     app[RUNTIME] = runtime
+    app.on_response_prepare.append(_server_header)
     app.router.add_get("/metrics", _metrics)
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)

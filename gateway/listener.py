@@ -34,6 +34,7 @@ from aiohttp.abc import AbstractStreamWriter
 from aiohttp.http_parser import RawRequestMessage
 from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestHandler
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway.core.connguard import Caps, Counts, Phase, Timeouts, admit, deadline, fired_early, timer_needed
 from gateway.core.handshake import classify
@@ -414,7 +415,14 @@ class GuardedRequestHandler(RequestHandler):
         writer: AbstractStreamWriter,
         task: asyncio.Task[None],
     ) -> web.BaseRequest:
-        """aiohttp's request factory, called when a request starts: the body timeout starts with it."""
+        """aiohttp's request factory, called when a request starts: the body timeout starts with it.
+
+        An `Expect` other than 100-continue is dropped here: aiohttp would answer it before any middleware with a
+        text/plain 417 echoing the header, unaudited. RFC 9110 10.1.1 lets a server ignore an expectation it does
+        not know; the request is then answered as it would be without one."""
+        expect = message.headers.get("Expect")
+        if expect is not None and expect.strip().lower() != "100-continue":
+            message = _without_expect(message)
         if payload.is_eof():
             self._enter(Phase.BUSY)
         else:
@@ -504,6 +512,13 @@ class GuardedRequestHandler(RequestHandler):
         resp.headers.update(self._guard.headers())
         resp.force_close()
         return resp
+
+
+def _without_expect(message: RawRequestMessage) -> RawRequestMessage:
+    """The request without its Expect header(s)."""
+    headers = CIMultiDict((k, v) for k, v in message.headers.items() if k.lower() != "expect")
+    raw = tuple((k, v) for k, v in message.raw_headers if k.lower() != b"expect")
+    return message._replace(headers=CIMultiDictProxy(headers), raw_headers=raw)
 
 
 def _raw_problem(reason: Reason, detail: str, status: int, headers: dict[str, str]) -> bytes:

@@ -313,6 +313,82 @@ def test_malformed_http_gets_problem_details_without_echo_audited_and_counted(en
     assert len([line for line in new_log if "malformed" in line]) <= 1
 
 
+@pytest.mark.parametrize(
+    ("listener", "method", "path", "status"),
+    [
+        ("main", "GET", "/updates", 200),
+        ("main", "POST", f"/bundles/{APP_ID}/1.1.0.zip", 405),
+        ("main", "GET", "/nothing/here", 404),
+        ("plain_http", "POST", "/updates", 426),
+        ("admin", "GET", "/healthz", 200),
+        ("admin", "GET", "/nothing/here", 404),
+    ],
+)
+def test_an_unknown_expectation_is_ignored_never_a_plain_text_417_echoing_it(
+    env: Env, listener: str, method: str, path: str, status: int
+) -> None:
+    """aiohttp answers `Expect: <anything but 100-continue>` itself, before any middleware: a text/plain 417 that
+    echoes the header, neither audited nor counted. The gateway ignores an expectation it does not know (RFC 9110
+    10.1.1 allows it) and answers the request as it would without one."""
+    sock = {
+        "main": env.tls,
+        "plain_http": lambda: env.plain(env.plain_port),
+        "admin": lambda: env.plain(env.gw.admin_port),
+    }[listener]()
+    sock.sendall(request(method, path, Expect="SECRET-ECHO", Connection="close"))
+    raw, _ = read_until_closed(sock, 10)
+    sock.close()
+    got, headers, _ = parse(raw)
+    assert got == status, raw[:300]
+    assert b"SECRET" not in raw
+    assert "text/plain" not in headers.get("content-type", "")
+
+
+@pytest.mark.parametrize(("method", "path", "status"), [("GET", "/nothing/here", 404), ("POST", "/metrics", 405)])
+def test_the_admin_listener_answers_errors_as_problem_details_and_names_no_library(
+    env: Env, method: str, path: str, status: int
+) -> None:
+    sock = env.plain(env.gw.admin_port)
+    sock.sendall(request(method, path, Connection="close"))
+    raw, _ = read_until_closed(sock, 10)
+    sock.close()
+    got, headers, body = parse(raw)
+    assert got == status
+    assert headers["content-type"] == "application/problem+json"
+    assert json.loads(body)["reason"] == "not_found"
+    assert headers["server"] == "ota-gateway"  # not aiohttp's name and version
+
+
+def test_the_admin_listener_twin_serves_metrics_as_before(env: Env) -> None:
+    sock = env.plain(env.gw.admin_port)
+    sock.sendall(request("GET", "/metrics", Connection="close"))
+    raw, _ = read_until_closed(sock, 10)
+    sock.close()
+    got, headers, body = parse(raw)
+    assert got == 200 and headers["content-type"].startswith("text/plain; version=")
+    assert b"ota_gateway_requests_total" in body
+    assert headers["server"] == "ota-gateway"
+
+
+def test_expect_100_continue_still_gets_its_interim_answer(env: Env) -> None:
+    """The twin: the one expectation HTTP/1.1 defines is met, then the request is answered."""
+    sock = env.tls()
+    body = b"{}"
+    sock.sendall(
+        b"POST /updates HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nExpect: 100-continue\r\n"
+        b"Content-Length: 2\r\nConnection: close\r\n\r\n"
+    )
+    sock.settimeout(10)
+    interim = sock.recv(65536)
+    assert interim.startswith(b"HTTP/1.1 100 Continue\r\n\r\n"), interim
+    sock.sendall(body)
+    raw, _ = read_until_closed(sock, 10)
+    sock.close()
+    rest = interim[len(b"HTTP/1.1 100 Continue\r\n\r\n") :] + raw
+    status, _, answer = parse(rest)
+    assert status == 400 and json.loads(answer)["error"] == "invalid_request"  # {} is no update check
+
+
 # --- connection caps -------------------------------------------------------------------------------------------
 
 
