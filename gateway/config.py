@@ -222,7 +222,7 @@ class Limits(Model):
     keepalive_timeout: Seconds = 75.0
     header_timeout: Seconds = 10.0
     body_timeout: Seconds = 30.0
-    max_connections: PositiveInt | None = None  # per worker, all listeners; None: 3/4 of the open-files limit
+    max_connections: PositiveInt | None = None  # per worker, all listeners; None: connguard.auto_max_connections
     max_handshakes: PositiveInt = 256
     max_handshakes_per_address: PositiveInt = 32
 

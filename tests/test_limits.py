@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from gateway.publish import add_release
+from tests.origin_server import HttpsOrigin
 from tests.support import (
     APP_ID,
     GatewayProcess,
@@ -496,6 +497,57 @@ def test_partial_header_flood_on_plain_http_under_1024_fds_leaves_mtls_downloads
         finally:
             for s in flood:
                 s.close()
+
+
+def test_downloads_that_each_hold_an_origin_connection_never_run_the_gateway_out_of_descriptors(
+    tmp_path: Path, pki: Pki, https_origin: HttpsOrigin
+) -> None:
+    """Every download holds a second descriptor besides its client's (the origin connection, or the bundle file of
+    a directory origin). With the default cap, clients that each start a download and keep it open (the origin
+    sends half, then waits) fill the open-files limit: handshakes then fail, the origin cannot be reached, and the
+    admin listener that would show it is unreachable. The default cap leaves a descriptor per connection for that."""
+    import resource
+
+    from gateway.core.connguard import auto_max_connections
+
+    nofile = 256
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 4096)), hard))  # this process holds both ends
+    https_origin.publish(APP_ID, "1.1.0", bytes(256 * 1024))
+    https_origin.state.modes[f"{APP_ID}/1.1.0.zip"] = "stall_watch"
+    cfg = write_config(
+        tmp_path / "gw",
+        pki,
+        origins={"cdn": https_origin.origin_config(read_timeout=60)},
+        extra={"limits": {"origin_min_rate": 0, "shutdown_grace": 1}},  # only the cap bounds the stalled downloads
+    )
+    held: list[ssl.SSLSocket] = []
+    answers: dict[str, int] = {}
+    with run_gateway(cfg, nofile=nofile) as gw:
+        try:
+            for _ in range(auto_max_connections(nofile) + 40):
+                try:
+                    sock = pki.client_context(pki.client).wrap_socket(
+                        socket.create_connection(("127.0.0.1", gw.port), timeout=10), server_hostname="localhost"
+                    )
+                    sock.sendall(request("GET", f"/bundles/{APP_ID}/1.1.0.zip"))
+                    head = sock.recv(12)
+                except OSError:
+                    answers["no answer"] = answers.get("no answer", 0) + 1
+                    continue
+                status = head.decode("latin-1") or "closed"
+                answers[status] = answers.get(status, 0) + 1
+                held.append(sock)
+            scrape = gw.scrape()  # the admin listener still answers while every download is held
+            assert "ota_gateway_downloads_in_flight " in scrape
+            assert answers.get("HTTP/1.1 200", 0) >= auto_max_connections(nofile) - 2, answers
+            assert set(answers) <= {"HTTP/1.1 200", "no answer", "closed"}, answers  # never a 502 or 500
+            assert gw.metric("ota_gateway_connections_refused_total", listener="main", cause="max_connections") > 0
+            assert not [line for line in gw.stderr_lines if "Too many open files" in line]
+        finally:
+            for sock in held:
+                sock.close()
+        assert wait_until(lambda: gw.metric("ota_gateway_downloads_in_flight") == 0, timeout=15)
 
 
 def test_readyz_reports_descriptors_at_80_percent_of_the_limit(tmp_path: Path, pki: Pki, capgo_dir: Path) -> None:

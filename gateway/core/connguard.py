@@ -109,12 +109,16 @@ def admit(caps: Caps, counts: Counts, *, tls: bool, listener_cap: int | None, ov
     return None
 
 
-RESERVED_FDS = 64  # origin connections, files being streamed, the state store, the audit log, logs, listeners
+RESERVED_FDS = 64  # listeners, the admin listener's own connections, the state store, the audit log, logs, pipes
 
 
 def auto_max_connections(nofile: int) -> int:
-    """The default per-worker connection cap: three quarters of the open-files limit, leaving room for the rest."""
-    return max(16, min(nofile * 3 // 4, nofile - RESERVED_FDS))
+    """The default per-worker connection cap: half of the open-files limit after `RESERVED_FDS`.
+
+    Each connection may hold a second descriptor while it downloads (the bundle file of a directory origin, or
+    the connection to an HTTPS origin), so a worker whose every connection downloads still stays below the
+    limit: new handshakes, origin calls and the admin listener never fail for want of a descriptor."""
+    return max(16, (nofile - RESERVED_FDS) // 2)
 
 
 FD_PRESSURE = 0.8

@@ -6,6 +6,7 @@ import pytest
 
 from gateway.core.connguard import (
     REFUSAL_CAUSES,
+    RESERVED_FDS,
     TIMEOUT_CAUSES,
     Caps,
     Counts,
@@ -76,9 +77,16 @@ def test_a_listener_outside_the_overall_cap_keeps_its_own() -> None:
     )
 
 
-@pytest.mark.parametrize(("nofile", "cap"), [(1024, 768), (256, 192), (100, 36), (20, 16), (1 << 20, 786432)])
+@pytest.mark.parametrize(("nofile", "cap"), [(1024, 480), (256, 96), (100, 18), (20, 16), (1 << 20, 524256)])
 def test_auto_max_connections_leaves_room_below_the_open_files_limit(nofile: int, cap: int) -> None:
     assert auto_max_connections(nofile) == cap
+
+
+@pytest.mark.parametrize("nofile", [256, 1024, 4096, 65536])
+def test_every_connection_downloading_still_fits_the_open_files_limit(nofile: int) -> None:
+    """A connection and the descriptor its download holds (bundle file or origin connection), for every admitted
+    connection, plus the reserve for listeners, stores and the admin listener's own cap of 32."""
+    assert 2 * auto_max_connections(nofile) + RESERVED_FDS <= nofile
 
 
 def test_fd_pressure_at_80_percent() -> None:
