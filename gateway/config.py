@@ -352,11 +352,7 @@ def _cross_checks(doc: YamlDoc, config: Config, material: dict[str, ListenerMate
             material[lst.name] = build_material(lst)
         except ListenerMaterialError as exc:
             issues += [doc.issue((*path, *where), message) for where, message in exc.issues]
-    ports = [(lst.address, lst.port) for lst in config.listeners]
-    if config.admin.enabled and (config.admin.address, config.admin.port) in ports:
-        issues.append(doc.issue(("admin", "port"), "admin port is also used by a TLS listener"))
-    if config.plain_http.enabled and (config.plain_http.address, config.plain_http.port) in ports:
-        issues.append(doc.issue(("plain_http", "port"), "plain_http port is also used by a TLS listener"))
+    issues += _port_clashes(doc, config)
     seen_cas: dict[str, Path] = {}
     for i, lst in enumerate(config.listeners):
         for j, ca in enumerate(lst.client_ca):
@@ -390,6 +386,29 @@ def _cross_checks(doc: YamlDoc, config: Config, material: dict[str, ListenerMate
                 load_ca_bundle(origin.ca)
             except TlsMaterialError as exc:
                 issues.append(doc.issue(("origins", name, "ca"), str(exc)))
+    return issues
+
+
+def _port_clashes(doc: YamlDoc, config: Config) -> list[ConfigIssue]:
+    """Two listeners (TLS, admin, plain HTTP) whose addresses take the same port: each later one is named."""
+    from gateway.core.startup import endpoint_text, endpoints_overlap
+
+    taken: list[tuple[tuple[str, int], str]] = []
+    issues = []
+    ends: list[tuple[KeyPath, tuple[str, int], str]] = [
+        (("listeners", i), (lst.address, lst.port), f"a TLS listener (listeners[{i}], {lst.name})")
+        for i, lst in enumerate(config.listeners)
+    ]
+    if config.admin.enabled:
+        ends.append((("admin",), (config.admin.address, config.admin.port), "the admin listener"))
+    if config.plain_http.enabled:
+        ends.append((("plain_http",), (config.plain_http.address, config.plain_http.port), "the plain_http listener"))
+    for path, end, owner in ends:
+        clash = next((other for seen, other in taken if endpoints_overlap(end, seen)), None)
+        if clash is not None:
+            where = endpoint_text(*end)
+            issues.append(doc.issue((*path, "port"), f"{where} is also used by {clash}; listeners cannot share a port"))
+        taken.append((end, owner))
     return issues
 
 

@@ -162,6 +162,19 @@ def check_cli(config: Path, capsys: pytest.CaptureFixture[str]) -> tuple[int, li
 
 # --- gateway.yaml ------------------------------------------------------------------------------------------------
 
+
+def second_listener(address: str) -> list[str]:
+    """A second TLS listener (6 lines, inserted after line 8) on the first one's port, `{port}` filled later."""
+    return [
+        "  - name: second",
+        f"    address: {address}",
+        "    port: {port}",
+        "    cert: {server_cert}",
+        "    key: {server_key}",
+        "    client_ca: [{ca}]",
+    ]
+
+
 CONFIG_CASES: list[tuple[str, Edit, int | None, str, str]] = [
     ("unknown top-level key", insert(18, "colour: blue"), 19, "colour", "unknown key"),
     ("unknown nested key", replace(8, '    min_tsl: "1.2"'), 8, "listeners[0].min_tsl", "unknown key"),
@@ -203,6 +216,34 @@ CONFIG_CASES: list[tuple[str, Edit, int | None, str, str]] = [
     ("min_tls 1.1 (string)", replace(8, '    min_tls: "1.1"'), 8, "listeners[0].min_tls", "'1.2' or '1.3'"),
     ("min_tls 1.1 (number)", replace(8, "    min_tls: 1.1"), 8, "listeners[0].min_tls", "'1.2' or '1.3'"),
     ("admin port = listener port", replace(11, "  port: {port}"), 11, "admin.port", "also used by a TLS listener"),
+    (
+        "admin on 0.0.0.0 and the listener's port",
+        both(replace(10, "  address: 0.0.0.0"), replace(11, "  port: {port}")),
+        11,
+        "admin.port",
+        "also used by a TLS listener (listeners[0], main)",
+    ),
+    (
+        "two TLS listeners on one address and port",
+        insert(8, *second_listener("127.0.0.1")),
+        11,
+        "listeners[1].port",
+        "127.0.0.1:{port} is also used by a TLS listener (listeners[0], main); listeners cannot share a port",
+    ),
+    (
+        "a TLS listener on 0.0.0.0 and the port of one on 127.0.0.1",
+        insert(8, *second_listener("0.0.0.0")),
+        11,
+        "listeners[1].port",
+        "0.0.0.0:{port} is also used by a TLS listener (listeners[0], main)",
+    ),
+    (
+        "plain_http on the admin port",
+        insert(18, "plain_http:", "  enabled: true", "  port: {admin_port}"),
+        21,
+        "plain_http.port",
+        "also used by the admin listener",
+    ),
     ("origin folder missing", replace(15, "    path: nowhere"), 15, "origins.local.path", "directory not found"),
     ("top level not a mapping", lambda lines: lines.__setitem__(slice(None), ["- a", "- b"]), 1, "", "mapping"),
     (
@@ -224,6 +265,22 @@ CONFIG_CASES: list[tuple[str, Edit, int | None, str, str]] = [
 ]
 
 
+def test_listeners_on_other_addresses_may_use_the_same_port_number(layout: Layout) -> None:
+    """The negative twin of the port clashes above: 127.0.0.1 and 127.0.0.2, or 0.0.0.0 and :: (IPv6-only
+    sockets), are different sockets on one port number."""
+    config = layout.write(
+        _fill(both(insert(8, *second_listener("127.0.0.2")), insert(14, *second_listener("::"))), layout)
+    )
+    text = config.read_text().replace("name: second\n    address: ::", "name: third\n    address: '::'")
+    config.write_text(text)
+    loaded = load_config(config)
+    assert [(lst.address, lst.port) for lst in loaded.listeners] == [
+        ("127.0.0.1", layout.port),
+        ("127.0.0.2", layout.port),
+        ("::", layout.port),
+    ]
+
+
 def _fill(edit: Edit, layout: Layout) -> Edit:
     """Let a case name PKI files by placeholder."""
     p = layout.pki
@@ -233,6 +290,7 @@ def _fill(edit: Edit, layout: Layout) -> Edit:
         "server_cert": str(p.server.cert),
         "server_key": str(p.server.key),
         "port": str(layout.port),
+        "admin_port": str(layout.admin_port),
     }
 
     def filled(lines: list[str]) -> None:
@@ -251,7 +309,7 @@ def test_bad_gateway_yaml_is_one_line(
     config = layout.write(_fill(edit, layout))
     with pytest.raises(ConfigError) as info:
         load_config(config)
-    rendered = expect_line(only_issue(info.value), config, line, key, fragment)
+    rendered = expect_line(only_issue(info.value), config, line, key, fragment.replace("{port}", str(layout.port)))
     code, err, out = check_cli(config, capsys)
     assert code == 2
     assert err == [f"ota-gateway: {rendered}"]

@@ -95,6 +95,30 @@ def test_port_in_use_is_one_line_from_check_and_serve(site: Path) -> None:
         assert urllib.request.urlopen(f"{gw.admin_url}/healthz", timeout=5).status == 200
 
 
+def test_two_listeners_on_one_port_never_start_even_with_reuse_port(site: Path) -> None:
+    """With `--workers 2` every socket has SO_REUSEPORT, so the kernel would let a second listener of the same
+    config bind the first one's port and spread connections between two sets of rules (another CA, no pins, TLS
+    1.2 beside a 1.3-only listener). `check` and `serve` refuse such a config before binding anything."""
+    import yaml
+
+    data = yaml.safe_load(site.read_text())
+    port = data["listeners"][0]["port"]
+    second = {**data["listeners"][0], "name": "wide", "address": "0.0.0.0", "min_tls": "1.3"}
+    edit(site, listeners=[data["listeners"][0], second])
+    checked = gateway("check", "--config", site)
+    assert checked.returncode == 2
+    expected = f"listeners[1].port: 0.0.0.0:{port} is also used by a TLS listener (listeners[0], main)"
+    assert expected in one_line(checked.stderr)
+    for workers in ("1", "2"):
+        served = gateway("serve", "--workers", workers, "--config", site, timeout=30)
+        assert served.returncode == 2, served.stderr
+        assert expected in one_line(served.stderr)
+    # the twin: the second listener on a port of its own starts beside the first
+    edit(site, listeners=[data["listeners"][0], {**second, "address": "127.0.0.1", "port": free_port()}])
+    with run_gateway(site, "--workers", "2") as gw:
+        assert urllib.request.urlopen(f"{gw.admin_url}/healthz", timeout=5).status == 200
+
+
 def test_admin_port_in_use_names_the_admin_key(site: Path) -> None:
     import yaml
 

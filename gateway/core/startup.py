@@ -1,6 +1,8 @@
 """Start-up problems in words an operator can act on, and when the worker supervisor restarts or gives up.
 
-Owns two decisions, both pure: how a failed operating-system call at start-up (binding a port, opening a file or
+Owns three decisions, all pure: whether two listen addresses of the config would take the same port (two sockets
+that the kernel would refuse, or, with SO_REUSEPORT under `--workers`, silently share, spreading connections
+between listeners of different rules); how a failed operating-system call at start-up (binding a port, opening a file or
 a folder) is described, naming what was tried, on what, as whom, and what to do about it; and what the supervisor
 does when a worker dies (`after_crash`: restart after an exponential backoff, or stop once `max_crashes` deaths
 fell within `window` seconds). The shell (`gateway/preflight.py`, `gateway/runner.py`, `gateway/workers.py`)
@@ -10,14 +12,40 @@ makes the calls, reads the clock and carries the verdict out.
 from __future__ import annotations
 
 import errno
+import ipaddress
 from dataclasses import dataclass
 
 _DENIED = (errno.EACCES, errno.EPERM)
 
 
+def _bound(address: str) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+    """The addresses a listener on `address` binds: `localhost` resolves to the loopback of both families."""
+    if address == "localhost":
+        return [ipaddress.IPv4Address("127.0.0.1"), ipaddress.IPv6Address("::1")]
+    return [ipaddress.ip_address(address)]
+
+
+def endpoints_overlap(a: tuple[str, int], b: tuple[str, int]) -> bool:
+    """Whether listeners on `a` and `b` (address, port) would take the same port: the same port, and in one
+    address family the same address or a wildcard (0.0.0.0, ::) on either side. IPv6 sockets are IPv6-only
+    (asyncio sets IPV6_V6ONLY), so :: and 0.0.0.0 do not overlap."""
+    if a[1] != b[1]:
+        return False
+    return any(
+        x.version == y.version and (x == y or x.is_unspecified or y.is_unspecified)
+        for x in _bound(a[0])
+        for y in _bound(b[0])
+    )
+
+
+def endpoint_text(address: str, port: int) -> str:
+    """`address:port`, an IPv6 address in brackets."""
+    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+
+
 def bind_problem(address: str, port: int, err: int, strerror: str, user: str) -> str:
     """Why a listener could not bind `address:port`, and what to do."""
-    where = f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+    where = endpoint_text(address, port)
     if err == errno.EADDRINUSE:
         return f"{where} is already in use: stop the process that holds it, or choose another port"
     if err in _DENIED:

@@ -6,7 +6,7 @@ import errno
 
 import pytest
 
-from gateway.core.startup import RestartPolicy, after_crash, bind_problem, file_problem
+from gateway.core.startup import RestartPolicy, after_crash, bind_problem, endpoints_overlap, file_problem
 
 USER = "otagw (uid 10001)"
 
@@ -87,3 +87,34 @@ def test_one_crash_limit_stops_at_the_first_death() -> None:
 def test_nonsense_policies_are_refused(kwargs: dict[str, float]) -> None:
     with pytest.raises(ValueError):
         RestartPolicy(**kwargs)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("a", "b"),
+    [
+        (("127.0.0.1", 8443), ("127.0.0.1", 8443)),
+        (("0.0.0.0", 8443), ("127.0.0.1", 8443)),
+        (("127.0.0.1", 8443), ("0.0.0.0", 8443)),
+        (("::", 8443), ("::1", 8443)),
+        (("localhost", 8443), ("127.0.0.1", 8443)),
+        (("localhost", 8443), ("::1", 8443)),
+        (("0.0.0.0", 8443), ("localhost", 8443)),
+    ],
+)
+def test_listeners_that_take_the_same_port_overlap(a: tuple[str, int], b: tuple[str, int]) -> None:
+    assert endpoints_overlap(a, b)
+
+
+@pytest.mark.parametrize(
+    ("a", "b"),
+    [
+        (("127.0.0.1", 8443), ("127.0.0.1", 8444)),  # another port
+        (("127.0.0.1", 8443), ("127.0.0.2", 8443)),  # another address
+        (("0.0.0.0", 8443), ("::", 8443)),  # IPv6 sockets are IPv6-only
+        (("::", 8443), ("127.0.0.1", 8443)),
+        (("localhost", 8443), ("127.0.0.2", 8443)),
+        (("0.0.0.0", 8443), ("0.0.0.0", 9443)),
+    ],
+)
+def test_listeners_on_other_ports_or_addresses_do_not_overlap(a: tuple[str, int], b: tuple[str, int]) -> None:
+    assert not endpoints_overlap(a, b)
