@@ -17,7 +17,8 @@ exits 2; this holds for a restarted worker too. A worker that dies after `ready`
 `ota_gateway_worker_restarts_total`; the `max_crashes`-th death within `window` seconds (default 5 in 60 s, see
 `gateway/core/startup.py`) stops the server with that worker's last error and exit code 1. After a stop signal
 the exit code is the worst of the workers': 3 if any had to abort requests; a worker that a stop signal ended
-before it was ready (killed by it during its start-up) counts as a clean stop.
+before it was ready (killed by it during its start-up) counts as a clean stop. A supervisor that dies (even by
+SIGKILL) takes its workers with it: each gets SIGTERM from the kernel and drains as on a stop.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ EXIT_STARTUP = 2
 EXIT_CRASH_LOOP = 1
 STOP_TIMEOUT = 60.0  # after the workers' own shutdown grace has had its chance, a stuck worker is killed
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def is_worker() -> bool:
@@ -165,6 +167,7 @@ class _Supervisor:
         self.stopping = False
 
     def start(self, restarted: bool) -> None:
+        parent = os.getpid()
         read, write = os.pipe()
         # no forwarded signal may reach the child before it has put the default handlers back (the supervisor's
         # handler, run in a worker, would signal the other workers)
@@ -172,7 +175,7 @@ class _Supervisor:
         try:
             pid = os.fork()
             if pid == 0:
-                self._in_child(read, write, restarted)  # never returns
+                self._in_child(parent, read, write, restarted)  # never returns
         except BaseException:
             os.close(read)
             raise
@@ -184,12 +187,13 @@ class _Supervisor:
         self.selector.register(read, selectors.EVENT_READ, worker)
         self.workers.append(worker)
 
-    def _in_child(self, read: int, write: int, restarted: bool) -> None:
+    def _in_child(self, parent: int, read: int, write: int, restarted: bool) -> None:
         """In a new worker: drop the supervisor's state, run `serve`, exit with its code (never returns)."""
         code = 1
         try:
             for sig in FORWARDED:
                 signal.signal(sig, signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL)
+            _stop_with(parent)
             signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)
             os.close(read)
             for other in self.workers:
@@ -377,6 +381,22 @@ def _run(sup: _Supervisor) -> int:
     if any(c == 3 for c in codes):
         return 3
     return max((c for c in codes if c > 0), default=0)
+
+
+def _stop_with(parent: int) -> None:
+    """In a new worker: get SIGTERM when the supervisor dies (Linux `PR_SET_PDEATHSIG`), also when it is killed
+    with SIGKILL and cannot pass a signal on. Without it the workers would keep serving the old config as orphans,
+    holding the ports, and a gateway started again would share those ports with them (SO_REUSEPORT). The signal
+    is blocked here (see `start`), so a supervisor that died already is seen by `getppid` and the same SIGTERM."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: the supervisor's death goes unnoticed, as before
+        return
+    if os.getppid() != parent:
+        os.kill(os.getpid(), signal.SIGTERM)  # delivered once unblocked
 
 
 def _mark_dead(pid: int, metrics_dir: Path) -> None:

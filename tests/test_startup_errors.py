@@ -294,6 +294,48 @@ def test_a_worker_killed_after_start_is_restarted_and_counted(site: Path) -> Non
         assert gw.stop() == 0
 
 
+def alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie waiting for its reaper does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def port_free(port: int) -> bool:
+    with socket.socket() as probe:  # no SO_REUSEPORT: any listener still on the port makes this bind fail
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def test_workers_stop_when_the_supervisor_is_killed(site: Path) -> None:
+    """`kill -9` of the supervisor cannot be passed on to the workers; the kernel tells them (SIGTERM on the
+    parent's death) and they drain and exit, freeing the ports. Orphaned workers would keep serving the old config,
+    and a gateway started again would share the ports with them (SO_REUSEPORT)."""
+    with run_gateway(site, "--workers", "2") as gw:
+        assert wait_until(lambda: ready_workers(gw) == 2, timeout=20)
+        workers = children(gw.proc.pid)
+        assert len(workers) == 2 and not port_free(gw.port)
+        try:
+            gw.proc.kill()
+            gw.proc.wait(10)
+            assert wait_until(lambda: not any(alive(pid) for pid in workers), timeout=15)
+            assert wait_until(lambda: port_free(gw.port) and port_free(gw.admin_port), timeout=5)
+        finally:
+            for pid in workers:
+                if alive(pid):
+                    os.kill(pid, signal.SIGKILL)
+    # the twin: the supervisor's ordinary stop ends the workers as before
+    with run_gateway(site, "--workers", "2") as gw:
+        assert wait_until(lambda: ready_workers(gw) == 2, timeout=20)
+        workers = children(gw.proc.pid)
+        assert gw.stop() == 0
+        assert not any(alive(pid) for pid in workers) and port_free(gw.port)
+
+
 def test_a_signal_to_one_worker_ends_only_that_worker(site: Path) -> None:
     """Workers are forked from the supervisor: each has the default signal handlers, not the supervisor's (which
     would pass a SIGTERM on to every worker). A SIGTERM sent to one worker drains that one; it is started again and
