@@ -654,7 +654,8 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=0,
         metavar="N",
-        help="only: instructions per request (callgrind, N requests) of GET /updates, the offer and the 1 KiB GET, "
+        help="only: instructions per request (callgrind, N requests) of GET /updates, the offer and the 1 KiB GETs "
+        "(directory and HTTPS origin), "
         "from this tree and --compare-src",
     )
     args = p.parse_args(argv)
@@ -730,6 +731,7 @@ def instructions_only(args: argparse.Namespace) -> int:
         ("GET /updates (no feature)", liveness),
         ("update check, offer (SQLite)", lambda c: check(c, OLD_VERSION, "offer")),
         ("GET 1 KiB bundle (directory origin)", bundle),
+        ("GET 1 KiB bundle (HTTPS origin)", lambda c: bundle(c, harness.APP_CDN)),
     ]
     if args.only:
         works = [w for w in works if any(part in w[0] for part in args.only.split(","))]
@@ -743,13 +745,16 @@ def instructions_only(args: argparse.Namespace) -> int:
         "| request | " + " | ".join(label for _, label in sources) + (" | change |" if len(sources) > 1 else ""),
         "|---|" + "---:|" * (len(sources) + (len(sources) > 1)),
     ]
-    with tempfile.TemporaryDirectory(prefix="ota-bench-fc-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="ota-bench-fc-") as tmp, contextlib.ExitStack() as stack:
         base = Path(tmp)
         ws = harness.make_workspace(base, 4096, 1024)
+        # the HTTPS origin row's origin: bench/run.py's nginx origin, on the client's core (not counted)
+        https = any("HTTPS" in label for label, _ in works) and shutil.which("nginx") is not None
+        cdn_port = stack.enter_context(harness.origin_server(ws)).port if https else 1
         for label, work in works:
             counts = []
             for i, (src, _) in enumerate(sources):
-                config = write_config(ws, base / f"gw-{len(counts)}-{i}-{uuid.uuid4().hex[:6]}", None)
+                config = write_config(ws, base / f"gw-{len(counts)}-{i}-{uuid.uuid4().hex[:6]}", None, cdn_port)
                 counts.append(instructions_per_request(src, config, work, args.instructions, ws))
             cells = " | ".join(f"{c / 1000:,.0f} k" for c in counts)
             change = f" | {(counts[0] / counts[1] - 1) * 100:+.1f} %" if len(counts) > 1 else ""
