@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextvars
 import email.utils
 import errno
 import functools
@@ -48,6 +47,8 @@ from typing import Any, Literal, NamedTuple, Protocol, TypeVar
 import aiohttp
 import yaml
 from aiohttp.client_proto import ResponseHandler
+from aiohttp.connector import Connection
+from aiohttp.http import HttpProcessingError, RawResponseMessage, StreamWriter
 from yarl import URL
 
 from gateway.config import DirectoryOriginConfig, HttpsOriginConfig, OriginConfig
@@ -644,20 +645,6 @@ class _BufferedReads(asyncio.BufferedProtocol):
         self._handler.resume_writing()
 
 
-class _Watches:
-    """The watches of one bundle GET: one per connection it used (a redirect's next hop gets its own); `last` is
-    the one of the connection the answer came on."""
-
-    def __init__(self, grace: float) -> None:
-        self.grace = grace
-        self.last: _EndWatch | None = None
-
-    def new(self) -> _EndWatch:
-        self.last = _EndWatch(self.grace)
-        return self.last
-
-
-_WATCH: contextvars.ContextVar[_Watches | None] = contextvars.ContextVar("origin_end_watch", default=None)
 _HEAD_END = re.compile(rb"\r?\n\r?\n")  # the parser is lenient about the CR before LF in responses
 
 
@@ -887,6 +874,32 @@ class _GuardedHandler(ResponseHandler):
         super().connection_lost(exc)
 
 
+# what every GET to an origin sends besides Host: bodies are verified and relayed as the origin's bytes
+# (`auto_decompress=False`), so no content coding is asked for (aiohttp would add `Accept-Encoding: gzip, deflate`)
+_REQUEST_HEADERS = {"User-Agent": "ota-gateway", "Accept": "*/*", "Accept-Encoding": "identity"}
+
+
+class _Answer:
+    """The head of an origin's answer to a GET and its body (aiohttp's payload stream) on `connection`, which goes
+    back to the pool when the body is complete (`release`) or is dropped (`close`)."""
+
+    __slots__ = ("connection", "content", "content_length", "headers", "status")
+
+    def __init__(self, message: RawResponseMessage, payload: aiohttp.StreamReader, connection: Connection) -> None:
+        self.status: int = message.code
+        self.headers = message.headers
+        self.content = payload
+        length = message.headers.get("Content-Length")
+        self.content_length = int(length) if length is not None and length.isdigit() else None
+        self.connection = connection
+
+    def release(self) -> None:
+        self.connection.release()
+
+    def close(self) -> None:
+        self.connection.close()
+
+
 class _PinningConnector(aiohttp.TCPConnector):
     """A connector that refuses a TLS connection whose leaf SPKI is not one of the pins (in addition to the CA), and
     never hands out a pooled connection whose socket holds unread bytes (they are never read as the next answer)."""
@@ -908,9 +921,8 @@ class _PinningConnector(aiohttp.TCPConnector):
                 protocol.abort()  # the origin's close, or bytes nobody asked for: not the next answer
                 conn.close()
                 continue
-            watches = _WATCH.get()
-            protocol.begin(watches.new() if watches is not None else None, req.url.path)
-            return conn  # the watch is set before the request is written, so before any byte of the answer
+            protocol.begin(None, req.url.path)  # a GET of `HttpsOrigin._send` sets its own (and its watch) over this
+            return conn
         raise aiohttp.ClientConnectionError("no pooled origin connection without unread bytes")
 
     async def _wrap_create_connection(self, *args: Any, **kwargs: Any) -> Any:
@@ -944,6 +956,11 @@ class HttpsOrigin:
         self.base = URL(config.url)
         self._ssl: ssl.SSLContext = upstream_context(config)
         self._session: aiohttp.ClientSession | None = None
+        self._connector: _PinningConnector | None = None
+        self._timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=config.connect_timeout, sock_read=config.read_timeout
+        )
+        self._targets: dict[tuple[str, int | None], aiohttp.ClientRequest] = {}  # `_target`
         self._hosts = frozenset(h.lower() for h in (self.base.host, *config.redirect_hosts) if h)  # yarl lowercases
         self._cache: dict[str, tuple[float, ReleaseIndex]] = {}
 
@@ -952,20 +969,15 @@ class HttpsOrigin:
             connector = _PinningConnector(
                 frozenset(self.config.spki_pins), self._overrun, ssl=self._ssl, limit=256, ttl_dns_cache=60
             )
-            timeout = aiohttp.ClientTimeout(
-                total=None, sock_connect=self.config.connect_timeout, sock_read=self.config.read_timeout
-            )
+            self._connector = connector
             self._session = aiohttp.ClientSession(
                 connector=connector,
-                timeout=timeout,
+                timeout=self._timeout,
                 # no jar: an origin's Set-Cookie is never sent back, on this client's request or another's
                 cookie_jar=aiohttp.DummyCookieJar(),
                 auto_decompress=False,
                 trust_env=False,
-                # bodies are verified and relayed as the origin's bytes (`auto_decompress=False`): no content coding
-                # is asked for (aiohttp would add `Accept-Encoding: gzip, deflate`); given here rather than through
-                # `skip_auto_headers`, which copies the headers on every request
-                headers={"User-Agent": "ota-gateway", "Accept": "*/*", "Accept-Encoding": "identity"},
+                headers=_REQUEST_HEADERS,
             )
         return self._session
 
@@ -989,11 +1001,14 @@ class HttpsOrigin:
             async with asyncio.timeout(self.config.total_timeout):
                 yield
         except TimeoutError:
-            raise OriginTooSlow(
-                f"origin {self.name}: {what} took longer than total_timeout ({self.config.total_timeout:g} s)"
-            ) from None
+            raise self._too_slow(what) from None
 
-    async def _read_capped(self, resp: aiohttp.ClientResponse, limit: int, what: str) -> bytes:
+    def _too_slow(self, what: str) -> OriginTooSlow:
+        return OriginTooSlow(
+            f"origin {self.name}: {what} took longer than total_timeout ({self.config.total_timeout:g} s)"
+        )
+
+    async def _read_capped(self, resp: aiohttp.ClientResponse | _Answer, limit: int, what: str) -> bytes:
         """The whole body, refused as soon as it passes `limit` bytes (announced or streamed)."""
         too_large = f"origin {self.name}: {what} is larger than {limit} bytes"
         if resp.content_length is not None and resp.content_length > limit:
@@ -1010,16 +1025,79 @@ class HttpsOrigin:
                 raise OriginError(too_large)
         return bytes(data)
 
-    @asynccontextmanager
-    async def _get(self, url: URL, headers: dict[str, str] | None = None) -> AsyncIterator[aiohttp.ClientResponse]:
-        session = self._get_session()
-        for _ in range(self.config.max_redirects + 1):
+    def _target(self, url: URL) -> aiohttp.ClientRequest:
+        """What aiohttp's connector is asked for a connection to `url`'s host and port with (it names the pool, and
+        a new connection is made from it), built once per host and port; its headers are the ones every GET to that
+        host sends (Host and `_REQUEST_HEADERS`)."""
+        key = (url.raw_host or "", url.port)
+        target = self._targets.get(key)
+        if target is None:
+            session = self._get_session()
+            target = aiohttp.ClientRequest(
+                "GET", url.with_path("/"), headers=_REQUEST_HEADERS, loop=asyncio.get_running_loop(), session=session
+            )
+            if len(self._targets) < 16:  # a redirect may name any port of a configured host
+                self._targets[key] = target
+        return target
+
+    async def _send(self, url: URL, headers: dict[str, str] | None, watch: _EndWatch | None) -> _Answer:
+        """One GET of `url` on a pooled connection (or a new one) up to the head of its answer, with aiohttp's
+        connector, writer and parser (framed by `_GuardedHandler`) but without the rest of `ClientSession`'s request
+        machinery (cookies, auth, proxies, tracing, middlewares: nothing an origin GET uses). As aiohttp does, a
+        GET that fails on a reused connection before its answer's head (the origin closed it meanwhile) is sent
+        once more, on another connection."""
+        target = self._target(url)
+        connector = self._connector
+        assert connector is not None
+        for attempt in range(2):
+            conn = await connector.connect(target, [], self._timeout)
+            protocol = conn.protocol
+            assert isinstance(protocol, _GuardedHandler)
+            reused = protocol.reused
+            protocol.begin(watch, url.path)  # before the request is written, so before any byte of the answer
             try:
-                async with self._deadline(f"GET {url.path} (until its headers)"):
-                    resp = await session.get(url, allow_redirects=False, headers=headers)
+                protocol.set_response_params(
+                    read_until_eof=True, auto_decompress=False, read_timeout=self.config.read_timeout
+                )
+                sent = target.headers.copy()
+                if headers:
+                    sent.update(headers)
+                writer = StreamWriter(protocol, target.loop)
+                await writer.write_headers(f"GET {url.raw_path_qs} HTTP/1.1", sent)
+                protocol.start_timeout()
+                await writer.write_eof()
+                while True:
+                    message, payload = await protocol.read()
+                    if not 100 <= message.code < 200 or message.code == 101:
+                        break
+            except (aiohttp.ClientOSError, aiohttp.ServerDisconnectedError, ConnectionResetError):
+                conn.close()
+                if reused and not attempt:
+                    continue
+                raise
+            except BaseException:
+                conn.close()
+                raise
+            payload.on_eof(conn.release)  # the whole body read: back to the pool (or closed, if it must be)
+            return _Answer(message, payload, conn)
+        raise AssertionError("unreachable")
+
+    @asynccontextmanager
+    async def _get(
+        self, url: URL, headers: dict[str, str] | None = None, grace: float | None = None
+    ) -> AsyncIterator[tuple[_Answer, _EndWatch | None]]:
+        """GET `url`, following redirects only to https on this origin's hosts, each hop up to its head within
+        `total_timeout`; the answer, and (`grace` given: a bundle GET) the watch of the connection it came on."""
+        for _ in range(self.config.max_redirects + 1):
+            watch = None if grace is None else _EndWatch(grace)
+            try:
+                async with asyncio.timeout(self.config.total_timeout):
+                    resp = await self._send(url, headers, watch)
             except OriginError:
                 raise
-            except (aiohttp.ClientError, TimeoutError, ssl.SSLError, OSError) as exc:
+            except TimeoutError:
+                raise self._too_slow(f"GET {url.path} (until its headers)") from None
+            except (aiohttp.ClientError, HttpProcessingError, ssl.SSLError, OSError) as exc:
                 raise OriginError(f"origin {self.name}: {type(exc).__name__}: {exc}") from None
             if resp.status in (301, 302, 303, 307, 308) and "Location" in resp.headers:
                 target = url.join(URL(resp.headers["Location"]))
@@ -1029,7 +1107,7 @@ class HttpsOrigin:
                 url = target
                 continue
             try:
-                yield resp
+                yield resp, watch
             finally:
                 if resp.content.is_eof():
                     resp.release()
@@ -1043,7 +1121,10 @@ class HttpsOrigin:
         now = time.monotonic()
         if cached and now - cached[0] < self.config.index_ttl:
             return cached[1]
-        async with self._deadline(f"the index of {app_id}"), self._get(self.base / app_id / "releases.json") as resp:
+        async with (
+            self._deadline(f"the index of {app_id}"),
+            self._get(self.base / app_id / "releases.json") as (resp, _),
+        ):
             if resp.status == 404:
                 raise ReleaseNotFound(f"origin {self.name} has no index for {app_id}")
             if resp.status != 200:
@@ -1103,39 +1184,30 @@ class HttpsOrigin:
         connection, are an overrun of the origin (`_GuardedHandler`): counted, never read as another answer."""
         if url.scheme != "https" or (url.host or "").lower() not in self.hosts:
             raise OriginError(f"origin {self.name}: {url.host} is not one of its hosts")
-        watches = _Watches(self.config.close_grace)
-        token = _WATCH.set(watches)  # the connector hands a watch to each connection this GET gets
-        try:
-            async with self._get(url, self.identity_headers(peer)) as resp:
-                if resp.status != 200:
-                    raise OriginError(f"origin {self.name}: {url.path} answered HTTP {resp.status}")
-                watch = watches.last
+        async with self._get(url, self.identity_headers(peer), self.config.close_grace) as (resp, watch):
+            if resp.status != 200:
+                raise OriginError(f"origin {self.name}: {url.path} answered HTTP {resp.status}")
+            assert watch is not None
 
-                async def chunks() -> AsyncIterator[bytes | memoryview]:
-                    try:
-                        if watch is not None and watch.body is not None:  # a 200 with a Content-Length
-                            while (data := await watch.body.take()) is not None:
-                                yield data
-                        else:
-                            async for data in resp.content.iter_any():
-                                yield data
-                    except aiohttp.ClientPayloadError as exc:
-                        raise ShortBody(f"origin {self.name}: {url.path} ended before its end: {exc}") from None
-                    except (aiohttp.ClientError, TimeoutError) as exc:
-                        raise OriginError(f"origin {self.name}: body of {url.path}: {exc!r}") from None
-                    if watch is None:
-                        return
-                    if not watch.ended.done():
-                        await asyncio.shield(watch.ended)  # the origin's end of stream, more bytes, or close_grace
-                    if watch.past:
-                        raise PastLength(
-                            f"origin {self.name}: {url.path} sent {watch.past} bytes past its Content-Length"
-                        )
+            async def chunks() -> AsyncIterator[bytes | memoryview]:
+                try:
+                    if watch.body is not None:  # a 200 with a Content-Length
+                        while (data := await watch.body.take()) is not None:
+                            yield data
+                    else:
+                        async for data in resp.content.iter_any():
+                            yield data
+                except aiohttp.ClientPayloadError as exc:
+                    raise ShortBody(f"origin {self.name}: {url.path} ended before its end: {exc}") from None
+                except (aiohttp.ClientError, TimeoutError) as exc:
+                    raise OriginError(f"origin {self.name}: body of {url.path}: {exc!r}") from None
+                if not watch.ended.done():
+                    await asyncio.shield(watch.ended)  # the origin's end of stream, more bytes, or close_grace
+                if watch.past:
+                    raise PastLength(f"origin {self.name}: {url.path} sent {watch.past} bytes past its Content-Length")
 
-                widen = watch.body.widen if watch is not None and watch.body is not None else _keep_width
-                yield StreamBody(resp.content_length, chunks(), widen)
-        finally:
-            _WATCH.reset(token)
+            widen = watch.body.widen if watch.body is not None else _keep_width
+            yield StreamBody(resp.content_length, chunks(), widen)
 
     async def exchange(
         self,
