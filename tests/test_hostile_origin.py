@@ -25,6 +25,7 @@ import aiohttp
 import pytest
 
 from gateway.core.tickets import Ticket, TicketKey, seal
+from gateway.origins import OriginError
 from tests.capgo_env import CapgoEnv, capgo_env, default_apps
 from tests.origin_server import HttpsOrigin
 from tests.support import (
@@ -685,6 +686,43 @@ def test_bundle_gets_and_index_calls_share_one_pooled_connection(cdn: HttpsOrigi
     assert len(set(cdn.state.ports[first:])) == 1  # one TLS connection to the origin carried all six
     bundle_headers = [h for p, h in cdn.state.headers if p.endswith("/com.example.reuse/1.0.0.zip")][-1]
     assert ("Connection", "close") not in bundle_headers
+
+
+@pytest.mark.parametrize("mode", ["drop_reused", "drop"])
+def test_a_get_that_meets_a_pooled_connection_closed_by_the_origin_is_sent_again_once(
+    cdn: HttpsOrigin, mode: str
+) -> None:
+    """The origin closes a kept-alive connection as the next GET arrives on it (its keep-alive ran out): that GET is
+    sent once more, on a new connection, and served. The twin: an origin that closes every connection on the
+    request: a GET on a pooled connection is sent once more (twice in all), one on a new connection only once; both
+    fail."""
+    data = os.urandom(3_000)
+    cdn.publish("com.example.drop", "1.0.0", data)
+    first = len(cdn.state.ports)
+
+    async def main() -> list[bytes | str]:
+        origin = _InProcess(cdn)
+        got: list[bytes | str] = []
+        try:
+            got.append(await origin.bundle("com.example.drop", "1.0.0.zip"))  # a new connection, pooled after it
+            cdn.state.modes["com.example.drop/1.0.0.zip"] = mode
+            for _ in range(2):
+                try:
+                    got.append(await origin.bundle("com.example.drop", "1.0.0.zip"))
+                except OriginError as exc:
+                    got.append(type(exc).__name__)
+            return got
+        finally:
+            await origin.upstream.close()
+
+    got = asyncio.run(main())
+    ports = cdn.state.ports[first:]
+    if mode == "drop_reused":  # the second and third GETs: on the pooled connection (closed), then on a new one
+        assert got == [data, data, data]
+        assert len(ports) == 5 and ports[1] == ports[0] and ports[3] == ports[2] and len(set(ports)) == 3
+    else:  # the second: on the pooled one, then on a new one (closed too); the third: on a new one, not sent again
+        assert got == [data, "OriginError", "OriginError"]
+        assert len(ports) == 4 and ports[1] == ports[0] and len(set(ports)) == 3
 
 
 def test_an_origins_cookie_is_never_sent_back_and_no_content_coding_is_asked_for(cdn: HttpsOrigin) -> None:
