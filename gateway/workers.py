@@ -11,14 +11,17 @@ it, sums all workers. SIGTERM/SIGINT/SIGHUP are passed on to every worker.
 
 Each worker gets the write end of a pipe (`OTA_GATEWAY_READY_FD`). It writes `ready` there once every listener is
 bound; if its start-up fails it writes its one-line error there instead (and not on stderr) and exits 2. A worker
-that ends without `ready` failed during start-up: the supervisor stops every worker, prints that error once and
-exits 2; this holds for a restarted worker too. A worker that dies after `ready` is started again after a backoff
-(0.5 s, doubled for every other death within the window, at most 30 s), with one line on stderr, and counted in
-`ota_gateway_worker_restarts_total`; the `max_crashes`-th death within `window` seconds (default 5 in 60 s, see
-`gateway/core/startup.py`) stops the server with that worker's last error and exit code 1. After a stop signal
-the exit code is the worst of the workers': 3 if any had to abort requests; a worker that a stop signal ended
-before it was ready (killed by it during its start-up) counts as a clean stop. A supervisor that dies (even by
-SIGKILL) takes its workers with it: each gets SIGTERM from the kernel and drains as on a stop.
+that ends without `ready` failed during start-up: at the first start the supervisor stops every worker, prints that
+error once and exits 2. A replacement that fails so (a config on disk that no longer loads, which the running
+workers refused to reload) is tried again after a backoff while another worker still serves the last good config,
+with a warning naming the error (`after_failed_start`); with none left serving, the server stops with exit 2. A
+worker that dies after `ready` is started again after a backoff (0.5 s, doubled for every other death within the
+window, at most 30 s), with one line on stderr, and counted in `ota_gateway_worker_restarts_total`; the
+`max_crashes`-th death within `window` seconds (default 5 in 60 s, see `gateway/core/startup.py`) stops the server
+with that worker's last error and exit code 1. After a stop signal the exit code is the worst of the workers': 3 if
+any had to abort requests; a worker that a stop signal ended before it was ready (killed by it during its start-up)
+counts as a clean stop. A supervisor that dies (even by SIGKILL) takes its workers with it: each gets SIGTERM from
+the kernel and drains as on a stop.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ from pathlib import Path
 from types import FrameType
 
 from gateway.config import Config
-from gateway.core.startup import RestartPolicy, after_crash
+from gateway.core.startup import RestartPolicy, after_crash, after_failed_start
 from gateway.logs import announce_ready, problem
 
 log = logging.getLogger("ota_gateway.workers")
@@ -149,6 +152,7 @@ class _Worker:
     proc: WorkerProcess
     pipe: int  # read end of the ready pipe
     started: float
+    restarted: bool
     said: bytearray = field(default_factory=bytearray)
     ready: bool = False
 
@@ -164,6 +168,7 @@ class _Supervisor:
         self.workers: list[_Worker] = []
         self.pending: list[float] = []  # monotonic times at which to start a replacement
         self.history: tuple[float, ...] = ()
+        self.failed_starts = 0  # replacements that failed their start-up in a row
         self.stopping = False
 
     def start(self, restarted: bool) -> None:
@@ -183,7 +188,7 @@ class _Supervisor:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)
             os.close(write)
         os.set_blocking(read, False)
-        worker = _Worker(WorkerProcess(pid), read, time.monotonic())
+        worker = _Worker(WorkerProcess(pid), read, time.monotonic(), restarted)
         self.selector.register(read, selectors.EVENT_READ, worker)
         self.workers.append(worker)
 
@@ -231,6 +236,7 @@ class _Supervisor:
 
     def _on_ready(self, worker: _Worker) -> None:
         log.info("worker %d ready", worker.proc.pid)
+        self.failed_starts = 0
         if not self.announced and sum(w.ready for w in self.workers) == self.count:
             self.announced = True
             announce_ready(self.config, self.count)
@@ -361,10 +367,24 @@ def _run(sup: _Supervisor) -> int:
             codes.append(code)
             continue
         error = bytes(worker.said).decode("utf-8", "replace").strip()
+        error = error or f"worker {worker.proc.pid} {describe_exit(code)} during start-up"
         if not worker.ready:
-            sup.stop_all()
-            problem(error or f"worker {worker.proc.pid} {describe_exit(code)} during start-up")
-            return EXIT_STARTUP
+            serving = sum(w.ready and w.proc.poll() is None for w in sup.workers)
+            sup.failed_starts += 1
+            retry = after_failed_start(sup.policy, sup.failed_starts, serving) if worker.restarted else None
+            if retry is None:
+                sup.stop_all()
+                problem(error)
+                return EXIT_STARTUP
+            log.warning(
+                "a new worker could not start: %s; %d worker(s) keep serving the last good config; next try in %g s",
+                "; ".join(error.splitlines()),
+                serving,
+                retry,
+            )
+            sup.pending.append(now + retry)
+            sup.pending.sort()
+            continue
         verdict = after_crash(sup.policy, sup.history, now)
         sup.history = verdict.history
         what = f"worker {worker.proc.pid} {describe_exit(code)}"

@@ -355,6 +355,33 @@ def test_a_signal_to_one_worker_ends_only_that_worker(site: Path) -> None:
         assert gw.stop() == 0
 
 
+def test_a_replacement_worker_that_cannot_load_the_config_leaves_the_others_serving(site: Path) -> None:
+    """A config edit that no longer loads is refused by the running workers (a failed reload keeps the last good
+    state). When a worker dies later, its replacement cannot start on that file: the server keeps serving on the
+    workers it has, says why, and tries again until the file is fixed. It used to stop the whole server with exit
+    2, which a service manager does not restart. The twin: with no worker left serving, it stops with exit 2."""
+    good = site.read_text()
+    with run_gateway(site, "--workers", "2") as gw:
+        assert wait_until(lambda: ready_workers(gw) == 2, timeout=20)
+        site.write_text(good + "listeners: [\n")
+        victim = min(children(gw.proc.pid))
+        os.kill(victim, signal.SIGKILL)
+        assert wait_until(lambda: any("a new worker could not start" in line for line in gw.stderr_lines), 20)
+        line = next(line for line in gw.stderr_lines if "a new worker could not start" in line)
+        assert f"{site}:" in line and "invalid YAML" in line and "1 worker(s) keep serving" in line, line
+        assert gw.proc.poll() is None and all(healthy(gw.admin_url) for _ in range(5))
+        site.write_text(good)
+        assert wait_until(lambda: ready_workers(gw) == 3, timeout=30)
+        assert len(children(gw.proc.pid)) == 2
+        # the twin: the file broken again and every worker gone, nothing serves any more: exit 2, one line
+        site.write_text(good + "listeners: [\n")
+        for pid in children(gw.proc.pid):
+            os.kill(pid, signal.SIGKILL)
+        assert gw.proc.wait(30) == 2
+        time.sleep(0.2)
+        assert sum(line.startswith(f"ota-gateway: {site}:") for line in gw.stderr_lines) == 1, gw.stderr_lines
+
+
 def test_a_crash_loop_stops_the_server(site: Path) -> None:
     with run_gateway(site, "--workers", "2", "--crash-limit", "2", "--crash-window", "60") as gw:
         assert wait_until(lambda: ready_workers(gw) == 2, timeout=20)

@@ -1,12 +1,13 @@
 """Start-up problems in words an operator can act on, and when the worker supervisor restarts or gives up.
 
 Owns three decisions, all pure: whether two listen addresses of the config would take the same port (two sockets
-that the kernel would refuse, or, with SO_REUSEPORT under `--workers`, silently share, spreading connections
-between listeners of different rules); how a failed operating-system call at start-up (binding a port, opening a file or
-a folder) is described, naming what was tried, on what, as whom, and what to do about it; and what the supervisor
-does when a worker dies (`after_crash`: restart after an exponential backoff, or stop once `max_crashes` deaths
-fell within `window` seconds). The shell (`gateway/preflight.py`, `gateway/runner.py`, `gateway/workers.py`)
-makes the calls, reads the clock and carries the verdict out.
+that the kernel would refuse, or, with SO_REUSEPORT under `--workers`, silently share, spreading connections between
+listeners of different rules); how a failed operating-system call at start-up (binding a port, opening a file or a
+folder) is described, naming what was tried, on what, as whom, and what to do about it; and what the supervisor does
+when a worker dies (`after_crash`: restart after an exponential backoff, or stop once `max_crashes` deaths fell
+within `window` seconds) or when a replacement fails its start-up (`after_failed_start`). The shell
+(`gateway/preflight.py`, `gateway/runner.py`, `gateway/workers.py`) makes the calls, reads the clock and carries the
+verdict out.
 """
 
 from __future__ import annotations
@@ -111,3 +112,16 @@ def after_crash(policy: RestartPolicy, history: tuple[float, ...], now: float) -
         return CrashVerdict(False, 0.0, len(recent), recent)
     delay = min(policy.first_delay * 2 ** (len(recent) - 1), policy.max_delay)
     return CrashVerdict(True, delay, len(recent), recent)
+
+
+def after_failed_start(policy: RestartPolicy, failures: int, serving: int) -> float | None:
+    """A replacement worker failed during its start-up (the config on disk no longer loads, say), the `failures`-th
+    in a row, while `serving` workers still serve: seconds until the next try, or None to stop the server.
+
+    While a worker serves, the server keeps running on the last good config, as a failed reload does: the
+    replacement is tried again after `first_delay` doubled per failure, at most `max_delay` (a slow, bounded
+    retry that picks up a fixed config), outside the crash count, since nothing crashed. With no worker left
+    serving, a start-up error is what it is at the first start: the server stops (exit 2)."""
+    if serving < 1:
+        return None
+    return float(min(policy.first_delay * 2 ** max(failures - 1, 0), policy.max_delay))

@@ -6,7 +6,14 @@ import errno
 
 import pytest
 
-from gateway.core.startup import RestartPolicy, after_crash, bind_problem, endpoints_overlap, file_problem
+from gateway.core.startup import (
+    RestartPolicy,
+    after_crash,
+    after_failed_start,
+    bind_problem,
+    endpoints_overlap,
+    file_problem,
+)
 
 USER = "otagw (uid 10001)"
 
@@ -118,3 +125,15 @@ def test_listeners_that_take_the_same_port_overlap(a: tuple[str, int], b: tuple[
 )
 def test_listeners_on_other_ports_or_addresses_do_not_overlap(a: tuple[str, int], b: tuple[str, int]) -> None:
     assert not endpoints_overlap(a, b)
+
+
+def test_a_replacement_that_cannot_start_is_tried_again_while_a_worker_serves() -> None:
+    policy = RestartPolicy(first_delay=0.5, max_delay=30.0)
+    delays = [after_failed_start(policy, failures, serving=1) for failures in range(1, 10)]
+    assert delays == [0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0, 30.0]
+
+
+def test_a_replacement_that_cannot_start_with_no_worker_serving_stops_the_server() -> None:
+    policy = RestartPolicy()
+    assert after_failed_start(policy, 1, serving=0) is None
+    assert after_failed_start(policy, 7, serving=0) is None
