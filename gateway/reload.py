@@ -1,14 +1,14 @@
 """Reloads: validate everything, then swap it all at once, or keep the last good state.
 
-Owns when and how config, policies and TLS material (server certificate and key, client CAs, CRLs) are reloaded:
-on SIGHUP and when a watched file changes (new mtime, new inode, a symlink swap as cert-manager and Kubernetes
-secrets do: files are watched through `stat`, which follows links, and `lstat` of the link itself). A reload
-builds the whole new state off the event loop (config, policies, TLS material, ticket keys; then the origins whose
-config changed), makes a new frozen `Snapshot` of it and only then replaces the old one, in one assignment: new
-handshakes and requests see the new snapshot, while requests in flight finish with the one they began with. Origins
-that changed or went away are closed `limits.shutdown_grace` seconds later. A broken reload logs one line, keeps
-serving the last good snapshot (the same object), sets `ota_gateway_config_last_reload_success` to 0 and counts a
-failure.
+Owns when and how config, policies and TLS material (server certificate and key, client CAs, CRLs, the CA files
+of HTTPS origins) are reloaded: on SIGHUP and when a watched file changes (new mtime, new inode, a symlink swap as
+cert-manager and Kubernetes secrets do: files are watched through `stat`, which follows links, and `lstat` of the
+link itself). A reload builds the whole new state off the event loop (config, policies, TLS material, ticket keys;
+then the origins whose config or CA file changed), makes a new frozen `Snapshot` of it and only then replaces the
+old one, in one assignment: new handshakes and requests see the new snapshot, while requests in flight finish with
+the one they began with. Origins that changed or went away are closed `limits.shutdown_grace` seconds later. A
+broken reload logs one line, keeps serving the last good snapshot (the same object), sets
+`ota_gateway_config_last_reload_success` to 0 and counts a failure.
 Listener addresses and ports are not changed by a reload (that needs a restart; a warning says so).
 """
 
@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from gateway.config import Config, load_config_and_material
+from gateway.config import Config, HttpsOriginConfig, load_config_and_material
 from gateway.core.policy import PolicySet
 from gateway.core.tickets import TicketKey
 from gateway.errors import ConfigError
@@ -83,7 +83,18 @@ def watched_files(config_path: Path, config: Config) -> list[Path]:
         paths += [lst.cert, lst.key]
         for ca in lst.client_ca:
             paths += [ca.file, *ca.crl]
-    return paths
+    return paths + [ca for ca in origin_cas(config).values() if ca is not None]
+
+
+def origin_cas(config: Config) -> dict[str, Path | None]:
+    """The CA file each HTTPS origin trusts (None: the system store), by origin name."""
+    return {name: oc.ca for name, oc in config.origins.items() if isinstance(oc, HttpsOriginConfig)}
+
+
+def trust_stamps(config: Config) -> dict[str, tuple[object, ...] | None]:
+    """Per HTTPS origin, the stamp of its CA file now: an origin whose config is unchanged is kept only while the
+    file it trusts is unchanged too (its TLS context holds what the file said when the origin was made)."""
+    return {name: None if ca is None else _stamp(ca) for name, ca in origin_cas(config).items()}
 
 
 def _stamp(path: Path) -> tuple[object, ...]:
@@ -107,6 +118,7 @@ class Reloader:
         self._retired: set[asyncio.Task[None]] = set()
         self._reported_stale: set[str] = set()
         self._crl_cas: set[str] = set()  # CA names exported in ota_gateway_crl_stale
+        self._trust = trust_stamps(rt.snapshot.config)  # HTTPS origins' CA files as their origins were made
 
     async def reload(self, trigger: str) -> bool:
         async with self._lock:
@@ -135,15 +147,17 @@ class Reloader:
             if (new_lst.address, new_lst.port) != (old_lst.address, old_lst.port):
                 log.warning("listener %s: address/port change needs a restart", new_lst.name)
         origins: dict[str, Origin] = {}
+        trust = trust_stamps(loaded.config)
         for name, oc in loaded.config.origins.items():
             kept = old.origins.get(name)
-            if kept is not None and old.config.origins.get(name) == oc:
+            if kept is not None and old.config.origins.get(name) == oc and self._trust.get(name) == trust.get(name):
                 origins[name] = kept
             else:
                 origins[name] = make_origin(name, oc, self.rt.metrics.origin_overruns.labels(name).inc)
                 self.rt.metrics.origin(name)
         new = Snapshot.build(loaded.config, loaded.policies, loaded.material, origins, keys)
         self.rt.snapshot = new  # the one assignment: requests in flight keep the snapshot they hold
+        self._trust = trust
         for name, origin in old.origins.items():
             if new.origins.get(name) is not origin:
                 self._retire(origin, loaded.config.limits.shutdown_grace)

@@ -313,3 +313,42 @@ def test_an_update_check_in_flight_across_a_sighup_finishes_under_its_snapshot(t
             # the ticket handed out in flight still opens: k1 verifies in the new snapshot
             download = https_request(old_url, ctx)
             assert download.status == 200 and download.body == (CAPGO_FIXTURES / fx["zip"]).read_bytes()
+
+
+# ---- an HTTPS origin's CA file --------------------------------------------------------------------------------
+
+
+def test_an_origin_ca_file_changed_in_place_is_reloaded_in_both_directions(
+    tmp_path: Path, pki: Pki, https_origin: HttpsOrigin
+) -> None:
+    """The origin's config names the same `ca` path before and after, but the file's content changed: trust
+    removed (a CA that signs nothing of the origin's) must stop the next download, and trust restored must bring
+    it back, by the file watcher and by SIGHUP alike. An origin kept because its config compares equal would go on
+    trusting what the file no longer says."""
+    data = make_zip(tmp_path / "b.zip", 20_000).read_bytes()
+    https_origin.publish(APP_ID, "1.1.0", data)
+    trusted = tmp_path / "trusted-origin-ca.pem"
+    trusted.write_bytes(https_origin.ca_pem.read_bytes())
+    other = trustme.CA()
+    cfg = write_config(
+        tmp_path / "gw",
+        pki,
+        origins={"cdn": {**https_origin.origin_config(), "ca": str(trusted), "index_ttl": 0}},
+        extra={"reload": {"interval": 0.5}},
+    )
+    url = f"{{}}/bundles/{APP_ID}/1.1.0.zip"
+    with run_gateway(cfg) as gw:
+        ctx = pki.client_context(pki.client)
+        assert https_request(url.format(gw.base_url), ctx).body == data
+
+        other.cert_pem.write_to_path(str(trusted))  # the watcher sees it
+        assert wait_until(lambda: _reloads(gw, "success") == 1, timeout=10), gw.stderr_lines
+        answer = https_request(url.format(gw.base_url), ctx)
+        assert answer.status == 502 and answer.json()["reason"] == "origin_error", answer.body
+        assert "certificate" in answer.json()["detail"].lower()
+
+        trusted.write_bytes(https_origin.ca_pem.read_bytes())
+        gw.proc.send_signal(signal.SIGHUP)  # at once, before the watcher's next look
+        assert wait_until(lambda: _reloads(gw, "success") >= 2, timeout=10), gw.stderr_lines
+        answer = https_request(url.format(gw.base_url), ctx)
+        assert answer.status == 200 and answer.body == data
