@@ -48,6 +48,7 @@ import aiohttp
 import yaml
 from aiohttp.client_proto import ResponseHandler
 from aiohttp.connector import Connection
+from aiohttp.helpers import _EXC_SENTINEL
 from aiohttp.http import HttpProcessingError, RawResponseMessage, StreamWriter
 from yarl import URL
 
@@ -648,6 +649,17 @@ class _BufferedReads(asyncio.BufferedProtocol):
 _HEAD_END = re.compile(rb"\r?\n\r?\n")  # the parser is lenient about the CR before LF in responses
 
 
+class _MalformedBody(aiohttp.ClientError):
+    """A body the parser could not frame, named by the parser's first line only (never the origin's bytes)."""
+
+    def __init__(self, exc: BaseException) -> None:
+        what = exc.message if isinstance(exc, HttpProcessingError) and exc.message else type(exc).__name__
+        super().__init__(f"malformed body: {what.splitlines()[0].rstrip(':')}")
+
+    def __repr__(self) -> str:
+        return str(self)
+
+
 class _GuardedHandler(ResponseHandler):
     """aiohttp's response protocol, which frames every Content-Length answer itself: it feeds the parser exactly the
     head and the declared body, and never parses a byte after them. Bytes that come after a complete answer and
@@ -864,6 +876,17 @@ class _GuardedHandler(ResponseHandler):
         self._close_wanted = False
         self._end()
         super().abort()
+
+    def set_exception(self, exc: BaseException, exc_cause: BaseException = _EXC_SENTINEL) -> None:
+        """A body the parser frames (chunked) that it cannot parse (a bad chunk size, a forbidden trailer) fails at
+        once, as an origin error. aiohttp fails it only when the connection is lost, which its TLS close puts off
+        until the origin answers the close: an origin that does not would hold the download until its minimum
+        rate cut it, counted as too slow."""
+        body = self._body
+        if self._phase == "parser" and body is not None and not body.is_eof():
+            body.set_exception(_MalformedBody(exc))
+            self._keep = False
+        super().set_exception(exc, exc_cause)
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self._close_wanted = False

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
 import os
 import secrets
 import socket
@@ -812,3 +813,135 @@ def test_unread_bytes_in_a_pooled_socket_are_never_read_as_the_next_answer(cdn: 
 
     _, connections = _bundle_then_index(cdn, "com.example.unread", mode, loop_held)
     assert connections == (2 if mode == "forge_later" else 1)
+
+
+# ---- a chunked body the parser cannot frame, from an origin that then keeps its connection open ---------------------
+
+
+class DeafChunkedOrigin:
+    """Serves `<app>/releases.json` for one release and answers its file with a chunked body whose chunk size is
+    not hexadecimal; then it neither reads nor closes (a TLS close from the gateway goes unanswered) until stopped."""
+
+    def __init__(self, cdn: HttpsOrigin, data: bytes) -> None:
+        self.ctx, self.data = cdn.server_context(), data
+        self.index = {
+            "app_id": APP_ID,
+            "releases": [
+                {
+                    "version": "1.0.0",
+                    "channel": "production",
+                    "file": "1.0.0.zip",
+                    "size": len(data),
+                    "sha256": hashlib.sha256(data).hexdigest(),
+                }
+            ],
+        }
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.serve, daemon=True, name="deaf-chunked-origin")
+
+    def answer(self, tls: ssl.SSLSocket) -> None:
+        while True:
+            request = b""
+            while b"\r\n\r\n" not in request:
+                chunk = tls.recv(65536)
+                if not chunk:
+                    return
+                request += chunk
+            if b"releases.json" in request.split(b"\r\n", 1)[0]:
+                body = json.dumps(self.index).encode()
+                tls.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+                continue
+            head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+            tls.sendall(head + b"%x\r\n" % 4096 + self.data[:4096] + b"\r\nnot-hex\r\n" + self.data[4096:8192])
+            self.stop.wait(30)  # deaf: reads nothing more, closes nothing
+            return
+
+    def serve(self) -> None:
+        self.listener.settimeout(0.2)
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            threading.Thread(target=self.handle, args=(conn,), daemon=True).start()
+
+    def handle(self, conn: socket.socket) -> None:
+        try:
+            conn.settimeout(30)
+            with self.ctx.wrap_socket(conn, server_side=True) as tls:
+                self.answer(tls)
+        except OSError:
+            conn.close()
+
+    def __enter__(self) -> DeafChunkedOrigin:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.listener.close()
+        self.thread.join(5)
+
+
+def test_a_chunked_body_that_cannot_be_parsed_is_an_origin_error_at_once(
+    cdn: HttpsOrigin, pki: Pki, tmp_path: Path
+) -> None:
+    """The parser's error ends the download at once as `origin_error`, not after the origin's minimum-rate window
+    (counted as too slow) because the origin never answers the TLS close that follows the error."""
+    data = os.urandom(100 * 1024)
+    window = 6.0
+    with DeafChunkedOrigin(cdn, data) as deaf:
+        origin = {"type": "https", "url": f"https://127.0.0.1:{deaf.port}/", "ca": str(cdn.ca_pem), "read_timeout": 20}
+        cfg = write_config(
+            tmp_path / "gw",
+            pki,
+            origins={"deaf": origin},
+            extra={"limits": {"origin_min_rate": 1, "rate_window": window}},
+        )
+        with run_gateway(cfg) as process:
+            started = time.monotonic()
+            _head, body, _ = raw_get(process, pki, f"/bundles/{APP_ID}/1.0.0.zip")
+            elapsed = time.monotonic() - started
+            assert len(body) < len(data)
+            record = audit_for(process, "/bundles/")
+            assert (record["outcome"], record["reason"]) == ("aborted", "origin_error"), record
+            assert "malformed body" in record["detail"] and "not-hex" not in record["detail"], record["detail"]
+            assert elapsed < window / 2, elapsed
+
+
+def test_the_twin_a_chunked_body_with_extensions_and_a_trailer_arrives_whole(
+    cdn: HttpsOrigin, pki: Pki, tmp_path: Path
+) -> None:
+    """Chunk extensions and a trailer field are valid HTTP/1.1: the bundle is served byte for byte."""
+    data = os.urandom(100 * 1024)
+
+    class Framed(DeafChunkedOrigin):
+        def answer(self, tls: ssl.SSLSocket) -> None:
+            request = b""
+            while True:
+                chunk = tls.recv(65536)
+                if not chunk:
+                    return
+                request += chunk
+                while b"\r\n\r\n" in request:
+                    line, _, request = request.partition(b"\r\n\r\n")
+                    if b"releases.json" in line.split(b"\r\n", 1)[0]:
+                        body = json.dumps(self.index).encode()
+                        tls.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+                        continue
+                    out = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: X-Sum\r\n\r\n"
+                    for at in range(0, len(self.data), 8192):
+                        piece = self.data[at : at + 8192]
+                        out += b"%x;piece=%d\r\n" % (len(piece), at) + piece + b"\r\n"
+                    tls.sendall(out + b"0\r\nX-Sum: whatever\r\n\r\n")
+
+    with Framed(cdn, data) as framed:
+        origin = {"type": "https", "url": f"https://127.0.0.1:{framed.port}/", "ca": str(cdn.ca_pem)}
+        cfg = write_config(tmp_path / "gw", pki, origins={"framed": origin})
+        with run_gateway(cfg) as process:
+            answer = https_request(f"{process.base_url}/bundles/{APP_ID}/1.0.0.zip", pki.client_context(pki.client))
+            assert answer.status == 200 and answer.body == data
