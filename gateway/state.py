@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import os
 import queue
 import sqlite3
 import threading
@@ -219,6 +220,15 @@ _COUNT = (
 _AND_MARK = " RETURNING count, (SELECT version FROM high_water WHERE app_id = ? AND channel = ?)"
 
 
+def _file_id(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of the file at `path`, None if there is none."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino
+
+
 def _journal_wal(conn: sqlite3.Connection, timeout: float) -> None:
     """Put the file in WAL mode, waiting up to `timeout` seconds for another process that holds its write lock.
 
@@ -297,6 +307,7 @@ class SqliteState:
         self._busy_timeout = busy_timeout  # how long a statement waits for another process's lock
         self._thread = StoreThread("ota-state")
         self._conn: sqlite3.Connection | None = None
+        self._file: tuple[int, int] | None = None  # (device, inode) of the file opened
         self._hits = 0
 
     @classmethod
@@ -319,6 +330,7 @@ class SqliteState:
             _journal_wal(conn, self._busy_timeout)
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.executescript(_SCHEMA)
+            self._file = _file_id(self.path)
         except BaseException:
             conn.close()
             raise
@@ -379,6 +391,14 @@ class SqliteState:
         return _trip(trip, self._count, self._high_water, self.errors)
 
     def _probe(self) -> None:
+        if _file_id(self.path) != self._file:
+            # still writable (the open file lives on), but no other process sees it: `ota-gateway release`, a
+            # worker started later, the next start. Reported until a restart opens the file at the path again
+            gone = "removed" if not self.path.exists() else "replaced by another file"
+            raise sqlite3.OperationalError(
+                f"{self.path} was {gone} while open: what this process writes is lost at its exit and not shared; "
+                "restart the gateway"
+            )
         self._db().execute(
             "INSERT INTO probe (id, at) VALUES (1, ?) ON CONFLICT (id) DO UPDATE SET at = excluded.at", (time.time(),)
         )

@@ -5,6 +5,7 @@ route's own shape (never a 500 text), counted, logged once, shown by /readyz, an
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -159,6 +160,38 @@ def test_sqlite_on_a_full_disk_fails_offers_and_recovers(tmp_path: Path, pki: Pk
             assert wait_until(lambda: gw.readyz()[0] == 200, timeout=10 * PROBE + 5), gw.readyz()
             assert _update(gw, pki).json()["version"] == "1.1.0"
             assert _state_errors(gw)["record_offer"] == after["record_offer"]
+
+
+@pytest.mark.parametrize("how", ["removed", "replaced"])
+def test_a_sqlite_file_removed_or_replaced_under_the_gateway_is_reported(
+    tmp_path: Path, pki: Pki, origin: Path, how: str
+) -> None:
+    """The open file outlives its name: writes keep succeeding into a file no other process will see (not
+    `ota-gateway release halt`, not a worker started later, not the next start). The probe notices that the path
+    no longer names the file it opened, and /readyz says so until a restart; the twin: the same file in place
+    stays ready."""
+    db = tmp_path / "state" / "gateway.sqlite"
+    cfg = _config(tmp_path / "gw", pki, origin, state={"path": str(db)}, audit={"path": "audit.log"})
+    with run_gateway(cfg) as gw:
+        assert _stats(gw, pki).status == 200
+        copy = db.with_name("copy.sqlite")
+        copy.write_bytes(db.read_bytes())  # a backup of it, put back below as a new file
+        time.sleep(5 * PROBE)
+        assert gw.readyz()[0] == 200 and gw.metric("ota_gateway_state_errors_total", op="probe") == 0
+        for suffix in ("", "-wal", "-shm"):
+            db.with_name(db.name + suffix).unlink(missing_ok=True)
+        if how == "replaced":
+            copy.rename(db)
+        assert wait_until(lambda: gw.readyz()[0] == 503, timeout=10 * PROBE + 5), gw.readyz()
+        reasons = " ".join(gw.readyz()[1]["reasons"])
+        assert f"{db} was {'removed' if how == 'removed' else 'replaced by another file'} while open" in reasons
+        assert "restart the gateway" in reasons
+        assert gw.metric("ota_gateway_state_errors_total", op="probe") >= 1
+        assert _stats(gw, pki).status == 200  # still answering; only readiness and the log say it
+    with run_gateway(cfg) as gw:  # a restart opens the file at the path again
+        assert _stats(gw, pki).status == 200
+        time.sleep(5 * PROBE)
+        assert gw.readyz()[0] == 200
 
 
 # ---- the audit log on a full disk ----
