@@ -39,6 +39,10 @@ from gateway.core.statecheck import Trip, TripResult, raised, retry_after, windo
 
 T = TypeVar("T")
 _PRUNE_EVERY = 512
+# how long a statement waits for another process's write lock (the workers' writes take milliseconds; a long
+# wait means a foreign lock). An update check may wait twice (its count, its offer's mark), and must answer
+# `kind: failed` well within the plugin's 10 s
+BUSY_TIMEOUT = 2.0
 log = logging.getLogger("ota_gateway.state")
 
 
@@ -302,7 +306,7 @@ class SqliteState:
 
     errors: tuple[type[BaseException], ...] = (sqlite3.Error, OSError)
 
-    def __init__(self, path: Path, busy_timeout: float = 5.0) -> None:
+    def __init__(self, path: Path, busy_timeout: float = BUSY_TIMEOUT) -> None:
         self.path = path
         self._busy_timeout = busy_timeout  # how long a statement waits for another process's lock
         self._thread = StoreThread("ota-state")
@@ -311,7 +315,7 @@ class SqliteState:
         self._hits = 0
 
     @classmethod
-    async def open(cls, path: Path, busy_timeout: float = 5.0) -> SqliteState:
+    async def open(cls, path: Path, busy_timeout: float = BUSY_TIMEOUT) -> SqliteState:
         store = cls(path, busy_timeout)
         try:
             await store._run(store._connect)

@@ -194,6 +194,45 @@ def test_a_sqlite_file_removed_or_replaced_under_the_gateway_is_reported(
         assert gw.readyz()[0] == 200
 
 
+def test_a_locked_sqlite_file_fails_an_update_check_before_the_plugin_gives_up(
+    tmp_path: Path, pki: Pki, origin: Path
+) -> None:
+    """Another process holds the write lock (`sqlite3` shell, a backup): an update check that must count its
+    request and raise the channel's mark waits on the lock twice. It must answer `kind: failed` within the
+    plugin's 10 s (with a 5 s busy timeout per statement it took over 10 s); the twin: once the lock is gone the
+    same check gets its offer."""
+    import sqlite3
+    import threading
+
+    db = tmp_path / "state" / "gateway.sqlite"
+    cfg = _config(tmp_path / "gw", pki, origin, state={"path": str(db)}, audit={"path": "audit.log"})
+    with run_gateway(cfg) as gw:
+        assert _stats(gw, pki).status == 200
+        locked, release = threading.Event(), threading.Event()
+
+        def hold() -> None:
+            conn = sqlite3.connect(db, isolation_level=None)
+            conn.execute("BEGIN IMMEDIATE")
+            locked.set()
+            release.wait(30)
+            conn.execute("ROLLBACK")
+            conn.close()
+
+        holder = threading.Thread(target=hold)
+        holder.start()
+        try:
+            assert locked.wait(10)
+            started = time.monotonic()
+            answer = _update(gw, pki)
+            took = time.monotonic() - started
+        finally:
+            release.set()
+            holder.join(10)
+        _assert_state_failure_answer(answer, 200)
+        assert took < 9.0, f"the update check took {took:.1f} s"
+        assert _update(gw, pki).json()["version"] == "1.1.0"
+
+
 # ---- the audit log on a full disk ----
 
 
