@@ -19,13 +19,21 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from gateway.core.startup import bind_problem, file_problem
+from gateway.core.startup import bind_problem, file_problem, sqlite_header_problem
 from gateway.errors import ConfigIssue
 
 if TYPE_CHECKING:
     from gateway.config import Config
 
 REDIS_CHECK_TIMEOUT = 3.0
+
+
+def damaged_store(path: Path, problem: str) -> str:
+    """The line for a SQLite state file that cannot be opened as a database."""
+    return (
+        f"cannot open the state store {path}: {problem}; move it away with its -wal and -shm files (the gateway "
+        "then starts an empty store: channel marks, rate-limit counts and halts start over), or put back a good copy"
+    )
 
 
 def current_user() -> str:
@@ -129,10 +137,15 @@ def _state_issues(source: str, config: Config, live: bool) -> list[ConfigIssue]:
         for path in (config.state.path, Path(f"{config.state.path}-wal"), Path(f"{config.state.path}-shm")):
             if path.exists():
                 try:
-                    with open(path, "r+b"):
-                        pass
+                    with open(path, "r+b") as file:
+                        head = file.read(100) if path == config.state.path else b""
+                        size = os.fstat(file.fileno()).st_size
                 except OSError as exc:
                     issues.append(os_issue(source, "state.path", "cannot write", path, exc))
+                    continue
+                problem = sqlite_header_problem(head, size) if path == config.state.path else None
+                if problem is not None:
+                    issues.append(ConfigIssue(source, "state.path", None, damaged_store(path, problem)))
     elif live:
         issues += _redis_issues(source, config.state.redis_url)
     return issues

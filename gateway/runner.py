@@ -37,7 +37,7 @@ from gateway.logs import announce_ready
 from gateway.memory import trim_after_churn
 from gateway.metrics import Metrics
 from gateway.origins import make_origin
-from gateway.preflight import bind_issue, current_user, os_issue
+from gateway.preflight import bind_issue, current_user, damaged_store, os_issue
 from gateway.reload import Loaded, Reloader, load_all, load_ticket_keys, publish_state_metrics
 from gateway.state import GuardedState, RedisState, SqliteState, StateError, StateStore
 from gateway.state_keys import Runtime, Snapshot
@@ -104,7 +104,7 @@ async def open_store(config_path: Path, config: Config) -> StateStore:
     except OSError as exc:
         issue = os_issue(str(config_path), "state.path", "cannot open the state store", path, exc)
         raise ConfigError([issue]) from None
-    except sqlite3.Error as exc:
+    except sqlite3.OperationalError as exc:
         raise ConfigError.single(
             str(config_path),
             "state.path",
@@ -112,6 +112,8 @@ async def open_store(config_path: Path, config: Config) -> StateStore:
             f"cannot open the state store {path}: {exc}; {current_user()} must be able to write the file and its "
             "folder (SQLite keeps -wal and -shm files next to it)",
         ) from None
+    except sqlite3.Error as exc:  # "file is not a database", "database disk image is malformed"
+        raise ConfigError.single(str(config_path), "state.path", None, damaged_store(path, str(exc))) from None
 
 
 def guard_state(rt: Runtime, store: StateStore) -> StateStore:

@@ -173,6 +173,28 @@ def test_state_file_owned_by_someone_else_as_uid_10001(site: Path) -> None:
     assert "state.path" in one_line(served.stderr)
 
 
+@pytest.mark.parametrize("content", [os.urandom(8192), b"SQLite format 3\x00garbage"], ids=["random", "cut short"])
+def test_a_damaged_state_file_is_named_by_check_and_serve(site: Path, content: bytes) -> None:
+    """A state file that is no SQLite database (overwritten, cut short): `check` names it (it used to pass) and
+    `serve` says what to do with it, not that its user needs write access. The twin: the gateway's own store,
+    written by a run and stopped, passes `check` and `serve` starts on it, and `check` leaves no file behind."""
+    state = site.parent / "state"
+    db = state / "gateway.sqlite"
+    with run_gateway(site) as gw:  # a real store, written (WAL) and closed by a clean stop
+        assert healthy(gw.admin_url)
+    files = sorted(p.name for p in state.iterdir())
+    checked = gateway("check", "--config", site)
+    assert checked.returncode == 0, checked.stderr
+    assert sorted(p.name for p in state.iterdir()) == files
+    db.write_bytes(content)
+    for command in ("check", "serve"):
+        done = gateway(command, "--config", site, timeout=30)
+        assert done.returncode == 2, done.stderr
+        line = one_line(done.stderr)
+        assert f"state.path: cannot open the state store {db}: " in line, line
+        assert "move it away with its -wal and -shm files" in line and "must be able to write" not in line, line
+
+
 def test_unwritable_audit_log_as_uid_10001(site: Path) -> None:
     needs_root()
     state = site.parent / "state"

@@ -125,3 +125,21 @@ def after_failed_start(policy: RestartPolicy, failures: int, serving: int) -> fl
     if serving < 1:
         return None
     return float(min(policy.first_delay * 2 ** max(failures - 1, 0), policy.max_delay))
+
+
+SQLITE_MAGIC = b"SQLite format 3\x00"
+
+
+def sqlite_header_problem(head: bytes, size: int) -> str | None:
+    """Why a file of `size` bytes starting with `head` (its first 100 bytes, or all of a shorter file) is not a
+    SQLite database, or None if its header is one's (an empty file is a new database). Read without opening it as
+    a database, which would create -wal and -shm files as the user that checks."""
+    if size == 0:
+        return None
+    if size < 100 or not head.startswith(SQLITE_MAGIC):
+        return "it is not a SQLite database"
+    page = int.from_bytes(head[16:18], "big")
+    page = 65536 if page == 1 else page
+    if page < 512 or page & (page - 1) or size % page:
+        return "it is a damaged SQLite database (its size does not fit its page size)"
+    return None

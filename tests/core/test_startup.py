@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+from pathlib import Path
 
 import pytest
 
@@ -13,6 +14,7 @@ from gateway.core.startup import (
     bind_problem,
     endpoints_overlap,
     file_problem,
+    sqlite_header_problem,
 )
 
 USER = "otagw (uid 10001)"
@@ -137,3 +139,29 @@ def test_a_replacement_that_cannot_start_with_no_worker_serving_stops_the_server
     policy = RestartPolicy()
     assert after_failed_start(policy, 1, serving=0) is None
     assert after_failed_start(policy, 7, serving=0) is None
+
+
+def _sqlite_file(tmp_path: Path) -> bytes:
+    import sqlite3
+
+    path = tmp_path / "s.sqlite"
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE t (x)")
+    conn.commit()
+    conn.close()
+    return path.read_bytes()
+
+
+def test_a_sqlite_file_or_an_empty_one_has_no_header_problem(tmp_path: Path) -> None:
+    data = _sqlite_file(tmp_path)
+    assert sqlite_header_problem(data[:100], len(data)) is None
+    assert sqlite_header_problem(b"", 0) is None  # SQLite makes an empty file a new database
+
+
+def test_what_is_not_a_whole_sqlite_file_is_named(tmp_path: Path) -> None:
+    data = _sqlite_file(tmp_path)
+    assert sqlite_header_problem(b"garbage" * 20, 8192) == "it is not a SQLite database"
+    assert sqlite_header_problem(b"SQLite format 3\x00xyz", 19) == "it is not a SQLite database"
+    assert "damaged" in (sqlite_header_problem(data[:100], len(data) - 100) or "")  # cut inside a page
+    bad_page = data[:16] + (1000).to_bytes(2, "big") + data[18:100]
+    assert "damaged" in (sqlite_header_problem(bad_page, len(data)) or "")
