@@ -230,6 +230,8 @@ class Metrics:
         self.origin_seconds: dict[str, Histogram] = {}  # origin -> its `origin_latency` child (`origin()`)
         self.refusal_count = {reason: self.refusals.labels(reason) for reason in ALL_LABELS}
         self.request_count = {(r, o): self.requests.labels(r, o) for r in ROUTES for o in OUTCOMES}
+        self.update_answer_count = {kind: self.update_answers.labels(kind) for kind in KIND_LABELS}
+        self.ticket_count = {result: self.tickets.labels(result) for result in TICKET_RESULTS}
 
     def listener(self, name: str) -> None:
         """Create the label sets of one listener, so that zeros are exported before the first event."""

@@ -137,3 +137,46 @@ def test_a_gap_record_in_the_last_free_bytes_is_not_a_recovery(disk: Path) -> No
         assert gap["event"] == "audit_gap" and gap["lost"] == 1
     finally:
         audit.close()
+
+
+def _every_kind() -> AuditRecord:
+    record = AuditRecord(route="bundle", method="GET", path='/b/"q"\\\u00e9\x01\u2028/1.0.zip', status=206, bytes=0)
+    record.detail, record.peer, record.duration_ms = "line\nbreak \ud7ff \U0001f600", "::1", 1.5e-7
+    record.identity_subject = "CN=d\u00e9vice,O=\u4f8b"
+    return record
+
+
+def test_a_line_is_the_compact_json_of_its_fields_character_for_character(tmp_path: Path) -> None:
+    """The line is built field by field (strings escaped by json's own C escaper); it must be exactly the text
+    json.dumps gives for the record's non-None fields, in order: quotes, backslashes, control and non-ASCII
+    characters escaped, ints and floats as JSON writes them, None left out."""
+    path = tmp_path / "audit.log"
+    audit = AuditLog(str(path))
+    record = _every_kind()
+    audit.write(record)
+    audit.close()
+    line = path.read_bytes()
+    fields = {k: v for k, v in vars(record).items() if v is not None}
+    assert line == json.dumps(fields, separators=(",", ":")).encode() + b"\n"
+    assert json.loads(line) == fields and line.isascii()
+
+
+def test_a_field_of_another_type_still_gives_the_same_json_text(tmp_path: Path) -> None:
+    """Twin: values the field-by-field path does not take (a bool, an int subclass, a str subclass) go through
+    the generic encoder and still give json.dumps's text, not Python's repr."""
+
+    class Status(int):
+        pass
+
+    class Text(str):
+        pass
+
+    path = tmp_path / "audit.log"
+    audit = AuditLog(str(path))
+    record = _every_kind()
+    record.status, record.bytes, record.app = Status(416), True, Text("com.example.app")  # type: ignore[assignment]
+    audit.write(record)
+    audit.close()
+    fields = {k: v for k, v in vars(record).items() if v is not None}
+    assert path.read_bytes() == json.dumps(fields, separators=(",", ":")).encode() + b"\n"
+    assert json.loads(path.read_bytes())["bytes"] is True

@@ -740,3 +740,41 @@ def test_https_origin_stopped_is_origin_error(tmp_path: Path, pki: Pki) -> None:
             assert [(r["outcome"], r.get("reason")) for r in lines] == [("ok", None), ("refused", "origin_error")]
     finally:
         origin.stop()
+
+
+@pytest.mark.parametrize("grows", [False, True])
+def test_a_small_file_is_read_at_once_and_one_that_grew_past_its_size_is_refused_whole(
+    tmp_path: Path, small_bundle: bytes, grows: bool
+) -> None:
+    """The flat path of a small local file (`bundles._read_at_once`: no stream, no generator): a real file opened
+    by the directory origin, read to its real end through the verifier. Bytes appended after the open (the file
+    grew past the size the index and fstat gave) fail the size check and nothing is handed back; its twin, the
+    file as it was, comes back byte for byte."""
+    import asyncio
+
+    from gateway.config import DirectoryOriginConfig
+    from gateway.core.reasons import Refusal
+    from gateway.core.verify import Expectation, Verifier
+    from gateway.handlers.bundles import _read_at_once
+    from gateway.origins import DirectoryOrigin
+
+    (tmp_path / APP_ID).mkdir()
+    stored = tmp_path / APP_ID / "small.zip"
+    stored.write_bytes(small_bundle)
+    origin = DirectoryOrigin("local", DirectoryOriginConfig(type="directory", path=tmp_path))
+    expect = Expectation(hashlib.sha256(small_bundle).hexdigest(), len(small_bundle))
+
+    async def read() -> bytes | memoryview:
+        async with origin.open(APP_ID, "small.zip", 64 * 1024, size_hint=len(small_bundle)) as body:
+            assert not body.waits  # read on the event loop: the path under test
+            if grows:
+                with stored.open("ab") as more:
+                    more.write(b"appended")
+            return _read_at_once(Verifier(expect), body)
+
+    if not grows:
+        assert asyncio.run(read()) == small_bundle
+        return
+    with pytest.raises(Refusal) as refused:
+        asyncio.run(read())
+    assert refused.value.reason.label == "size_exceeded"

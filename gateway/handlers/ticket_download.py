@@ -28,7 +28,7 @@ async def get_ticket_bundle(request: web.Request) -> web.StreamResponse:
     record.path = f"/bundles/t/.../{request.match_info['filename'][:128]}"  # the audit log never holds a ticket
     ticket = redeem_ticket(request.match_info["ticket"], snap.ticket_keys, now=time.time(), peer=peer)
     if isinstance(ticket, Refusal):
-        rt.metrics.tickets.labels("refused").inc()
+        rt.metrics.ticket_count["refused"].inc()
         raise ticket
     record.app, record.version, record.origin = ticket.app_id, ticket.version, ticket.origin
     hosts = {name: o.hosts for name, o in snap.origins.items()}
@@ -42,10 +42,10 @@ async def get_ticket_bundle(request: web.Request) -> web.StreamResponse:
     )
     if isinstance(plan, Refusal):
         if plan.reason is Reason.TICKET_INVALID:
-            rt.metrics.tickets.labels("refused").inc()
+            rt.metrics.ticket_count["refused"].inc()
         raise plan
     origin = snap.origins[plan.origin]
     size = plan.expect.size
     body_cm = origin.open(plan.app_id, plan.location, snap.config.limits.chunk_size, peer, size_hint=size)
-    rt.metrics.tickets.labels("redeemed").inc()
+    rt.metrics.ticket_count["redeemed"].inc()
     return await stream_verified(request, rt, body_cm, plan, time.monotonic())

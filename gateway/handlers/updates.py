@@ -129,14 +129,20 @@ def _tickets(
     )
     if isinstance(planned, Refusal):
         raise planned
-    rt.metrics.tickets.labels("issued").inc(planned.tickets)
+    rt.metrics.ticket_count["issued"].inc(planned.tickets)
     return planned.body
+
+
+def _answered(rt: Runtime, kind: str) -> None:
+    """Count an update check's answer by kind (`ota_gateway_update_answers_total`), through the bound child."""
+    metrics = rt.metrics
+    (metrics.update_answer_count.get(kind) or metrics.update_answers.labels(kind)).inc()
 
 
 def _decline(request: web.Request, rt: Runtime, outcome: Decline) -> web.Response:
     """No new version: HTTP 200 with `error`, `message` and `kind`; raised as `Answered` when it refuses for a
     reason (the recorder counts it), returned when the device is simply up to date."""
-    rt.metrics.update_answers.labels(outcome.kind.value).inc()
+    _answered(rt, outcome.kind.value)
     response = capgo_json(outcome.body())
     if outcome.reason is not None:
         raise Answered(Refusal(outcome.reason, outcome.message), response)
@@ -161,13 +167,13 @@ async def _answer(
     if isinstance(outcome, Decline):
         return _decline(request, rt, outcome)
     if isinstance(outcome, Builtin):
-        rt.metrics.update_answers.labels("builtin").inc()
+        _answered(rt, "builtin")
         return capgo_json({"version": "builtin"})
     body = _tickets(rt, request, app, origin, outcome, peer, served)
     if must_record(mark, outcome.version, outcome.lowers_channel):
         await rt.state.record_offer(app.app_id, channel, outcome.version, lower=outcome.lowers_channel)
     record.detail = f"offered {outcome.version}"
-    rt.metrics.update_answers.labels("new_version").inc()
+    _answered(rt, "new_version")
     return capgo_json(body)
 
 

@@ -131,6 +131,8 @@ def test_lower_hex(value: str, length: int | None) -> None:
         ("", None),
         ("0x12", None),
         ("ab cd", None),
+        ("ab\n", None),  # a trailing newline is no hex digit (a "$" anchor would let it pass)
+        ("ab" * 32 + "\n", 64),
         ("\u0661\u0662", None),  # Arabic-Indic digits are digits to str.isdigit, not hex
         (None, None),
         (b"ab", None),

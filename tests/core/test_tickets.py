@@ -106,3 +106,29 @@ def test_keys_and_fields_are_checked() -> None:
         TicketKey("bad id", b"s" * 32)
     with pytest.raises(ValueError, match="64 lowercase hex"):
         seal(dataclasses.replace(TICKET, sha256="XY"), KEY)
+
+
+@pytest.mark.parametrize(
+    "ticket",
+    [TICKET, FULL, dataclasses.replace(TICKET, size=7), dataclasses.replace(FULL, checksum=None, file_name=None)],
+)
+def test_a_token_is_the_sorted_compact_json_and_the_hmac_of_it(ticket: Ticket) -> None:
+    """The payload is built with its keys already in order and MACed with a copy of a keyed HMAC: the token must
+    be exactly json.dumps(sort_keys=True) of the fields and HMAC-SHA256 over `v1.<key id>.<payload>`, so tickets
+    sealed by an older gateway (or another worker) and this one are the same text."""
+    import hashlib
+    import hmac
+    import json
+
+    prefix, key_id, payload, mac = seal(ticket, KEY).split(".")
+    doc = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    assert (
+        payload
+        == base64.urlsafe_b64encode(json.dumps(doc, separators=(",", ":"), sort_keys=True).encode())
+        .rstrip(b"=")
+        .decode()
+    )
+    signed = f"{prefix}.{key_id}.{payload}".encode()
+    assert mac == base64.urlsafe_b64encode(hmac.new(KEY.secret, signed, hashlib.sha256).digest()).rstrip(b"=").decode()
+    # twin: the same ticket under another secret (the keyed HMAC is kept per secret) has another MAC
+    assert seal(ticket, TicketKey("k1", b"t" * 32)).split(".")[3] != mac
