@@ -36,7 +36,17 @@ from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestHandler
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from gateway.core.connguard import Caps, Counts, Phase, Timeouts, admit, deadline, fired_early, timer_needed
+from gateway.core.connguard import (
+    Caps,
+    Counts,
+    Phase,
+    Timeouts,
+    admit,
+    deadline,
+    fired_early,
+    makes_room,
+    timer_needed,
+)
 from gateway.core.handshake import classify
 from gateway.core.identity import identity_from_der
 from gateway.core.reasons import Reason, Refusal
@@ -61,7 +71,9 @@ class _Acceptor(asyncio.Protocol):
         self._transport = transport  # type: ignore[assignment]  # uvloop's TCPTransport is not a subclass
         budget = self._listener.budget
         if budget is not None:
-            self._slot = budget.open_slot(self._listener.name, _peer_ip(transport), tls=True)
+            self._slot = budget.open_slot(
+                self._listener.name, _peer_ip(transport), tls=True, abort=cast(asyncio.Transport, transport).abort
+            )
             if self._slot is None:
                 self._lost = True
                 cast(asyncio.Transport, transport).abort()  # over a cap: closed before any TLS work
@@ -247,16 +259,24 @@ def _peer_ip(transport: asyncio.BaseTransport) -> str | None:
 class Slot:
     """One admitted connection's place in the budget; `release()` gives it back (once)."""
 
-    __slots__ = ("_budget", "_handshaking", "_released", "address", "listener")
+    __slots__ = ("_budget", "_handshaking", "_released", "abort", "address", "listener")
 
-    def __init__(self, budget: ConnectionBudget, listener: str, address: str | None, handshaking: bool) -> None:
+    def __init__(
+        self,
+        budget: ConnectionBudget,
+        listener: str,
+        address: str | None,
+        handshaking: bool,
+        abort: Callable[[], None] | None = None,
+    ) -> None:
         self._budget, self.listener, self.address = budget, listener, address
         self._handshaking, self._released = handshaking, False
+        self.abort = abort  # closes the connection (a handshake closed to make room: core/connguard.makes_room)
 
     def handshake_done(self) -> None:
         if self._handshaking:
             self._handshaking = False
-            self._budget._handshake_done(self.address)
+            self._budget._handshake_done(self)
 
     def release(self) -> None:
         if not self._released:
@@ -286,17 +306,16 @@ class ConnectionBudget:
         self.per_listener: dict[str, int] = {}
         self.handshakes = 0
         self.by_address: dict[str | None, int] = {}
+        self._handshaking: dict[Slot, None] = {}  # handshakes in progress, oldest first
         self._logged: dict[str, float] = {}
 
-    def open_slot(self, listener: str, address: str | None, *, tls: bool) -> Slot | None:
-        counts = Counts(self.open, self.per_listener.get(listener, 0), self.handshakes, self.by_address.get(address, 0))
-        cause = admit(
-            self.caps,
-            counts,
-            tls=tls,
-            listener_cap=self.listener_caps.get(listener),
-            overall=listener not in self.own_cap_only,
-        )
+    def open_slot(
+        self, listener: str, address: str | None, *, tls: bool, abort: Callable[[], None] | None = None
+    ) -> Slot | None:
+        """A place for a new connection (`abort` closes it, should it be closed to make room), or None: refused."""
+        cause = self._admit(listener, address, tls)
+        if cause is not None and makes_room(cause) and self._make_room(cause, address):
+            cause = self._admit(listener, address, tls)
         if cause is not None:
             self.closed_total += 1
             self.metrics.connections_refused.labels(listener, cause).inc()
@@ -311,12 +330,38 @@ class ConnectionBudget:
             self.open += 1
         self.per_listener[listener] = self.per_listener.get(listener, 0) + 1
         self.metrics.connections_open.labels(listener).inc()
+        slot = Slot(self, listener, address, tls, abort)
         if tls:
             self.handshakes += 1
             self.by_address[address] = self.by_address.get(address, 0) + 1
-        return Slot(self, listener, address, tls)
+            self._handshaking[slot] = None
+        return slot
 
-    def _handshake_done(self, address: str | None) -> None:
+    def _admit(self, listener: str, address: str | None, tls: bool) -> str | None:
+        counts = Counts(self.open, self.per_listener.get(listener, 0), self.handshakes, self.by_address.get(address, 0))
+        return admit(
+            self.caps,
+            counts,
+            tls=tls,
+            listener_cap=self.listener_caps.get(listener),
+            overall=listener not in self.own_cap_only,
+        )
+
+    def _make_room(self, cause: str, address: str | None) -> bool:
+        """Close the oldest handshake in progress (from `address`, for the per-address cap); False if there is none.
+        Counted as a connection closed for `cause`; its handshake ends as `aborted`."""
+        same_address = cause == "max_handshakes_per_address"
+        for victim in self._handshaking:
+            if victim.abort is not None and (not same_address or victim.address == address):
+                self.metrics.connections_refused.labels(victim.listener, cause).inc()
+                victim.handshake_done()  # its place is free now; the connection itself is released once closed
+                victim.abort()
+                return True
+        return False
+
+    def _handshake_done(self, slot: Slot) -> None:
+        self._handshaking.pop(slot, None)
+        address = slot.address
         self.handshakes -= 1
         left = self.by_address.get(address, 1) - 1
         if left > 0:

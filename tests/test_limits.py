@@ -451,6 +451,51 @@ def test_handshake_caps_close_new_connections_while_established_clients_keep_wor
         established.close()
 
 
+@pytest.mark.parametrize(
+    ("limits", "cause"),
+    [
+        ({"max_handshakes": 6, "max_handshakes_per_address": 100}, "max_handshakes"),
+        ({"max_handshakes": 100, "max_handshakes_per_address": 6}, "max_handshakes_per_address"),
+    ],
+)
+def test_silent_connections_at_a_handshake_cap_make_room_for_a_new_client(
+    tmp_path: Path, pki: Pki, capgo_dir: Path, limits: dict[str, int], cause: str
+) -> None:
+    """TCP connections that never start TLS fill the handshake cap, and new ones keep coming as each times out: had
+    the cap refused every newcomer, a client would not get in at all. At the cap the oldest handshake in progress
+    (from the same address, for the per-address cap) is closed for the new connection."""
+    origin = publish(tmp_path, capgo_dir)
+    cfg = write_config(
+        tmp_path / "gw",
+        pki,
+        origins={"local": {"type": "directory", "path": str(origin)}},
+        extra={"limits": limits},
+    )
+    with run_gateway(cfg) as gw:
+        silent = []
+        for _ in range(6):
+            silent.append(socket.create_connection(("127.0.0.1", gw.port), timeout=10))
+            time.sleep(0.05)  # in order: the first is the oldest
+        assert wait_until(lambda: gw.metric("ota_gateway_connections_open", listener="main") == 6)
+        client = pki.client_context(pki.client).wrap_socket(
+            socket.create_connection(("127.0.0.1", gw.port), timeout=10), server_hostname="localhost"
+        )
+        client.sendall(request("GET", f"/bundles/{APP_ID}/1.1.0.zip"))
+        status, _, body = one_response(client)
+        client.close()
+        assert status == 200 and body == (capgo_dir / "app_1.1.0.zip").read_bytes()
+        assert gw.metric("ota_gateway_connections_refused_total", listener="main", cause=cause) == 1
+        silent[0].settimeout(5)
+        with contextlib.suppress(ConnectionResetError):
+            assert silent[0].recv(1) == b""  # the oldest was closed
+        for sock in silent[1:]:  # the others are still held
+            sock.setblocking(False)
+            with pytest.raises(BlockingIOError):
+                sock.recv(1)
+        for sock in silent:
+            sock.close()
+
+
 def _connect_many(port: int, count: int, first: bytes) -> list[socket.socket]:
     socks = []
     for _ in range(count):

@@ -109,6 +109,18 @@ def admit(caps: Caps, counts: Counts, *, tls: bool, listener_cap: int | None, ov
     return None
 
 
+# causes where the cap makes room instead of refusing: the oldest handshake in progress (of the same address, for
+# the per-address cap) is closed for the new connection. Silent TCP connections that fill the cap, and are renewed
+# as each times out, would otherwise keep every new client out; this way they only churn among themselves, and a
+# client whose handshake takes less than the flood needs to renew the whole cap gets in.
+MAKES_ROOM = frozenset({"max_handshakes", "max_handshakes_per_address"})
+
+
+def makes_room(cause: str | None) -> bool:
+    """Whether a refusal for `cause` closes the oldest handshake in progress instead (see MAKES_ROOM)."""
+    return cause in MAKES_ROOM
+
+
 RESERVED_FDS = 64  # listeners, the admin listener's own connections, the state store, the audit log, logs, pipes
 
 

@@ -18,6 +18,7 @@ from gateway.core.connguard import (
     deadline,
     fd_pressure,
     fired_early,
+    makes_room,
     timer_needed,
 )
 
@@ -119,3 +120,12 @@ def test_a_timer_of_an_earlier_phase_waits_for_this_phases_deadline() -> None:
     assert not fired_early(idle, 75.0)  # its own deadline: act
     assert not fired_early(idle, 74.999)  # a loop that rounds timers to ms fires a little early: still on time
     assert not fired_early(idle, 80.0)
+
+
+def test_only_the_handshake_caps_make_room() -> None:
+    """At a handshake cap the oldest handshake in progress is closed for the new connection; at a connection cap
+    the new one is refused (an established client is never closed for a newcomer)."""
+    assert makes_room("max_handshakes") and makes_room("max_handshakes_per_address")
+    assert not makes_room("max_connections") and not makes_room("listener_max_connections")
+    assert not makes_room(None)
+    assert set(REFUSAL_CAUSES) >= {"max_handshakes", "max_handshakes_per_address"}
