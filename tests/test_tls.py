@@ -399,3 +399,24 @@ def test_pipelined_requests_from_a_refused_client_are_not_answered(gw: GatewayPr
         raise AssertionError("the gateway neither answered nor closed the connection") from None
     assert b"HTTP/" not in received
     _assert_delta(gw, before, purpose=1)
+
+
+def test_a_min_tls_1_3_listener_refuses_a_tls_1_2_client_and_serves_tls_1_3(tmp_path: Path, pki: Pki) -> None:
+    """`listeners[].min_tls: "1.3"` as a client sees it: a TLS 1.2 handshake is refused (counted as `protocol`),
+    the same client over TLS 1.3 is served."""
+    origin = tmp_path / "origin"
+    origin.mkdir()
+    add_release(origin, APP_ID, "1.1.0", "production", BUNDLE)
+    cfg = write_config(tmp_path / "gw", pki, origins={"local": {"type": "directory", "path": str(origin)}})
+    doc = yaml.safe_load(cfg.read_text())
+    doc["listeners"][0]["min_tls"] = "1.3"
+    cfg.write_text(yaml.safe_dump(doc, sort_keys=False))
+    with run_gateway(cfg) as gw13:
+        before = _counts(gw13)
+        old = _s_client(gw13, pki, pki.client, "-tls1_2")
+        assert b"HTTP/1.1" not in old.stdout and old.returncode != 0
+        _assert_delta(gw13, before, protocol=1)
+        before = _counts(gw13)
+        new = _s_client(gw13, pki, pki.client, "-tls1_3")
+        assert b"New, TLSv1.3, Cipher is" in new.stdout and b"HTTP/1.1 200 OK" in new.stdout
+        _assert_delta(gw13, before, handshakes=1)
