@@ -205,6 +205,7 @@ def test_origin_errors_and_builtin_resets_pass_with_a_kind(env: CapgoEnv) -> Non
         (b" " * 70_000, "the body is larger than"),
         (b'{"a":' * 1000 + b"1" + b"}" * 1000, "the body is refused: JSON nested deeper than 32"),
         (b"[" * 20_000, "the body is refused: JSON nested deeper than 32"),
+        (json.dumps({**device_body(), "custom_id": float("nan")}).encode(), "the body is not JSON"),  # NaN
     ],
 )
 def test_malformed_bodies_get_capgo_shaped_400s(env: CapgoEnv, raw: bytes, message: str) -> None:

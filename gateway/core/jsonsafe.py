@@ -49,6 +49,15 @@ class JsonRejected(ValueError):
     """Bytes that are not acceptable JSON: too large, nested too deep, not UTF-8 or not JSON."""
 
 
+def _not_json(constant: str) -> Any:
+    raise ValueError(f"{constant} is not a JSON value")
+
+
+# Python's json reads NaN, Infinity and -Infinity; JSON (RFC 8259) and the Capgo backend's JSON.parse do not, and a
+# NaN read here would be written on to an update server as `NaN`, which it cannot parse
+_DECODER = json.JSONDecoder(parse_constant=_not_json)
+
+
 def nesting_depth(data: bytes) -> int:
     """The deepest nesting of arrays and objects in `data` (0 for a scalar); malformed input gives a bound."""
     depth = deepest = 0
@@ -75,7 +84,7 @@ def loads_bounded(
     if depth > max_depth:
         raise JsonRejected(f"JSON nested deeper than {max_depth} levels")
     try:
-        return json.loads(raw)
+        return _DECODER.decode(raw.decode(json.detect_encoding(raw), "surrogatepass"))  # as json.loads reads bytes
     except UnicodeDecodeError:
         raise JsonRejected("JSON is not UTF-8") from None
     except (ValueError, RecursionError) as exc:  # RecursionError cannot happen below max_depth; kept as a net

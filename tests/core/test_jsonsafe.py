@@ -79,3 +79,16 @@ def test_the_depth_check_only_skips_its_scan_when_the_brackets_cannot_reach_the_
 
 def test_compact_json_has_no_spaces() -> None:
     assert compact_json({"a": [1, "b c"], "d": None}) == '{"a":[1,"b c"],"d":null}'
+
+
+@pytest.mark.parametrize("raw", [b"NaN", b"[Infinity]", b'{"x": -Infinity}', b'{"a": {"b": NaN}}'])
+def test_nan_and_infinity_are_not_json(raw: bytes) -> None:
+    """Python's json module reads them; JSON (RFC 8259) and the Capgo backend's JSON.parse do not, and a NaN read
+    here would be written on as `NaN`, which no update server can parse."""
+    with pytest.raises(JsonRejected, match="not JSON"):
+        loads_bounded(raw)
+
+
+def test_the_twin_large_and_signed_numbers_are_json() -> None:
+    assert loads_bounded(b'[1e308, -0.0, 1E5, -12, "NaN"]') == [1e308, -0.0, 1e5, -12, "NaN"]
+    assert loads_bounded(b'\xef\xbb\xbf{"a": 1}') == {"a": 1}  # a UTF-8 BOM, as json.loads takes bytes
