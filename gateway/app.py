@@ -15,7 +15,7 @@ import datetime as dt
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import cast
+from typing import Any, cast
 
 from aiohttp import web
 from aiohttp.typedefs import Middleware
@@ -25,7 +25,7 @@ from prometheus_client.openmetrics.exposition import generate_latest as generate
 
 from gateway.answers import problem_response
 from gateway.audit import AuditRecord
-from gateway.config import TlsListener
+from gateway.config import Config, TlsListener
 from gateway.core.connguard import fd_pressure
 from gateway.core.names import host_of
 from gateway.core.reasons import Reason, Refusal
@@ -122,11 +122,14 @@ async def _server_header(request: web.Request, response: web.StreamResponse) -> 
     response.headers["Server"] = "ota-gateway"
 
 
-def low_level_headers(snap: Snapshot, *, tls: bool, sockname: object = None) -> dict[str, str]:
-    """Server (and on TLS listeners HSTS) for an answer; `sockname` (the local address the connection came in on)
-    picks the listener whose `hsts_max_age` applies, the first listener when it is unknown (parser errors)."""
+def low_level_headers(
+    snap: Snapshot, *, tls: bool, sockname: object = None, listener: TlsListener | None = None
+) -> dict[str, str]:
+    """Server (and on TLS listeners HSTS) for an answer; the `hsts_max_age` of `listener` if given, else of the
+    listener `sockname` (the local address the connection came in on) belongs to, else of the first listener (parser
+    errors)."""
     headers = {"Server": "ota-gateway"}
-    max_age = _listener_for(snap, sockname).hsts_max_age
+    max_age = (listener or _listener_for(snap, sockname)).hsts_max_age
     if tls and max_age:
         headers["Strict-Transport-Security"] = f"max-age={max_age}"
     return headers
@@ -144,14 +147,35 @@ def _listener_for(snap: Snapshot, sockname: object) -> TlsListener:
     return listeners[0]
 
 
+_BY_LISTENER: dict[str, tuple[Config, tuple[tuple[str, str], ...]]] = {}  # listener name -> (its config, headers)
+
+
+def _connection_headers(request: web.Request, snap: Snapshot, memo: dict[str, Any]) -> tuple[tuple[str, str], ...]:
+    """The constant headers of the listener the request's connection came in on: those of the listener named by
+    the TLS listener that handed the connection over (made once per name and config, for every connection after),
+    else (a listener renamed by a reload, or a connection from elsewhere) of the one bound to its local address."""
+    name = memo.get("listener")
+    if name is not None:
+        config = snap.config
+        made = _BY_LISTENER.get(name)
+        if made is not None and made[0] is config:
+            return made[1]
+        listener = next((lst for lst in config.listeners if lst.name == name), None)
+        if listener is not None:
+            headers = tuple(low_level_headers(snap, tls=True, listener=listener).items())
+            _BY_LISTENER[name] = (config, headers)
+            return headers
+    transport = request.transport
+    sockname = transport.get_extra_info("sockname") if transport is not None else None
+    return tuple(low_level_headers(snap, tls=True, sockname=sockname).items())
+
+
 async def _hsts(request: web.Request, response: web.StreamResponse) -> None:
     snap = request.get(SNAPSHOT_KEY) or request.app[RUNTIME].snapshot  # the request's own, once the envelope ran
     memo = connection_memo(request)  # the headers of the connection's listener, kept while its config is current
     cached = memo.get("headers")
     if cached is None or cached[0] is not snap.config:
-        transport = request.transport
-        sockname = transport.get_extra_info("sockname") if transport is not None else None
-        cached = memo["headers"] = (snap.config, tuple(low_level_headers(snap, tls=True, sockname=sockname).items()))
+        cached = memo["headers"] = (snap.config, _connection_headers(request, snap, memo))
     headers = response.headers
     for name, value in cached[1]:
         headers.setdefault(name, value)

@@ -43,6 +43,7 @@ from gateway.core.connguard import (
     Timeouts,
     admit,
     deadline,
+    due,
     fired_early,
     makes_room,
     timer_needed,
@@ -97,9 +98,10 @@ class _Acceptor(asyncio.Protocol):
             handed_over = await self._handshake_and_hand_over(raw)
         finally:
             if slot is not None:
-                slot.handshake_done()
-                if not handed_over:
-                    slot.release()
+                if handed_over:
+                    slot.handshake_done()
+                else:
+                    slot.release()  # ends its handshake too
 
     async def _handshake_and_hand_over(self, raw: asyncio.Transport) -> bool:
         """True when the connection went to the HTTP protocol (which then owns the slot)."""
@@ -168,7 +170,11 @@ class _Acceptor(asyncio.Protocol):
         protocol = listener.protocol_factory()
         if isinstance(protocol, GuardedRequestHandler):
             protocol.attach(self._slot)
-            protocol.memo["der"] = der  # the request's identity reads it from there, not again from OpenSSL
+            memo = protocol.memo
+            memo["der"] = der  # the request's identity reads it from there, not again from OpenSSL
+            memo["listener"] = listener.name  # whose headers (HSTS) its answers carry, without a sockname lookup
+            if self._slot is not None:
+                memo["ip"] = self._slot.address  # the audit line's peer address, read at accept
         tls.set_protocol(protocol)
         protocol.connection_made(tls)
         if self._pending:
@@ -214,11 +220,12 @@ class TlsListenerServer:
         self.budget = budget
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._task_name = f"tls-handshake-{name}"
         metrics.listener(name)
         self.handshakes_ok = metrics.handshakes.labels(name)  # looked up once, incremented per handshake
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.get_running_loop().create_task(coro, name=f"tls-handshake-{self.name}")
+        task = asyncio.get_running_loop().create_task(coro, name=self._task_name)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -281,7 +288,8 @@ class Slot:
     def release(self) -> None:
         if not self._released:
             self._released = True
-            self.handshake_done()
+            if self._handshaking:
+                self.handshake_done()
             self._budget._closed(self.listener)
 
 
@@ -308,6 +316,13 @@ class ConnectionBudget:
         self.by_address: dict[str | None, int] = {}
         self._handshaking: dict[Slot, None] = {}  # handshakes in progress, oldest first
         self._logged: dict[str, float] = {}
+        self._open_gauges: dict[str, Any] = {}  # listener -> its child of `connections_open`, looked up once
+
+    def _open_gauge(self, listener: str) -> Any:
+        gauge = self._open_gauges.get(listener)
+        if gauge is None:
+            gauge = self._open_gauges[listener] = self.metrics.connections_open.labels(listener)
+        return gauge
 
     def open_slot(
         self, listener: str, address: str | None, *, tls: bool, abort: Callable[[], None] | None = None
@@ -329,7 +344,7 @@ class ConnectionBudget:
         if listener not in self.own_cap_only:
             self.open += 1
         self.per_listener[listener] = self.per_listener.get(listener, 0) + 1
-        self.metrics.connections_open.labels(listener).inc()
+        self._open_gauge(listener).inc()
         slot = Slot(self, listener, address, tls, abort)
         if tls:
             self.handshakes += 1
@@ -374,7 +389,7 @@ class ConnectionBudget:
         if listener not in self.own_cap_only:
             self.open -= 1
         self.per_listener[listener] -= 1
-        self.metrics.connections_open.labels(listener).dec()
+        self._open_gauge(listener).dec()
 
 
 # audits and counts an answer given below the application (parser errors, header timeouts):
@@ -490,14 +505,15 @@ class GuardedRequestHandler(RequestHandler):
     # -- timeouts -------------------------------------------------------------------------------------------------
 
     def _enter(self, phase: Phase) -> None:
-        self._phase, self._since = phase, self._loop.time()
-        expiry = deadline(phase, self._since, self._guard.timeouts)
+        self._phase = phase
+        self._since = since = self._loop.time()
+        at = due(phase, since, self._guard.timeouts)
         timer = self._timer
-        if timer_needed(None if timer is None else timer.when(), expiry):
-            assert expiry is not None
+        if timer_needed(None if timer is None else timer.when(), at):
+            assert at is not None
             if timer is not None:
                 timer.cancel()
-            self._timer = self._loop.call_at(expiry.at, self._expired)
+            self._timer = self._loop.call_at(at, self._expired)
 
     def _expired(self) -> None:
         self._timer = None

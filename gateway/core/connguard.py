@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import NamedTuple
 
 
 class Phase(enum.Enum):
@@ -39,8 +40,7 @@ class Timeouts:
     idle: float
 
 
-@dataclass(frozen=True)
-class Expiry:
+class Expiry(NamedTuple):  # a tuple: made on every phase change of every connection, cheaper than a dataclass
     at: float  # loop time
     cause: str  # one of TIMEOUT_CAUSES
     answer: bool  # True: HTTP can still answer (408); False: close quietly
@@ -57,15 +57,28 @@ def deadline(phase: Phase, since: float, timeouts: Timeouts) -> Expiry | None:
     return None
 
 
+def due(phase: Phase, since: float, timeouts: Timeouts) -> float | None:
+    """`deadline(phase, since, timeouts).at` alone (None: no deadline): what every phase change asks (three per
+    request), without building the `Expiry` that only a firing timer needs."""
+    if phase is Phase.BUSY:
+        return None
+    if phase is Phase.IDLE:
+        return since + timeouts.idle
+    if phase is Phase.BODY:
+        return since + timeouts.body
+    return since + timeouts.header
+
+
 # a timer that fires at most this much before its deadline counts as on time (event loops round timers to ms)
 EARLY_SLACK = 0.002
 
 
-def timer_needed(armed: float | None, expiry: Expiry | None) -> bool:
-    """Whether a connection entering a phase with deadline `expiry` must arm a new timer, given the one armed for
-    `armed` (None: no timer). One that fires no later than the deadline is kept, and re-armed when it fires early
-    (`fired_early`): a keep-alive connection's requests (headers, busy, idle, headers...) then arm no timer each."""
-    return expiry is not None and (armed is None or armed > expiry.at)
+def timer_needed(armed: float | None, due: float | None) -> bool:
+    """Whether a connection entering a phase whose deadline is `due` (None: none) must arm a new timer, given the
+    one armed for `armed` (None: no timer). One that fires no later than the deadline is kept, and re-armed when it
+    fires early (`fired_early`): a keep-alive connection's requests (headers, busy, idle, headers...) then arm no
+    timer each."""
+    return due is not None and (armed is None or armed > due)
 
 
 def fired_early(expiry: Expiry, now: float) -> bool:
@@ -82,8 +95,7 @@ class Caps:
     handshakes_per_address: int
 
 
-@dataclass(frozen=True)
-class Counts:
+class Counts(NamedTuple):  # a tuple: made for every new connection
     """What is open now (before the new connection)."""
 
     connections: int

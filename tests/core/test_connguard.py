@@ -16,6 +16,7 @@ from gateway.core.connguard import (
     admit,
     auto_max_connections,
     deadline,
+    due,
     fd_pressure,
     fired_early,
     makes_room,
@@ -39,6 +40,13 @@ def test_deadline_per_phase(phase: Phase, expected: Expiry | None) -> None:
     assert deadline(phase, 100.0, T) == expected
     if expected is not None:
         assert expected.cause in TIMEOUT_CAUSES
+
+
+@pytest.mark.parametrize("phase", list(Phase))
+def test_due_is_the_deadlines_time(phase: Phase) -> None:
+    """The per-phase-change shortcut and the full deadline never disagree (one timeout per phase, distinct values)."""
+    expiry = deadline(phase, 100.0, T)
+    assert due(phase, 100.0, T) == (None if expiry is None else expiry.at)
 
 
 CAPS = Caps(connections=100, handshakes=10, handshakes_per_address=3)
@@ -97,7 +105,7 @@ def test_fd_pressure_at_80_percent() -> None:
 
 
 @pytest.mark.parametrize(
-    ("armed", "due", "needed"),
+    ("armed", "at", "needed"),
     [
         (None, 10.0, True),  # no timer yet: arm one
         (5.0, 10.0, False),  # the armed one fires first: keep it (it re-arms when it fires early)
@@ -108,10 +116,9 @@ def test_fd_pressure_at_80_percent() -> None:
     ],
 )
 def test_a_timer_is_armed_only_when_none_fires_by_the_deadline(
-    armed: float | None, due: float | None, needed: bool
+    armed: float | None, at: float | None, needed: bool
 ) -> None:
-    expiry = None if due is None else Expiry(due, "header", True)
-    assert timer_needed(armed, expiry) is needed
+    assert timer_needed(armed, at) is needed
 
 
 def test_a_timer_of_an_earlier_phase_waits_for_this_phases_deadline() -> None:
