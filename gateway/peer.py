@@ -32,11 +32,13 @@ def connection_memo(request: web.BaseRequest) -> dict[str, Any]:
     return {} if memo is None else memo
 
 
-def peer_der(request: web.BaseRequest) -> bytes | None:
+def peer_der(request: web.BaseRequest, memo: dict[str, Any] | None = None) -> bytes | None:
     """The client certificate (DER) of the request's connection, read once: `getpeercert(binary_form=True)` encodes
     it anew on every call. The gateway's listeners put the one their handshake checks read in the connection's memo;
-    a connection's certificate cannot change (renegotiation is off, gateway/tls.py; TLS 1.3 has none)."""
-    memo = connection_memo(request)
+    a connection's certificate cannot change (renegotiation is off, gateway/tls.py; TLS 1.3 has none). `memo`: the
+    request's `connection_memo`, if the caller has it already."""
+    if memo is None:
+        memo = connection_memo(request)
     if "der" in memo:
         return cast("bytes | None", memo["der"])
     transport = request.transport
@@ -72,11 +74,11 @@ def _forwarded_identity(snap: Snapshot, der: bytes, now: dt.datetime) -> tuple[C
 
 def resolve_peer(request: web.Request, snap: Snapshot, metrics: Metrics) -> Peer:
     """The request's `Peer`, judged against the request's snapshot (CAs, front proxy pins, CRLs)."""
-    der = peer_der(request)
+    memo = connection_memo(request)
+    der = peer_der(request, memo)
     if der is None:
         raise Refusal(Reason.NO_CLIENT_CERT, "a client certificate is required")
     now = dt.datetime.now(dt.UTC)
-    memo = connection_memo(request)
     direct = memo.get("peer")  # (snapshot, Peer) of a connection that is no front proxy, judged once per snapshot
     if direct is not None and direct[0] is snap:
         proxy, peer = None, cast(Peer, direct[1])
@@ -87,8 +89,11 @@ def resolve_peer(request: web.Request, snap: Snapshot, metrics: Metrics) -> Peer
             peer = Peer(identity, snap.cas.get(identity.issuer, (None, None))[0])
             memo["peer"] = (snap, peer)
     if proxy is None:
-        if any(h in request.headers for h in IDENTITY_HEADERS):
-            metrics.spoofed_identity_headers.inc()
+        headers = request.headers
+        for name in IDENTITY_HEADERS:  # a loop, not any() over a generator: this runs on every request
+            if name in headers:
+                metrics.spoofed_identity_headers.inc()
+                break
     else:
         name = CLIENT_CERT if proxy.header == "client-cert" else XFCC
         value = request.headers.get(name)
