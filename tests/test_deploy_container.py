@@ -111,6 +111,21 @@ def test_runs_as_10001_with_a_state_volume_it_owns(final_stage: list[Any]) -> No
     assert loaded["audit"]["path"] == "-"
 
 
+def test_the_readme_docker_run_lets_the_drain_finish() -> None:
+    """`docker stop` sends SIGTERM and, after the container's stop timeout (Docker's default: 10 s), SIGKILL. The
+    README's `docker run` must give the gateway longer than the image config's `limits.shutdown_grace`, or
+    downloads still within their grace are killed with the process (and it never exits 0 or 3)."""
+    readme = (ROOT / "README.md").read_text()
+    runs = [block for block in readme.split("```") if "docker run -d" in block]
+    assert len(runs) == 1
+    command = runs[0].split("docker run -d", 1)[1].split("\n\n")[0]
+    words = command.replace("\\\n", " ").split()
+    assert "--stop-timeout" in words, "docker run without --stop-timeout: Docker kills the gateway after 10 s"
+    timeout = int(words[words.index("--stop-timeout") + 1])
+    grace = yaml.safe_load(CONTAINER_CONFIG.read_text())["limits"]["shutdown_grace"]
+    assert timeout > grace
+
+
 def test_no_undocumented_environment() -> None:
     for path in [ROOT / "Dockerfile", ROOT / "README.md", *sorted((ROOT / "gateway").rglob("*.py"))]:
         assert "OTA_ADMIN_PORT" not in path.read_text(), path
