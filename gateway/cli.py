@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+from collections.abc import Callable
 from pathlib import Path
 
 from gateway import __version__, logs
@@ -19,6 +20,29 @@ from gateway.logs import FORMATS, LEVELS, problem
 
 EXIT_USAGE = 2
 GROUP_HELP = "keys 0640 and owned by this group (name or gid), folder enterable by it; default: keys 0600"
+
+
+def _at_least(minimum: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds, got {text!r}") from None
+    if not 0 < value <= 86400:
+        raise argparse.ArgumentTypeError(f"must be more than 0 and at most 86400 seconds, got {text}")
+    return value
 
 
 def _fail(message: str) -> int:
@@ -194,14 +218,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="text: 'ota-gateway: ...' lines (default); json: one object a line, for container log collectors",
     )
     p.add_argument("--no-uvloop", dest="uvloop", action="store_false", help="use the stdlib event loop")
-    p.add_argument("--workers", type=int, default=0, help="worker processes sharing the ports (default: one per core)")
+    p.add_argument(
+        "--workers", type=_at_least(1), default=None, help="worker processes sharing the ports (default: one per core)"
+    )
     p.add_argument(
         "--crash-limit",
-        type=int,
+        type=_at_least(1),
         default=5,
         help="with --workers: this many worker deaths within --crash-window seconds stop the server (default 5)",
     )
-    p.add_argument("--crash-window", type=float, default=60.0, help="seconds, see --crash-limit (default 60)")
+    p.add_argument("--crash-window", type=_seconds, default=60.0, help="seconds, see --crash-limit (default 60)")
     p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("check", help="validate the config and policies, like nginx -t (exit 0 or 2)")
@@ -218,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
     p.add_argument("--ready", action="store_true", help="ask /readyz (ready for traffic) instead of /healthz")
-    p.add_argument("--timeout", type=float, default=2.0, help="seconds to wait for the answer (default 2)")
+    p.add_argument("--timeout", type=_seconds, default=2.0, help="seconds to wait for the answer (default 2)")
     p.set_defaults(func=_cmd_health)
 
     certs = sub.add_parser("certs", help="development PKI").add_subparsers(dest="certs_command", required=True)
@@ -229,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_certs_init)
     p = certs.add_parser("issue-client", help="a new client certificate from the CA in --dir")
     p.add_argument("--dir", type=Path, required=True)
-    p.add_argument("--days", type=int, default=825)
+    p.add_argument("--days", type=_at_least(1), default=825)
     p.add_argument("--group", help=GROUP_HELP)
     p.add_argument("name")
     p.set_defaults(func=_cmd_certs_issue)

@@ -75,6 +75,11 @@ def key_id(pem: bytes) -> str:
     return "".join(lines)[:20]
 
 
+def _no_passphrase() -> str:
+    """An encrypted --key: refused at once, instead of OpenSSL asking for its passphrase on the terminal."""
+    raise ValueError("the key is encrypted")
+
+
 class Device:
     def __init__(self, opts: DeviceOptions, say: Callable[[str], None] = print) -> None:
         self.opts = opts
@@ -82,8 +87,20 @@ class Device:
         self.base = urllib.parse.urlsplit(opts.gateway.rstrip("/"))
         if self.base.scheme != "https" or not self.base.hostname:
             raise ValueError(f"--gateway must be https://host[:port], got {opts.gateway!r}")
-        self.ctx = ssl.create_default_context(cafile=str(opts.ca) if opts.ca else None)
-        self.ctx.load_cert_chain(opts.cert, opts.key)
+        files = (("--ca", opts.ca), ("--cert", opts.cert), ("--key", opts.key), ("--public-key", opts.public_key))
+        for option, path in files:
+            if path is not None and not Path(path).is_file():
+                raise ValueError(f"{option}: no such file: {path}")
+        try:
+            self.ctx = ssl.create_default_context(cafile=str(opts.ca) if opts.ca else None)
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"--ca {opts.ca}: not a PEM certificate bundle ({exc})") from None
+        try:
+            self.ctx.load_cert_chain(opts.cert, opts.key, password=_no_passphrase)
+        except (OSError, ValueError) as exc:
+            raise ValueError(
+                f"--cert {opts.cert}, --key {opts.key}: not a PEM certificate and its unencrypted private key ({exc})"
+            ) from None
         self.public_pem = opts.public_key.read_bytes() if opts.public_key else None
         self.public_key: rsa.RSAPublicKey | None = None
         if self.public_pem is not None:

@@ -1,4 +1,4 @@
-"""The `ota-gateway` command line: `certs init`, `certs issue-client` and `release add`.
+"""The `ota-gateway` command line: `certs init`, `certs issue-client`, `release add`, and option values.
 
 The certificate commands run as real subprocesses (the installed `ota-gateway` script); `release add` runs
 through `main(argv)` in process, with one subprocess for the Capgo path. User errors are one line on stderr and
@@ -390,3 +390,53 @@ def test_release_add_capgo_key_must_be_an_rsa_private_key(
     (line,) = err.splitlines()
     assert line.startswith(f"ota-gateway: {CAPGO_FIXTURES / 'key.pub'}: not a readable unencrypted PEM private key")
     assert not (origin / APP_ID / "releases.yaml").exists()
+
+
+# --- option values ---------------------------------------------------------------------------------------------
+
+BAD_VALUES = [
+    (["health", "--timeout", "-1"], "--timeout: must be more than 0"),  # was a traceback
+    (["health", "--timeout", "0"], "--timeout: must be more than 0"),  # was "Operation now in progress"
+    (["serve", "--workers", "0"], "--workers: must be at least 1"),  # was taken as the default
+    (["serve", "--workers", "-2"], "--workers: must be at least 1"),  # was one process, silently
+    (["serve", "--crash-limit", "0"], "--crash-limit: must be at least 1"),
+    (["serve", "--workers", "2", "--crash-window", "0"], "--crash-window: must be more than 0"),
+    (["certs", "issue-client", "--days", "0", "x"], "--days: must be at least 1"),  # was a certificate expired at once
+]
+
+
+@pytest.mark.parametrize(("args", "fragment"), BAD_VALUES, ids=[" ".join(a) for a, _ in BAD_VALUES])
+def test_an_option_value_out_of_range_is_a_usage_error(
+    args: list[str], fragment: str, pki_dir: tuple[Path, Any], tmp_path: Path
+) -> None:
+    folder, _ = pki_dir
+    extra = ["--dir", str(folder)] if args[0] == "certs" else ["--config", str(tmp_path / "gateway.yaml")]
+    done = cli(*args[:-1], *extra, args[-1]) if args[0] == "certs" else cli(*args, *extra)
+    assert done.returncode == 2, (done.stdout, done.stderr)
+    assert "Traceback" not in done.stderr and done.stdout == ""
+    assert fragment in done.stderr.splitlines()[-1], done.stderr
+    assert not (folder / "x.pem").exists()
+
+
+def test_option_values_in_range_are_taken(pki_dir: tuple[Path, Any], tmp_path: Path) -> None:
+    """The twins: a one-day client certificate, and a health probe with a short timeout (nothing listens: 1)."""
+    folder, _ = pki_dir
+    done = cli("certs", "issue-client", "--dir", folder, "--days", "1", "short-lived")
+    assert done.returncode == 0, done.stderr
+    cert = load_cert(folder / "short-lived.pem")
+    assert (cert.not_valid_after_utc - cert.not_valid_before_utc).days >= 1
+    config = tmp_path / "gateway.yaml"
+    config.write_text(yaml.safe_dump({"admin": {"port": 9}}))  # health reads only the admin listener
+    done = cli("health", "--config", config, "--timeout", "0.5")
+    assert done.returncode == 1 and "cannot connect" in done.stdout, (done.stdout, done.stderr)
+
+
+def test_device_names_the_file_it_cannot_use(pki_dir: tuple[Path, Any], tmp_path: Path) -> None:
+    folder, _ = pki_dir
+    base = ["device", "--gateway", "https://127.0.0.1:9", "--app", APP_ID, "--version", "1.0.0"]
+    missing = cli(*base, "--cert", tmp_path / "nope.pem", "--key", folder / "client.key")
+    assert missing.returncode == 2
+    assert missing.stderr.splitlines() == [f"ota-gateway: --cert: no such file: {tmp_path / 'nope.pem'}"]
+    other = cli(*base, "--cert", folder / "client.pem", "--key", folder / "server.key")
+    assert other.returncode == 2 and len(other.stderr.splitlines()) == 1
+    assert f"--cert {folder / 'client.pem'}, --key {folder / 'server.key'}: not a PEM certificate" in other.stderr
