@@ -97,6 +97,14 @@ def trust_stamps(config: Config) -> dict[str, tuple[object, ...] | None]:
     return {name: None if ca is None else _stamp(ca) for name, ca in origin_cas(config).items()}
 
 
+def _alike(level: int) -> int:
+    """The level of a line every worker would log alike (a reload and its outcome): `level` in one process, debug
+    in all but the worker in slot 0 (`workers.reports`), so that one reload is one line."""
+    from gateway.workers import reports
+
+    return level if reports() else logging.DEBUG
+
+
 def _stamp(path: Path) -> tuple[object, ...]:
     try:
         st, lst = os.stat(path), os.lstat(path)
@@ -130,14 +138,14 @@ class Reloader:
                 self.rt.metrics.config_loaded.set(0)
                 self.rt.live.last_reload_ok = False
                 first = str(exc.issues[0]) + (f" (and {len(exc.issues) - 1} more)" if len(exc.issues) > 1 else "")
-                log.warning("reload (%s) failed, keeping the last good state: %s", trigger, first)
+                log.log(_alike(logging.WARNING), "reload (%s) failed, keeping the last good state: %s", trigger, first)
                 return False
             self._swap(loaded, keys)
             self._last = fingerprint(watched_files(self.config_path, loaded.config))
             self.rt.metrics.reloads.labels("success").inc()
             self.rt.live.last_reload_ok = True
             publish_state_metrics(self.rt.metrics, loaded)
-            log.info("reloaded (%s): %d app(s)", trigger, len(loaded.policies.apps))
+            log.log(_alike(logging.INFO), "reloaded (%s): %d app(s)", trigger, len(loaded.policies.apps))
             return True
 
     def _swap(self, loaded: Loaded, keys: tuple[TicketKey, ...]) -> None:
@@ -145,7 +153,7 @@ class Reloader:
         old = self.rt.snapshot
         for new_lst, old_lst in zip(loaded.config.listeners, old.config.listeners, strict=False):
             if (new_lst.address, new_lst.port) != (old_lst.address, old_lst.port):
-                log.warning("listener %s: address/port change needs a restart", new_lst.name)
+                log.log(_alike(logging.WARNING), "listener %s: address/port change needs a restart", new_lst.name)
         origins: dict[str, Origin] = {}
         trust = trust_stamps(loaded.config)
         for name, oc in loaded.config.origins.items():
@@ -189,7 +197,8 @@ class Reloader:
                     effect = (
                         "clients of this CA are refused" if mode == "fail_closed" else "still applied (keep_serving)"
                     )
-                    log.warning(
+                    log.log(
+                        _alike(logging.WARNING),
                         "listener %s: CRL %s is past its nextUpdate %s; %s",
                         name,
                         crl.source,

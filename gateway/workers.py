@@ -52,6 +52,7 @@ WORKER_ENV = "OTA_GATEWAY_WORKER"
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 READY_FD_ENV = "OTA_GATEWAY_READY_FD"
 RESTARTED_ENV = "OTA_GATEWAY_RESTARTED"
+SLOT_ENV = "OTA_GATEWAY_WORKER_SLOT"
 READY = b"ready\n"
 EXIT_STARTUP = 2
 EXIT_CRASH_LOOP = 1
@@ -66,6 +67,12 @@ def is_worker() -> bool:
 
 def is_restart() -> bool:
     return os.environ.get(RESTARTED_ENV) == "1"
+
+
+def reports() -> bool:
+    """Whether this process logs what every worker does alike (a reload, its failure): a single process, or the
+    worker in slot 0, so that one SIGHUP or file change gives one line, not one per worker."""
+    return not is_worker() or os.environ.get(SLOT_ENV, "0") == "0"
 
 
 def default_workers() -> int:
@@ -153,6 +160,7 @@ class _Worker:
     pipe: int  # read end of the ready pipe
     started: float
     restarted: bool
+    slot: int  # 0 .. N-1, kept by a replacement: slot 0 reports what every worker does alike (`reports`)
     said: bytearray = field(default_factory=bytearray)
     ready: bool = False
 
@@ -166,12 +174,12 @@ class _Supervisor:
         self.announced = False  # the readiness line is logged once, when the first `count` workers are ready
         self.selector = selectors.DefaultSelector()
         self.workers: list[_Worker] = []
-        self.pending: list[float] = []  # monotonic times at which to start a replacement
+        self.pending: list[tuple[float, int]] = []  # (monotonic time, slot) at which to start a replacement
         self.history: tuple[float, ...] = ()
         self.failed_starts = 0  # replacements that failed their start-up in a row
         self.stopping = False
 
-    def start(self, restarted: bool) -> None:
+    def start(self, restarted: bool, slot: int) -> None:
         parent = os.getpid()
         read, write = os.pipe()
         # no forwarded signal may reach the child before it has put the default handlers back (the supervisor's
@@ -180,7 +188,7 @@ class _Supervisor:
         try:
             pid = os.fork()
             if pid == 0:
-                self._in_child(parent, read, write, restarted)  # never returns
+                self._in_child(parent, read, write, restarted, slot)  # never returns
         except BaseException:
             os.close(read)
             raise
@@ -188,11 +196,11 @@ class _Supervisor:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)
             os.close(write)
         os.set_blocking(read, False)
-        worker = _Worker(WorkerProcess(pid), read, time.monotonic(), restarted)
+        worker = _Worker(WorkerProcess(pid), read, time.monotonic(), restarted, slot)
         self.selector.register(read, selectors.EVENT_READ, worker)
         self.workers.append(worker)
 
-    def _in_child(self, parent: int, read: int, write: int, restarted: bool) -> None:
+    def _in_child(self, parent: int, read: int, write: int, restarted: bool, slot: int) -> None:
         """In a new worker: drop the supervisor's state, run `serve`, exit with its code (never returns)."""
         code = 1
         try:
@@ -205,7 +213,14 @@ class _Supervisor:
                 if other.pipe >= 0:
                     os.close(other.pipe)
             self.selector.close()
-            os.environ.update({WORKER_ENV: "1", READY_FD_ENV: str(write), RESTARTED_ENV: "1" if restarted else "0"})
+            os.environ.update(
+                {
+                    WORKER_ENV: "1",
+                    READY_FD_ENV: str(write),
+                    RESTARTED_ENV: "1" if restarted else "0",
+                    SLOT_ENV: str(slot),
+                }
+            )
             code = self.run_worker()
         except SystemExit as exc:
             code = exc.code if isinstance(exc.code, int) else 1
@@ -341,8 +356,8 @@ def _supervise(argv: list[str], metrics_dir: Path, workers: int, policy: Restart
     for sig in FORWARDED:
         signal.signal(sig, forward)
     try:
-        for _ in range(workers):
-            sup.start(restarted=False)
+        for slot in range(workers):
+            sup.start(restarted=False, slot=slot)
         return _run(sup)
     finally:
         for worker in sup.workers:
@@ -356,9 +371,9 @@ def _run(sup: _Supervisor) -> int:
     while sup.workers or (sup.pending and not sup.stopping):
         sup.wait(0.1)
         now = time.monotonic()
-        while sup.pending and sup.pending[0] <= now and not sup.stopping:
-            sup.pending.pop(0)
-            sup.start(restarted=True)
+        while sup.pending and sup.pending[0][0] <= now and not sup.stopping:
+            _, slot = sup.pending.pop(0)
+            sup.start(restarted=True, slot=slot)
         dead = sup.reap()
         if dead is None:
             continue
@@ -382,7 +397,7 @@ def _run(sup: _Supervisor) -> int:
                 serving,
                 retry,
             )
-            sup.pending.append(now + retry)
+            sup.pending.append((now + retry, worker.slot))
             sup.pending.sort()
             continue
         verdict = after_crash(sup.policy, sup.history, now)
@@ -395,7 +410,7 @@ def _run(sup: _Supervisor) -> int:
         log.warning(
             "%s; starting a new one in %g s (%d within %g s)", what, verdict.delay, verdict.crashes, sup.policy.window
         )
-        sup.pending.append(now + verdict.delay)
+        sup.pending.append((now + verdict.delay, worker.slot))
         sup.pending.sort()
     sup.close()
     if any(c == 3 for c in codes):
