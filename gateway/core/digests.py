@@ -90,6 +90,8 @@ def pipeline(
     decompressor_factory: Callable[[], Decompressor] | None = None,
 ) -> Callable[[], Digest]:
     """A digest factory for `Verifier`: SHA-256 of the bytes after decryption (`aes=(key, iv)`) and decompression."""
+    if aes is None and not brotli:
+        return hashlib.sha256  # the bytes as served (every plain download): no factory to build
     make_decompressor = decompressor_factory or _brotli_decompressor
 
     def factory() -> Digest:

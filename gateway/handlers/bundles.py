@@ -30,6 +30,7 @@ from contextlib import AbstractAsyncContextManager
 
 from aiohttp import web
 from aiohttp.http_writer import StreamWriter
+from multidict import CIMultiDict
 
 from gateway.answers import problem_response
 from gateway.config import Limits
@@ -44,6 +45,7 @@ from gateway.recorder import Answered
 from gateway.state_keys import RUNTIME, Runtime, request_audit, request_peer, request_snapshot
 
 WRITE_SLICE = 64 * 1024  # chunks are verified and sent in slices of this size; the verifier holds back one
+_HEADERS = CIMultiDict({"Content-Type": "application/zip", "Cache-Control": "no-store"})  # copied per answer
 # aborts that say nothing about the bundle (not counted as verification results)
 _NOT_VERIFIED = frozenset({Reason.CLIENT_GONE, Reason.SHUTDOWN, Reason.CLIENT_TOO_SLOW})
 # aborts that are the origin's failure (origin_errors, /readyz)
@@ -116,15 +118,14 @@ async def _respond(request: web.Request, rt: Runtime, body: Body, plan: Download
         _verified(rt, shape.reason.label)
         raise shape
     expect = shape.expect
-    resp = _BundleResponse(
-        status=shape.status,
-        headers={"Content-Type": plan.content_type, "Cache-Control": "no-store", "ETag": f'"{expect.sha256}"'},
-    )
+    headers = CIMultiDict(_HEADERS)  # a ready CIMultiDict: aiohttp copies it as is (a dict costs twice as much)
+    headers["Content-Type"], headers["ETag"] = plan.content_type, f'"{expect.sha256}"'
     if shape.content_range is not None:
-        resp.headers["Content-Range"] = shape.content_range
+        headers["Content-Range"] = shape.content_range
     if shape.content_length is not None:
-        resp.content_length = shape.content_length
-    else:
+        headers["Content-Length"] = str(shape.content_length)
+    resp = _BundleResponse(status=shape.status, headers=headers)
+    if shape.content_length is None:
         resp.enable_chunked_encoding()
     verifier = Verifier(expect, send_from=shape.send_from, digest_factory=plan.digest_factory())
     limits = request_snapshot(request).config.limits
