@@ -24,7 +24,7 @@ class VersionError(ValueError):
 class BundleVersion:
     """A parsed bundle version; `builtin` sorts below everything else."""
 
-    __slots__ = ("_semver", "text")
+    __slots__ = ("_key", "_semver", "text")
 
     def __init__(self, text: str) -> None:
         if not isinstance(text, str) or not text:
@@ -34,11 +34,13 @@ class BundleVersion:
         self.text = text
         if text == BUILTIN:
             self._semver: semver.Version | None = None
+            self._key: _Key | None = None
             return
         try:
             self._semver = semver.Version.parse(text)
         except (ValueError, TypeError):
             raise VersionError(f"not a semantic version (MAJOR.MINOR.PATCH): {text!r}") from None
+        self._key = _order_key(self._semver)
 
     @property
     def is_builtin(self) -> bool:
@@ -51,31 +53,52 @@ class BundleVersion:
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, BundleVersion):
             return NotImplemented
-        mine, theirs = self._semver, other._semver
-        if mine is None or theirs is None:
-            return mine is theirs
-        return bool(mine.compare(theirs) == 0)
+        return self._key == other._key
 
     def __lt__(self, other: object) -> bool:
         if not isinstance(other, BundleVersion):
             return NotImplemented
-        mine, theirs = self._semver, other._semver
+        mine, theirs = self._key, other._key
         if mine is None:
             return theirs is not None
         if theirs is None:
             return False
-        return bool(mine.compare(theirs) < 0)
+        return mine < theirs
 
     def __hash__(self) -> int:
-        if self._semver is None:
-            return hash(BUILTIN)
-        return hash(self._semver.replace(build=None))
+        return hash(BUILTIN) if self._key is None else hash(self._key)
 
     def __repr__(self) -> str:
         return f"BundleVersion({self.text!r})"
 
     def __str__(self) -> str:
         return self.text
+
+
+_Key = tuple[int, int, int, int, tuple[tuple[int, int, str], ...]]
+
+
+def _prerelease_key(identifier: str) -> tuple[int, int, str]:
+    """semver's own order of one pre-release identifier (`semver.Version._nat_cmp`, semver 3.0): numeric ones by
+    value and below alphanumeric ones, those in ASCII order."""
+    if not identifier.isdigit():
+        return (1, 0, identifier)
+    if not identifier.isascii():
+        identifier = str(int(identifier))
+    normalized = identifier.lstrip("0") or "0"
+    return (0, len(normalized), normalized)
+
+
+def _order_key(version: semver.Version) -> _Key:
+    """A tuple that sorts as `semver.Version.compare` orders (SemVer 2.0.0 section 11; build metadata left out),
+    made once per parse: comparing two versions is then a tuple comparison, not semver's compare (which builds
+    tuples and splits pre-release strings on every call). `tests/core/test_versions.py` checks the two orders
+    agree on every pair of a list of edge cases."""
+    major, minor, patch = int(version.major), int(version.minor), int(version.patch)
+    pre = version.prerelease
+    if not pre:
+        return (major, minor, patch, 1, ())
+    return (major, minor, patch, 0, tuple(_prerelease_key(part) for part in pre.split(".")))
 
 
 def parse(text: str) -> BundleVersion:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.core.versions import BUILTIN, VersionError, is_valid, major_jump, newest, parse
+from gateway.core.versions import BUILTIN, BundleVersion, VersionError, is_valid, major_jump, newest, parse
 
 
 @pytest.mark.parametrize(
@@ -71,3 +71,60 @@ def test_parsed_versions_are_shared_and_refusals_are_not_cached() -> None:
     for junk in (None, 3, ["1.0.0"]):  # not a string (and not hashable, for the list): refused, not a TypeError
         with pytest.raises(VersionError):
             parse(junk)  # type: ignore[arg-type]
+
+
+_EDGE_VERSIONS = [
+    "0.0.0",
+    "0.0.1",
+    "0.1.0",
+    "1.0.0",
+    "1.0.0+build.9",
+    "1.0.0-0",
+    "1.0.0-1",
+    "1.0.0-2",
+    "1.0.0-10",
+    "1.0.0-0.0",
+    "1.0.0-a",
+    "1.0.0-A",
+    "1.0.0--",
+    "1.0.0-a-b",
+    "1.0.0-alpha",
+    "1.0.0-alpha.1",
+    "1.0.0-alpha.2",
+    "1.0.0-alpha.10",
+    "1.0.0-alpha.beta",
+    "1.0.0-alpha.1.1",
+    "1.0.0-alpha1",
+    "1.0.0-alpha10",
+    "1.0.0-beta",
+    "1.0.0-beta.2",
+    "1.0.0-beta.11",
+    "1.0.0-rc.1",
+    "1.0.0-rc.1+b",
+    "1.0.0-99999999999999999999999",
+    "1.0.0-100000000000000000000000",
+    "1.0.1",
+    "1.1.0",
+    "2.0.0",
+    "10.0.0",
+    "10.2.3-x.7.z.92",
+    "99999999999999999999.0.0",
+]
+
+
+def test_the_order_is_semvers_own_on_every_pair() -> None:
+    """Versions compare by a key made once per parse; it must order every pair exactly as semver's compare does
+    (numeric pre-release parts by value and below alphanumeric ones, a shorter set of equal parts first, a release
+    above its pre-releases, build metadata ignored), and equal versions must hash alike. Checked on all pairs,
+    both ways round, so a key that gets any one of these wrong fails here."""
+    import semver
+
+    texts = [t for t in _EDGE_VERSIONS if semver.Version.is_valid(t)]
+    assert len(texts) >= len(_EDGE_VERSIONS) - 1  # the list is made of valid versions
+    for a in texts:
+        for b in texts:
+            expected = semver.Version.parse(a).compare(b)
+            va, vb = BundleVersion(a), BundleVersion(b)
+            assert ((va < vb), (va == vb), (va > vb)) == (expected < 0, expected == 0, expected > 0), (a, b)
+            if expected == 0:
+                assert hash(va) == hash(vb)
