@@ -984,6 +984,7 @@ class HttpsOrigin:
             total=None, sock_connect=config.connect_timeout, sock_read=config.read_timeout
         )
         self._targets: dict[tuple[str, int | None], aiohttp.ClientRequest] = {}  # `_target`
+        self._locations: dict[tuple[str, str], str] = {}  # `locate`
         self._hosts = frozenset(h.lower() for h in (self.base.host, *config.redirect_hosts) if h)  # yarl lowercases
         self._cache: dict[str, tuple[float, ReleaseIndex]] = {}
 
@@ -1174,7 +1175,14 @@ class HttpsOrigin:
         return frozenset()
 
     def locate(self, app_id: str, file: str) -> str:
-        return str(self.base / app_id / file)
+        key = (app_id, file)
+        location = self._locations.get(key)
+        if location is None:  # yarl's joins cost about 15 us a call, a dict lookup well under one
+            location = str(self.base / app_id / file)
+            if len(self._locations) >= 4096:  # bounded: files are named by release indexes, which change
+                self._locations.clear()
+            self._locations[key] = location
+        return location
 
     def endpoint(self, name: EndpointName) -> Endpoint | None:
         config = self.config
