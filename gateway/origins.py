@@ -1,8 +1,10 @@
 """Origins: where bundles and release indexes come from. The client never chooses the upstream host.
 
 Owns `DirectoryOrigin` (a local folder: `<root>/<app_id>/releases.yaml` and the files it names) and `HttpsOrigin`
-(one pooled aiohttp `ClientSession` per origin, its own CA bundle, optional SPKI pins checked on every new
-connection, connect/read timeouts, redirects followed only to https on configured hosts). Both hand out a body
+(one pool of aiohttp connections per origin, its own CA bundle, optional SPKI pins checked on every new
+connection, connect/read timeouts, redirects followed only to https on configured hosts). Its GETs (bundles,
+release indexes) are driven with aiohttp's connector, writer and parser directly (`HttpsOrigin._send`); its API
+calls (`exchange`) go through an aiohttp `ClientSession` on the same pool. Both hand out a body
 as an async iterator of chunks together with the size the origin declared. Nothing here decides whether bytes are
 good; `core/verify.py` does.
 
@@ -487,8 +489,9 @@ class _EndWatch:
     or, when the origin announced its close or unread bytes waited in the socket, once the origin closed, sent more,
     or stayed silent for `grace` seconds."""
 
-    def __init__(self, grace: float) -> None:
+    def __init__(self, grace: float, read_timeout: float | None) -> None:
         self.grace = grace
+        self.read_timeout = read_timeout  # of each wait for the body's bytes
         self.past = 0
         self.ended: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.body: _BodyReader | None = None  # the declared body of a 200 answer, once its head has arrived
@@ -727,6 +730,10 @@ class _GuardedHandler(ResponseHandler):
         """A request is about to go out on this connection (`watch`: a bundle GET's)."""
         self._watch, self._path = watch, path
 
+    def head_late(self) -> None:
+        """The head of the answer did not come by its deadline: the request waiting for it fails (`TimeoutError`)."""
+        self.set_exception(TimeoutError("no answer head by the deadline"))
+
     @property
     def reused(self) -> bool:
         return self._served > 0
@@ -804,7 +811,8 @@ class _GuardedHandler(ResponseHandler):
                 if self._remaining == 0:
                     self._body_end(len(data))
                 elif self._watch is not None and message.code == 200:  # a bundle: never through the parser
-                    self._reader = self._watch.body = _BodyReader(self._remaining, self.transport, self.read_timeout)
+                    watch = self._watch
+                    self._reader = watch.body = _BodyReader(self._remaining, self.transport, watch.read_timeout)
                     self._drop_timeout()  # aiohttp's sock_read: the reader applies read_timeout itself
                 continue
             take, data = data[: self._remaining], data[self._remaining :]
@@ -980,8 +988,11 @@ class HttpsOrigin:
         self._ssl: ssl.SSLContext = upstream_context(config)
         self._session: aiohttp.ClientSession | None = None
         self._connector: _PinningConnector | None = None
-        self._timeout = aiohttp.ClientTimeout(
-            total=None, sock_connect=config.connect_timeout, sock_read=config.read_timeout
+        self._timeout = aiohttp.ClientTimeout(  # `connect`: a new connection, or a wait for one, within total_timeout
+            total=None,
+            connect=config.total_timeout,
+            sock_connect=min(config.connect_timeout, config.total_timeout),
+            sock_read=config.read_timeout,
         )
         self._targets: dict[tuple[str, int | None], aiohttp.ClientRequest] = {}  # `_target`
         self._locations: dict[tuple[str, str], str] = {}  # `locate`
@@ -1064,31 +1075,39 @@ class HttpsOrigin:
                 self._targets[key] = target
         return target
 
-    async def _send(self, url: URL, headers: dict[str, str] | None, watch: _EndWatch | None) -> _Answer:
+    async def _send(
+        self, url: URL, headers: dict[str, str] | None, watch: _EndWatch | None, deadline: float
+    ) -> _Answer:
         """One GET of `url` on a pooled connection (or a new one) up to the head of its answer, with aiohttp's
         connector, writer and parser (framed by `_GuardedHandler`) but without the rest of `ClientSession`'s request
         machinery (cookies, auth, proxies, tracing, middlewares: nothing an origin GET uses). As aiohttp does, a
         GET that fails on a reused connection before its answer's head (the origin closed it meanwhile) is sent
-        once more, on another connection."""
+        once more, on another connection. Past `deadline` (loop time) without the answer's head: `TimeoutError`, by
+        one timer on the connection instead of a cancellation of the task (`asyncio.timeout` costs 4 times as much)."""
         target = self._target(url)
         connector = self._connector
         assert connector is not None
+        config, loop = self.config, target.loop
+        # the head's own timer (`deadline`) covers aiohttp's read timeout too, unless that is the shorter one
+        head_read = config.read_timeout if config.read_timeout < config.total_timeout else None
         for attempt in range(2):
+            # a new connection (or a wait for a free one) ends by `total_timeout` (`_timeout.connect`)
             conn = await connector.connect(target, [], self._timeout)
             protocol = conn.protocol
             assert isinstance(protocol, _GuardedHandler)
             reused = protocol.reused
             protocol.begin(watch, url.path)  # before the request is written, so before any byte of the answer
+            late = None
             try:
-                protocol.set_response_params(
-                    read_until_eof=True, auto_decompress=False, read_timeout=self.config.read_timeout
-                )
+                protocol.set_response_params(read_until_eof=True, auto_decompress=False, read_timeout=head_read)
                 sent = target.headers.copy()
                 if headers:
                     sent.update(headers)
-                writer = StreamWriter(protocol, target.loop)
+                writer = StreamWriter(protocol, loop)
                 await writer.write_headers(f"GET {url.raw_path_qs} HTTP/1.1", sent)
-                protocol.start_timeout()
+                if head_read is not None:
+                    protocol.start_timeout()
+                late = loop.call_at(deadline, protocol.head_late)
                 await writer.write_eof()
                 while True:
                     message, payload = await protocol.read()
@@ -1100,8 +1119,16 @@ class HttpsOrigin:
                     continue
                 raise
             except BaseException:
+                # abort, not close: a TLS close would wait for the origin's close_notify, reading what it still sends
+                protocol.abort()
                 conn.close()
                 raise
+            finally:
+                if late is not None:
+                    late.cancel()
+            protocol.read_timeout = config.read_timeout  # each wait for the body's bytes (in the parser's stream)
+            if not payload.is_eof() and (watch is None or watch.body is None):
+                protocol.start_timeout()
             payload.on_eof(conn.release)  # the whole body read: back to the pool (or closed, if it must be)
             return _Answer(message, payload, conn)
         raise AssertionError("unreachable")
@@ -1112,11 +1139,11 @@ class HttpsOrigin:
     ) -> AsyncIterator[tuple[_Answer, _EndWatch | None]]:
         """GET `url`, following redirects only to https on this origin's hosts, each hop up to its head within
         `total_timeout`; the answer, and (`grace` given: a bundle GET) the watch of the connection it came on."""
+        loop = asyncio.get_running_loop()
         for _ in range(self.config.max_redirects + 1):
-            watch = None if grace is None else _EndWatch(grace)
+            watch = None if grace is None else _EndWatch(grace, self.config.read_timeout)
             try:
-                async with asyncio.timeout(self.config.total_timeout):
-                    resp = await self._send(url, headers, watch)
+                resp = await self._send(url, headers, watch, loop.time() + self.config.total_timeout)
             except OriginError:
                 raise
             except TimeoutError:

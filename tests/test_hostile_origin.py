@@ -333,6 +333,7 @@ class RawTlsOrigin:
     def __init__(self, cdn: HttpsOrigin, answer: bytes, pause: float) -> None:
         self.cdn, self.answer, self.pause = cdn, answer, pause
         self.port = 0
+        self.live = 0  # connections being answered
         self.loop: asyncio.AbstractEventLoop | None = None
         self.ready = threading.Event()
         self.thread = threading.Thread(target=asyncio.run, args=(self.main(),), daemon=True, name="raw-origin")
@@ -340,6 +341,7 @@ class RawTlsOrigin:
 
     async def main(self) -> None:
         async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            self.live += 1
             try:
                 await reader.readuntil(b"\r\n\r\n")
                 for i in range(len(self.answer)):
@@ -349,6 +351,7 @@ class RawTlsOrigin:
             except (ConnectionError, asyncio.IncompleteReadError):
                 pass
             finally:
+                self.live -= 1
                 writer.transport.abort()
 
         self.loop = asyncio.get_running_loop()
@@ -429,6 +432,52 @@ def test_an_origin_sending_headers_a_byte_a_second_is_cut_at_total_timeout(
     assert "total_timeout" in doc["message"]
     assert refusals(slow_gw, "origin_too_slow") == before + 1
     assert slow_gw.metric("ota_gateway_origin_errors_total", origin="slow") >= 1
+
+
+@pytest.mark.parametrize(
+    ("pause", "limits", "cut_within"),
+    [
+        (0.3, {"total_timeout": 1.5}, 6.0),  # the head alone would take 25 s: cut at total_timeout
+        (1.0, {"total_timeout": 10, "read_timeout": 0.3}, 3.0),  # silent 1 s between bytes: cut at read_timeout
+        (0.0, {"total_timeout": 1.5}, None),  # the twin: the same answer at once is served
+    ],
+)
+def test_a_bundle_gets_answer_head_is_held_to_total_timeout_and_read_timeout(
+    cdn: HttpsOrigin, pause: float, limits: dict[str, float], cut_within: float | None
+) -> None:
+    """A bundle GET (in process, no index call around it) whose origin sends the answer's head a byte at a time:
+    `origin_too_slow` at total_timeout, or at read_timeout when that is the shorter one and the origin falls silent
+    that long, and that connection ends (never kept, never pooled); the same answer sent at once is served."""
+    from yarl import URL
+
+    from gateway.config import HttpsOriginConfig
+    from gateway.origins import HttpsOrigin as Upstream
+    from gateway.origins import OriginTooSlow
+
+    async def main(url: str, config: dict[str, Any]) -> bytes | str:
+        upstream = Upstream("slow", HttpsOriginConfig(**config))
+        try:
+            async with upstream.open_url(URL(url + "com.example.slow/1.0.0.zip")) as body:
+                return b"".join([bytes(c) async for c in body.chunks])  # type: ignore[attr-defined]
+        except OriginTooSlow as exc:
+            for _ in range(60):  # the origin sees the connection end within its next byte's write
+                if not slow.live:
+                    break
+                await asyncio.sleep(0.05)
+            return f"{exc} (origin connections left: {slow.live})"
+        finally:
+            await upstream.close()
+
+    with RawTlsOrigin(cdn, SLOW_HEADERS, pause=pause) as slow:
+        config = slow.config(**limits)
+        started = time.monotonic()
+        got = asyncio.run(main(config["url"], config))
+        elapsed = time.monotonic() - started
+    if cut_within is None:
+        assert got == b"{}"
+    else:
+        assert isinstance(got, str) and "total_timeout" in got and got.endswith("left: 0)"), got
+        assert elapsed < cut_within, elapsed
 
 
 def test_a_release_index_behind_slow_headers_is_cut_too(slow_gw: GatewayProcess, pki: Pki) -> None:
