@@ -1,9 +1,11 @@
 """Operator PKI tooling: a CA, a server certificate, client certificates, and a rogue CA for negative tests.
 
-Owns `ota-gateway certs init` and `certs issue-client`. Keys are EC P-256, written with mode 0600, or with
-`group` 0640 and owned by that group (whose members, e.g. the gateway's service account, may then read them; the
-folder is made enterable by the group). Certificates and folders follow the process umask (0644 and 0755 under
-umask 022). Each certificate is reported with its SHA-256 fingerprint and SPKI pin, the two forms policies accept.
+Owns `ota-gateway certs init` and `certs issue-client`. Keys are EC P-256, written with mode 0600, or with `group`
+0640 and owned by that group (whose members, e.g. the gateway's service account, may then read them; the folder is
+made enterable by the group). A CA's key stays 0600 whatever `group` says: the gateway never signs, and a service
+account that could read it could mint client certificates the gateway accepts. Certificates and folders follow the
+process umask (0644 and 0755 under umask 022). Each certificate is reported with its SHA-256 fingerprint and SPKI
+pin, the two forms policies accept.
 For development and tests; production material comes from the operator's own PKI.
 """
 
@@ -56,9 +58,13 @@ def resolve_group(name: str) -> int:
         raise ValueError(f"no such group: {name!r} (give a group name or a numeric gid)") from None
 
 
+CA_NAMES = frozenset({"ca", "rogue-ca"})  # keys that stay 0600 (`_key_access`)
+
+
 def _key_access(path: Path, gid: int | None) -> None:
-    """0600, or 0640 owned by group `gid`: fchown before the group may read, so no moment exposes it wider."""
-    if gid is None:
+    """0600, or 0640 owned by group `gid`: fchown before the group may read, so no moment exposes it wider. A CA's
+    key is always 0600."""
+    if gid is None or path.stem in CA_NAMES:
         os.chmod(path, 0o600)
     else:
         os.chown(path, -1, gid)

@@ -118,6 +118,8 @@ def test_certs_init_group_lets_the_service_group_read_keys(site: Site) -> None:
     assert can_read(SERVICE_UID, key, groups=[SHARED_GID])
     assert not can_read(STRANGER_UID, key)
     assert not can_read(SERVICE_UID, key)  # without the group
+    for ca_key in (folder / "ca.key", folder / "rogue-ca.key"):  # the gateway never needs a CA's key
+        assert mode(ca_key) == 0o600 and not can_read(SERVICE_UID, ca_key, groups=[SHARED_GID]), ca_key
     issued = gateway("certs", "issue-client", "--dir", folder, "--group", str(SHARED_GID), "tablet-1")
     assert issued.returncode == 0, issued.stderr
     assert (mode(folder / "tablet-1.key"), (folder / "tablet-1.key").stat().st_gid) == (0o640, SHARED_GID)
@@ -140,6 +142,7 @@ def test_certs_init_without_group_keeps_keys_private(site: Site) -> None:
     assert again.returncode == 0, again.stderr
     assert key.read_bytes() == before and mode(key) == 0o640
     assert can_read(SERVICE_UID, key, groups=[SHARED_GID])
+    assert mode(folder / "ca.key") == 0o600 and not can_read(SERVICE_UID, folder / "ca.key", groups=[SHARED_GID])
 
 
 def test_certs_group_that_does_not_exist_is_one_line(tmp_path: Path) -> None:
