@@ -24,6 +24,7 @@ from typing import TextIO
 from gateway.core.faults import Fault
 from gateway.core.identity import ClientIdentity
 from gateway.core.jsonsafe import compact_json
+from gateway.logs import writable_now
 
 log = logging.getLogger("ota_gateway.audit")
 
@@ -137,6 +138,8 @@ class AuditLog:
             self._stream.write(data.decode())
             self._stream.flush()
             return
+        if not self._seekable and not writable_now(self._fd):
+            raise OSError(errno.EAGAIN, "its reader does not keep up (a stalled log collector or a paused terminal)")
         written = os.write(self._fd, data)
         if written == len(data):
             self._torn = False
@@ -145,6 +148,8 @@ class AuditLog:
             self._torn = True
             view = memoryview(data)[written:]
             while view:
+                if not writable_now(self._fd):
+                    raise OSError(errno.EAGAIN, "its reader stopped in the middle of a line")
                 view = view[os.write(self._fd, view) :]
             self._torn = False
             return

@@ -23,6 +23,7 @@ import datetime as dt
 import json
 import logging
 import os
+import select
 import sys
 import traceback
 from typing import TYPE_CHECKING, TextIO
@@ -65,6 +66,16 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(doc, ensure_ascii=False)
 
 
+def writable_now(fd: int) -> bool:
+    """Whether a write of a line (up to PIPE_BUF) to `fd` completes without waiting: always for a file; for a pipe,
+    socket or terminal only while its reader keeps up. A reader that stalls (a log collector, a terminal paused
+    with Ctrl-S) must never stop the event loop in a blocking write."""
+    try:
+        return bool(select.select([], [fd], [], 0)[1])
+    except (OSError, ValueError):
+        return True  # not pollable: the write itself will say
+
+
 class LineHandler(logging.Handler):
     """Writes each formatted record and its newline with a single `os.write` on the stream's file descriptor
     (falling back to the stream's `write` where it has none, as under pytest's capture)."""
@@ -84,7 +95,7 @@ class LineHandler(logging.Handler):
                 return
             data = line.encode("utf-8", "replace")
             self.stream.flush()  # anything the stream still holds goes first
-            while data:
+            while data and writable_now(fd):  # a stalled reader loses the record, the server keeps running
                 data = data[os.write(fd, data) :]
         except Exception:  # logging must never take the server down
             self.handleError(record)

@@ -4,6 +4,7 @@ route's own shape (never a 500 text), counted, logged once, shown by /readyz, an
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Iterator
@@ -279,6 +280,58 @@ def test_audit_on_a_full_disk_keeps_serving_counts_and_records_the_gap(tmp_path:
             tail = _audit_lines(audit)[len(lines) :]
             assert tail[0]["event"] == "audit_gap" and tail[0]["lost"] == lost, tail
             assert tail[-1]["route"] == "other" and tail[-1]["status"] == 200
+
+
+def test_audit_to_a_stdout_nobody_reads_loses_lines_instead_of_stopping_the_gateway(
+    tmp_path: Path, pki: Pki, origin: Path
+) -> None:
+    """`audit.path: -` with a reader that stops reading (a log collector that stalls, a terminal paused with
+    Ctrl-S): once the pipe is full, a blocking write stopped the whole event loop, every request and the admin
+    listener with it. Lines that cannot be written at once are lost and counted like a full disk's, and the
+    `audit_gap` record follows when the reader catches up."""
+    import fcntl
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    from tests.support import watch_gateway
+
+    cfg = _config(tmp_path / "gw", pki, origin, state={}, audit={"path": "-"})
+    read, write = os.pipe()
+    fcntl.fcntl(write, fcntl.F_SETPIPE_SZ, 4096)  # one page: full after about a dozen lines
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gateway", "serve", "--config", str(cfg), "--workers", "1"],
+        stdout=write,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        cwd=cfg.parent,
+    )
+    os.close(write)
+    try:
+        with watch_gateway(cfg, yaml.safe_load(cfg.read_text()), proc, 20) as gw:
+            for _ in range(40):  # nobody reads the pipe meanwhile
+                assert https_request(f"{gw.base_url}/updates", pki.client_context(pki.client), timeout=5).status == 200
+            assert gw.readyz()[0] == 200  # keep_serving
+            lost = gw.metric("ota_gateway_audit_write_failures_total")
+            assert lost >= 20, lost
+            os.set_blocking(read, False)
+            written = bytearray()
+
+            def drained() -> bytes:  # what the reader has caught up with so far
+                with contextlib.suppress(BlockingIOError):
+                    while chunk := os.read(read, 65536):
+                        written.extend(chunk)
+                return bytes(written)
+
+            drained()
+            assert _ping(gw, pki).status == 200
+            assert wait_until(lambda: b'"event":"audit_gap"' in drained(), timeout=5)
+            assert json.loads(drained().splitlines()[-1])["route"] == "other"  # whole lines, the gap first
+    finally:
+        os.close(read)
 
 
 def test_audit_fail_closed_refuses_while_lines_are_lost_and_recovers(tmp_path: Path, pki: Pki, origin: Path) -> None:
