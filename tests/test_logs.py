@@ -256,3 +256,45 @@ def test_a_start_up_error_stays_one_plain_line_in_json_format(tmp_path: Path, pk
     assert plain[0].startswith(f"ota-gateway: {cfg}: listeners[0].port: 127.0.0.1:{port} is already in use")
     assert "Traceback" not in done.stderr
     assert all(json.loads(line)["level"] == "info" for line in done.stderr.splitlines() if line.startswith("{"))
+
+
+def test_a_stderr_nobody_reads_loses_log_lines_instead_of_stopping_the_gateway(tmp_path: Path, pki: Pki) -> None:
+    """`--log-level debug` logs every failed handshake; with stderr a full pipe (a stalled collector), a blocking
+    write stopped the event loop. The record is dropped and the gateway keeps answering."""
+    import fcntl
+
+    cfg = _site(tmp_path, pki)
+    config = yaml.safe_load(cfg.read_text())
+    port, admin = config["listeners"][0]["port"], config["admin"]["port"]
+    read, write = os.pipe()
+    fcntl.fcntl(write, fcntl.F_SETPIPE_SZ, 4096)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gateway", "serve", "--config", str(cfg), "--workers", "1", "--log-level", "debug"],
+        stdout=subprocess.DEVNULL,
+        stderr=write,
+        cwd=cfg.parent,
+    )
+    os.close(write)
+    try:
+
+        def healthy() -> bool:
+            try:
+                return urllib.request.urlopen(f"http://127.0.0.1:{admin}/healthz", timeout=2).status == 200
+            except OSError:
+                return False
+
+        assert wait_until(healthy, timeout=20)
+        for _ in range(80):  # each an aborted handshake: a debug line, until the pipe is full
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+                sock.sendall(b"\x16\x03\x01\x00\x05hello")
+        answer = https_request(f"https://127.0.0.1:{port}/updates", pki.client_context(pki.client), timeout=5)
+        assert answer.status == 200
+        assert healthy()
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        os.close(read)
