@@ -176,6 +176,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gateway-only", action="store_true", help="skip the nginx rows")
     p.add_argument("--limit", action="append", default=[], help="limits.KEY=VALUE for the gateway (repeatable)")
     p.add_argument("--gateway-arg", action="append", default=[], help="extra `serve` argument, e.g. --no-uvloop")
+    p.add_argument("--gateway-src", type=Path, help="run the gateway from this source folder (git archive) instead")
     return p.parse_args(argv)
 
 
@@ -198,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
             gateways = (("gateway, directory origin", harness.APP_DIR), ("gateway, HTTPS origin", harness.APP_CDN))
             for label, app in gateways:
                 cfg = gateway_config(ws, base / f"gw-{app}", origin.port, max(1, args.rate // 4), args.limit)
-                with harness.run_gateway(label, cfg, harness.PROXY_CORE, *args.gateway_arg) as gw:
+                with harness.run_gateway(label, cfg, harness.PROXY_CORE, *args.gateway_arg, src=args.gateway_src) as gw:
                     knob = ", ".join(args.limit) or "limits.client_buffer 128 KiB, chunk_size 1 MiB (defaults)"
                     rows.append(slow_readers(label, knob, gw.pid, gw.port, f"/bundles/{app}/{big}", ws, args))
             if args.gateway_only:

@@ -7,6 +7,8 @@ and the load average. Read the result with `perf report -i OUT --no-children --s
 
     .venv/bin/python bench/stream_profile.py com.example.cdn perf /tmp/cdn.perf [SRC]
     .venv/bin/python bench/stream_profile.py com.example.dir spy /tmp/dir.spy [SRC]
+    .venv/bin/python bench/stream_profile.py com.example.cdn perf /tmp/cdn.perf --dwarf --downloads 1
+    .venv/bin/python bench/stream_profile.py com.example.cdn spy /tmp/cdn.spy --gil
 
 Needs `perf` (Debian's linux-perf) or py-spy (`.venv/bin/pip install py-spy`), and ptrace/perf access.
 """
@@ -36,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("src", nargs="?", type=Path, help="a source folder holding gateway/ (default: this work tree)")
     p.add_argument("--downloads", type=int, default=3)
     p.add_argument("--size-mib", type=int, default=200)
+    p.add_argument("--dwarf", action="store_true", help="perf: DWARF call graphs (who calls memmove)")
+    p.add_argument("--gil", action="store_true", help="py-spy: only the thread holding the GIL, no native frames")
     args = p.parse_args(argv)
     harness.check_prerequisites()
     os.sched_setaffinity(0, {harness.CLIENT_CORE})
@@ -49,10 +53,15 @@ def main(argv: list[str] | None = None) -> int:
             ctx = ws.client_context()
             harness.download(gw.port, big, ctx, ws.big_sha, ws.big_size)  # warm-up: the index, the origin connection
             if args.tool == "perf":
-                cmd = ["perf", "record", "-e", "cpu-clock", "-F", "2000", "-g", "-o", str(args.out), "-p", str(gw.pid)]
+                # frame pointers (libc and libcrypto have none: their callers stay unknown), or DWARF unwinding
+                # (callers of memmove and memset; large files, so a lower rate)
+                graph = ["-F", "400", "--call-graph", "dwarf,32768"] if args.dwarf else ["-F", "2000", "-g"]
+                cmd = ["perf", "record", "-e", "cpu-clock", *graph, "-o", str(args.out), "-p", str(gw.pid)]
             else:
+                # --native samples every thread, idle ones too; --gil only the thread holding the GIL (Python's share)
+                how = ["--gil", "-r", "500"] if args.gil else ["--native", "-r", "250"]
                 spy = str(harness.VENV_BIN / "py-spy")
-                cmd = [spy, "record", "--native", "-r", "250", "-f", "raw", "-o", str(args.out), "-p", str(gw.pid)]
+                cmd = [spy, "record", *how, "-f", "raw", "-o", str(args.out), "-p", str(gw.pid)]
             profiler = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             try:
                 time.sleep(1.0)  # let it attach

@@ -71,9 +71,13 @@ INLINE_READ_BYTES = 64 * 1024  # directory-origin files up to this size are read
 MAX_INDEX_BYTES = 4 * 1024 * 1024  # a release index larger than this is refused while it streams
 ORIGIN_READ_BUFFER = 64 * 1024  # TLS read-ahead per origin connection (asyncio's default is 256 KiB)
 # a bundle body is decrypted into buffers of this size, and at most this much waits unread: the small size while
-# the client is slow (memory per slow reader), the wide one while it keeps up (fewer, larger chunks per CPU)
+# the client is slow (memory per slow reader), the wide one while it keeps up (fewer, larger chunks per CPU), the
+# widest while it keeps up past the first WIDE_AFTER bytes (one pump round per buffer: +4 to +10 % MB per
+# CPU-second over 512 KiB; not before, or a slow reader that looked fast at first holds 1 MiB more;
+# bench/README.md, "The verified stream, session 4")
 BODY_BUFFER = 128 * 1024
 BODY_BUFFER_WIDE = 512 * 1024
+BODY_BUFFER_FAR = 1024 * 1024
 # while the client keeps up, past the first WIDE_AFTER bytes, chunks are sent in slices of WIDE_SLICE (`_feeder`):
 # more than the kernel's largest socket send buffer (tcp_wmem 4 MiB) plus a reader's first window
 WIDE_SLICE = 256 * 1024
@@ -500,9 +504,9 @@ class _EndWatch:
 class _BodyReader:
     """The declared body of a bundle GET, decrypted by the TLS layer straight into buffers (`space`, `filled`) and
     handed out as memoryviews of them (`take`): aiohttp's parser and stream reader would copy every byte two or
-    three times. At most one buffer's size waits unread (`BODY_BUFFER`, or `BODY_BUFFER_WIDE` while the client
-    keeps up: `widen`); past that the connection stops reading until the bytes are taken. A buffer is written again
-    only once no view of it is alive anywhere (the verifier, the client's transport): its reference count says so;
+    three times. At most one buffer's size waits unread (`BODY_BUFFER`, or `BODY_BUFFER_WIDE` / `_FAR` while the
+    client keeps up: `widen`); past that the connection stops reading until the bytes are taken. A buffer is written
+    again only once no view of it is alive anywhere (the verifier, the client's transport): its reference count says so;
     otherwise a new one is used."""
 
     def __init__(self, length: int, transport: asyncio.Transport | None, read_timeout: float | None) -> None:
@@ -523,8 +527,12 @@ class _BodyReader:
         self._error: Exception | None = None
 
     def widen(self, wide: bool) -> None:
-        """Whether the client keeps up: larger buffers then; a slow one gets small ones again."""
-        self._size = BODY_BUFFER_WIDE if wide else BODY_BUFFER
+        """Whether the client keeps up: larger buffers then (the largest past `WIDE_AFTER` bytes, as the slices of
+        `_feeder`); a slow one gets small ones again."""
+        if not wide:
+            self._size = BODY_BUFFER
+        else:
+            self._size = BODY_BUFFER_FAR if self.received >= WIDE_AFTER else BODY_BUFFER_WIDE
 
     def _fresh(self) -> bytearray:
         size = self._size

@@ -254,3 +254,39 @@ def test_a_flipped_byte_in_the_wide_part_fails_and_the_last_piece_is_never_relea
         verifier.finish()
     assert refused.value.reason is Reason.CHECKSUM_MISMATCH
     assert released == len(data) - PIECE  # the held-back piece, with the bad byte, never left
+
+
+def _reader_buffer_sizes(wide: bool) -> list[tuple[int, int]]:
+    """An HTTPS bundle body of WIDE_AFTER + 4 MiB and a bit decrypted into a `_BodyReader` whose client keeps up
+    (`wide`) or not, each read taken at once: (bytes received before it, its size) for every buffer started."""
+    from gateway.origins import _BodyReader
+
+    reader = _BodyReader(WIDE_AFTER + 4 * MIB + 12345, None, None)
+    sizes: list[tuple[int, int]] = []
+
+    async def run() -> None:
+        while reader.received < reader.length:
+            reader.widen(wide)
+            space = reader.space(reader.length - reader.received + 1)
+            if reader._filled == 0:  # a buffer was started
+                sizes.append((reader.received, len(space.obj)))  # type: ignore[arg-type]
+            n = len(space)
+            del space
+            reader.filled(n)
+            assert await reader.take() is not None
+
+    asyncio.run(run())
+    return sizes
+
+
+def test_an_origin_body_is_read_into_1_mib_buffers_only_past_the_mark_while_the_client_keeps_up() -> None:
+    """While the client keeps up, the body reader's buffers are 512 KiB until WIDE_AFTER bytes came, 1 MiB after
+    (fewer pump rounds per download); not before, as a slow reader looks fast while the kernel takes its first MiBs."""
+    sizes = _reader_buffer_sizes(wide=True)
+    assert {size for before, size in sizes if before < WIDE_AFTER} == {512 * 1024}
+    assert {size for before, size in sizes if before >= WIDE_AFTER} == {MIB}
+
+
+def test_an_origin_body_for_a_client_that_waits_stays_in_128_kib_buffers_past_the_mark() -> None:
+    """Twin: a client that makes the gateway wait gets 128 KiB buffers all along (memory per slow reader)."""
+    assert {size for _, size in _reader_buffer_sizes(wide=False)} == {128 * 1024}
