@@ -12,7 +12,11 @@ listener context, built by `gateway/tls.py` from the benchmark's gateway.yaml):
 - `gateway listener + web.Server`: the gateway's `TlsListenerServer` (accept, `start_tls` hand-over, identity, pins,
   revocation, metrics, connection budget) in front of aiohttp's `web.Server` with the same handler: what the
   gateway's handshake path adds to aiohttp's;
-- `gateway`: `ota-gateway serve --workers 1`, the directory origin's 1 KiB bundle (policy, audit, verification).
+- `gateway`: `ota-gateway serve --workers 1`, the directory origin's 1 KiB bundle (policy, audit, verification);
+- the same gateway's `GET /updates` (the liveness answer: identity, revocation, audit line, no feature) and a
+  404 (no route): the same connection set-up with a cheaper first request, so that the rows split what a new
+  connection costs from what its first request costs on top of a keep-alive one (a request on a fresh connection
+  runs with cold caches after the handshake; see bench/README.md, "Handshakes, session 4").
 
 Columns: CPU us per 1 KiB request on a keep-alive connection; CPU ms per connection (new connection, one request,
 `Connection: close`) and per full handshake (that minus one keep-alive request); ratios to nginx. CPU is
@@ -56,6 +60,12 @@ KINDS = {
     "listener": "gateway listener + web.Server",
 }
 BUNDLE = f"/bundles/{harness.APP_DIR}/{harness.SMALL_VERSION}.zip"  # the path every Python server answers
+# the gateway's rows (`--only` names): label, path, status, whether the body is the 1 KiB file; one gateway serves all
+GATEWAY_ROWS = {
+    "gateway": ("gateway (1 KiB bundle, directory origin)", BUNDLE, 200, True),
+    "gateway-liveness": ("gateway, GET /updates (liveness)", "/updates", 200, False),
+    "gateway-404": ("gateway, a 404 (no route)", "/nothing/here", 404, False),
+}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -150,6 +160,9 @@ class Row:
     server: harness.Server
     path: str
     start: tuple[list[str], dict[str, str], Path, int]  # how to start it again under valgrind: argv, env, cwd, port
+    label: str = ""  # the row's name (the server's when empty): rows may share a server with another path
+    status: int = 200  # the answer's status
+    serves_file: bool = True  # the body is the 1 KiB file (checked by its SHA-256)
     request_us: list[float] = field(default_factory=list)
     connection_ms: list[float] = field(default_factory=list)
     instructions: float = 0.0  # per connection (callgrind), with --instructions
@@ -166,22 +179,58 @@ class Row:
     def handshake(self) -> float:
         return self.connection - self.request / 1000
 
+    @property
+    def name(self) -> str:
+        return self.label or self.server.name
+
+    def check(self, answer: tuple[int, int, str], ws: harness.Workspace) -> None:
+        status, _, sha = answer
+        if status != self.status or (self.serves_file and sha != ws.small_sha):
+            raise harness.BenchError(f"{self.name}: {self.path} answered {status}")
+
+
+def keepalive_cpu(row: Row, ws: harness.Workspace, n: int) -> float:
+    """CPU seconds of the row's server per request, `n` requests on one connection opened (and used once) before."""
+    conn = harness.Conn(row.server.port, ws.client_context())
+    try:
+        row.check(conn.get(row.path), ws)
+
+        def work() -> None:
+            for _ in range(n):
+                row.check(conn.get(row.path), ws)
+
+        return harness.measure(row.server.pid, work).cpu / n
+    finally:
+        conn.close()
+
+
+def connection_cpu(row: Row, ws: harness.Workspace, n: int) -> float:
+    """CPU seconds of the row's server per new connection (full handshake, one request, `Connection: close`)."""
+    ctx = ws.client_context()  # no session is ever offered back
+
+    def work() -> None:
+        for _ in range(n):
+            conn = harness.Conn(row.server.port, ctx)
+            try:
+                row.check(conn.get(row.path, close=True), ws)
+            finally:
+                conn.close()
+
+    return harness.measure(row.server.pid, work).cpu / n
+
 
 def measure(rows: list[Row], ws: harness.Workspace, rounds: int, requests: int, handshakes: int) -> list[float]:
     """`rounds` rounds over every row in a shuffled order; returns the 1-minute load average after each round."""
     load = [os.getloadavg()[0]]
     for row in rows:  # warm-up
-        harness.bench_keepalive(row.server.name, row.server, row.path, ws, 50, 1)
-        harness.bench_handshakes(row.server.name, row.server, row.path, ws, 10, 1)
+        keepalive_cpu(row, ws, 50)
+        connection_cpu(row, ws, 10)
     for rnd in range(rounds):
         order = rows[:]
         random.Random(rnd).shuffle(order)
         for row in order:
-            name = row.server.name
-            ka = harness.bench_keepalive(name, row.server, row.path, ws, requests, 1)
-            row.request_us.append(ka.cpu_each * 1e6)
-            hs = harness.bench_handshakes(name, row.server, row.path, ws, handshakes, 1)
-            row.connection_ms.append(hs.cpu_each * 1e3)
+            row.request_us.append(keepalive_cpu(row, ws, requests) * 1e6)
+            row.connection_ms.append(connection_cpu(row, ws, handshakes) * 1e3)
         load.append(os.getloadavg()[0])
         print(f"floor: round {rnd + 1} of {rounds} done, load {load[-1]:.2f}", file=sys.stderr)
     return load
@@ -210,15 +259,14 @@ def render(rows: list[Row], load: list[float], args: argparse.Namespace, revisio
     for row in rows:
         extra = f" {row.instructions / 1e6:.3f} | {ratio(row.instructions, nginx.instructions)} |" if counted else ""
         lines.append(
-            f"| {row.server.name} | {row.request:.0f} | {ratio(row.request, nginx.request)} | {row.connection:.2f} | "
+            f"| {row.name} | {row.request:.0f} | {ratio(row.request, nginx.request)} | {row.connection:.2f} | "
             f"{row.handshake:.2f} | {ratio(row.handshake, nginx.handshake)} |" + extra
         )
     lines += [
         "",
         "Per round (request us / connection ms): "
         + "; ".join(
-            f"{r.server.name}: "
-            + " ".join(f"{a:.0f}/{b:.2f}" for a, b in zip(r.request_us, r.connection_ms, strict=True))
+            f"{r.name}: " + " ".join(f"{a:.0f}/{b:.2f}" for a, b in zip(r.request_us, r.connection_ms, strict=True))
             for r in rows
         ),
         "",
@@ -236,7 +284,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--requests", type=int, default=2000, help="keep-alive requests per server and round")
     p.add_argument("--handshakes", type=int, default=250, help="new connections per server and round")
-    p.add_argument("--only", default=",".join(["nginx", *KINDS, "gateway"]), help="comma-separated rows (nginx first)")
+    rows = ",".join(["nginx", *KINDS, *GATEWAY_ROWS])
+    p.add_argument("--only", default=rows, help="comma-separated rows (nginx first)")
     p.add_argument("--out", type=Path, default=harness.BENCH / "results" / "floor.md")
     p.add_argument("--instructions", type=int, default=0, metavar="N", help="instructions per connection (callgrind)")
     args = p.parse_args(argv)
@@ -265,21 +314,25 @@ def main(argv: list[str] | None = None) -> int:
                 cmd = [sys.executable, __file__, "--serve", kind, str(config), str(port), str(small)]
                 server = stack.enter_context(run_floor(kind, config, small))
                 rows.append(Row(server, BUNDLE, (cmd, {}, base, port)))
-        if "gateway" in wanted:
+        gateway_rows = [name for name in GATEWAY_ROWS if name in wanted]
+        if gateway_rows:
             gw = stack.enter_context(harness.run_gateway("gateway", config, harness.PROXY_CORE, "--workers", "1"))
             cmd = [*harness.GATEWAY_CMD, "serve", "--config", str(config), "--workers", "1"]
             port = yaml.safe_load(config.read_text())["listeners"][0]["port"]
-            rows.append(Row(gw, BUNDLE, (cmd, dict(harness.GATEWAY_ENV), config.parent, port)))
+            for name in gateway_rows:
+                label, path, status, serves_file = GATEWAY_ROWS[name]
+                start = (cmd, dict(harness.GATEWAY_ENV), config.parent, port)
+                rows.append(Row(gw, path, start, label, status, serves_file))
         load = measure(rows, ws, args.rounds, args.requests, args.handshakes)
         if args.instructions:  # each server again, alone, under valgrind (the gateway's port is free once it stops)
             stack.close()
             for row in rows:
                 cmd, env, cwd, port = row.start
                 split = handshake_ab.instructions(
-                    row.server.name, cmd, env, cwd, port, row.path, ws, args.instructions, base
+                    row.name, cmd, env, cwd, port, row.path, ws, args.instructions, base, row.status
                 )
                 row.instructions = sum(split.values())
-                print(f"floor: {row.server.name}: {row.instructions / 1e6:.3f} M instructions", file=sys.stderr)
+                print(f"floor: {row.name}: {row.instructions / 1e6:.3f} M instructions", file=sys.stderr)
     report = render(rows, load, args, harness.gateway_revision(), time.monotonic() - started)
     harness.publish(report, args.out)
     return 0

@@ -46,8 +46,9 @@ import yaml
 MODES = ("full", "full-1.2", "resumed-1.2", "resumed-1.3")
 
 
-def connections(port: int, path: str, ws: run.Workspace, n: int, mode: str) -> int:
-    """`n` connections, each one GET with Connection: close; returns how many were resumed."""
+def connections(port: int, path: str, ws: run.Workspace, n: int, mode: str, status: int = 200) -> int:
+    """`n` connections, each one GET with Connection: close (answered with `status`); returns how many were
+    resumed."""
     ctx = ws.client_context()
     if mode.endswith("-1.2"):
         ctx.maximum_version = ssl.TLSVersion.TLSv1_2
@@ -61,7 +62,7 @@ def connections(port: int, path: str, ws: run.Workspace, n: int, mode: str) -> i
             data = bytearray()
             while chunk := tls.recv(65536):
                 data += chunk
-            if not data.startswith(b"HTTP/1.1 200"):
+            if not data.startswith(f"HTTP/1.1 {status}".encode()):
                 raise run.BenchError(f"{port}: {bytes(data[:100])!r}")
             reused += tls.session_reused
             if mode.startswith("resumed"):
@@ -189,9 +190,11 @@ def instructions(
     ws: run.Workspace,
     n: int,
     base: Path,
+    status: int = 200,
 ) -> dict[str, float]:
     """Instructions per connection by shared object of one server run under callgrind: counted from after a
-    warm-up (instrumentation switched on with callgrind_control) to after `n` full-handshake connections."""
+    warm-up (instrumentation switched on with callgrind_control) to after `n` full-handshake connections, each
+    answered with `status`."""
     out = base / f"callgrind-{re.sub(r'[^A-Za-z0-9_.-]', '_', label)}"
     out.mkdir(exist_ok=True)
     vg = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}/cg.%p"]
@@ -205,7 +208,9 @@ def instructions(
     try:
         run.wait_port(port, proc, f"{label} under valgrind", timeout=300)
         run.callgrind_window(
-            proc.pid, lambda: connections(port, path, ws, 20, "full"), lambda: connections(port, path, ws, n, "full")
+            proc.pid,
+            lambda: connections(port, path, ws, 20, "full", status),
+            lambda: connections(port, path, ws, n, "full", status),
         )
     finally:
         run.stop_process(proc, timeout=60)
