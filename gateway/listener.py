@@ -52,7 +52,7 @@ from gateway.core.handshake import classify
 from gateway.core.identity import identity_from_der
 from gateway.core.reasons import Reason, Refusal
 from gateway.metrics import Metrics
-from gateway.tls import ListenerMaterial
+from gateway.tls import HANDSHAKE_ALERTS, ListenerMaterial
 
 log = logging.getLogger("ota_gateway.tls")
 http_log = logging.getLogger("ota_gateway.http")
@@ -70,6 +70,7 @@ class _Acceptor(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]  # uvloop's TCPTransport is not a subclass
+        HANDSHAKE_ALERTS.set(self._send_alert)  # a failed handshake's alert goes out here (tls.AlertingSSLObject)
         budget = self._listener.budget
         if budget is not None:
             self._slot = budget.open_slot(
@@ -85,6 +86,12 @@ class _Acceptor(asyncio.Protocol):
         if not self._lost:
             self._pending += data  # application data decrypted before the HTTP protocol took over
 
+    def _send_alert(self, alert: bytes) -> None:
+        """The alert OpenSSL made for a failed handshake, written to the raw connection before it is dropped."""
+        transport = self._transport
+        if transport is not None and not self._lost and not transport.is_closing():
+            transport.write(alert)
+
     def eof_received(self) -> bool:
         return False
 
@@ -97,6 +104,7 @@ class _Acceptor(asyncio.Protocol):
         try:
             handed_over = await self._handshake_and_hand_over(raw)
         finally:
+            self._transport = None  # the alert sink (kept by the transport's context) holds no transport after
             if slot is not None:
                 if handed_over:
                     slot.handshake_done()

@@ -24,13 +24,17 @@ import datetime as dt
 import ssl
 import sys
 import tempfile
+from collections.abc import Callable
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, cast
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from gateway.config import AdminTls, HttpsOriginConfig, TlsListener
+from gateway.core.handshake import alert_tells_client, classify
 from gateway.core.revocation import RevocationList, RevocationSet
 
 # Mozilla server-side TLS guidelines, "intermediate" configuration (TLS 1.2 suites; TLS 1.3 suites are
@@ -325,10 +329,50 @@ def build_material(listener: TlsListener, now: dt.datetime | None = None) -> Lis
     return ListenerMaterial(context, revocation, cas, tuple(expiries), pins)
 
 
+# where the alert of a failed handshake goes: set by the listener for each connection it accepts, in the context
+# its TLS protocol runs in (asyncio: the handshake task's; uvloop: the transport's)
+HANDSHAKE_ALERTS: ContextVar[Callable[[bytes], None] | None] = ContextVar("handshake_alerts", default=None)
+
+
+def _cause(exc: ssl.SSLError) -> str:
+    return classify(exc.reason, exc.verify_code if isinstance(exc, ssl.SSLCertVerificationError) else None)
+
+
+class AlertingSSLObject(ssl.SSLObject):
+    """An SSLObject that sends the alert of a failed handshake before the connection is dropped.
+
+    OpenSSL writes the alert (certificate required, unknown CA, certificate expired, ...) into the outgoing buffer,
+    but asyncio's and uvloop's SSLProtocol drop the connection on a handshake error without sending it: the client
+    saw an end of stream instead of the reason. A `do_handshake` that fails on the client certificate hands the alert
+    to the connection's raw transport first (`HANDSHAKE_ALERTS`, as it was when the object was made); which failures
+    tell the client is core/handshake.alert_tells_client."""
+
+    _outgoing_bio: ssl.MemoryBIO
+    _send_alert: Callable[[bytes], None] | None
+
+    @classmethod
+    def _create(cls, incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO, *args: Any, **kwargs: Any) -> AlertingSSLObject:
+        obj = cast(AlertingSSLObject, super()._create(incoming, outgoing, *args, **kwargs))  # type: ignore[misc]
+        obj._outgoing_bio, obj._send_alert = outgoing, HANDSHAKE_ALERTS.get()
+        return obj
+
+    def do_handshake(self) -> None:
+        try:
+            super().do_handshake()
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            raise
+        except ssl.SSLError as exc:
+            send, outgoing = self._send_alert, self._outgoing_bio
+            if send is not None and outgoing.pending and alert_tells_client(_cause(exc)):
+                send(outgoing.read())
+            raise
+
+
 def server_context(listener: TlsListener, chain_crls: list[str] | None = None) -> ssl.SSLContext:
     """The mTLS server context for one listener. With `chain_crls`, OpenSSL checks every certificate of the
     chain against them (crl_check: chain); leaf checks are made by the gateway itself after the handshake."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.sslobject_class = AlertingSSLObject
     _common_settings(ctx)
     ctx.minimum_version = _VERSIONS[listener.min_tls]
     ctx.verify_flags |= ssl.VERIFY_X509_STRICT

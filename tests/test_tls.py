@@ -8,6 +8,7 @@ The gateway runs once per module and event loop (uvloop, the default, and the st
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import shutil
 import socket
@@ -36,15 +37,33 @@ pytestmark = pytest.mark.skipif(not (shutil.which("curl") and shutil.which("open
 
 @pytest.fixture(scope="module", params=["uvloop", "asyncio"])
 def gw(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, pki: Pki) -> Iterator[GatewayProcess]:
-    base = tmp_path_factory.mktemp(f"tls-{request.param}")
+    with _gateway(request.param, tmp_path_factory, pki, HANDSHAKE_TIMEOUT) as proc:
+        yield proc
+
+
+@pytest.fixture(scope="module", params=["uvloop", "asyncio"])
+def slow_gw(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, pki: Pki
+) -> Iterator[GatewayProcess]:
+    """The same gateway with a handshake timeout no loaded machine reaches: for tests that tell an alert from the
+    end of stream a timed-out handshake gets."""
+    with _gateway(request.param, tmp_path_factory, pki, 10.0) as proc:
+        yield proc
+
+
+@contextlib.contextmanager
+def _gateway(
+    loop: str, tmp_path_factory: pytest.TempPathFactory, pki: Pki, handshake_timeout: float
+) -> Iterator[GatewayProcess]:
+    base = tmp_path_factory.mktemp(f"tls-{loop}")
     origin = base / "origin"
     origin.mkdir()
     add_release(origin, APP_ID, "1.1.0", "production", BUNDLE)
     cfg = write_config(base / "gw", pki, origins={"local": {"type": "directory", "path": str(origin)}})
     doc = yaml.safe_load(cfg.read_text())
-    doc["listeners"][0]["handshake_timeout"] = HANDSHAKE_TIMEOUT
+    doc["listeners"][0]["handshake_timeout"] = handshake_timeout
     cfg.write_text(yaml.safe_dump(doc, sort_keys=False))
-    args = () if request.param == "uvloop" else ("--no-uvloop",)
+    args = () if loop == "uvloop" else ("--no-uvloop",)
     with run_gateway(cfg, *args) as proc:
         yield proc
 
@@ -230,6 +249,57 @@ def test_refused_client_gets_no_response(
     if tls_max == ssl.TLSVersion.TLSv1_2 and openssl_refuses:
         assert stage == "handshake"  # TLS 1.2: the server's verdict comes before the client's handshake ends
     _assert_delta(gw, before, **{cause: 1})
+
+
+ALERTS = {  # the alert the client reads, by who it is and the TLS version (None: the gateway's own check, no alert)
+    ("none", "tls1.2"): "SSLV3_ALERT_HANDSHAKE_FAILURE",
+    ("none", "tls1.3"): "TLSV13_ALERT_CERTIFICATE_REQUIRED",
+    ("rogue_client", "tls1.2"): "TLSV1_ALERT_UNKNOWN_CA",
+    ("rogue_client", "tls1.3"): "TLSV1_ALERT_UNKNOWN_CA",
+    ("expired_client", "tls1.2"): "SSLV3_ALERT_CERTIFICATE_EXPIRED",
+    ("expired_client", "tls1.3"): "SSLV3_ALERT_CERTIFICATE_EXPIRED",
+    ("server_only_eku_client", "tls1.2"): "SSLV3_ALERT_UNSUPPORTED_CERTIFICATE",
+    ("server_only_eku_client", "tls1.3"): "SSLV3_ALERT_UNSUPPORTED_CERTIFICATE",
+    ("client", "tls1.2"): None,  # the twin: admitted, no alert
+    ("client", "tls1.3"): None,
+}
+
+
+def _alert(gw: GatewayProcess, ctx: ssl.SSLContext) -> str | None:
+    """The reason of the TLS alert the client reads (in the handshake, or on its first read), or None: answered."""
+    try:
+        with (
+            socket.create_connection(("127.0.0.1", gw.port), timeout=IO_TIMEOUT) as raw,
+            ctx.wrap_socket(raw, server_hostname="localhost") as tls,
+        ):
+            tls.sendall(_request())
+            received = _read_all(tls)
+    except ssl.SSLError as exc:
+        return str(exc.reason)
+    assert received.startswith(b"HTTP/1.1 200"), received[:100]
+    return None
+
+
+@pytest.mark.parametrize(("who", "version"), sorted(ALERTS))
+def test_a_refused_handshake_sends_the_client_its_alert(
+    slow_gw: GatewayProcess, pki: Pki, who: str, version: str
+) -> None:
+    """OpenSSL's verdict on the client certificate reaches the client as the TLS alert that names it (certificate
+    required, unknown CA, expired, unsupported certificate), on both event loops, instead of a bare end of stream
+    (asyncio and uvloop drop a failed handshake's alert unless the gateway sends it first)."""
+    cert = None if who == "none" else getattr(pki, who)
+    tls_max = ssl.TLSVersion.TLSv1_2 if version == "tls1.2" else ssl.TLSVersion.TLSv1_3
+    assert _alert(slow_gw, pki.client_context(cert, max_tls=tls_max)) == ALERTS[(who, version)]
+
+
+def test_an_old_protocol_is_closed_without_an_alert(slow_gw: GatewayProcess, pki: Pki) -> None:
+    """Protocol failures stay a bare close, as TLS scanners expect (core/handshake.alert_tells_client)."""
+    ctx = pki.client_context(pki.client)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        ctx.minimum_version = ctx.maximum_version = ssl.TLSVersion.TLSv1_1
+    ctx.set_ciphers("DEFAULT:@SECLEVEL=0")
+    assert _alert(slow_gw, ctx) == "UNEXPECTED_EOF_WHILE_READING"
 
 
 # -- protocol versions and ciphers ------------------------------------------------------------------------------------

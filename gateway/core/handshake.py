@@ -66,3 +66,15 @@ def classify(reason: str | None, verify_code: int | None) -> str:
     if reason in _PROTOCOL_REASONS:
         return "protocol"
     return "other"
+
+
+# the causes whose TLS alert the gateway sends before it drops the connection: its verdict on the client
+# certificate, which the client's user needs to see (certificate required, unknown CA, expired, revoked,
+# unsupported purpose). Protocol failures (old versions, no shared suite, unexpected messages) stay a bare close,
+# as before: TLS scanners probe them by the thousand and some (sslyze) take an alert they do not expect for a bug.
+ALERTED_CAUSES = frozenset({"no_cert", "untrusted", "expired", "revoked", "purpose"})
+
+
+def alert_tells_client(cause: str) -> bool:
+    """Whether the alert of a handshake that failed for `cause` (one of `CAUSES`) is sent to the client."""
+    return cause in ALERTED_CAUSES

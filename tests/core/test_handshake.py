@@ -68,3 +68,11 @@ def test_causes_are_unique_label_values() -> None:
     assert all(c.isidentifier() and c.islower() for c in CAUSES)
     # the causes the listener reports itself, outside classify(), are in the set too
     assert {"timeout", "aborted", "purpose", "no_cert"} <= set(CAUSES)
+
+
+def test_only_the_verdicts_on_the_client_certificate_are_alerted() -> None:
+    from gateway.core.handshake import CAUSES, alert_tells_client
+
+    told = {cause for cause in CAUSES if alert_tells_client(cause)}
+    assert told == {"no_cert", "untrusted", "expired", "revoked", "purpose"}
+    assert not alert_tells_client("protocol") and not alert_tells_client("other")  # scanners probe these
