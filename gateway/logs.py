@@ -70,9 +70,11 @@ def writable_now(fd: int) -> bool:
     """Whether a write of a line (up to PIPE_BUF) to `fd` completes without waiting: always for a file; for a pipe,
     socket or terminal only while its reader keeps up. A reader that stalls (a log collector, a terminal paused
     with Ctrl-S) must never stop the event loop in a blocking write."""
+    poller = select.poll()  # not select.select: it refuses descriptors past 1023
+    poller.register(fd, select.POLLOUT)
     try:
-        return bool(select.select([], [fd], [], 0)[1])
-    except (OSError, ValueError):
+        return any(events & (select.POLLOUT | select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
+    except OSError:
         return True  # not pollable: the write itself will say
 
 

@@ -283,7 +283,7 @@ def test_a_stderr_nobody_reads_loses_log_lines_instead_of_stopping_the_gateway(t
             except OSError:
                 return False
 
-        assert wait_until(healthy, timeout=20)
+        assert wait_until(healthy, timeout=40)
         for _ in range(80):  # each an aborted handshake: a debug line, until the pipe is full
             with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
                 sock.sendall(b"\x16\x03\x01\x00\x05hello")

@@ -311,7 +311,7 @@ def test_audit_to_a_stdout_nobody_reads_loses_lines_instead_of_stopping_the_gate
     )
     os.close(write)
     try:
-        with watch_gateway(cfg, yaml.safe_load(cfg.read_text()), proc, 20) as gw:
+        with watch_gateway(cfg, yaml.safe_load(cfg.read_text()), proc, 40) as gw:
             for _ in range(40):  # nobody reads the pipe meanwhile
                 assert https_request(f"{gw.base_url}/updates", pki.client_context(pki.client), timeout=5).status == 200
             assert gw.readyz()[0] == 200  # keep_serving
