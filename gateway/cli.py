@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import signal
 from collections.abc import Callable
 from pathlib import Path
 
@@ -66,6 +67,9 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
+    # a reload (SIGHUP, `systemctl reload`) that comes before its handler is installed must not end the process
+    # (the default action): it is ignored until then, and the file watcher still sees a changed file
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     from gateway import workers
     from gateway.core.startup import RestartPolicy
 

@@ -284,6 +284,7 @@ async def serve(
         rt.audit.close()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a late reload must not end the process (exit 129)
     if forced:
         log.warning("stopped; in-flight requests were aborted after the grace period")
         return EXIT_FORCED

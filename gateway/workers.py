@@ -204,8 +204,9 @@ class _Supervisor:
         """In a new worker: drop the supervisor's state, run `serve`, exit with its code (never returns)."""
         code = 1
         try:
-            for sig in FORWARDED:
-                signal.signal(sig, signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the worker's reload handler is installed
             _stop_with(parent)
             signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)
             os.close(read)

@@ -8,6 +8,7 @@ stops the server.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -402,6 +403,58 @@ def test_a_replacement_worker_that_cannot_load_the_config_leaves_the_others_serv
         assert gw.proc.wait(30) == 2
         time.sleep(0.2)
         assert sum(line.startswith(f"ota-gateway: {site}:") for line in gw.stderr_lines) == 1, gw.stderr_lines
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_sighup_during_start_up_does_not_kill_the_gateway(site: Path, workers: str) -> None:
+    """`systemctl reload` (SIGHUP) right after a start, before the reload handler is installed: SIGHUP's default
+        action ended the process (exit 129, no word said; systemd counts SIGHUP as a clean exit and does not restart
+        it). SIGHUP is ignored from the first instruction of `serve` until the handler is installed (the interpreter's
+    own start-up, before that, cannot be covered: signals are sent from then on)."""
+    import threading
+
+    import yaml
+
+    from tests.support import watch_gateway
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gateway", "serve", "--config", str(site), "--workers", workers],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=site.parent,
+    )
+    done = threading.Event()
+
+    def ignoring_sighup() -> bool:  # the interpreter's own start (before any code of ours runs) cannot be covered
+        try:
+            status = Path(f"/proc/{proc.pid}/status").read_text()
+        except OSError:
+            return False
+        return any(line.startswith("SigIgn:") and int(line.split()[1], 16) & 1 for line in status.splitlines())
+
+    seen: list[bool] = []
+
+    def hup() -> None:  # from the first instruction of `serve` until the gateway is ready
+        seen.append(wait_until(lambda: ignoring_sighup() or done.is_set(), timeout=30, interval=0.005))
+        seen.append(not done.is_set())  # ignored while still starting (not only once ready)
+        while not done.is_set() and proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, signal.SIGHUP)
+            time.sleep(0.01)
+
+    sender = threading.Thread(target=hup)
+    sender.start()
+    try:
+        with watch_gateway(site, yaml.safe_load(site.read_text()), proc, 40) as gw:
+            done.set()
+            sender.join(5)
+            assert seen == [True, True], "SIGHUP was not ignored during start-up"
+            assert healthy(gw.admin_url)
+            assert gw.stop() == 0
+    finally:
+        done.set()
+        sender.join(5)
 
 
 def test_a_crash_loop_stops_the_server(site: Path) -> None:
