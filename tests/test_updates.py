@@ -418,3 +418,40 @@ def test_manifest_files_get_their_own_verified_tickets(env: CapgoEnv) -> None:
     brotli = env.check(device_body(APP_ID, "1.0.0")).json()
     if "error" in brotli:  # without the brotli package a .br file cannot be verified: refused, never unverified
         assert brotli["error"] == "unverifiable"
+
+
+@pytest.mark.parametrize("pause", [0.0, 0.3])
+def test_a_chunked_check_is_taken_whole_or_read_in_pieces_and_one_past_the_limit_is_refused(
+    env: CapgoEnv, pause: float
+) -> None:
+    """A check's body is taken at once when all of it came with the request, and read piece by piece while it is
+    still arriving (`pause`: the handler starts before the second chunk is sent). Either way a valid body gets its
+    answer, and a chunked body past 64 KiB (no Content-Length to refuse it up front) the bad_request refusal."""
+    import urllib.parse
+
+    where = urllib.parse.urlsplit(env.gw.base_url)
+
+    def post(pieces: list[bytes]) -> tuple[int, dict[str, Any]]:
+        conn = http.client.HTTPSConnection(where.hostname or "", where.port, context=env.ctx(), timeout=10)
+
+        def body() -> Iterator[bytes]:
+            for i, piece in enumerate(pieces):
+                if i:
+                    time.sleep(pause)
+                yield piece
+
+        try:
+            conn.request(
+                "POST", "/updates", body=body(), headers={"Content-Type": "application/json"}, encode_chunked=True
+            )
+            answer = conn.getresponse()
+            return answer.status, json.loads(answer.read())
+        finally:
+            conn.close()
+
+    good = json.dumps(device_body(APP_ID, "1.0.0")).encode()
+    status, doc = post([good[:20], good[20:]])
+    assert status == 200 and doc.get("error") != "invalid_request", doc
+    status, doc = post([b" " * 40_000, b" " * 40_000])
+    assert status == 400 and (doc["error"], doc["kind"]) == ("invalid_request", "failed")
+    assert doc["message"].startswith("the body is larger than 65536 bytes")
