@@ -1095,7 +1095,7 @@ class HttpsOrigin:
         target = self._target(url)
         connector = self._connector
         assert connector is not None
-        config, loop = self.config, target.loop
+        config, loop = self.config, asyncio.get_running_loop()
         # the head's own timer (`deadline`) covers aiohttp's read timeout too, unless that is the shorter one
         head_read = config.read_timeout if config.read_timeout < config.total_timeout else None
         for attempt in range(2):
@@ -1303,9 +1303,11 @@ class HttpsOrigin:
             raise OriginError(f"origin {self.name}: {type(exc).__name__}: {exc}") from None
 
     async def close(self) -> None:
+        self._targets.clear()  # they name the closed session
         if self._session is not None:
             await self._session.close()
             self._session = None
+            self._connector = None
 
 
 def make_origin(

@@ -775,6 +775,22 @@ def test_a_get_that_meets_a_pooled_connection_closed_by_the_origin_is_sent_again
         assert len(ports) == 4 and ports[1] == ports[0] and len(set(ports)) == 3
 
 
+def test_an_https_origin_closed_and_used_again_in_another_event_loop_serves(cdn: HttpsOrigin) -> None:
+    """`close()` forgets what named the closed session and its loop (the per-host request of `_send`), so the same
+    origin object serves again from a new event loop."""
+    data = os.urandom(5_000)
+    cdn.publish("com.example.again", "1.0.0", data)
+    origin = _InProcess(cdn)
+
+    async def once() -> bytes:
+        try:
+            return await origin.bundle("com.example.again", "1.0.0.zip")
+        finally:
+            await origin.upstream.close()
+
+    assert [asyncio.run(once()) for _ in range(2)] == [data, data]
+
+
 def test_an_origins_cookie_is_never_sent_back_and_no_content_coding_is_asked_for(cdn: HttpsOrigin) -> None:
     data = os.urandom(5_000)
     cdn.publish("com.example.cookie", "1.0.0", data)
