@@ -1084,14 +1084,16 @@ class HttpsOrigin:
         return target
 
     async def _send(
-        self, url: URL, headers: dict[str, str] | None, watch: _EndWatch | None, deadline: float
-    ) -> _Answer:
+        self, url: URL, headers: dict[str, str] | None, grace: float | None, deadline: float
+    ) -> tuple[_Answer, _EndWatch | None]:
         """One GET of `url` on a pooled connection (or a new one) up to the head of its answer, with aiohttp's
         connector, writer and parser (framed by `_GuardedHandler`) but without the rest of `ClientSession`'s request
         machinery (cookies, auth, proxies, tracing, middlewares: nothing an origin GET uses). As aiohttp does, a
         GET that fails on a reused connection before its answer's head (the origin closed it meanwhile) is sent
         once more, on another connection. Past `deadline` (loop time) without the answer's head: `TimeoutError`, by
-        one timer on the connection instead of a cancellation of the task (`asyncio.timeout` costs 4 times as much)."""
+        one timer on the connection instead of a cancellation of the task (`asyncio.timeout` costs 4 times as much).
+        `grace` given (a bundle GET): the answer comes with the watch of the connection it came on, a fresh one for
+        each attempt (the connection that died before its answer ended the watch it was given)."""
         target = self._target(url)
         connector = self._connector
         assert connector is not None
@@ -1104,6 +1106,7 @@ class HttpsOrigin:
             protocol = conn.protocol
             assert isinstance(protocol, _GuardedHandler)
             reused = protocol.reused
+            watch = None if grace is None else _EndWatch(grace, config.read_timeout)
             protocol.begin(watch, url.path)  # before the request is written, so before any byte of the answer
             late = None
             try:
@@ -1138,7 +1141,7 @@ class HttpsOrigin:
             if not payload.is_eof() and (watch is None or watch.body is None):
                 protocol.start_timeout()
             payload.on_eof(conn.release)  # the whole body read: back to the pool (or closed, if it must be)
-            return _Answer(message, payload, conn)
+            return _Answer(message, payload, conn), watch
         raise AssertionError("unreachable")
 
     @asynccontextmanager
@@ -1149,9 +1152,8 @@ class HttpsOrigin:
         `total_timeout`; the answer, and (`grace` given: a bundle GET) the watch of the connection it came on."""
         loop = asyncio.get_running_loop()
         for _ in range(self.config.max_redirects + 1):
-            watch = None if grace is None else _EndWatch(grace, self.config.read_timeout)
             try:
-                resp = await self._send(url, headers, watch, loop.time() + self.config.total_timeout)
+                resp, watch = await self._send(url, headers, grace, loop.time() + self.config.total_timeout)
             except OriginError:
                 raise
             except TimeoutError:

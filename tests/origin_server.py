@@ -10,7 +10,8 @@ last bytes), "past_later" (the body, then 0.2 s later bytes past it), "past_late
 `Connection: close` in the answer), "past_one_write" (status line, headers, body and bytes past it in one write),
 "forge_later" (the whole answer, then 0.2 s later a forged second answer on the same kept-alive connection, which
 stays open), "drop_reused" (a connection that served a request before is closed on this one, with no answer: an
-origin whose keep-alive ran out as the request came), "drop" (every connection closed on the request, no answer).
+origin whose keep-alive ran out as the request came), "drop_reused+<mode>" (the same, then a new connection is
+served in <mode>), "drop" (every connection closed on the request, no answer).
 Records every request (`requests`), its headers (`headers`) and the client port it came from (`ports`:
 one port per connection).
 `index_modes[app] = "huge"` streams an endless release index (what it managed to send is in `index_bytes_sent`).
@@ -99,10 +100,13 @@ def build_origin_app(state: OriginState) -> web.Application:
         mode = state.modes.get(key, "ok")
         if mode.startswith("redirect:"):
             raise web.HTTPFound(mode.split(":", 1)[1])
-        if mode == "drop" or (mode == "drop_reused" and state.ports[-1] in state.ports[:-1]):
+        reused = state.ports[-1] in state.ports[:-1]
+        if mode == "drop" or (mode.split("+")[0] == "drop_reused" and reused):
             assert request.transport is not None
             request.transport.close()  # no answer: the connection ends on the request
             return web.Response()  # never sent: the transport is closed
+        if mode.startswith("drop_reused+"):
+            mode = mode.split("+", 1)[1]
         if mode == "error":
             raise web.HTTPInternalServerError()
         if mode.startswith("flip:"):

@@ -775,6 +775,42 @@ def test_a_get_that_meets_a_pooled_connection_closed_by_the_origin_is_sent_again
         assert len(ports) == 4 and ports[1] == ports[0] and len(set(ports)) == 3
 
 
+@pytest.mark.parametrize("mode", ["past_length", "past_later_close", "ok"])
+def test_bytes_past_content_length_are_past_length_on_a_get_sent_again_after_a_dropped_pooled_connection(
+    cdn: HttpsOrigin, mode: str
+) -> None:
+    """The origin closes the pooled connection as the bundle GET arrives on it, then answers the GET sent again on
+    a new connection with bytes past its Content-Length (with its last bytes, or 0.2 s later after announcing its
+    close): still `PastLength`, as on a first attempt (the dead connection's end is not the new one's). The twin
+    ("ok"): exactly Content-Length bytes on the new connection are served."""
+    from gateway.origins import PastLength
+
+    data = os.urandom(300 * 1024)
+    cdn.publish("com.example.dropped", "1.0.0", data)
+    cdn.state.modes["com.example.dropped/1.0.0.zip"] = "ok"
+    first = len(cdn.state.ports)
+
+    async def main() -> bytes | str:
+        origin = _InProcess(cdn)
+        try:
+            assert await origin.bundle("com.example.dropped", "1.0.0.zip") == data  # pooled after it
+            cdn.state.modes["com.example.dropped/1.0.0.zip"] = f"drop_reused+{mode}"
+            try:
+                return await origin.bundle("com.example.dropped", "1.0.0.zip")
+            except PastLength as exc:
+                return f"PastLength: {exc}"
+        finally:
+            await origin.upstream.close()
+
+    got = asyncio.run(main())
+    ports = cdn.state.ports[first:]
+    assert len(ports) == 3 and ports[1] == ports[0] != ports[2]  # dropped on the pooled one, sent again on a new one
+    if mode == "ok":
+        assert got == data
+    else:
+        assert isinstance(got, str) and got.startswith("PastLength") and "past its Content-Length" in got, got[:200]
+
+
 def test_an_https_origin_closed_and_used_again_in_another_event_loop_serves(cdn: HttpsOrigin) -> None:
     """`close()` forgets what named the closed session and its loop (the per-host request of `_send`), so the same
     origin object serves again from a new event loop."""
