@@ -1161,7 +1161,13 @@ class HttpsOrigin:
             except (aiohttp.ClientError, HttpProcessingError, ssl.SSLError, OSError) as exc:
                 raise OriginError(f"origin {self.name}: {type(exc).__name__}: {exc}") from None
             if resp.status in (301, 302, 303, 307, 308) and "Location" in resp.headers:
-                target = url.join(URL(resp.headers["Location"]))
+                try:
+                    target = url.join(URL(resp.headers["Location"]))
+                except ValueError:  # the origin's bytes are not echoed: they may be anything
+                    resp.close()
+                    raise OriginError(
+                        f"origin {self.name}: {url.path} answered HTTP {resp.status} with a malformed Location"
+                    ) from None
                 resp.release()
                 if target.scheme != "https" or target.host not in self._hosts:
                     raise OriginError(f"origin {self.name}: redirect to a host that is not configured: {target.host}")

@@ -3,7 +3,8 @@
 Serves `/<app_id>/releases.json` and the files it lists. `mode` per file: "ok", "flip:<offset>" (one flipped byte),
 "extra" (chunked, more bytes than declared in the index), "short" (closes before the end), "error" (HTTP 500),
 "stall" (sends half, then waits), "wrong_length" (Content-Length larger than the file), "stall_watch" (sends half,
-then waits until the peer disconnects and records that in `disconnects`), "redirect:<url>" (302 to that URL).
+then waits until the peer disconnects and records that in `disconnects`), "redirect:<url>" (302 to that URL),
+"location:<value>" (302 with that Location header as it is, valid or not).
 "slow:<seconds>" (the whole body, spread over that many seconds), "trickle:<seconds>" (one byte every that many
 seconds, until the peer leaves), "past_length" (the body, then bytes past its Content-Length, sent together with its
 last bytes), "past_later" (the body, then 0.2 s later bytes past it), "past_later_close" (the same, with
@@ -100,6 +101,8 @@ def build_origin_app(state: OriginState) -> web.Application:
         mode = state.modes.get(key, "ok")
         if mode.startswith("redirect:"):
             raise web.HTTPFound(mode.split(":", 1)[1])
+        if mode.startswith("location:"):  # not through HTTPFound, which parses (and refuses) a malformed URL
+            return web.Response(status=302, headers={"Location": mode.split(":", 1)[1]})
         reused = state.ports[-1] in state.ports[:-1]
         if mode == "drop" or (mode.split("+")[0] == "drop_reused" and reused):
             assert request.transport is not None

@@ -249,6 +249,44 @@ def test_bytes_past_content_length_are_size_exceeded_every_time(
         assert answer.status == 200 and answer.body == data
 
 
+@pytest.mark.parametrize("location", ["http://[::1", "https://127.0.0.1:99999/x.zip", "https://[zz]/x.zip"])
+def test_a_redirect_with_a_malformed_location_is_an_origin_error_and_its_connection_closed(
+    gw: GatewayProcess, cdn: HttpsOrigin, pki: Pki, location: str
+) -> None:
+    """A 302 whose Location is not a URL: the client gets the origin refusal (problem+json `origin_error`, never a
+    500), the origin's bytes are not echoed, and (in process) the connection is closed, not left acquired. The twin:
+    a 302 to a valid URL on the origin's host is followed and served."""
+    data = os.urandom(4000)
+    cdn.publish(APP_ID, "2.1.4", data)
+    cdn.publish(APP_ID, "2.1.5", data)
+    cdn.state.modes[f"{APP_ID}/2.1.4.zip"] = f"location:{location}"
+    answer = https_request(f"{gw.base_url}/bundles/{APP_ID}/2.1.4.zip", pki.client_context(pki.client))
+    content_type = {k.lower(): v for k, v in answer.headers.items()}.get("content-type", "")
+    assert answer.status == 502 and content_type == "application/problem+json", answer
+    doc = answer.json()
+    assert doc["reason"] == "origin_error" and "malformed Location" in doc["detail"], doc
+    assert location not in answer.body.decode(), doc
+
+    async def main() -> tuple[str, int, bytes]:
+        origin = _InProcess(cdn)
+        try:
+            try:
+                await origin.bundle(APP_ID, "2.1.4.zip")
+                refused = "served"
+            except OriginError as exc:
+                refused = str(exc)
+            connector = origin.upstream._get_session().connector
+            acquired = len(connector._acquired)  # type: ignore[union-attr]
+            cdn.state.modes[f"{APP_ID}/2.1.4.zip"] = f"redirect:{cdn.url}{APP_ID}/2.1.5.zip"
+            return refused, acquired, await origin.bundle(APP_ID, "2.1.4.zip")
+        finally:
+            await origin.upstream.close()
+
+    refused, acquired, twin = asyncio.run(main())
+    assert "malformed Location" in refused and acquired == 0, (refused, acquired)
+    assert twin == data
+
+
 def test_bytes_after_a_served_bundle_on_a_pooled_connection_are_an_overrun(
     gw: GatewayProcess, cdn: HttpsOrigin, pki: Pki
 ) -> None:
