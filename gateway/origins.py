@@ -1094,9 +1094,11 @@ class HttpsOrigin:
         one timer on the connection instead of a cancellation of the task (`asyncio.timeout` costs 4 times as much).
         `grace` given (a bundle GET): the answer comes with the watch of the connection it came on, a fresh one for
         each attempt (the connection that died before its answer ended the watch it was given)."""
-        target = self._target(url)
+        self._get_session()  # a new pool once `close()` is over (an origin may serve again, from another loop)
         connector = self._connector
-        assert connector is not None
+        if connector is None or connector.closed:  # `close()` under way (a reload retired this origin)
+            raise OriginError(f"origin {self.name}: its connections are being closed (the origin was retired)")
+        target = self._target(url)
         config, loop = self.config, asyncio.get_running_loop()
         # the head's own timer (`deadline`) covers aiohttp's read timeout too, unless that is the shorter one
         head_read = config.read_timeout if config.read_timeout < config.total_timeout else None
@@ -1104,7 +1106,9 @@ class HttpsOrigin:
             # a new connection (or a wait for a free one) ends by `total_timeout` (`_timeout.connect`)
             conn = await connector.connect(target, [], self._timeout)
             protocol = conn.protocol
-            assert isinstance(protocol, _GuardedHandler)
+            if not isinstance(protocol, _GuardedHandler):  # never: `_PinningConnector` makes only those
+                conn.close()
+                raise OriginError(f"origin {self.name}: unexpected connection protocol {type(protocol).__name__}")
             reused = protocol.reused
             watch = None if grace is None else _EndWatch(grace, config.read_timeout)
             protocol.begin(watch, url.path)  # before the request is written, so before any byte of the answer
@@ -1314,6 +1318,7 @@ class HttpsOrigin:
         self._targets.clear()  # they name the closed session
         if self._session is not None:
             await self._session.close()
+            self._targets.clear()  # and any made meanwhile
             self._session = None
             self._connector = None
 

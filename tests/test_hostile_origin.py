@@ -865,6 +865,38 @@ def test_an_https_origin_closed_and_used_again_in_another_event_loop_serves(cdn:
     assert [asyncio.run(once()) for _ in range(2)] == [data, data]
 
 
+def test_a_get_while_an_https_origin_closes_is_refused_cleanly_and_it_serves_once_closed(cdn: HttpsOrigin) -> None:
+    """A bundle GET that comes while `close()` waits for its pooled connection to close (a reload retiring the
+    origin): an `OriginError`, never an AssertionError (a 500); a GET once `close()` is over gets a new pool."""
+    data = os.urandom(5_000)
+    cdn.publish("com.example.closing", "1.0.0", data)
+
+    async def main() -> tuple[bool, bytes | str, bytes | str]:
+        origin = _InProcess(cdn)
+
+        async def get() -> bytes | str:
+            try:
+                return await origin.bundle("com.example.closing", "1.0.0.zip")
+            except OriginError as exc:
+                return f"OriginError: {exc}"
+
+        try:
+            assert await origin.bundle("com.example.closing", "1.0.0.zip") == data  # a pooled connection
+            closing = asyncio.create_task(origin.upstream.close())
+            await asyncio.sleep(0)  # close() now waits for that connection's TLS close
+            in_window = not closing.done()
+            during = await get()
+            await closing
+            return in_window, during, await get()
+        finally:
+            await origin.upstream.close()
+
+    in_window, during, after = asyncio.run(main())
+    assert in_window
+    assert isinstance(during, str) and during.startswith("OriginError") and "retired" in during, during
+    assert after == data
+
+
 def test_an_origins_cookie_is_never_sent_back_and_no_content_coding_is_asked_for(cdn: HttpsOrigin) -> None:
     data = os.urandom(5_000)
     cdn.publish("com.example.cookie", "1.0.0", data)
