@@ -897,9 +897,10 @@ class _GuardedHandler(ResponseHandler):
         """A body the parser frames (chunked) that it cannot parse (a bad chunk size, a forbidden trailer) fails at
         once, as an origin error. aiohttp fails it only when the connection is lost, which its TLS close puts off
         until the origin answers the close: an origin that does not would hold the download until its minimum
-        rate cut it, counted as too slow."""
+        rate cut it, counted as too slow. Only the parser's own errors (aiohttp wraps each in `HttpProcessingError`):
+        a connection lost mid-body stays a short body, a read timeout a timeout."""
         body = self._body
-        if self._phase == "parser" and body is not None and not body.is_eof():
+        if isinstance(exc, HttpProcessingError) and self._phase == "parser" and body is not None and not body.is_eof():
             body.set_exception(_MalformedBody(exc))
             self._keep = False
         super().set_exception(exc, exc_cause)

@@ -1,7 +1,8 @@
 """A real HTTPS origin for tests (aiohttp, its own CA), which a test can tell to misbehave.
 
 Serves `/<app_id>/releases.json` and the files it lists. `mode` per file: "ok", "flip:<offset>" (one flipped byte),
-"extra" (chunked, more bytes than declared in the index), "short" (closes before the end), "error" (HTTP 500),
+"extra" (chunked, more bytes than declared in the index), "short" (closes before the end), "chunked_short"
+(chunked, closes half way), "error" (HTTP 500),
 "stall" (sends half, then waits), "wrong_length" (Content-Length larger than the file), "stall_watch" (sends half,
 then waits until the peer disconnects and records that in `disconnects`), "redirect:<url>" (302 to that URL),
 "location:<value>" (302 with that Location header as it is, valid or not).
@@ -126,6 +127,8 @@ def build_origin_app(state: OriginState) -> web.Application:
         if mode == "extra":
             resp.enable_chunked_encoding()
             data = data + b"\x00" * 4096
+        elif mode == "chunked_short":
+            resp.enable_chunked_encoding()
         elif mode == "wrong_length":
             resp.content_length = len(data) + 10
         else:
@@ -183,7 +186,7 @@ def build_origin_app(state: OriginState) -> web.Application:
                 await resp.write(data[i : i + step])
             await resp.write_eof()
             return resp
-        limit = len(data) // 2 if mode in ("short", "stall", "stall_watch") else len(data)
+        limit = len(data) // 2 if mode in ("short", "chunked_short", "stall", "stall_watch") else len(data)
         for i in range(0, limit, state.chunk):
             await resp.write(data[i : min(i + state.chunk, limit)])
         if mode == "stall":
@@ -195,7 +198,7 @@ def build_origin_app(state: OriginState) -> web.Application:
                     break
                 await asyncio.sleep(0.05)
             return resp
-        if mode in ("short", "wrong_length"):
+        if mode in ("short", "chunked_short", "wrong_length"):
             assert request.transport is not None
             request.transport.close()
             return resp

@@ -897,6 +897,42 @@ def test_a_get_while_an_https_origin_closes_is_refused_cleanly_and_it_serves_onc
     assert after == data
 
 
+@pytest.mark.parametrize("mode", ["chunked_short", "extra"])
+def test_a_chunked_body_cut_half_way_is_a_short_body(cdn: HttpsOrigin, mode: str) -> None:
+    """A chunked bundle body (framed by the parser) whose origin closes half way while nobody waits for the body's
+    next bytes: `ShortBody`, not an origin error named a malformed body. The twin ("extra"): the whole chunked body
+    arrives."""
+    from yarl import URL
+
+    from gateway.origins import ShortBody
+
+    data = os.urandom(20 * 1024)  # half of it fits in the connection's buffers: the close is seen at once
+    cdn.publish("com.example.chunked", "1.0.0", data)
+    cdn.state.modes["com.example.chunked/1.0.0.zip"] = mode
+
+    async def main() -> bytes | str:
+        origin = _InProcess(cdn)
+        try:
+            got = b""
+            async with origin.upstream.open_url(
+                URL(origin.upstream.locate("com.example.chunked", "1.0.0.zip"))
+            ) as body:
+                async for chunk in body.chunks:  # type: ignore[attr-defined]
+                    got += chunk
+                    await asyncio.sleep(0.5)  # the origin's close comes meanwhile
+            return got
+        except OriginError as exc:
+            return f"{type(exc).__name__}: {exc}"
+        finally:
+            await origin.upstream.close()
+
+    got = asyncio.run(main())
+    if mode == "extra":
+        assert got == data + b"\x00" * 4096  # chunked, no Content-Length: all the origin sent, verified elsewhere
+    else:
+        assert isinstance(got, str) and got.startswith(ShortBody.__name__), got
+
+
 def test_an_origins_cookie_is_never_sent_back_and_no_content_coding_is_asked_for(cdn: HttpsOrigin) -> None:
     data = os.urandom(5_000)
     cdn.publish("com.example.cookie", "1.0.0", data)
