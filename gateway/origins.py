@@ -1103,9 +1103,11 @@ class HttpsOrigin:
         config, loop = self.config, asyncio.get_running_loop()
         # the head's own timer (`deadline`) covers aiohttp's read timeout too, unless that is the shorter one
         head_read = config.read_timeout if config.read_timeout < config.total_timeout else None
+        timeout = self._timeout
         for attempt in range(2):
-            # a new connection (or a wait for a free one) ends by `total_timeout` (`_timeout.connect`)
-            conn = await connector.connect(target, [], self._timeout)
+            # a new connection (or a wait for a free one) ends by `total_timeout` (`timeout.connect`), or by
+            # `deadline` when the GET is sent again
+            conn = await connector.connect(target, [], timeout)
             protocol = conn.protocol
             if not isinstance(protocol, _GuardedHandler):  # never: `_PinningConnector` makes only those
                 conn.close()
@@ -1132,6 +1134,15 @@ class HttpsOrigin:
             except (aiohttp.ClientOSError, aiohttp.ServerDisconnectedError, ConnectionResetError):
                 conn.close()
                 if reused and not attempt:
+                    left = deadline - loop.time()  # the GET sent again has only what is left of total_timeout
+                    if left <= 0:  # (aiohttp reads a timeout of 0 or less as none at all)
+                        raise TimeoutError("no time left to send the GET again") from None
+                    timeout = aiohttp.ClientTimeout(
+                        total=None,
+                        connect=left,
+                        sock_connect=min(config.connect_timeout, left),
+                        sock_read=config.read_timeout,
+                    )
                     continue
                 raise
             except BaseException:

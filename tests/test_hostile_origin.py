@@ -933,6 +933,110 @@ def test_a_chunked_body_cut_half_way_is_a_short_body(cdn: HttpsOrigin, mode: str
         assert isinstance(got, str) and got.startswith(ShortBody.__name__), got
 
 
+class KeepAliveThenMute:
+    """An origin whose first connection answers one GET (`{}`, kept alive), then holds the next GET `hold` seconds
+    and closes with no answer; every later connection is accepted but never gets a TLS handshake: silent until the
+    client leaves, which `left_after` records (seconds after that close)."""
+
+    def __init__(self, cdn: HttpsOrigin, hold: float) -> None:
+        self.ctx, self.hold = cdn.server_context(), hold
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.stop = threading.Event()
+        self.accepted = 0
+        self.dropped_at: float | None = None
+        self.left_after: list[float] = []
+        self.thread = threading.Thread(target=self.serve, daemon=True, name="keep-alive-then-mute")
+
+    def serve(self) -> None:
+        self.listener.settimeout(0.2)
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self.accepted += 1
+            handler = self.first if self.accepted == 1 else self.mute
+            threading.Thread(target=handler, args=(conn,), daemon=True).start()
+
+    @staticmethod
+    def request(tls: ssl.SSLSocket) -> None:
+        got = b""
+        while b"\r\n\r\n" not in got:
+            chunk = tls.recv(65536)
+            if not chunk:
+                raise ConnectionError("the client left")
+            got += chunk
+
+    def first(self, conn: socket.socket) -> None:
+        try:
+            conn.settimeout(30)
+            with self.ctx.wrap_socket(conn, server_side=True) as tls:
+                self.request(tls)
+                tls.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+                self.request(tls)
+                time.sleep(self.hold)
+                self.dropped_at = time.monotonic()
+                tls.settimeout(2)
+                with contextlib.suppress(OSError, ValueError):
+                    tls.unwrap()  # close_notify: the origin's end of the connection, with no answer
+        except OSError:
+            conn.close()
+
+    def mute(self, conn: socket.socket) -> None:
+        conn.settimeout(30)
+        with contextlib.suppress(OSError):
+            while conn.recv(65536):  # the ClientHello, then nothing until the client leaves
+                pass
+        if self.dropped_at is not None:
+            self.left_after.append(time.monotonic() - self.dropped_at)
+        conn.close()
+
+    def __enter__(self) -> KeepAliveThenMute:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.listener.close()
+        self.thread.join(5)
+
+
+def test_a_get_sent_again_has_only_the_rest_of_total_timeout_to_connect(cdn: HttpsOrigin) -> None:
+    """The pooled connection is closed by the origin 3.4 s into a bundle GET whose total_timeout is 4 s, and the new
+    connection for the GET sent again never completes its TLS handshake: that connection is given up when the
+    total_timeout is over (about 0.6 s later), not after a total_timeout of its own (4 s), as `origin_too_slow`."""
+    from yarl import URL
+
+    from gateway.config import HttpsOriginConfig
+    from gateway.origins import HttpsOrigin as Upstream
+    from gateway.origins import OriginTooSlow
+
+    async def main(port: int) -> tuple[bytes, str]:
+        config = {"type": "https", "url": f"https://127.0.0.1:{port}/", "ca": str(cdn.ca_pem)}
+        upstream = Upstream("mute", HttpsOriginConfig(**config, total_timeout=4, connect_timeout=10))
+        url = URL(f"https://127.0.0.1:{port}/com.example.mute/1.0.0.zip")
+        try:
+            async with upstream.open_url(url) as body:
+                got = b"".join([bytes(c) async for c in body.chunks])  # type: ignore[attr-defined]
+            try:
+                async with upstream.open_url(url) as body:
+                    return got, "served"
+            except OriginTooSlow as exc:
+                return got, str(exc)
+        finally:
+            await upstream.close()
+
+    with KeepAliveThenMute(cdn, hold=3.4) as origin:
+        got, second = asyncio.run(main(origin.port))
+        assert wait_until(lambda: len(origin.left_after) == 1, timeout=10)
+    assert got == b"{}" and "total_timeout" in second, second
+    assert origin.accepted == 2
+    assert origin.left_after[0] < 2.0, origin.left_after  # about 0.6 s; 4 s when the retry had a deadline of its own
+
+
 def test_an_origins_cookie_is_never_sent_back_and_no_content_coding_is_asked_for(cdn: HttpsOrigin) -> None:
     data = os.urandom(5_000)
     cdn.publish("com.example.cookie", "1.0.0", data)
