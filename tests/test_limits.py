@@ -496,6 +496,50 @@ def test_silent_connections_at_a_handshake_cap_make_room_for_a_new_client(
             sock.close()
 
 
+def test_at_both_handshake_caps_no_other_addresses_handshake_is_closed_for_nothing(
+    tmp_path: Path, pki: Pki, capgo_dir: Path
+) -> None:
+    """Both caps reached: three silent handshakes from 127.0.0.2 (the oldest), three from 127.0.0.1, at most six
+    in all and three per address. A client from 127.0.0.1 gets in by closing the oldest of its own address; the
+    other address's handshakes stay (closing one of those would leave the client refused by its address's cap)."""
+    origin = publish(tmp_path, capgo_dir)
+    cfg = write_config(
+        tmp_path / "gw",
+        pki,
+        origins={"local": {"type": "directory", "path": str(origin)}},
+        extra={"limits": {"max_handshakes": 6, "max_handshakes_per_address": 3}},
+    )
+    with run_gateway(cfg) as gw:
+        silent = []
+        for source in ["127.0.0.2"] * 3 + ["127.0.0.1"] * 3:
+            sock = socket.socket()
+            sock.settimeout(10)
+            sock.bind((source, 0))
+            sock.connect(("127.0.0.1", gw.port))
+            silent.append(sock)
+            time.sleep(0.05)  # in order: the first is the oldest
+        assert wait_until(lambda: gw.metric("ota_gateway_connections_open", listener="main") == 6)
+        client = pki.client_context(pki.client).wrap_socket(
+            socket.create_connection(("127.0.0.1", gw.port), timeout=10), server_hostname="localhost"
+        )
+        client.sendall(request("GET", "/updates"))
+        status = one_response(client)[0]
+        client.close()
+        assert status == 200
+        refused = "ota_gateway_connections_refused_total"
+        assert gw.metric(refused, listener="main", cause="max_handshakes_per_address") == 1
+        assert gw.metric(refused, listener="main", cause="max_handshakes") == 0
+        silent[3].settimeout(5)
+        with contextlib.suppress(ConnectionResetError):
+            assert silent[3].recv(1) == b""  # the oldest of the client's own address was closed
+        for sock in silent[:3] + silent[4:]:  # every other one is still held
+            sock.setblocking(False)
+            with pytest.raises(BlockingIOError):
+                sock.recv(1)
+        for sock in silent:
+            sock.close()
+
+
 def _connect_many(port: int, count: int, first: bytes) -> list[socket.socket]:
     socks = []
     for _ in range(count):

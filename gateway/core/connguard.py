@@ -108,16 +108,21 @@ def admit(caps: Caps, counts: Counts, *, tls: bool, listener_cap: int | None, ov
     """None to admit a new connection, else the refusal cause (one of REFUSAL_CAUSES).
 
     `overall=False` (the admin listener) is held to its own cap only, so that a flood of the public listeners
-    never locks out the scraper that would show it."""
+    never locks out the scraper that would show it.
+
+    The per-address handshake cap is decided before the overall one: when both are reached, the room is made
+    (`makes_room`) from the newcomer's own address, which frees a place under both caps. Deciding the overall
+    cap first closed the oldest handshake of any address, and the newcomer was then refused all the same by its
+    address's cap: a handshake closed for nothing."""
     if overall and counts.connections >= caps.connections:
         return "max_connections"
     if listener_cap is not None and counts.listener >= listener_cap:
         return "listener_max_connections"
     if tls:
-        if counts.handshakes >= caps.handshakes:
-            return "max_handshakes"
         if counts.handshakes_from_address >= caps.handshakes_per_address:
             return "max_handshakes_per_address"
+        if counts.handshakes >= caps.handshakes:
+            return "max_handshakes"
     return None
 
 

@@ -75,6 +75,19 @@ def test_refused_at_each_cap(c: Counts, tls: bool, listener_cap: int | None, cau
     assert cause in REFUSAL_CAUSES
 
 
+def test_at_both_handshake_caps_the_newcomers_own_address_makes_room() -> None:
+    """Both caps reached: the cause is the per-address cap, so the handshake closed to make room is one of the
+    newcomer's address, which frees a place under both caps; closing another address's (for `max_handshakes`)
+    would leave the newcomer refused by its address's cap anyway."""
+    cause = admit(CAPS, counts(handshakes=10, from_address=3), tls=True, listener_cap=None)
+    assert cause == "max_handshakes_per_address" and makes_room(cause)
+    after = admit(CAPS, counts(handshakes=9, from_address=2), tls=True, listener_cap=None)  # one of its own closed
+    assert after is None
+    # only the overall cap: any address's oldest handshake makes room, and the newcomer's address is below its cap
+    assert admit(CAPS, counts(handshakes=10, from_address=2), tls=True, listener_cap=None) == "max_handshakes"
+    assert admit(CAPS, counts(handshakes=9, from_address=2), tls=True, listener_cap=None) is None
+
+
 def test_handshake_caps_do_not_apply_to_plain_listeners() -> None:
     assert admit(CAPS, counts(handshakes=10, from_address=3), tls=False, listener_cap=None) is None
 
