@@ -46,20 +46,9 @@ class Expiry(NamedTuple):  # a tuple: made on every phase change of every connec
     answer: bool  # True: HTTP can still answer (408); False: close quietly
 
 
-def deadline(phase: Phase, since: float, timeouts: Timeouts) -> Expiry | None:
-    """When a connection in `phase` since `since` times out, and how; None: no listener deadline."""
-    if phase in (Phase.FIRST, Phase.HEADERS):
-        return Expiry(since + timeouts.header, "header", True)
-    if phase is Phase.IDLE:
-        return Expiry(since + timeouts.idle, "idle", False)
-    if phase is Phase.BODY:
-        return Expiry(since + timeouts.body, "body", True)
-    return None
-
-
 def due(phase: Phase, since: float, timeouts: Timeouts) -> float | None:
-    """`deadline(phase, since, timeouts).at` alone (None: no deadline): what every phase change asks (three per
-    request), without building the `Expiry` that only a firing timer needs."""
+    """When a connection in `phase` since `since` times out (None: no listener deadline): what every phase change
+    asks (three per request), without building the `Expiry` that only a firing timer needs (`deadline`)."""
     if phase is Phase.BUSY:
         return None
     if phase is Phase.IDLE:
@@ -67,6 +56,24 @@ def due(phase: Phase, since: float, timeouts: Timeouts) -> float | None:
     if phase is Phase.BODY:
         return since + timeouts.body
     return since + timeouts.header
+
+
+# per phase with a deadline: the timeout cause (TIMEOUT_CAUSES) and whether HTTP can still answer (408)
+_EXPIRY = {
+    Phase.FIRST: ("header", True),
+    Phase.HEADERS: ("header", True),
+    Phase.IDLE: ("idle", False),
+    Phase.BODY: ("body", True),
+}
+
+
+def deadline(phase: Phase, since: float, timeouts: Timeouts) -> Expiry | None:
+    """When a connection in `phase` since `since` times out (`due`), and how; None: no listener deadline."""
+    at = due(phase, since, timeouts)
+    if at is None:
+        return None
+    cause, answer = _EXPIRY[phase]
+    return Expiry(at, cause, answer)
 
 
 # a timer that fires at most this much before its deadline counts as on time (event loops round timers to ms)
