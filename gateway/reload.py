@@ -98,11 +98,14 @@ def trust_stamps(config: Config) -> dict[str, tuple[object, ...] | None]:
 
 
 def _alike(level: int) -> int:
-    """The level of a line every worker would log alike (a reload and its outcome): `level` in one process, debug
-    in all but the worker in slot 0 (`workers.reports`), so that one reload is one line."""
+    """The level of a line every worker would log alike (a reload and its outcome): `level` in one process; with
+    several workers, a success (info) is logged by the worker in slot 0 only (`workers.reports`; debug in the
+    others), so that one reload is one line. A warning (a failed reload, a stale CRL, a listener change that needs
+    a restart) is logged by every worker: slot 0 may be dead or restarting exactly when the config on disk is
+    broken, and one line per worker is better than none."""
     from gateway.workers import reports
 
-    return level if reports() else logging.DEBUG
+    return level if level >= logging.WARNING or reports() else logging.DEBUG
 
 
 def _stamp(path: Path) -> tuple[object, ...]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import http.client
+import logging
 import os
 import signal
 import threading
@@ -352,3 +353,17 @@ def test_an_origin_ca_file_changed_in_place_is_reloaded_in_both_directions(
         assert wait_until(lambda: _reloads(gw, "success") >= 2, timeout=10), gw.stderr_lines
         answer = https_request(url.format(gw.base_url), ctx)
         assert answer.status == 200 and answer.body == data
+
+
+def test_a_worker_other_than_slot_0_logs_reload_failures_as_warnings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """While the worker in slot 0 is dead or restarting (a broken config on disk), the others must not log a failed
+    reload at debug only: warnings are logged by every worker, a success by slot 0 alone."""
+    from gateway import workers
+    from gateway.reload import _alike
+
+    monkeypatch.setenv(workers.WORKER_ENV, "1")
+    monkeypatch.setenv(workers.SLOT_ENV, "1")
+    assert _alike(logging.WARNING) == logging.WARNING
+    assert _alike(logging.INFO) == logging.DEBUG
+    monkeypatch.setenv(workers.SLOT_ENV, "0")
+    assert (_alike(logging.WARNING), _alike(logging.INFO)) == (logging.WARNING, logging.INFO)
