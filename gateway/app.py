@@ -28,7 +28,7 @@ from gateway.audit import AuditRecord
 from gateway.config import Config, TlsListener
 from gateway.core.connguard import fd_pressure
 from gateway.core.names import host_of
-from gateway.core.reasons import Reason, Refusal
+from gateway.core.reasons import Reason, Refusal, for_http_error
 from gateway.handlers.bundles import get_bundle
 from gateway.handlers.channel import channel_self
 from gateway.handlers.stats import get_stats, post_stats
@@ -288,14 +288,21 @@ async def _readyz(request: web.Request) -> web.Response:
 
 @web.middleware
 async def _admin_problems(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """aiohttp's own 404 and 405 (text/plain) as problem details, like every other error answer."""
+    """aiohttp's own 404 and 405 (text/plain) as problem details, like every other error answer, each with the
+    reason for its status (`reasons.for_http_error`) and a detail that says what happened (never the client's
+    bytes)."""
     try:
         return await handler(request)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        detail = "the admin listener serves /metrics, /healthz and /readyz (GET)"
-        resp = problem_response(Reason.NOT_FOUND, detail, exc.status)
+        if exc.status == 404:
+            detail = "no such path: the admin listener serves /metrics, /healthz and /readyz"
+        elif exc.status == 405:
+            detail = "method not allowed: /metrics, /healthz and /readyz answer GET and HEAD only (see Allow)"
+        else:
+            detail = exc.reason or "request refused"
+        resp = problem_response(for_http_error(exc.status), detail, exc.status)
         if "Allow" in exc.headers:
             resp.headers["Allow"] = exc.headers["Allow"]
         return resp

@@ -28,7 +28,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from gateway.answers import refusal_response
 from gateway.audit import AuditLog, AuditRecord
 from gateway.core.identity import ClientIdentity
-from gateway.core.reasons import Reason, Refusal
+from gateway.core.reasons import Reason, Refusal, for_http_error
 from gateway.metrics import Metrics
 
 log = logging.getLogger("ota_gateway.http")
@@ -67,7 +67,7 @@ class Recorder:
                 resp.force_close()  # the rest of the body is never read
             return resp
         if isinstance(exc, web.HTTPException) and exc.status >= 400:
-            reason = Reason.NOT_FOUND if exc.status in (404, 405) else Reason.BAD_REQUEST
+            reason = for_http_error(exc.status)
             self._note(record, "refused", reason, record.detail)
             return refusal_response(route, Refusal(reason, exc.reason or "request refused"), exc.status)
         if isinstance(exc, HttpProcessingError):

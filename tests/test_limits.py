@@ -345,10 +345,17 @@ def test_an_unknown_expectation_is_ignored_never_a_plain_text_417_echoing_it(
     assert "text/plain" not in headers.get("content-type", "")
 
 
-@pytest.mark.parametrize(("method", "path", "status"), [("GET", "/nothing/here", 404), ("POST", "/metrics", 405)])
+@pytest.mark.parametrize(
+    ("method", "path", "status", "detail"),
+    [
+        ("GET", "/nothing/here", 404, "no such path: "),
+        ("POST", "/metrics", 405, "method not allowed: "),
+    ],
+)
 def test_the_admin_listener_answers_errors_as_problem_details_and_names_no_library(
-    env: Env, method: str, path: str, status: int
+    env: Env, method: str, path: str, status: int, detail: str
 ) -> None:
+    """Each status says what happened: a 405 is not told to look for another path."""
     sock = env.plain(env.gw.admin_port)
     sock.sendall(request(method, path, Connection="close"))
     raw, _ = read_until_closed(sock, 10)
@@ -356,7 +363,10 @@ def test_the_admin_listener_answers_errors_as_problem_details_and_names_no_libra
     got, headers, body = parse(raw)
     assert got == status
     assert headers["content-type"] == "application/problem+json"
-    assert json.loads(body)["reason"] == "not_found"
+    doc = json.loads(body)
+    assert doc["reason"] == "not_found"  # the closed set's closest for both (the status tells them apart)
+    assert doc["detail"].startswith(detail) and doc["status"] == status
+    assert ("allow" in headers) == (status == 405)
     assert headers["server"] == "ota-gateway"  # not aiohttp's name and version
 
 

@@ -62,6 +62,13 @@ class Reason(enum.Enum):
 ALL_LABELS: tuple[str, ...] = tuple(r.label for r in Reason)
 
 
+def for_http_error(status: int) -> Reason:
+    """The reason for an error the HTTP layer answers itself (aiohttp's 404 and 405, a 400 it raises): no route,
+    or no route for that method (the set has no reason of its own for 405: `not_found` is the closest, the status
+    says which), else `bad_request`."""
+    return Reason.NOT_FOUND if status in (404, 405) else Reason.BAD_REQUEST
+
+
 class Refusal(Exception):
     """Raised by the core (and the shell) to refuse a request for one closed-set reason."""
 
