@@ -20,7 +20,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import aiohttp
 import pytest
@@ -933,20 +933,20 @@ def test_a_chunked_body_cut_half_way_is_a_short_body(cdn: HttpsOrigin, mode: str
         assert isinstance(got, str) and got.startswith(ShortBody.__name__), got
 
 
-class KeepAliveThenMute:
-    """An origin whose first connection answers one GET (`{}`, kept alive), then holds the next GET `hold` seconds
-    and closes with no answer; every later connection is accepted but never gets a TLS handshake: silent until the
-    client leaves, which `left_after` records (seconds after that close)."""
+class ThreadedTlsOrigin:
+    """A hand-written TLS origin on a thread: each accepted connection is served by `handler(conn)` on a thread of
+    its own (`handler` picks it); stops with the `with` block."""
 
-    def __init__(self, cdn: HttpsOrigin, hold: float) -> None:
-        self.ctx, self.hold = cdn.server_context(), hold
+    def __init__(self, cdn: HttpsOrigin, name: str) -> None:
+        self.ctx = cdn.server_context()
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self.stop = threading.Event()
         self.accepted = 0
-        self.dropped_at: float | None = None
-        self.left_after: list[float] = []
-        self.thread = threading.Thread(target=self.serve, daemon=True, name="keep-alive-then-mute")
+        self.thread = threading.Thread(target=self.serve, daemon=True, name=name)
+
+    def handler(self) -> Callable[[socket.socket], None]:
+        raise NotImplementedError
 
     def serve(self) -> None:
         self.listener.settimeout(0.2)
@@ -958,17 +958,42 @@ class KeepAliveThenMute:
             except OSError:
                 return
             self.accepted += 1
-            handler = self.first if self.accepted == 1 else self.mute
-            threading.Thread(target=handler, args=(conn,), daemon=True).start()
+            threading.Thread(target=self.handler(), args=(conn,), daemon=True).start()
 
     @staticmethod
-    def request(tls: ssl.SSLSocket) -> None:
+    def request(tls: ssl.SSLSocket) -> bytes:
+        """One request's head; raises ConnectionError when the client leaves first."""
         got = b""
         while b"\r\n\r\n" not in got:
             chunk = tls.recv(65536)
             if not chunk:
                 raise ConnectionError("the client left")
             got += chunk
+        return got
+
+    def __enter__(self) -> Self:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.listener.close()
+        self.thread.join(5)
+
+
+class KeepAliveThenMute(ThreadedTlsOrigin):
+    """An origin whose first connection answers one GET (`{}`, kept alive), then holds the next GET `hold` seconds
+    and closes with no answer; every later connection is accepted but never gets a TLS handshake: silent until the
+    client leaves, which `left_after` records (seconds after that close)."""
+
+    def __init__(self, cdn: HttpsOrigin, hold: float) -> None:
+        super().__init__(cdn, "keep-alive-then-mute")
+        self.hold = hold
+        self.dropped_at: float | None = None
+        self.left_after: list[float] = []
+
+    def handler(self) -> Callable[[socket.socket], None]:
+        return self.first if self.accepted == 1 else self.mute
 
     def first(self, conn: socket.socket) -> None:
         try:
@@ -993,15 +1018,6 @@ class KeepAliveThenMute:
         if self.dropped_at is not None:
             self.left_after.append(time.monotonic() - self.dropped_at)
         conn.close()
-
-    def __enter__(self) -> KeepAliveThenMute:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        self.listener.close()
-        self.thread.join(5)
 
 
 def test_a_get_sent_again_has_only_the_rest_of_total_timeout_to_connect(cdn: HttpsOrigin) -> None:
@@ -1129,12 +1145,13 @@ def test_unread_bytes_in_a_pooled_socket_are_never_read_as_the_next_answer(cdn: 
 # ---- a chunked body the parser cannot frame, from an origin that then keeps its connection open ---------------------
 
 
-class DeafChunkedOrigin:
+class DeafChunkedOrigin(ThreadedTlsOrigin):
     """Serves `<app>/releases.json` for one release and answers its file with a chunked body whose chunk size is
     not hexadecimal; then it neither reads nor closes (a TLS close from the gateway goes unanswered) until stopped."""
 
     def __init__(self, cdn: HttpsOrigin, data: bytes) -> None:
-        self.ctx, self.data = cdn.server_context(), data
+        super().__init__(cdn, "deaf-chunked-origin")
+        self.data = data
         self.index = {
             "app_id": APP_ID,
             "releases": [
@@ -1147,19 +1164,13 @@ class DeafChunkedOrigin:
                 }
             ],
         }
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self.serve, daemon=True, name="deaf-chunked-origin")
 
     def answer(self, tls: ssl.SSLSocket) -> None:
         while True:
-            request = b""
-            while b"\r\n\r\n" not in request:
-                chunk = tls.recv(65536)
-                if not chunk:
-                    return
-                request += chunk
+            try:
+                request = self.request(tls)
+            except ConnectionError:
+                return
             if b"releases.json" in request.split(b"\r\n", 1)[0]:
                 body = json.dumps(self.index).encode()
                 tls.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
@@ -1169,16 +1180,8 @@ class DeafChunkedOrigin:
             self.stop.wait(30)  # deaf: reads nothing more, closes nothing
             return
 
-    def serve(self) -> None:
-        self.listener.settimeout(0.2)
-        while not self.stop.is_set():
-            try:
-                conn, _ = self.listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            threading.Thread(target=self.handle, args=(conn,), daemon=True).start()
+    def handler(self) -> Callable[[socket.socket], None]:
+        return self.handle
 
     def handle(self, conn: socket.socket) -> None:
         try:
@@ -1187,15 +1190,6 @@ class DeafChunkedOrigin:
                 self.answer(tls)
         except OSError:
             conn.close()
-
-    def __enter__(self) -> DeafChunkedOrigin:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        self.listener.close()
-        self.thread.join(5)
 
 
 def test_a_chunked_body_that_cannot_be_parsed_is_an_origin_error_at_once(
