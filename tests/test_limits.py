@@ -41,6 +41,22 @@ HEADER, BODY, IDLE = 1.0, 1.5, 1.5
 LIMITS = {"header_timeout": HEADER, "body_timeout": BODY, "keepalive_timeout": IDLE, "shutdown_grace": 2}
 
 
+def mtls(gw: GatewayProcess, pki: Pki) -> ssl.SSLSocket:
+    """A new mTLS connection to the gateway's main listener, as the test PKI's client."""
+    raw = socket.create_connection(("127.0.0.1", gw.port), timeout=10)
+    return pki.client_context(pki.client).wrap_socket(raw, server_hostname="localhost")
+
+
+def get_once(gw: GatewayProcess, pki: Pki, path: str) -> tuple[int, dict[str, str], bytes]:
+    """One GET of `path` on a new mTLS connection, which is closed after the answer."""
+    sock = mtls(gw, pki)
+    try:
+        sock.sendall(request("GET", path))
+        return one_response(sock)
+    finally:
+        sock.close()
+
+
 @dataclass
 class Env:
     gw: GatewayProcess
@@ -48,8 +64,7 @@ class Env:
     plain_port: int
 
     def tls(self) -> ssl.SSLSocket:
-        raw = socket.create_connection(("127.0.0.1", self.gw.port), timeout=10)
-        return self.pki.client_context(self.pki.client).wrap_socket(raw, server_hostname="localhost")
+        return mtls(self.gw, self.pki)
 
     def plain(self, port: int) -> socket.socket:
         return socket.create_connection(("127.0.0.1", port), timeout=10)
@@ -414,9 +429,7 @@ def test_handshake_caps_close_new_connections_while_established_clients_keep_wor
         extra={"limits": {"max_handshakes_per_address": 5, "max_connections": 12, "max_handshakes": 100}},
     )
     with run_gateway(cfg) as gw:
-        established = pki.client_context(pki.client).wrap_socket(
-            socket.create_connection(("127.0.0.1", gw.port), timeout=10), server_hostname="localhost"
-        )
+        established = mtls(gw, pki)
         established.sendall(request("GET", "/updates"))
         assert one_response(established)[0] == 200
         # ten TCP connections that never start TLS: five are held (per-address cap), five closed at once
@@ -487,12 +500,7 @@ def test_silent_connections_at_a_handshake_cap_make_room_for_a_new_client(
             silent.append(socket.create_connection(("127.0.0.1", gw.port), timeout=10))
             time.sleep(0.05)  # in order: the first is the oldest
         assert wait_until(lambda: gw.metric("ota_gateway_connections_open", listener="main") == 6)
-        client = pki.client_context(pki.client).wrap_socket(
-            socket.create_connection(("127.0.0.1", gw.port), timeout=10), server_hostname="localhost"
-        )
-        client.sendall(request("GET", f"/bundles/{APP_ID}/1.1.0.zip"))
-        status, _, body = one_response(client)
-        client.close()
+        status, _, body = get_once(gw, pki, f"/bundles/{APP_ID}/1.1.0.zip")
         assert status == 200 and body == (capgo_dir / "app_1.1.0.zip").read_bytes()
         assert gw.metric("ota_gateway_connections_refused_total", listener="main", cause=cause) == 1
         silent[0].settimeout(5)
@@ -529,12 +537,7 @@ def test_at_both_handshake_caps_no_other_addresses_handshake_is_closed_for_nothi
             silent.append(sock)
             time.sleep(0.05)  # in order: the first is the oldest
         assert wait_until(lambda: gw.metric("ota_gateway_connections_open", listener="main") == 6)
-        client = pki.client_context(pki.client).wrap_socket(
-            socket.create_connection(("127.0.0.1", gw.port), timeout=10), server_hostname="localhost"
-        )
-        client.sendall(request("GET", "/updates"))
-        status = one_response(client)[0]
-        client.close()
+        status = get_once(gw, pki, "/updates")[0]
         assert status == 200
         refused = "ota_gateway_connections_refused_total"
         assert gw.metric(refused, listener="main", cause="max_handshakes_per_address") == 1
@@ -585,12 +588,7 @@ def test_partial_header_flood_on_plain_http_under_1024_fds_leaves_mtls_downloads
                 timeout=15,
             )
             for _ in range(3):  # new mTLS connections, while the flood is held
-                sock = pki.client_context(pki.client).wrap_socket(
-                    socket.create_connection(("127.0.0.1", gw.port), timeout=10), server_hostname="localhost"
-                )
-                sock.sendall(request("GET", f"/bundles/{APP_ID}/1.1.0.zip"))
-                status, _, body = one_response(sock)
-                sock.close()
+                status, _, body = get_once(gw, pki, f"/bundles/{APP_ID}/1.1.0.zip")
                 assert status == 200 and body == (capgo_dir / "app_1.1.0.zip").read_bytes()
             assert gw.metric("ota_gateway_connections_open", listener="plain_http") == 128
         finally:
@@ -626,9 +624,7 @@ def test_downloads_that_each_hold_an_origin_connection_never_run_the_gateway_out
         try:
             for _ in range(auto_max_connections(nofile) + 40):
                 try:
-                    sock = pki.client_context(pki.client).wrap_socket(
-                        socket.create_connection(("127.0.0.1", gw.port), timeout=10), server_hostname="localhost"
-                    )
+                    sock = mtls(gw, pki)
                     sock.sendall(request("GET", f"/bundles/{APP_ID}/1.1.0.zip"))
                     head = sock.recv(12)
                 except OSError:
