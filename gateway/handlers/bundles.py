@@ -211,11 +211,7 @@ async def _read_whole(verifier: Verifier, body: Body, seconds: float, rule: MinR
         raise verifier.error(exc.reason, str(exc)) from None
     finally:
         await chunks.aclose()
-    tail = verifier.finish()
-    if not pieces:
-        return tail
-    pieces.append(tail)
-    return b"".join(pieces)
+    return _finished(verifier, pieces)
 
 
 def _read_at_once(verifier: Verifier, body: FileBody) -> bytes | memoryview:
@@ -230,6 +226,11 @@ def _read_at_once(verifier: Verifier, body: FileBody) -> bytes | memoryview:
                 pieces.append(released)
     except OriginError as exc:
         raise verifier.error(exc.reason, str(exc)) from None
+    return _finished(verifier, pieces)
+
+
+def _finished(verifier: Verifier, pieces: list[bytes | memoryview]) -> bytes | memoryview:
+    """A body read whole: the pieces the verifier released, then its tail (or a `Refusal` if the body fails)."""
     tail = verifier.finish()
     if not pieces:
         return tail
