@@ -103,6 +103,9 @@ class _Acceptor(asyncio.Protocol):
         handed_over = False
         try:
             handed_over = await self._handshake_and_hand_over(raw)
+        except Exception:
+            raw.abort()  # never left open with this protocol, which has no deadline and buffers what it reads
+            raise
         finally:
             self._transport = None  # the alert sink (kept by the transport's context) holds no transport after
             if slot is not None:
@@ -150,6 +153,12 @@ class _Acceptor(asyncio.Protocol):
             listener.failed("timeout" if timed_out else "aborted", exc)
             raw.abort()
             return False
+        except ValueError as exc:
+            # UnicodeDecodeError: at the end of the handshake the event loop's getpeercert() decodes every name of
+            # the client's certificate, and fails on one that is not text (a DNS name of raw bytes a CA signed)
+            listener.failed("other", f"client certificate names cannot be decoded: {exc!r}")
+            raw.abort()
+            return False
         if tls is None or self._lost:
             listener.failed("aborted", None)
             raw.abort()
@@ -160,7 +169,12 @@ class _Acceptor(asyncio.Protocol):
             listener.failed("no_cert", None)
             tls.abort()
             return False
-        identity = identity_from_der(der)
+        try:
+            identity = identity_from_der(der)
+        except ValueError as exc:  # OpenSSL accepted what cryptography cannot parse (a PrintableString with '_')
+            listener.failed("other", f"client certificate cannot be parsed: {exc}")
+            tls.abort()
+            return False
         if not identity.client_auth_eku:
             listener.failed("purpose", None)
             tls.abort()
@@ -189,6 +203,22 @@ class _Acceptor(asyncio.Protocol):
             protocol.data_received(bytes(self._pending))
             self._pending.clear()
         return True
+
+
+def quiet_handshake_reports(loop: asyncio.AbstractEventLoop) -> None:
+    """Send the event loop's own report of a failed handshake to debug.
+
+    asyncio and uvloop report a handshake that failed with anything but an OSError (a certificate name their
+    getpeercert() cannot decode) as an error with a traceback; the listener counts and logs that handshake itself
+    (`TlsListenerServer.failed`). Every other report of the loop keeps its default handling."""
+
+    def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        if str(context.get("message", "")).startswith("SSL handshake failed"):
+            log.debug("%s: %r", context["message"], context.get("exception"))
+            return
+        loop.default_exception_handler(context)
+
+    loop.set_exception_handler(handler)
 
 
 def _feed_early(raw: asyncio.Transport, acceptor: _Acceptor, data: bytes) -> None:

@@ -32,7 +32,14 @@ from gateway.config import Config
 from gateway.core.connguard import Caps, Timeouts, auto_max_connections
 from gateway.core.tickets import TicketKey
 from gateway.errors import ConfigError
-from gateway.listener import ConnectionBudget, GuardedAppRunner, HttpGuard, PlainListener, TlsListenerServer
+from gateway.listener import (
+    ConnectionBudget,
+    GuardedAppRunner,
+    HttpGuard,
+    PlainListener,
+    TlsListenerServer,
+    quiet_handshake_reports,
+)
 from gateway.logs import announce_ready
 from gateway.memory import trim_after_churn
 from gateway.metrics import Metrics
@@ -212,6 +219,7 @@ async def serve(
         task.add_done_callback(tasks.discard)
 
     loop = asyncio.get_running_loop()
+    quiet_handshake_reports(loop)
     loop.add_signal_handler(signal.SIGTERM, on_stop)
     loop.add_signal_handler(signal.SIGINT, on_stop)
     loop.add_signal_handler(signal.SIGHUP, on_hup)

@@ -9,6 +9,7 @@ The gateway runs once per module and event loop (uvloop, the default, and the st
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import hashlib
 import shutil
 import socket
@@ -21,6 +22,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.name import _ASN1Type
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from gateway.core.handshake import CAUSES
 from gateway.publish import add_release
@@ -490,3 +496,103 @@ def test_a_min_tls_1_3_listener_refuses_a_tls_1_2_client_and_serves_tls_1_3(tmp_
         new = _s_client(gw13, pki, pki.client, "-tls1_3")
         assert b"New, TLSv1.3, Cipher is" in new.stdout and b"HTTP/1.1 200 OK" in new.stdout
         _assert_delta(gw13, before, handshakes=1)
+
+
+# -- client certificates that OpenSSL accepts and Python cannot read --------------------------------------------------
+
+
+def _odd_client(
+    pki: Pki,
+    directory: Path,
+    name: str,
+    subject: x509.Name,
+    *,
+    sans: list[x509.GeneralName] | None = None,
+    patch: tuple[bytes, bytes] | None = None,
+) -> ssl.SSLContext:
+    """A client certificate signed by the test CA (clientAuth, as `certs.make_leaf` makes them) with `subject` and
+    `sans`; `patch` replaces bytes of the signed part by others of the same length before it is signed, for names no
+    certificate builder writes (a DNS name that is not text)."""
+    ca_cert = x509.load_pem_x509_certificate(pki.ca.cert_pem.bytes())
+    ca_key = serialization.load_pem_private_key(pki.ca.private_key_pem.bytes(), password=None)
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(dt.UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+    )
+    if sans:
+        builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+    cert = builder.sign(ca_key, hashes.SHA256())
+    der = cert.public_bytes(serialization.Encoding.DER)
+    if patch is not None:
+        old, new = patch
+        assert len(old) == len(new) and cert.tbs_certificate_bytes.count(old) == 1
+        tbs = cert.tbs_certificate_bytes.replace(old, new)
+        signature = ca_key.sign(tbs, ec.ECDSA(hashes.SHA256()))
+        ecdsa_sha256 = _der(0x30, _der(0x06, bytes.fromhex("2a8648ce3d040302")))
+        der = _der(0x30, tbs + ecdsa_sha256 + _der(0x03, b"\x00" + signature))
+    cert_path, key_path = directory / f"{name}.pem", directory / f"{name}.key"
+    cert_path.write_text(ssl.DER_cert_to_PEM_cert(der))
+    key_path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return pki.client_context(CertFiles(cert_path, key_path))
+
+
+def _der(tag: int, body: bytes) -> bytes:
+    size = len(body)
+    length = bytes([size]) if size < 0x80 else bytes([0x80 | 2]) + size.to_bytes(2, "big")
+    return bytes([tag]) + length + body
+
+
+def _cn(value: str, kind: _ASN1Type) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, value, kind)])
+
+
+def test_a_certificate_the_gateway_cannot_parse_is_refused_not_held_open(
+    gw: GatewayProcess, pki: Pki, tmp_path: Path
+) -> None:
+    """A CN written as a PrintableString with '_' (outside that type's alphabet, yet issued by real CAs) passes
+    OpenSSL's checks, but the gateway cannot read the certificate (cryptography refuses it). The connection is
+    closed at once and counted (cause `other`); it was kept open, uncounted and without a deadline, buffering all the
+    client sent (1.2 GB in 8 s). The twin: the same name as a UTF8String is served."""
+    before = _counts(gw)
+    name = _cn("device-1", _ASN1Type.PrintableString)  # the builder refuses '_' there: written in afterwards
+    _refused(gw, _odd_client(pki, tmp_path, "printable", name, patch=(b"device-1", b"device_1")))
+    _assert_delta(gw, before, other=1)
+    before = _counts(gw)
+    _, answer = _https_get(gw, _odd_client(pki, tmp_path, "utf8", _cn("device_1", _ASN1Type.UTF8String)))
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:100]
+    _assert_delta(gw, before, handshakes=1)
+
+
+def test_a_certificate_name_the_event_loop_cannot_decode_is_refused_quietly(
+    gw: GatewayProcess, pki: Pki, tmp_path: Path
+) -> None:
+    """A DNS name that is not UTF-8 in a CA-signed certificate: the event loop's getpeercert() fails at the end of the
+    handshake. The handshake is counted (cause `other`), and nothing is logged above debug (it was an unretrieved
+    task exception and the loop's own report, each with a traceback, and no count). The twin: a text name is served."""
+    before, lines = _counts(gw), len(gw.stderr_lines)
+    san = [x509.DNSName("xxxx.example.app")]
+    _refused(
+        gw,
+        _odd_client(
+            pki, tmp_path, "bytes", _cn("d", _ASN1Type.UTF8String), sans=san, patch=(b"xxxx", b"\xff\xfe\x00\n")
+        ),
+    )
+    _assert_delta(gw, before, other=1)
+    assert gw.stderr_lines[lines:] == []
+    before = _counts(gw)
+    _, answer = _https_get(gw, _odd_client(pki, tmp_path, "text", _cn("d", _ASN1Type.UTF8String), sans=san))
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:100]
+    _assert_delta(gw, before, handshakes=1)
