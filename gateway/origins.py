@@ -660,12 +660,29 @@ class _BufferedReads(asyncio.BufferedProtocol):
 _HEAD_END = re.compile(rb"\r?\n\r?\n")  # the parser is lenient about the CR before LF in responses
 
 
+def _verdict(exc: BaseException) -> str | None:
+    """The HTTP parser's verdict on a malformed answer, by name only: the first line of its message up to the first
+    colon, where aiohttp starts quoting the origin's bytes (the line, or the whole buffer: up to a bundle's 145 KB).
+    None: not the parser's error."""
+    parser = isinstance(exc, HttpProcessingError)  # a ClientSession's call says it as a ClientResponseError 400
+    if not (parser or (isinstance(exc, aiohttp.ClientResponseError) and exc.status == 400)):
+        return None
+    first = str(getattr(exc, "message", "") or "").strip().partition("\n")[0].partition(":")[0].strip()
+    return first or type(exc).__name__
+
+
+def _described(exc: BaseException) -> str:
+    """What went wrong on the way to an origin's answer, for a detail, the audit line and /readyz: a malformed answer
+    by the parser's verdict (never the origin's bytes), anything else by its type and message."""
+    verdict = _verdict(exc)
+    return f"malformed HTTP response ({verdict})" if verdict is not None else f"{type(exc).__name__}: {exc}"
+
+
 class _MalformedBody(aiohttp.ClientError):
-    """A body the parser could not frame, named by the parser's first line only (never the origin's bytes)."""
+    """A body the parser could not frame, named by the parser's verdict only (never the origin's bytes)."""
 
     def __init__(self, exc: BaseException) -> None:
-        what = exc.message if isinstance(exc, HttpProcessingError) and exc.message else type(exc).__name__
-        super().__init__(f"malformed body: {what.splitlines()[0].rstrip(':')}")
+        super().__init__(f"malformed body: {_verdict(exc) or type(exc).__name__}")
 
     def __repr__(self) -> str:
         return str(self)
@@ -1175,7 +1192,7 @@ class HttpsOrigin:
             except TimeoutError:
                 raise self._too_slow(f"GET {url.path} (until its headers)") from None
             except (aiohttp.ClientError, HttpProcessingError, ssl.SSLError, OSError) as exc:
-                raise OriginError(f"origin {self.name}: {type(exc).__name__}: {exc}") from None
+                raise OriginError(f"origin {self.name}: {_described(exc)}") from None
             if resp.status in (301, 302, 303, 307, 308) and "Location" in resp.headers:
                 try:
                     target = url.join(URL(resp.headers["Location"]))
@@ -1324,7 +1341,7 @@ class HttpsOrigin:
         except OriginError:
             raise
         except (aiohttp.ClientError, TimeoutError, ssl.SSLError, OSError) as exc:
-            raise OriginError(f"origin {self.name}: {type(exc).__name__}: {exc}") from None
+            raise OriginError(f"origin {self.name}: {_described(exc)}") from None
 
     async def close(self) -> None:
         self._targets.clear()  # they name the closed session

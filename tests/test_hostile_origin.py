@@ -1250,3 +1250,61 @@ def test_the_twin_a_chunked_body_with_extensions_and_a_trailer_arrives_whole(
         with run_gateway(cfg) as process:
             answer = https_request(f"{process.base_url}/bundles/{APP_ID}/1.0.0.zip", pki.client_context(pki.client))
             assert answer.status == 200 and answer.body == data
+
+
+# ---- an origin's malformed answer is named, never echoed -------------------------------------------------------------
+
+
+class ScriptedAnswer(ThreadedTlsOrigin):
+    """Answers every request on every connection with `answer`, in one write, then closes."""
+
+    def __init__(self, cdn: HttpsOrigin, answer: bytes) -> None:
+        super().__init__(cdn, "scripted-answer")
+        self.answer = answer
+
+    def handler(self) -> Callable[[socket.socket], None]:
+        return self.answer_once
+
+    def answer_once(self, conn: socket.socket) -> None:
+        try:
+            conn.settimeout(10)
+            with self.ctx.wrap_socket(conn, server_side=True) as tls:
+                self.request(tls)
+                tls.sendall(self.answer)
+                time.sleep(0.5)
+        except OSError:
+            conn.close()
+
+
+LEAK = b"origin-secret"
+MALFORMED = {  # what the origin sends -> how aiohttp's parser names it (what the detail keeps)
+    "no status line": (LEAK + b" ") * 3000,
+    "a CR inside a header": b"HTTP/1.1 200 OK\r\nX-Leak: " + LEAK + b"\rx\r\nContent-Length: 2\r\n\r\n{}",
+    "an endless status line": b"HTTP/1.1 200 " + LEAK * 1000 + b"\r\nContent-Length: 2\r\n\r\n{}",
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_a_malformed_answer_is_named_without_echoing_the_origins_bytes(
+    cdn: HttpsOrigin, pki: Pki, tmp_path: Path, case: str
+) -> None:
+    """The parser's verdict on a malformed answer head (a release index GET, an update call) reaches the client's
+    answer, the audit line and /readyz by name only: none of the origin's bytes. They were echoed, up to 145 KB of a
+    bundle in one problem+json answer, one audit line and /readyz. The twin: the verdict is still named."""
+    with ScriptedAnswer(cdn, MALFORMED[case]) as origin:
+        config = {"type": "https", "url": f"https://127.0.0.1:{origin.port}/", "ca": str(cdn.ca_pem)}
+        cfg = write_config(tmp_path, pki, origins={"bad": {**config, "updates_path": "updates"}})
+        with run_gateway(cfg) as gw:
+            ctx = pki.client_context(pki.client)
+            bundle = https_request(f"{gw.base_url}/bundles/{APP_ID}/1.0.0.zip", ctx)
+            update = capgo_call(f"{gw.base_url}/updates", ctx, device_body())
+            ready = https_ready(gw)
+            assert wait_until(lambda: len(gw.audit()) == 2)
+            lines = gw.audit_path.read_text().splitlines()
+    assert bundle.status == 502 and bundle.json()["reason"] == "origin_error"
+    assert update.json()["error"] == "origin_error"
+    details = [bundle.json()["detail"], update.json()["message"], *ready["reasons"], *lines]
+    for text in details:
+        assert LEAK.decode() not in text and len(text) < 1000, text[:300]
+    for text in details[:3]:
+        assert "HTTP response" in text, text  # the verdict, named
