@@ -23,6 +23,15 @@ class ReleaseIndexError(ValueError):
         self.message = message
 
 
+SHOWN = 64  # characters of a value from an index that an error quotes: an index is an origin's, of up to 4 MiB
+
+
+def _shown(value: Any) -> str:
+    """A value of an index as an error quotes it: its repr, cut at `SHOWN` characters."""
+    text = repr(value)
+    return text if len(text) <= SHOWN else f"{text[: SHOWN - 3]}..."
+
+
 @dataclass(frozen=True, slots=True)
 class CapgoSignature:
     checksum: str  # 512 lowercase hex
@@ -57,19 +66,19 @@ def _release(where: str, raw: Any) -> Release:
     known = {"version", "channel", "file", "size", "sha256", "capgo"}
     for key in raw:
         if key not in known:
-            raise ReleaseIndexError(f"{where}.{key}", "unknown key")
+            raise ReleaseIndexError(f"{where}.{str(key)[:SHOWN]}", "unknown key")
     for key in ("version", "channel", "file", "size", "sha256"):
         if key not in raw:
             raise ReleaseIndexError(f"{where}.{key}", "required key is missing")
     version, channel, file, size, sha = (raw[k] for k in ("version", "channel", "file", "size", "sha256"))
     if not isinstance(version, str) or not is_version(version):
-        raise ReleaseIndexError(f"{where}.version", f"not a valid version: {version!r}")
+        raise ReleaseIndexError(f"{where}.version", f"not a valid version: {_shown(version)}")
     if not isinstance(channel, str) or not is_channel(channel):
-        raise ReleaseIndexError(f"{where}.channel", f"not a valid channel name: {channel!r}")
+        raise ReleaseIndexError(f"{where}.channel", f"not a valid channel name: {_shown(channel)}")
     if not isinstance(file, str) or not is_relative_file(file):
-        raise ReleaseIndexError(f"{where}.file", f"must be a relative file name without '..': {file!r}")
+        raise ReleaseIndexError(f"{where}.file", f"must be a relative file name without '..': {_shown(file)}")
     if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
-        raise ReleaseIndexError(f"{where}.size", f"must be a positive integer, got {size!r}")
+        raise ReleaseIndexError(f"{where}.size", f"must be a positive integer, got {_shown(size)}")
     if not is_lower_hex(sha, 64):
         raise ReleaseIndexError(f"{where}.sha256", "must be 64 lowercase hex characters")
     capgo = None
@@ -94,7 +103,7 @@ def parse_index(app_id: str, data: Any) -> ReleaseIndex:
     if not isinstance(data, dict) or set(data) - {"app_id", "releases"}:
         raise ReleaseIndexError("", "an index is a mapping with 'releases' (and optionally 'app_id')")
     if data.get("app_id", app_id) != app_id:
-        raise ReleaseIndexError("app_id", f"index is for {data.get('app_id')!r}, not {app_id!r}")
+        raise ReleaseIndexError("app_id", f"index is for {_shown(data.get('app_id'))}, not {app_id!r}")
     raw = data.get("releases")
     if not isinstance(raw, list):
         raise ReleaseIndexError("releases", "must be a list")

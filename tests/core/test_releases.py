@@ -181,3 +181,22 @@ def test_models_are_frozen() -> None:
         index.releases[0].size = 11  # type: ignore[misc]
     with pytest.raises(AttributeError):
         index.app_id = "x"  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        doc(release(version="1" * 100_000)),
+        doc(release(channel="c" * 100_000)),
+        doc(release(file="/" * 100_000)),
+        doc(release(size="9" * 100_000)),
+        doc(release(**{"k" * 100_000: 1})),
+        doc(app_id="com." + "a" * 100_000),
+    ],
+)
+def test_an_error_quotes_at_most_a_short_piece_of_the_index(data: Any) -> None:
+    """An index is an origin's (up to 4 MiB): the value an error quotes is cut, so that a detail, an audit line and
+    /readyz stay short. The twin: a short value is quoted whole (the cases above)."""
+    problem = _problem(data)
+    assert len(str(problem)) < 200, str(problem)[:300]
+    assert len(str(_problem(doc(release(version="1.0.0\n" + "x" * 40))))) > 60  # quoted whole
