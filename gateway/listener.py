@@ -47,6 +47,7 @@ from gateway.core.connguard import (
     fired_early,
     makes_room,
     timer_needed,
+    waiting,
 )
 from gateway.core.handshake import classify
 from gateway.core.identity import identity_from_der
@@ -304,7 +305,7 @@ def _peer_ip(transport: asyncio.BaseTransport) -> str | None:
 class Slot:
     """One admitted connection's place in the budget; `release()` gives it back (once)."""
 
-    __slots__ = ("_budget", "_handshaking", "_released", "abort", "address", "listener")
+    __slots__ = ("_budget", "_handshaking", "_released", "abort", "address", "listener", "waiting")
 
     def __init__(
         self,
@@ -313,10 +314,12 @@ class Slot:
         address: str | None,
         handshaking: bool,
         abort: Callable[[], None] | None = None,
+        waiting: Callable[[], bool] | None = None,
     ) -> None:
         self._budget, self.listener, self.address = budget, listener, address
         self._handshaking, self._released = handshaking, False
         self.abort = abort  # closes the connection (a handshake closed to make room: core/connguard.makes_room)
+        self.waiting = waiting  # True while it has no request being answered (may make room at its listener's cap)
 
     def handshake_done(self) -> None:
         if self._handshaking:
@@ -328,7 +331,7 @@ class Slot:
             self._released = True
             if self._handshaking:
                 self.handshake_done()
-            self._budget._closed(self.listener)
+            self._budget._closed(self)
 
 
 class ConnectionBudget:
@@ -353,6 +356,7 @@ class ConnectionBudget:
         self.handshakes = 0
         self.by_address: dict[str | None, int] = {}
         self._handshaking: dict[Slot, None] = {}  # handshakes in progress, oldest first
+        self._capped: dict[str, dict[Slot, None]] = {name: {} for name in self.listener_caps}  # oldest first
         self._logged: dict[str, float] = {}
         self._open_gauges: dict[str, Any] = {}  # listener -> its child of `connections_open`, looked up once
 
@@ -363,11 +367,18 @@ class ConnectionBudget:
         return gauge
 
     def open_slot(
-        self, listener: str, address: str | None, *, tls: bool, abort: Callable[[], None] | None = None
+        self,
+        listener: str,
+        address: str | None,
+        *,
+        tls: bool,
+        abort: Callable[[], None] | None = None,
+        waiting: Callable[[], bool] | None = None,
     ) -> Slot | None:
-        """A place for a new connection (`abort` closes it, should it be closed to make room), or None: refused."""
+        """A place for a new connection (`abort` closes it, should it be closed to make room; `waiting` says whether
+        it may be, at its listener's own cap), or None: refused."""
         cause = self._admit(listener, address, tls)
-        if cause is not None and makes_room(cause) and self._make_room(cause, address):
+        if cause is not None and makes_room(cause) and self._make_room(cause, address, listener):
             cause = self._admit(listener, address, tls)
         if cause is not None:
             self.closed_total += 1
@@ -383,7 +394,10 @@ class ConnectionBudget:
             self.open += 1
         self.per_listener[listener] = self.per_listener.get(listener, 0) + 1
         self._open_gauge(listener).inc()
-        slot = Slot(self, listener, address, tls, abort)
+        slot = Slot(self, listener, address, tls, abort, waiting)
+        capped = self._capped.get(listener)
+        if capped is not None:
+            capped[slot] = None
         if tls:
             self.handshakes += 1
             self.by_address[address] = self.by_address.get(address, 0) + 1
@@ -400,9 +414,18 @@ class ConnectionBudget:
             overall=listener not in self.own_cap_only,
         )
 
-    def _make_room(self, cause: str, address: str | None) -> bool:
-        """Close the oldest handshake in progress (from `address`, for the per-address cap); False if there is none.
-        Counted as a connection closed for `cause`; its handshake ends as `aborted`."""
+    def _make_room(self, cause: str, address: str | None, listener: str) -> bool:
+        """Close the oldest handshake in progress (from `address`, for the per-address cap), or at `listener`'s own
+        cap its oldest connection waiting for a request; False if there is none. Counted as a connection closed for
+        `cause`; a handshake closed so ends as `aborted`."""
+        if cause == "listener_max_connections":
+            for victim in self._capped.get(listener, {}):
+                if victim.abort is not None and victim.waiting is not None and victim.waiting():
+                    self.metrics.connections_refused.labels(listener, cause).inc()
+                    victim.release()  # its place is free now (released once more, as a no-op, when it is lost)
+                    victim.abort()
+                    return True
+            return False
         same_address = cause == "max_handshakes_per_address"
         for victim in self._handshaking:
             if victim.abort is not None and (not same_address or victim.address == address):
@@ -422,7 +445,11 @@ class ConnectionBudget:
         else:
             self.by_address.pop(address, None)  # the table holds only addresses with handshakes in progress
 
-    def _closed(self, listener: str) -> None:
+    def _closed(self, slot: Slot) -> None:
+        listener = slot.listener
+        capped = self._capped.get(listener)
+        if capped is not None:
+            capped.pop(slot, None)
         self.closed_total += 1
         if listener not in self.own_cap_only:
             self.open -= 1
@@ -481,13 +508,22 @@ class GuardedRequestHandler(RequestHandler):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if self._slot is None:  # a plain listener: admission happens here
-            self._slot = self._guard.budget.open_slot(self._guard.listener, _peer_ip(transport), tls=False)
+            self._slot = self._guard.budget.open_slot(
+                self._guard.listener,
+                _peer_ip(transport),
+                tls=False,
+                abort=cast(asyncio.Transport, transport).abort,
+                waiting=self._waiting,
+            )
             if self._slot is None:
                 self._refused = True
                 cast(asyncio.Transport, transport).abort()
                 return
         super().connection_made(transport)
         self._enter(Phase.FIRST)
+
+    def _waiting(self) -> bool:
+        return waiting(self._phase)
 
     def connection_lost(self, exc: BaseException | None) -> None:
         if self._refused:

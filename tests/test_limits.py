@@ -721,3 +721,43 @@ def test_rss_after_1000_aborted_downloads_comes_back_within_32_mib(tmp_path: Pat
             f"RSS {warm} KiB warm, +{grown[-1]} KiB after 1,000 aborted downloads"
         )
         assert https_request(f"{gw.base_url}{path}", ctx).status == 200
+
+
+@pytest.mark.parametrize("which", ["admin", "plain_http"])
+def test_partial_header_connections_at_a_listener_cap_make_room_for_a_new_request(
+    tmp_path: Path, pki: Pki, capgo_dir: Path, which: str
+) -> None:
+    """Connections that send part of a request head and stop fill the admin (or plain-HTTP) listener's cap, and an
+    attacker renews each as it times out: the listener was closed to every newcomer, so /healthz, /readyz and
+    /metrics went dark while 32 such connections per worker were held (on Kubernetes, where the admin port is on the
+    pod's address for the kubelet's probes, a liveness probe failing into restarts). At the cap the oldest
+    connection that waits for a request is closed for the new one; the others stay held."""
+    origin = publish(tmp_path, capgo_dir)
+    port = free_port()
+    section = {"admin": {"max_connections": 4}, "plain_http": {"enabled": True, "port": port, "max_connections": 4}}
+    cfg = write_config(
+        tmp_path / "gw", pki, origins={"local": {"type": "directory", "path": str(origin)}}, extra=section
+    )
+    with run_gateway(cfg) as gw:
+        port = gw.admin_port if which == "admin" else port
+        held = []
+        for _ in range(4):
+            held.append(socket.create_connection(("127.0.0.1", port), timeout=10))
+            held[-1].sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")  # never finished
+            time.sleep(0.05)  # in order: the first is the oldest
+        assert wait_until(lambda: gw.metric("ota_gateway_connections_open", listener=which) == 4)
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            status = one_response(sock)[0]
+        assert status == (200 if which == "admin" else 308)
+        refused = gw.metric("ota_gateway_connections_refused_total", listener=which, cause="listener_max_connections")
+        assert refused == 1
+        held[0].settimeout(5)
+        with contextlib.suppress(ConnectionResetError):
+            assert held[0].recv(1) == b""  # the oldest was closed
+        for sock in held[1:]:  # the others are still held
+            sock.setblocking(False)
+            with pytest.raises(BlockingIOError):
+                sock.recv(1)
+        for sock in held:
+            sock.close()

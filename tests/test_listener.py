@@ -72,3 +72,34 @@ def test_client_hello_read_before_start_tls_is_not_lost(pki: Pki, monkeypatch: p
     assert early and all(n > 0 for n in early), early  # the scenario happened: bytes were read before start_tls
     assert answers == [(200, b"hello"), (200, b"hello")]
     assert metrics.registry.get_sample_value("ota_gateway_tls_handshakes_total", {"listener": "main"}) == 2
+
+
+def test_at_a_listener_cap_only_a_connection_waiting_for_a_request_makes_room() -> None:
+    """At the admin or plain-HTTP listener's cap the oldest connection that waits for a request is closed for the
+    newcomer; one being answered never is, and with every connection being answered the newcomer is refused."""
+    from gateway.core.connguard import Caps
+
+    closed: list[str] = []
+    busy = {"a": True, "b": False, "c": False, "d": True}
+
+    def open_slot(budget: listener_module.ConnectionBudget, name: str) -> listener_module.Slot | None:
+        return budget.open_slot(
+            "admin", "127.0.0.1", tls=False, abort=lambda: closed.append(name), waiting=lambda: not busy[name]
+        )
+
+    async def main() -> None:
+        metrics = Metrics()
+        budget = listener_module.ConnectionBudget(Caps(100, 10, 10), metrics, {"admin": 3}, frozenset({"admin"}))
+        for name in "abc":
+            assert open_slot(budget, name) is not None
+        assert open_slot(budget, "d") is not None and closed == ["b"]  # "a" is older, but being answered
+        busy["c"] = True
+        assert open_slot(budget, "e") is None and closed == ["b"]  # a, c and d are being answered: refused
+        refused = metrics.registry.get_sample_value
+        assert (
+            refused("ota_gateway_connections_refused_total", {"listener": "admin", "cause": "listener_max_connections"})
+            == 2
+        )
+        assert refused("ota_gateway_connections_open", {"listener": "admin"}) == 3
+
+    asyncio.run(main())

@@ -134,15 +134,23 @@ def admit(caps: Caps, counts: Counts, *, tls: bool, listener_cap: int | None, ov
 
 
 # causes where the cap makes room instead of refusing: the oldest handshake in progress (of the same address, for
-# the per-address cap) is closed for the new connection. Silent TCP connections that fill the cap, and are renewed
-# as each times out, would otherwise keep every new client out; this way they only churn among themselves, and a
-# client whose handshake takes less than the flood needs to renew the whole cap gets in.
-MAKES_ROOM = frozenset({"max_handshakes", "max_handshakes_per_address"})
+# the per-address cap) is closed for the new connection; at a listener's own cap (admin, plain HTTP) the oldest
+# connection of that listener that has no request being answered (`waiting`). Silent or half-sent connections that
+# fill the cap, and are renewed as each times out, would otherwise keep every new client out (the admin listener:
+# every probe and scrape); this way they only churn among themselves, and a client whose handshake or request takes
+# less than the flood needs to renew the whole cap gets in. At the overall cap a newcomer is refused.
+MAKES_ROOM = frozenset({"max_handshakes", "max_handshakes_per_address", "listener_max_connections"})
 
 
 def makes_room(cause: str | None) -> bool:
-    """Whether a refusal for `cause` closes the oldest handshake in progress instead (see MAKES_ROOM)."""
+    """Whether a refusal for `cause` closes an older connection instead (see MAKES_ROOM)."""
     return cause in MAKES_ROOM
+
+
+def waiting(phase: Phase) -> bool:
+    """Whether a connection in `phase` may be closed to make room at its listener's cap: it has sent no complete
+    request yet, or idles between two. One whose request is being answered (BUSY) never is."""
+    return phase is not Phase.BUSY
 
 
 RESERVED_FDS = 64  # listeners, the admin listener's own connections, the state store, the audit log, logs, pipes

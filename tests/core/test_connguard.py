@@ -21,6 +21,7 @@ from gateway.core.connguard import (
     fired_early,
     makes_room,
     timer_needed,
+    waiting,
 )
 
 T = Timeouts(header=10, body=30, idle=75)
@@ -142,10 +143,17 @@ def test_a_timer_of_an_earlier_phase_waits_for_this_phases_deadline() -> None:
     assert not fired_early(idle, 80.0)
 
 
-def test_only_the_handshake_caps_make_room() -> None:
-    """At a handshake cap the oldest handshake in progress is closed for the new connection; at a connection cap
-    the new one is refused (an established client is never closed for a newcomer)."""
+def test_the_handshake_and_listener_caps_make_room_the_overall_cap_does_not() -> None:
+    """At a handshake cap the oldest handshake in progress is closed for the new connection, at a listener's own cap
+    (admin, plain HTTP) the oldest connection waiting for a request; at the overall connection cap the new one is
+    refused (an established client is never closed for a newcomer)."""
     assert makes_room("max_handshakes") and makes_room("max_handshakes_per_address")
-    assert not makes_room("max_connections") and not makes_room("listener_max_connections")
+    assert makes_room("listener_max_connections")
+    assert not makes_room("max_connections")
     assert not makes_room(None)
+
+
+def test_only_a_connection_being_answered_is_never_closed_to_make_room() -> None:
+    assert waiting(Phase.FIRST) and waiting(Phase.HEADERS) and waiting(Phase.IDLE) and waiting(Phase.BODY)
+    assert not waiting(Phase.BUSY)
     assert set(REFUSAL_CAUSES) >= {"max_handshakes", "max_handshakes_per_address"}
