@@ -90,7 +90,9 @@ class Recorder:
         if not isinstance(exc, Exception) or isinstance(exc, web.HTTPException):
             return None  # a redirect, or SystemExit/KeyboardInterrupt: not a request outcome
         # a bug: logged once with its traceback, answered with problem details, audited and counted
-        log.error("unexpected error on %s %s", record.method, record.path, exc_info=exc)
+        # the path as the client wrote it may hold a line break (%0A): escaped, it cannot forge a log line
+        path = record.path.encode("unicode_escape").decode()
+        log.error("unexpected error on %s %s", record.method, path, exc_info=exc)
         self._note(record, "refused", Reason.INTERNAL_ERROR, "internal error")
         resp = refusal_response(route, Refusal(Reason.INTERNAL_ERROR, "internal error"))
         resp.force_close()

@@ -19,6 +19,8 @@ from gateway.reload import load_all
 from gateway.runner import build_runtime
 from tests.support import Answer, Pki, https_request, write_config
 
+FORGED = "/boom%0Aota-gateway:%20ready:%20forged"  # a path that decodes to a second line
+
 
 @pytest.mark.filterwarnings("ignore::aiohttp.web_exceptions.NotAppKeyWarning")  # str request keys, as in serve
 def test_an_unexpected_exception_is_a_counted_audited_500_logged_once(
@@ -35,7 +37,7 @@ def test_an_unexpected_exception_is_a_counted_audited_500_logged_once(
     async def main() -> None:
         rt = build_runtime(load_all(cfg))
         app = create_app(rt)
-        app.router.add_get("/boom", boom)
+        app.router.add_get("/boom{tail:[\\s\\S]*}", boom)
         budget = ConnectionBudget(Caps(100, 100, 100), rt.metrics)
         guard = HttpGuard(
             "main", Timeouts(5, 5, 5), budget, low_level_recorder(rt), lambda: low_level_headers(rt.snapshot, tls=True)
@@ -50,7 +52,7 @@ def test_an_unexpected_exception_is_a_counted_audited_500_logged_once(
         port = listener.sockets[0].getsockname()[1]
         ctx = pki.client_context(pki.client)
         try:
-            for path in ("/boom", "/updates"):
+            for path in (FORGED, "/updates"):
                 answers[path] = await asyncio.to_thread(https_request, f"https://127.0.0.1:{port}{path}", ctx)
         finally:
             listener.close()
@@ -63,7 +65,7 @@ def test_an_unexpected_exception_is_a_counted_audited_500_logged_once(
 
     with caplog.at_level(logging.INFO):
         asyncio.run(main())
-    boom_answer = answers["/boom"]
+    boom_answer = answers[FORGED]
     assert boom_answer.status == 500
     assert boom_answer.headers["content-type"] == "application/problem+json"
     assert boom_answer.headers["strict-transport-security"].startswith("max-age=")
@@ -71,9 +73,10 @@ def test_an_unexpected_exception_is_a_counted_audited_500_logged_once(
     assert b"SECRET" not in boom_answer.body and b"Traceback" not in boom_answer.body
     tracebacks = [r for r in caplog.records if r.exc_info is not None]
     assert len(tracebacks) == 1 and "kaboom" in str(tracebacks[0].exc_info[1])  # type: ignore[index]
+    assert "\n" not in tracebacks[0].getMessage()  # the request path cannot forge a log line (text format)
     audit = [json.loads(line) for line in (tmp_path / "gw" / "audit.log").read_text().splitlines()]
     assert [(a["path"], a["status"], a.get("reason")) for a in audit] == [
-        ("/boom", 500, "internal_error"),
+        ("/boom\nota-gateway: ready: forged", 500, "internal_error"),
         ("/updates", 200, None),
     ]
     assert answers["/updates"].status == 200  # the twin: a working handler on the same stack
