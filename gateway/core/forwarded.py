@@ -98,13 +98,27 @@ def _quote(value: str) -> str:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
+def _fits_header(value: str) -> bool:
+    """No control character: a header value cannot carry CR or LF (aiohttp refuses to send it), nor should others."""
+    return not any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in value)
+
+
+def _fits_unquoted(value: str) -> bool:
+    """Safe as an unquoted XFCC value: no separator (`,` `;`) or quote that would start elements or pairs of its own."""
+    return _fits_header(value) and not any(ch in value for ch in ',;"')
+
+
 def xfcc_value(identity: ClientIdentity, by: str | None = None) -> str:
-    """`By=...;Hash=...;Subject="...";URI=...;DNS=...` as Envoy writes it (URI/DNS repeated per SAN)."""
+    """`By=...;Hash=...;Subject="...";URI=...;DNS=...` as Envoy writes it (URI/DNS repeated per SAN).
+
+    A name of the certificate that cannot be written faithfully is left out (the Hash always goes): a subject with
+    a control character, a URI or DNS name with one or with `,` `;` `"` (a CA signs what a device's request names)."""
     parts = []
     if by:
         parts.append(f"By={by}")
     parts.append(f"Hash={identity.sha256}")
-    parts.append(f"Subject={_quote(identity.subject)}")
-    parts.extend(f"URI={uri}" for uri in identity.san_uri if "," not in uri and ";" not in uri)
-    parts.extend(f"DNS={dns}" for dns in identity.san_dns)
+    if _fits_header(identity.subject):
+        parts.append(f"Subject={_quote(identity.subject)}")
+    parts.extend(f"URI={uri}" for uri in identity.san_uri if _fits_unquoted(uri))
+    parts.extend(f"DNS={dns}" for dns in identity.san_dns if _fits_unquoted(dns))
     return ";".join(parts)

@@ -162,3 +162,33 @@ def test_xfcc_value_with_uri_and_dns_sans() -> None:
         f'Hash={ident.sha256};Subject="{ident.subject}";URI=spiffe://trust.domain/device/1;'
         "DNS=a.example.app;DNS=b.example.app"
     )
+
+
+def test_xfcc_value_leaves_out_names_that_would_break_the_header_or_its_format() -> None:
+    """Names in a CA-signed certificate can hold any character (a device that enrolls with its own CSR picks them): a
+    DNS name with ';' or ',' added elements of its own to what the origin reads (`URI=spiffe://evil/admin`), and a
+    CR or LF in any name made each request of that client a 500 (aiohttp refuses such a header). Such names are
+    left out, as URIs with ',' or ';' already were; the Hash always goes. The twin: plain names go as before."""
+    ca_cert, ca_key = gw_certs.make_ca("xfcc CA")
+    odd = x509.DNSName._init_without_validation
+    cert, _ = gw_certs.make_leaf(
+        ca_cert,
+        ca_key,
+        "dev\r\nX-Injected: 1",
+        server=False,
+        sans=[
+            odd("a.example;URI=spiffe://evil/admin"),
+            odd('b.example,By="x"'),
+            odd("c.example\r\nX-Injected: 1"),
+            x509.UniformResourceIdentifier._init_without_validation("spiffe://trust.domain/\n1"),
+            x509.UniformResourceIdentifier("spiffe://trust.domain/device/1"),
+            x509.DNSName("ok.example.app"),
+        ],
+    )
+    ident = _identity(cert)
+    value = xfcc_value(ident)
+    assert value == f"Hash={ident.sha256};URI=spiffe://trust.domain/device/1;DNS=ok.example.app"
+    assert len(_split_elements(value)) == 1
+    plain, _ = gw_certs.make_leaf(ca_cert, ca_key, "dev", server=False, sans=[x509.DNSName("ok.example.app")])
+    twin = _identity(plain)
+    assert xfcc_value(twin) == f'Hash={twin.sha256};Subject="{twin.subject}";DNS=ok.example.app'
