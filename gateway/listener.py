@@ -495,6 +495,7 @@ class GuardedRequestHandler(RequestHandler):
         self._inner_factory = self._request_factory
         self._request_factory = self._dispatch
         self.memo: dict[str, Any] = {}  # what the application derives from this connection once (peer.py)
+        self._peer_done = False  # a plain-HTTP client ended its side after complete requests (`eof_received`)
 
     def attach(self, slot: Slot | None) -> None:
         """Take over the slot a TLS listener admitted this connection with."""
@@ -524,6 +525,19 @@ class GuardedRequestHandler(RequestHandler):
 
     def _waiting(self) -> bool:
         return waiting(self._phase)
+
+    def eof_received(self) -> bool:  # type: ignore[override]  # asyncio's Protocol returns bool; aiohttp says None
+        """A plain-HTTP client that ends its side once its requests are out (shutdown(SHUT_WR), `nc -N`) still gets
+        their answers, then the connection closes (aiohttp closed it at the end of stream, unanswered). With no
+        complete request received, or one whose body can no longer come, it closes now. TLS connections end with
+        close_notify, which asyncio's TLS layer handles itself."""
+        transport = self.transport
+        if transport is None or transport.get_extra_info("ssl_object") is not None:
+            return False
+        if self._messages or self._phase is Phase.BUSY:
+            self._peer_done = True  # answered, then closed (`log_access`)
+            return True
+        return False
 
     def connection_lost(self, exc: BaseException | None) -> None:
         if self._refused:
@@ -575,6 +589,8 @@ class GuardedRequestHandler(RequestHandler):
         super().log_access(request, response, time)  # called once the response is complete
         self._body = None
         self._enter(Phase.IDLE)
+        if self._peer_done and not self._messages:
+            self.close()  # the client ended its side: the last of its requests is answered
 
     # -- timeouts -------------------------------------------------------------------------------------------------
 

@@ -761,3 +761,25 @@ def test_partial_header_connections_at_a_listener_cap_make_room_for_a_new_reques
                 sock.recv(1)
         for sock in held:
             sock.close()
+
+
+@pytest.mark.parametrize("which", ["plain_http", "admin"])
+def test_a_client_that_half_closes_after_its_requests_gets_every_answer(env: Env, which: str) -> None:
+    """A plain-HTTP client that ends its side once its request is out (shutdown(SHUT_WR), `nc -N`, some health
+    checkers) still gets its answers, then the connection closes; it got none (aiohttp closed at the end of stream).
+    The twin: one that half-closes in the middle of a request head is closed at once, not held to the header
+    timeout."""
+    port = env.plain_port if which == "plain_http" else env.gw.admin_port
+    sock = env.plain(port)
+    sock.sendall(request("GET", "/healthz") * 2)  # two, pipelined
+    sock.shutdown(socket.SHUT_WR)
+    raw, elapsed = read_until_closed(sock, 5)
+    sock.close()
+    assert raw.count(b"HTTP/1.1 308" if which == "plain_http" else b"HTTP/1.1 200") == 2, raw[:300]
+    assert elapsed < 3
+    sock = env.plain(port)
+    sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+    sock.shutdown(socket.SHUT_WR)
+    raw, elapsed = read_until_closed(sock, 5)
+    sock.close()
+    assert raw == b"" and elapsed < HEADER, (raw[:200], elapsed)
