@@ -34,6 +34,7 @@ from gateway.core.policy import (
 from gateway.core.rollout import Halt, Rollout
 from gateway.core.versions import VersionError
 from gateway.core.versions import parse as parse_version
+from gateway.core.zipscan import ZipRules
 from gateway.errors import ConfigError, ConfigIssue
 from gateway.yamlsrc import read_yaml, validation_issues
 
@@ -152,11 +153,16 @@ class VersionsModel(Model):
     allow_builtin: bool = True
 
 
+class ZipScanModel(Model):
+    allow_native_code: bool = False
+
+
 class VerificationModel(Model):
     require_checksum: bool = True
     public_keys: list[Annotated[str, AfterValidator(_public_key)]] = []
     max_bundle_bytes: Annotated[int, Field(gt=0)] | None = None
     bundle_urls: list[Annotated[str, AfterValidator(parse_pattern)]] = []
+    zip_scan: ZipScanModel | None = None
 
 
 class RateLimitsModel(Model):
@@ -249,10 +255,16 @@ def _to_policy(app: AppModel, source: str) -> AppPolicy:
             tuple(app.verification.public_keys),
             app.verification.max_bundle_bytes,
             tuple(app.verification.bundle_urls),
+            _zip_rules(app.verification.zip_scan),
         ),
         rate_limits=RateLimits(app.rate_limits.updates_per_minute, app.rate_limits.stats_per_minute),
         rollout=_rollout(app),
     )
+
+
+def _zip_rules(model: ZipScanModel | None) -> ZipRules | None:
+    """The zip scan is on for an app with a `verification.zip_scan` block (`{}` for the defaults)."""
+    return None if model is None else ZipRules(allow_native_code=model.allow_native_code)
 
 
 def _rollout(app: AppModel) -> Rollout | None:

@@ -102,6 +102,7 @@ def test_complete_policy_loads(tmp_path: Path, config: Config, rsa_pub: str) -> 
               require_checksum: false
               max_bundle_bytes: 1000000
               public_keys: ["{pub}"]
+              zip_scan: {{allow_native_code: true}}
             rate_limits: {{updates_per_minute: 10, stats_per_minute: 20}}
           - app_id: com.example.second
             origin: local
@@ -129,9 +130,17 @@ def test_complete_policy_loads(tmp_path: Path, config: Config, rsa_pub: str) -> 
     assert not app.verification.require_checksum and app.verification.max_bundle_bytes == 1000000
     assert app.verification.public_keys[0].startswith("-----BEGIN RSA PUBLIC KEY-----")
     assert (app.rate_limits.updates_per_minute, app.rate_limits.stats_per_minute) == (10, 20)
+    assert app.verification.zip_scan is not None and app.verification.zip_scan.allow_native_code
     second = ps.apps["com.example.second"]
     assert second.channels.default == "production" and second.channels.allowed == ("production",)
     assert second.verification.require_checksum and second.clients[0].name == "rule0"
+    assert second.verification.zip_scan is None  # off unless the policy asks for it
+
+
+def test_an_empty_zip_scan_block_turns_the_scan_on_with_native_code_refused(tmp_path: Path, config: Config) -> None:
+    write(tmp_path, "a.yaml", APP_HEAD + "    clients: [{issuer: [ca]}]\n    verification:\n      zip_scan: {}\n")
+    rules = load_policies(tmp_path, config).apps["com.example.app"].verification.zip_scan
+    assert rules is not None and not rules.allow_native_code
 
 
 def test_unknown_key(tmp_path: Path, config: Config) -> None:
@@ -150,6 +159,11 @@ def test_unknown_nested_key(tmp_path: Path, config: Config) -> None:
         ("    channels:\n      self_set: 'yes'\n", "apps[0].channels.self_set", "self_set"),
         ("    rate_limits:\n      updates_per_minute: '60'\n", "apps[0].rate_limits.updates_per_minute", "updates_per"),
         ("    verification:\n      require_checksum: 1\n", "apps[0].verification.require_checksum", "require_"),
+        (
+            "    verification:\n      zip_scan: {allow_native_code: 2}\n",
+            "apps[0].verification.zip_scan.allow_native_code",
+            "zip_scan",
+        ),
         ("    versions:\n      max_version_jump: 1.5\n", "apps[0].versions.max_version_jump", "max_version_jump"),
         ("    deny:\n      cert_sha256: " + SHA + "\n", "apps[0].deny.cert_sha256", "cert_sha256"),
     ],

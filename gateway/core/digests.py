@@ -2,7 +2,9 @@
 
 Owns the digest pipelines of `core/verify.py`'s `Digest` protocol: SHA-256 of the bytes as served (plain bundles),
 SHA-256 after AES-128-CBC decryption with PKCS#7 padding checked at the end (Capgo encrypted bundles: the device
-compares the checksum with the *plain* zip), and SHA-256 after Brotli decompression (delta manifest `.br` files).
+compares the checksum with the *plain* zip), SHA-256 after Brotli decompression (delta manifest `.br` files), and,
+for an app with `verification.zip_scan`, SHA-256 of a zip that `core/zipscan.py` reads as it is hashed (the plain
+bytes: after decryption).
 The client still receives the bytes as served; these only decide whether they are the right ones. A stream that
 does not decode (bad padding, length not a multiple of the block, unfinished Brotli stream) yields `INVALID`,
 which never equals a SHA-256, so the verifier fails it as a checksum mismatch. Pure: keys are passed in.
@@ -18,7 +20,9 @@ import brotli as _brotli
 from cryptography.hazmat.primitives import padding as sym_padding
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
+from gateway.core.reasons import Reason, Refusal
 from gateway.core.verify import Digest
+from gateway.core.zipscan import ZipRules, ZipScanner
 
 INVALID = "invalid-encoding"
 
@@ -78,6 +82,29 @@ class DecompressingDigest:
         return self._inner.hexdigest()
 
 
+class ScanningDigest:
+    """Hashes what it is fed and lets a `ZipScanner` read the same bytes. The scan is judged after the digest: a
+    body whose digest is not the expected one is left to the verifier (`checksum_mismatch`: bytes the publisher
+    never made), and only a body with the right digest is refused for what it holds (`zip_content`), by raising
+    `Refusal` from `hexdigest()`, which the verifier turns into its failure before the held-back tail is released."""
+
+    def __init__(self, rules: ZipRules, expected: str) -> None:
+        self._sha = hashlib.sha256()
+        self._scanner = ZipScanner(rules)
+        self._expected = expected
+
+    def update(self, data: bytes | memoryview, /) -> None:
+        self._sha.update(data)
+        self._scanner.feed(data)
+
+    def hexdigest(self) -> str:
+        actual = self._sha.hexdigest()
+        problem = self._scanner.finish()
+        if problem is not None and actual == self._expected:
+            raise Refusal(Reason.ZIP_CONTENT, f"verification.zip_scan: {problem}")
+        return actual
+
+
 def _brotli_decompressor() -> Decompressor:
     decompressor: Any = _brotli.Decompressor()
     return decompressor  # type: ignore[no-any-return]
@@ -88,14 +115,16 @@ def pipeline(
     aes: tuple[bytes, bytes] | None = None,
     brotli: bool = False,
     decompressor_factory: Callable[[], Decompressor] | None = None,
+    zip_scan: tuple[ZipRules, str] | None = None,
 ) -> Callable[[], Digest]:
-    """A digest factory for `Verifier`: SHA-256 of the bytes after decryption (`aes=(key, iv)`) and decompression."""
-    if aes is None and not brotli:
+    """A digest factory for `Verifier`: SHA-256 of the bytes after decryption (`aes=(key, iv)`) and decompression;
+    with `zip_scan=(rules, expected sha256)` the plain bytes are also scanned as a zip (`ScanningDigest`)."""
+    if aes is None and not brotli and zip_scan is None:
         return hashlib.sha256  # the bytes as served (every plain download): no factory to build
     make_decompressor = decompressor_factory or _brotli_decompressor
 
     def factory() -> Digest:
-        digest: Digest = hashlib.sha256()
+        digest: Digest = hashlib.sha256() if zip_scan is None else ScanningDigest(*zip_scan)
         if brotli:
             digest = DecompressingDigest(make_decompressor(), digest)
         if aes is not None:

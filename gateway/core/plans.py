@@ -44,6 +44,7 @@ from gateway.core.review import (
 from gateway.core.rollout import HALTED, NO_ROLLOUT, Rollout, device_key, held_back, previous_release
 from gateway.core.tickets import Ticket, TicketError, TicketKey, open_ticket, seal
 from gateway.core.verify import Digest, Expectation
+from gateway.core.zipscan import ZipRules
 
 _RANGE_RE = re.compile(r"bytes=(\d{1,15})-")
 _SHOWN_NAME_RE = re.compile(r"[^A-Za-z0-9._-]")
@@ -123,9 +124,11 @@ class DownloadPlan:
     content_type: str = "application/zip"
     aes: tuple[bytes, bytes] | None = field(default=None, repr=False)  # decrypt before hashing (Capgo encrypted)
     brotli: bool = False  # decompress before hashing (a delta manifest `.br` file)
+    zip_scan: ZipRules | None = None  # scan the plain zip as it is hashed (`verification.zip_scan`)
 
     def digest_factory(self) -> Callable[[], Digest]:
-        return digests.pipeline(aes=self.aes, brotli=self.brotli)
+        scan = None if self.zip_scan is None else (self.zip_scan, self.expect.sha256)
+        return digests.pipeline(aes=self.aes, brotli=self.brotli, zip_scan=scan)
 
 
 def plan_release(
@@ -140,8 +143,15 @@ def plan_release(
     too_big = _over_cap(release.size, cap, "release")
     if too_big is not None:
         return too_big
+    rules = app.verification.zip_scan
+    if rules is not None and release.capgo is not None:
+        return Refusal(
+            Reason.ZIP_CONTENT,
+            f"verification.zip_scan: release {version} is encrypted and its download by version is not decrypted "
+            "here; devices get it through an update answer, whose download is decrypted and scanned",
+        )
     expect = Expectation(release.sha256, release.size, max_bytes=cap)
-    return DownloadPlan(app.app_id, version, origin, release.file, expect)
+    return DownloadPlan(app.app_id, version, origin, release.file, expect, zip_scan=rules)
 
 
 def redeem_ticket(token: str, keys: Sequence[TicketKey], *, now: float, peer: Peer) -> Ticket | Refusal:
@@ -193,6 +203,7 @@ def plan_ticket_download(
         content_type="application/zip" if ticket.file_name is None else "application/octet-stream",
         aes=aes,
         brotli=(ticket.file_name or "").endswith(".br"),
+        zip_scan=app.verification.zip_scan if ticket.file_name is None else None,  # a whole bundle, not a delta file
     )
 
 

@@ -22,6 +22,7 @@ from functools import lru_cache
 from gateway.core.identity import ClientIdentity
 from gateway.core.reasons import Reason, Refusal
 from gateway.core.rollout import Rollout
+from gateway.core.zipscan import ZipRules
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +82,7 @@ class Verification:
     public_keys: tuple[str, ...] = ()  # PEM, Capgo v2 RSA public keys (several during a rotation)
     max_bundle_bytes: int | None = None
     bundle_urls: tuple[str, ...] = ()  # core/bundle_urls.py patterns; empty: any url on the origin's hosts
+    zip_scan: ZipRules | None = None  # core/zipscan.py rules for every bundle's zip; None: no scan (the default)
 
 
 @dataclass(frozen=True, slots=True)

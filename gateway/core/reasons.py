@@ -34,6 +34,7 @@ class Reason(enum.Enum):
     SIGNATURE_INVALID = ("signature_invalid", 502)
     KEY_ID_MISMATCH = ("key_id_mismatch", 409)  # the device embeds a key the app's policy does not list
     UNVERIFIABLE = ("unverifiable", 502)
+    ZIP_CONTENT = ("zip_content", 502)  # verification.zip_scan: an entry escapes the bundle, is native code, ...
     SIZE_EXCEEDED = ("size_exceeded", 502)
     SHORT_BODY = ("short_body", 502)
     CLIENT_TOO_SLOW = ("client_too_slow", 408)  # the client took bytes below limits.client_min_rate

@@ -156,7 +156,10 @@ class Verifier:
                 Reason.SHORT_BODY,
                 f"origin ended after {self.received} of {self.expect.size} bytes",
             )
-        actual = self._digest.hexdigest()
+        try:
+            actual = self._digest.hexdigest()
+        except Refusal as refusal:  # a digest that also judges the content (core/digests.ScanningDigest)
+            raise self._fail(Event.END, refusal.reason, refusal.detail) from None
         if not hmac.compare_digest(actual, self.expect.sha256):
             raise self._fail(
                 Event.END,

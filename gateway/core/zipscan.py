@@ -49,7 +49,7 @@ _S_IFMT, _S_IFREG, _S_IFDIR, _S_IFLNK = 0o170000, 0o100000, 0o040000, 0o120000
 class ZipRules:
     """What an app's policy asks of its bundles (`verification.zip_scan`)."""
 
-    native_code: bool = True  # False: entries named like native code (`lib/x.so`, `classes.dex`) are refused
+    allow_native_code: bool = False  # False: entries named like native code (`lib/x.so`, `classes.dex`) are refused
 
 
 def shown(name: bytes) -> str:
@@ -72,7 +72,7 @@ def name_problem(name: bytes, rules: ZipRules) -> str | None:
         return f"entry {shown(name)!r} is an absolute path"
     if b".." in name.split(b"/"):
         return f"entry {shown(name)!r} has a '..' component (it would be unpacked outside the bundle)"
-    if not rules.native_code and _NATIVE.search(name.rstrip(b"/")):
+    if not rules.allow_native_code and _NATIVE.search(name.rstrip(b"/")):
         return f"entry {shown(name)!r} is native code, which this app's policy refuses"
     return None
 

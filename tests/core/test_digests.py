@@ -6,6 +6,7 @@ released are the encrypted ones, unchanged; any flipped byte, a cut-off block or
 
 from __future__ import annotations
 
+import hashlib
 import zlib
 
 import pytest
@@ -122,3 +123,60 @@ def test_real_brotli_files_are_hashed_after_decompression() -> None:
     verifier = Verifier(Expectation(FX["checksum"], len(damaged)), digest_factory=digests.pipeline(brotli=True))
     released, refusal = run(verifier, chunks(bytes(damaged), 5))
     assert refusal is not None and released != bytes(damaged)
+
+
+# --- verification.zip_scan: the plain zip is scanned as it is hashed -------------------------------------------
+
+
+def _slip_zip() -> bytes:
+    import io
+    import zipfile
+
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as zf:
+        zf.writestr("index.html", b"<html></html>")
+        zf.writestr("../../escape.js", b"alert(1)")
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_a_scanned_bundle_that_escapes_is_refused_before_its_tail_and_its_twin_passes(seed: int) -> None:
+    from gateway.core.zipscan import ZipRules
+
+    bad = _slip_zip()
+    sha = hashlib.sha256(bad).hexdigest()
+    scan = digests.pipeline(zip_scan=(ZipRules(), sha))
+    released, refusal = run(Verifier(Expectation(sha, len(bad)), digest_factory=scan), chunks(bad, seed))
+    assert refusal is not None and refusal.reason is Reason.ZIP_CONTENT and "'..' component" in refusal.detail
+    assert len(released) < len(bad)  # the tail was never released
+    # the twin: the same bundle without the scan passes whole
+    released, refusal = run(Verifier(Expectation(sha, len(bad))), chunks(bad, seed))
+    assert refusal is None and released == bad
+
+
+def test_a_scanned_bundle_with_the_wrong_digest_is_a_checksum_mismatch_first() -> None:
+    from gateway.core.zipscan import ZipRules
+
+    bad = _slip_zip()
+    wrong = "ab" * 32
+    scan = digests.pipeline(zip_scan=(ZipRules(), wrong))
+    _, refusal = run(Verifier(Expectation(wrong, len(bad)), digest_factory=scan), chunks(bad, 1))
+    assert refusal is not None and refusal.reason is Reason.CHECKSUM_MISMATCH
+
+
+def test_an_encrypted_bundle_is_scanned_after_decryption() -> None:
+    from gateway.core.zipscan import ZipRules
+
+    # the fixture passes the scan (its plain zip is clean); an encrypted zip-slip bundle is refused
+    ok = Verifier(
+        Expectation(DIGEST, len(ENCRYPTED)), digest_factory=digests.pipeline(aes=AES, zip_scan=(ZipRules(), DIGEST))
+    )
+    released, refusal = run(ok, chunks(ENCRYPTED, 2))
+    assert refusal is None and released == ENCRYPTED
+    bad = _slip_zip()
+    encrypted = encrypt_bundle(bad, *AES)
+    sha = hashlib.sha256(bad).hexdigest()
+    scan = digests.pipeline(aes=AES, zip_scan=(ZipRules(), sha))
+    released, refusal = run(Verifier(Expectation(sha, len(encrypted)), digest_factory=scan), chunks(encrypted, 2))
+    assert refusal is not None and refusal.reason is Reason.ZIP_CONTENT
+    assert len(released) < len(encrypted)

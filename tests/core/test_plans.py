@@ -657,3 +657,34 @@ def test_channel_and_size_answers_are_passed_on_when_json_below_500(endpoint: Se
     assert server_answer(endpoint, 400, [], origin="cdn") == "pass_on"
     failed(endpoint, 500, {"error": "down"})
     failed(endpoint, 200, None)
+
+
+# --- verification.zip_scan ---------------------------------------------------------------------------------------
+
+
+def test_zip_scan_follows_the_policy_for_whole_bundles_only() -> None:
+    from gateway.core.zipscan import ZipRules
+
+    rules = ZipRules()
+    scanned = dataclasses.replace(APP, verification=Verification(zip_scan=rules))
+    plan = plan_release(scanned, INDEX, "1.0.0", origin="cdn", max_bundle_bytes=GLOBAL_CAP)
+    assert isinstance(plan, DownloadPlan) and plan.zip_scan is rules
+    assert plan.digest_factory() is not hashlib.sha256  # the scanning digest
+    unscanned = plan_release(APP, INDEX, "1.0.0", origin="cdn", max_bundle_bytes=GLOBAL_CAP)
+    assert isinstance(unscanned, DownloadPlan) and unscanned.zip_scan is None
+    assert unscanned.digest_factory() is hashlib.sha256
+    ticket = ticket_plan(TICKET, scanned)
+    assert isinstance(ticket, DownloadPlan) and ticket.zip_scan is rules
+    delta = ticket_plan(dataclasses.replace(TICKET, file_name="assets/index.js"), scanned)
+    assert isinstance(delta, DownloadPlan) and delta.zip_scan is None  # a delta file is no zip
+
+
+def test_an_encrypted_release_by_version_is_refused_when_it_must_be_scanned() -> None:
+    from gateway.core.releases import CapgoSignature
+    from gateway.core.zipscan import ZipRules
+
+    encrypted = Release("1.0.0", "production", "1.0.0.zip", 100, SHA, CapgoSignature("ab" * 256, "x:y"))
+    index = ReleaseIndex(APP_ID, (encrypted,))
+    scanned = dataclasses.replace(APP, verification=Verification(zip_scan=ZipRules()))
+    refused(plan_release(scanned, index, "1.0.0", origin="cdn", max_bundle_bytes=GLOBAL_CAP), Reason.ZIP_CONTENT)
+    assert isinstance(plan_release(APP, index, "1.0.0", origin="cdn", max_bundle_bytes=GLOBAL_CAP), DownloadPlan)
