@@ -109,6 +109,7 @@ class Device:
                 raise ValueError("--public-key must be a Capgo RSA public key")
             self.public_key = loaded
         self.device_id = opts.device_id or str(uuid.uuid4())
+        self.received: int | None = None  # body bytes of the last download, whole or cut off (None: none tried)
 
     def info(self, version_name: str) -> dict[str, Any]:
         """The info object the plugin sends with every request."""
@@ -171,12 +172,15 @@ class Device:
         self.say(f"stats: {', '.join(actions)} -> HTTP {reply.status}")
 
     def _download(self, url: str) -> bytes:
+        self.received = 0
         try:
             reply = self._request("GET", url, None, {"User-Agent": DOWNLOAD_AGENT})
         except http.client.IncompleteRead as exc:
+            self.received = len(exc.partial)
             raise DeviceError("download_fail", f"download cut off after {len(exc.partial)} bytes") from None
         except (OSError, http.client.HTTPException) as exc:
             raise DeviceError("download_fail", f"download failed: {type(exc).__name__}: {exc}") from None
+        self.received = len(reply.body)
         if reply.status != 200:
             raise DeviceError("download_fail", f"download answered HTTP {reply.status}: {reply.body[:200]!r}")
         return reply.body
