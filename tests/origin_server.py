@@ -21,8 +21,9 @@ one port per connection).
 Also a Capgo-style update server: POST /updates answers `update_answers[app_id]` (a dict, or a function of the
 request body returning one; default: no new version), POST /stats records the events and answers like the
 backend, /channel_self records the call and answers `channel_answer`. Bodies and User-Agents are recorded in
-`capgo_calls` as (path, method, body, user agent). With `updates_gate` set, POST /updates is recorded and then held
-until the test sets the event (at most 20 s), to keep an update check in flight.
+`capgo_calls` as (path, method, body, user agent), their headers in `headers` too. With `updates_gate` set,
+POST /updates is recorded and then held until the test sets the event (at most 20 s), to keep an update check in
+flight.
 """
 
 from __future__ import annotations
@@ -208,6 +209,7 @@ def build_origin_app(state: OriginState) -> web.Application:
     async def capgo(request: web.Request) -> web.StreamResponse:
         body: Any = dict(request.query) if request.method == "GET" else await request.json()
         state.capgo_calls.append((request.path, request.method, body, request.headers.get("User-Agent", "")))
+        state.headers.append((request.path, list(request.headers.items())))
         if state.busy_retry_after is not None:
             return web.json_response(
                 {"error": "too_many_requests"}, status=429, headers={"Retry-After": state.busy_retry_after}
