@@ -299,6 +299,24 @@ MUTATIONS = [
         '    if action in FAILURE_ACTIONS:\n        return "failed"',
         '    if False:\n        return "failed"',
     ),
+    (
+        "zip scan (release download)",
+        P,
+        "    return DownloadPlan(app.app_id, version, origin, release.file, expect, zip_scan=rules)",
+        "    return DownloadPlan(app.app_id, version, origin, release.file, expect)",
+    ),
+    (
+        "zip scan (ticket download, whole bundles only)",
+        P,
+        "        zip_scan=app.verification.zip_scan if ticket.file_name is None else None,",
+        "        zip_scan=app.verification.zip_scan,",
+    ),
+    (
+        "zip scan (encrypted release by version refused)",
+        P,
+        "    if rules is not None and release.capgo is not None:",
+        "    if False:",
+    ),
 ]
 markdown = "--markdown" in sys.argv
 only = [a for a in sys.argv[1:] if a != "--markdown"]
