@@ -87,6 +87,7 @@ bench: $(STAMP)
 	$(PY) bench/hostile.py
 	$(PY) bench/slow_readers.py
 	PYTHONPATH=. $(PY) bench/bundle_get_cost.py 300 65536
+	PYTHONPATH=. $(PY) bench/zipscan_cost.py
 	$(PY) bench/scaling.py
 	$(PY) bench/floor.py
 
