@@ -52,6 +52,7 @@ from gateway.core.connguard import (
 from gateway.core.handshake import classify
 from gateway.core.identity import identity_from_der
 from gateway.core.reasons import Reason, Refusal
+from gateway.core.revocation import RevocationSet
 from gateway.metrics import Metrics
 from gateway.tls import HANDSHAKE_ALERTS, ListenerMaterial
 
@@ -420,7 +421,9 @@ class ConnectionBudget:
         `cause`; a handshake closed so ends as `aborted`."""
         if cause == "listener_max_connections":
             for victim in self._capped.get(listener, {}):
-                if victim.abort is not None and victim.waiting is not None and victim.waiting():
+                if victim.abort is None:
+                    continue
+                if victim._handshaking or (victim.waiting is not None and victim.waiting()):
                     self.metrics.connections_refused.labels(listener, cause).inc()
                     victim.release()  # its place is free now (released once more, as a no-op, when it is lost)
                     victim.abort()
@@ -500,6 +503,8 @@ class GuardedRequestHandler(RequestHandler):
     def attach(self, slot: Slot | None) -> None:
         """Take over the slot a TLS listener admitted this connection with."""
         self._slot = slot
+        if slot is not None:
+            slot.waiting = self._waiting  # at its listener's cap (admin with TLS) it may make room while it waits
 
     @property
     def listener(self) -> str:
@@ -720,31 +725,45 @@ class GuardedAppRunner(web.AppRunner):
 
 
 class PlainListener:
-    """A listening socket for HTTP without the gateway's own TLS handshake (plain-HTTP, admin with or without
-    asyncio's TLS): connections are `GuardedRequestHandler`s, admitted at accept."""
+    """A listening socket for the plain-HTTP or admin app: connections are `GuardedRequestHandler`s, admitted at
+    accept. With `ssl_context` (`admin.tls`) the handshake is the TLS listeners' own (`TlsListenerServer`): the
+    connection is admitted, and held to the listener's cap, from accept, not only once the event loop's handshake
+    is done (silent connections were held to no cap, and took every descriptor), and handshakes are counted."""
 
     def __init__(self, runner: GuardedAppRunner) -> None:
         self._runner = runner
         self._server: asyncio.Server | None = None
+        self._tls: TlsListenerServer | None = None
 
     async def start(
         self, host: str, port: int, *, reuse_port: bool = False, ssl_context: ssl.SSLContext | None = None
     ) -> None:
         assert self._runner.server is not None
+        guard = self._runner._guard
+        if ssl_context is not None:
+            material = ListenerMaterial(ssl_context, RevocationSet(), {})
+            self._tls = TlsListenerServer(
+                guard.listener,
+                lambda: material,
+                self._runner.server,
+                guard.budget.metrics,
+                guard.timeouts.header,
+                guard.budget,
+            )
+            await self._tls.start(host, port, reuse_port=reuse_port)
+            return
         self._server = await asyncio.get_running_loop().create_server(
-            self._runner.server,
-            host,
-            port,
-            reuse_port=reuse_port or None,
-            backlog=1024,
-            ssl=ssl_context,
-            ssl_handshake_timeout=self._runner._guard.timeouts.header if ssl_context else None,
+            self._runner.server, host, port, reuse_port=reuse_port or None, backlog=1024
         )
 
     def close(self) -> None:
         if self._server is not None:
             self._server.close()
+        if self._tls is not None:
+            self._tls.close()
 
     async def cleanup(self) -> None:
         self.close()
+        if self._tls is not None:
+            await self._tls.wait_closed()
         await self._runner.cleanup()
