@@ -1,7 +1,8 @@
 """Scaling across cores: `serve --workers 2` against `--workers 1`, and nginx with 2 worker processes against 1.
 
 Measures requests per second, with the client load coming from separate processes (`--clients` processes, each
-with `--connections` keep-alive mTLS connections, asyncio on uvloop, one request in flight per connection), and
+with `--connections` keep-alive mTLS connections, one request in flight per connection; `--client` picks the load
+generator, by default non-blocking `ssl` sockets on one selector sending prebuilt requests), and
 the server's CPU per request (utime+stime of its process tree, as `bench/run.py` reads it):
 
 - **update checks**: `POST /updates` of the directory origin's app (the full path: body checks, policy, rate limit
@@ -30,6 +31,8 @@ import asyncio
 import contextlib
 import json
 import os
+import selectors
+import socket
 import ssl
 import statistics
 import subprocess
@@ -77,11 +80,123 @@ def _request(kind: str, path: str, app: str, device: str) -> bytes:
     return head.encode() + body
 
 
+def _contexts(spec: dict[str, Any]) -> list[ssl.SSLContext]:
+    ctxs = []
+    for cert in spec["certs"]:
+        ctx = ssl.create_default_context(cafile=spec["ca"])
+        ctx.load_cert_chain(cert, cert.replace(".pem", ".key"))
+        ctxs.append(ctx)
+    return ctxs
+
+
+def _requests(spec: dict[str, Any]) -> list[bytes]:
+    """Prebuilt request bytes for one connection: 64 update checks of one device each, or the same GET."""
+    return [_request(spec["kind"], spec["path"], spec["app"], str(uuid.uuid4())) for _ in range(64)]
+
+
+def _answer_size(buf: bytes | bytearray, end: int) -> int:
+    """Head plus body of the answer whose head ends at `buf[end:end + 4]` (`Content-Length`, as both servers spell
+    it; any other spelling is looked up case-blind)."""
+    at = buf.find(b"\r\nContent-Length:", 0, end)
+    if at < 0:
+        at = bytes(buf[:end]).lower().find(b"\r\ncontent-length:")
+        if at < 0:
+            raise RuntimeError(f"answer without Content-Length: {bytes(buf[:end])!r}")
+    at += 17
+    return end + 4 + int(buf[at : buf.find(b"\r\n", at)])
+
+
+def _report(done: list[int], wall: float, cpu: float, errors: list[str]) -> None:
+    print(json.dumps({"ok": done[0], "bad": done[1], "wall": wall, "cpu": cpu, "errors": errors[:3]}), flush=True)
+
+
+# the kind `raw`: an asyncio Protocol on uvloop per connection that sends prebuilt request bytes and
+# reads only the status code and Content-Length (bench/README.md, "Scaling, session 5")
+
+
+class _RawConnection(asyncio.Protocol):
+    def __init__(self, requests: list[bytes], counts: list[int], stop: asyncio.Event, closed: asyncio.Future[None]):
+        self.requests, self.counts, self.stop, self.closed = requests, counts, stop, closed
+        self.buf = bytearray()
+        self.need = -1  # bytes of the answer being read (head and body), -1 until its head is in
+        self.sent = 0
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def send(self) -> None:
+        assert self.transport is not None
+        self.transport.write(self.requests[self.sent & 63])
+        self.sent += 1
+
+    def data_received(self, data: bytes) -> None:
+        buf = self.buf
+        buf += data
+        if self.need < 0:
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            self.need = _answer_size(buf, end)
+        if len(buf) < self.need:
+            return
+        if len(buf) > self.need:
+            raise RuntimeError(f"{len(buf) - self.need} bytes after the answer, one request in flight")
+        self.counts[0 if buf[9:12] == b"200" else 1] += 1
+        buf.clear()
+        self.need = -1
+        if self.stop.is_set():
+            assert self.transport is not None
+            self.transport.close()
+        else:
+            self.send()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.closed.done():
+            if exc is None and not self.stop.is_set():
+                exc = ConnectionError("the server closed the connection")
+            self.closed.set_exception(exc) if exc else self.closed.set_result(None)
+
+
+async def _raw_main(spec: dict[str, Any]) -> None:
+    loop = asyncio.get_running_loop()
+    ctxs = _contexts(spec)
+    stop = asyncio.Event()
+    counts = [0, 0]
+    conns: list[_RawConnection] = []
+    for i in range(spec["connections"]):
+        closed: asyncio.Future[None] = loop.create_future()
+        reqs = _requests(spec)
+        _, proto = await loop.create_connection(
+            lambda reqs=reqs, closed=closed: _RawConnection(reqs, counts, stop, closed),  # type: ignore[misc]
+            "127.0.0.1",
+            spec["port"],
+            ssl=ctxs[i % len(ctxs)],
+            server_hostname="localhost",
+        )
+        conns.append(proto)
+    print("ready", flush=True)
+    await loop.run_in_executor(None, sys.stdin.readline)
+    c0, t0 = time.process_time(), time.perf_counter()
+    for conn in conns:
+        conn.send()
+    await asyncio.sleep(spec["seconds"])
+    done = list(counts)
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    stop.set()
+    await asyncio.wait([c.closed for c in conns], timeout=10)
+    errors = [str(c.closed.exception()) for c in conns if c.closed.done() and c.closed.exception()]
+    _report(done, wall, cpu, errors)
+
+
+# the kind `streams` (the client of sessions 2-4, kept to compare): asyncio streams, readuntil and readexactly
+
+
 async def _connection(
     spec: dict[str, Any], ctx: ssl.SSLContext, go: asyncio.Event, stop: asyncio.Event, counts: list[int]
 ) -> None:
     reader, writer = await asyncio.open_connection("127.0.0.1", spec["port"], ssl=ctx, server_hostname="localhost")
-    requests = [_request(spec["kind"], spec["path"], spec["app"], str(uuid.uuid4())) for _ in range(64)]
+    requests = _requests(spec)
     await go.wait()
     i = 0
     try:
@@ -103,12 +218,8 @@ async def _connection(
             await writer.wait_closed()
 
 
-async def _client_main(spec: dict[str, Any]) -> None:
-    ctxs = []
-    for cert in spec["certs"]:
-        ctx = ssl.create_default_context(cafile=spec["ca"])
-        ctx.load_cert_chain(cert, cert.replace(".pem", ".key"))
-        ctxs.append(ctx)
+async def _streams_main(spec: dict[str, Any]) -> None:
+    ctxs = _contexts(spec)
     go, stop = asyncio.Event(), asyncio.Event()
     counts = [0, 0]
     tasks = [
@@ -130,16 +241,83 @@ async def _client_main(spec: dict[str, Any]) -> None:
     stop.set()
     await asyncio.wait(tasks, timeout=10)
     errors = [str(t.exception()) for t in tasks if t.done() and not t.cancelled() and t.exception()]
-    print(json.dumps({"ok": done[0], "bad": done[1], "wall": wall, "cpu": cpu, "errors": errors[:3]}), flush=True)
+    _report(done, wall, cpu, errors)
+
+
+# the kind `selector` (the default): non-blocking `ssl.SSLSocket`s on one epoll selector, no event loop, prebuilt
+# request bytes, only the status code and Content-Length read: the least CPU per request of the three kinds
+# (bench/README.md, "Scaling, session 5")
+
+
+def _selector_main(spec: dict[str, Any]) -> None:
+    ctxs = _contexts(spec)
+    socks = []
+    for i in range(spec["connections"]):
+        raw = socket.create_connection(("127.0.0.1", spec["port"]))
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock = ctxs[i % len(ctxs)].wrap_socket(raw, server_hostname="localhost")
+        sock.setblocking(False)
+        socks.append(sock)
+    sel = selectors.DefaultSelector()
+    # per connection: [socket, buffer, bytes of the answer being read or -1, requests, requests sent]
+    states = [[s, bytearray(), -1, _requests(spec), 0] for s in socks]
+    for st in states:
+        sel.register(st[0], selectors.EVENT_READ, st)
+    print("ready", flush=True)
+    sys.stdin.readline()
+    counts = [0, 0]
+    c0, t0 = time.process_time(), time.perf_counter()
+    deadline = t0 + spec["seconds"]
+    for st in states:
+        st[0].send(st[3][0])
+        st[4] = 1
+    select, perf = sel.select, time.perf_counter
+    while perf() < deadline:
+        for key, _ in select(0.5):
+            st = key.data
+            sock, buf = st[0], st[1]
+            try:
+                data = sock.recv(65536)
+            except ssl.SSLWantReadError:
+                continue
+            if not data:
+                raise RuntimeError("the server closed the connection")
+            buf += data
+            while sock.pending():
+                buf += sock.recv(65536)
+            if st[2] < 0:
+                end = buf.find(b"\r\n\r\n")
+                if end < 0:
+                    continue
+                st[2] = _answer_size(buf, end)
+            if len(buf) < st[2]:
+                continue
+            counts[0 if buf[9:12] == b"200" else 1] += 1
+            buf.clear()
+            st[2] = -1
+            sock.send(st[3][st[4] & 63])
+            st[4] += 1
+    done = list(counts)
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    for s in socks:
+        s.close()
+    _report(done, wall, cpu, [])
+
+
+CLIENTS = {"raw": _raw_main, "streams": _streams_main, "selector": _selector_main}
 
 
 def client_process(spec: dict[str, Any]) -> int:
+    main = CLIENTS[spec["client"]]
+    if not asyncio.iscoroutinefunction(main):
+        main(spec)
+        return 0
     try:
         import uvloop
 
-        uvloop.run(_client_main(spec))
+        uvloop.run(main(spec))
     except ImportError:
-        asyncio.run(_client_main(spec))
+        asyncio.run(main(spec))
     return 0
 
 
@@ -154,10 +332,13 @@ class Row:
     server: harness.Server
     path: str
     app: str
+    client: str = "selector"  # which client drives it (CLIENTS)
     rates: list[float] = field(default_factory=list)
     cpu_us: list[float] = field(default_factory=list)
     client_us: list[float] = field(default_factory=list)
     split: list[float] = field(default_factory=list)  # the busiest process's share of the server CPU
+    idle: list[float] = field(default_factory=list)  # the machine's idle share of all cores during the row
+    other: list[float] = field(default_factory=list)  # cores busy with anything but this server and its clients
 
 
 def _worker_pids(server: harness.Server) -> list[int]:
@@ -171,6 +352,13 @@ def _cpu(pid: int) -> float:
         f = harness._stat_fields(pid)
         return (int(f[11]) + int(f[12])) / harness.CLK_TCK
     return 0.0
+
+
+def machine_times() -> tuple[float, float]:
+    """(idle, busy) CPU seconds of the whole machine since boot, all cores (/proc/stat; iowait counts as idle)."""
+    f = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = f[3] + f[4]
+    return idle / harness.CLK_TCK, (sum(f[:8]) - idle) / harness.CLK_TCK
 
 
 def drive(row: Row, certs: list[Path], ca: Path, clients: int, connections: int, seconds: float) -> None:
@@ -188,10 +376,11 @@ def drive(row: Row, certs: list[Path], ca: Path, clients: int, connections: int,
                 "certs": [str(c) for c in per[i]],
                 "connections": connections,
                 "seconds": seconds,
+                "client": row.client,
             }
             procs.append(
                 subprocess.Popen(
-                    [sys.executable, __file__, "--client", json.dumps(spec)],
+                    [sys.executable, __file__, "--run-client", json.dumps(spec)],
                     stdin=subprocess.PIPE,
                     stdout=subprocess.PIPE,
                     text=True,
@@ -203,6 +392,7 @@ def drive(row: Row, certs: list[Path], ca: Path, clients: int, connections: int,
                 raise harness.BenchError(f"{row.label}: a client did not connect (exit {p.wait()})")
         pids = _worker_pids(row.server)
         total0, each0 = harness.cpu_seconds(row.server.proc.pid), [_cpu(p) for p in pids]
+        idle0, busy0 = machine_times()
         for p in procs:
             assert p.stdin is not None
             p.stdin.write("go\n")
@@ -212,6 +402,7 @@ def drive(row: Row, certs: list[Path], ca: Path, clients: int, connections: int,
             assert p.stdout is not None
             results.append(json.loads(p.stdout.readline()))
         total1, each1 = harness.cpu_seconds(row.server.proc.pid), [_cpu(p) for p in pids]
+        idle1, busy1 = machine_times()
     finally:
         for p in procs:
             with contextlib.suppress(OSError):
@@ -229,6 +420,9 @@ def drive(row: Row, certs: list[Path], ca: Path, clients: int, connections: int,
     row.rates.append(ok / wall)
     row.cpu_us.append((total1 - total0) / ok * 1e6)
     row.client_us.append(sum(r["cpu"] for r in results) / ok * 1e6)
+    row.idle.append((idle1 - idle0) / ((idle1 - idle0) + (busy1 - busy0)))
+    # what else ran (the origin of an HTTPS row, this harness, other users of the machine), in cores
+    row.other.append(max(0.0, (busy1 - busy0) - (total1 - total0) - sum(r["cpu"] for r in results)) / wall)
     used = [b - a for a, b in zip(each0, each1, strict=True)]
     if len(used) > 1 and sum(used) > 0:
         row.split.append(max(used) / sum(used))
@@ -312,21 +506,21 @@ def render(
         "round(s); nothing pinned.",
         "",
         "| server | requests | requests/s | server CPU us / request | client CPU us / request | busiest worker's "
-        "share of the CPU |",
-        "|---|---|---:|---:|---:|---:|",
+        "share of the CPU | machine idle | other processes, cores |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         split = f"{_median(r.split) * 100:.0f} %" if r.split else ""
         what = "update check" if r.kind == CHECK else "1 KiB GET"
         lines.append(
             f"| {r.label} | {what} | {_median(r.rates):.0f} | {_median(r.cpu_us):.0f} | "
-            f"{_median(r.client_us):.0f} | {split} |"
+            f"{_median(r.client_us):.0f} | {split} | {_median(r.idle) * 100:.0f} % | {_median(r.other):.2f} |"
         )
     cores = len(os.sched_getaffinity(0))
     lines += [
         "",
-        f"| ratio (requests/s) | | | ceiling: what {cores} cores allow (1) |",
-        "|---|---|---:|---:|",
+        f"| ratio (requests/s) | | | ceiling: what {cores} cores allow (1) | ceiling with the other processes (2) |",
+        "|---|---|---:|---:|---:|",
     ]
     pairs = [
         ("gateway --workers 2, update checks", "gateway --workers 1, update checks", "target >= 1.7x"),
@@ -338,15 +532,20 @@ def render(
     for a, b, note in pairs:
         if a in by and b in by:
             ratio = _median(by[a].rates) / _median(by[b].rates)
-            ceiling = ""
+            ceiling = shared = ""
             if by[a].kind == by[b].kind and a.split(" ")[0] == b.split(" ")[0]:  # the same server, more workers
-                most = cores * 1e6 / (_median(by[a].cpu_us) + _median(by[a].client_us))
-                ceiling = f"{most / _median(by[b].rates):.2f}x"
-            lines.append(f"| {a} / {b} | {note} | {ratio:.2f}x | {ceiling} |")
+                per = _median(by[a].cpu_us) + _median(by[a].client_us)
+                ceiling = f"{cores * 1e6 / per / _median(by[b].rates):.2f}x"
+                shared = f"{(cores - _median(by[a].other)) * 1e6 / per / _median(by[b].rates):.2f}x"
+            lines.append(f"| {a} / {b} | {note} | {ratio:.2f}x | {ceiling} | {shared} |")
     lines += [
         "",
         "(1) The clients run on the same cores: at most cores / (server + client CPU per request) requests/s, over "
         "the one-worker row's rate. A ratio near its ceiling is bounded by the machine, not by the server.",
+        "",
+        "(2) The same with the cores that other processes used during the 2-process row taken out (the HTTPS "
+        "origin, this harness, anything else on the machine; /proc/stat). With the machine idle near 0 % the ratio "
+        "is what was left, not what the server allows.",
     ]
     lines += ["", "Memory after the run (smaps_rollup; a supervisor or nginx master is counted in the sums):", ""]
     lines += memory
@@ -361,11 +560,23 @@ def dt_now() -> str:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    p.add_argument("--client", help=argparse.SUPPRESS)
+    p.add_argument("--run-client", help=argparse.SUPPRESS)
     p.add_argument("--seconds", type=float, default=3.0, help="per row and round (default 3)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--clients", type=int, default=2, help="client processes (default 2)")
     p.add_argument("--connections", type=int, default=8, help="connections per client process (default 8)")
+    p.add_argument(
+        "--client",
+        choices=sorted(CLIENTS),
+        default="selector",
+        help="the load generator of every row (default %(default)s)",
+    )
+    p.add_argument(
+        "--compare-clients",
+        default="raw,streams",
+        help="comma-separated client kinds that also drive the one-process rows (the gateway's update checks, nginx), "
+        "to show each client's own CPU per request (default raw,streams; '' for none)",
+    )
     p.add_argument("--only", default="", help="comma-separated: checks, get (default both)")
     p.add_argument("--quick", action="store_true", help="1 round of 2 s")
     p.add_argument("--out", type=Path, default=harness.BENCH / "results" / "scaling.md")
@@ -378,8 +589,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.client:
-        return client_process(json.loads(args.client))
+    if args.run_client:
+        return client_process(json.loads(args.run_client))
     harness.use_gateway_source(args.gateway_src)
     harness.check_prerequisites()
     load = os.getloadavg()
@@ -424,6 +635,14 @@ def main(argv: list[str] | None = None) -> int:
                 conf.write_text(conf.read_text().replace("worker_processes 1;", f"worker_processes {n};"))
                 server = stack.enter_context(harness.run_nginx(f"nginx-{n}", conf, port, ALL_CORES))  # type: ignore[arg-type]
                 rows.append(Row(f"nginx worker_processes {n}", GET, server, f"/bundles/{harness.APP_CDN}/{small}", ""))
+        for row in list(rows):
+            row.client = args.client
+            if row.label in ("gateway --workers 1, update checks", "nginx worker_processes 1"):
+                rows += [
+                    Row(f"{row.label} ({kind} client)", row.kind, row.server, row.path, row.app, kind)
+                    for kind in args.compare_clients.split(",")
+                    if kind and kind != args.client
+                ]
         rows.sort(key=lambda r: (r.kind != CHECK, r.label))
         for i in range(args.rounds):
             for row in rows:
