@@ -1,14 +1,14 @@
 """Reloads: validate everything, then swap it all at once, or keep the last good state.
 
-Owns when and how config, policies and TLS material (server certificate and key, client CAs, CRLs, the CA files
-of HTTPS origins) are reloaded: on SIGHUP and when a watched file changes (new mtime, new inode, a symlink swap as
-cert-manager and Kubernetes secrets do: files are watched through `stat`, which follows links, and `lstat` of the
-link itself). A reload builds the whole new state off the event loop (config, policies, TLS material, ticket keys;
-then the origins whose config or CA file changed), makes a new frozen `Snapshot` of it and only then replaces the
-old one, in one assignment: new handshakes and requests see the new snapshot, while requests in flight finish with
-the one they began with. Origins that changed or went away are closed `limits.shutdown_grace` seconds later. A
-broken reload logs one line, keeps serving the last good snapshot (the same object), sets
-`ota_gateway_config_last_reload_success` to 0 and counts a failure.
+Owns when and how config, policies and TLS material (server certificate and key, client CAs, CRLs, the CA files of HTTPS
+origins, the admin listener's `admin.tls` certificate, key and CAs) are reloaded: on SIGHUP and when a watched file
+changes (new mtime, new inode, a symlink swap as cert-manager and Kubernetes secrets do: files are watched through
+`stat`, which follows links, and `lstat` of the link itself). A reload builds the whole new state off the event loop
+(config, policies, TLS material, ticket keys; then the origins whose config or CA file changed), makes a new frozen
+`Snapshot` of it and only then replaces the old one, in one assignment: new handshakes and requests see the new
+snapshot, while requests in flight finish with the one they began with. Origins that changed or went away are closed
+`limits.shutdown_grace` seconds later. A broken reload logs one line, keeps serving the last good snapshot (the same
+object), sets `ota_gateway_config_last_reload_success` to 0 and counts a failure.
 Listener addresses and ports are not changed by a reload (that needs a restart; a warning says so).
 """
 
@@ -18,6 +18,7 @@ import asyncio
 import datetime as dt
 import logging
 import os
+import ssl
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +33,7 @@ from gateway.policy_store import load_policies, policy_files
 from gateway.preflight import os_issue
 from gateway.state_keys import Runtime, Snapshot
 from gateway.ticket_keys import load_keyring
-from gateway.tls import ListenerMaterial
+from gateway.tls import ListenerMaterial, admin_context
 
 log = logging.getLogger("ota_gateway.reload")
 
@@ -42,13 +43,20 @@ class Loaded:
     config: Config
     policies: PolicySet
     material: dict[str, ListenerMaterial]
+    admin_tls: ssl.SSLContext | None = None  # the admin listener's context, with `admin.tls`
 
 
 def load_all(config_path: Path) -> Loaded:
     """Everything `serve` needs from disk, checked; raises `ConfigError` (one line per problem)."""
     config, material = load_config_and_material(config_path)
     policies = load_policies(config.policies, config)
-    return Loaded(config, policies, material)
+    admin_tls = None
+    if config.admin.tls is not None:
+        try:
+            admin_tls = admin_context(config.admin.tls)
+        except (OSError, ssl.SSLError) as exc:  # a file changed since the config's own check of it
+            raise ConfigError.single(str(config_path), "admin.tls", None, f"cannot load: {exc}") from None
+    return Loaded(config, policies, material, admin_tls)
 
 
 def load_ticket_keys(config_path: Path, config: Config) -> tuple[TicketKey, ...]:
@@ -83,6 +91,8 @@ def watched_files(config_path: Path, config: Config) -> list[Path]:
         paths += [lst.cert, lst.key]
         for ca in lst.client_ca:
             paths += [ca.file, *ca.crl]
+    if config.admin.tls is not None:
+        paths += [config.admin.tls.cert, config.admin.tls.key, *config.admin.tls.client_ca]
     return paths + [ca for ca in origin_cas(config).values() if ca is not None]
 
 
@@ -166,7 +176,7 @@ class Reloader:
             else:
                 origins[name] = make_origin(name, oc, self.rt.metrics.origin_overruns.labels(name).inc)
                 self.rt.metrics.origin(name)
-        new = Snapshot.build(loaded.config, loaded.policies, loaded.material, origins, keys)
+        new = Snapshot.build(loaded.config, loaded.policies, loaded.material, origins, keys, loaded.admin_tls)
         self.rt.snapshot = new  # the one assignment: requests in flight keep the snapshot they hold
         self._trust = trust
         for name, origin in old.origins.items():

@@ -49,7 +49,7 @@ from gateway.reload import Loaded, Reloader, load_all, load_ticket_keys, publish
 from gateway.state import GuardedState, RedisState, SqliteState, StateError, StateStore
 from gateway.state_keys import Runtime, Snapshot
 from gateway.ticket_keys import load_keyring
-from gateway.tls import ListenerMaterial, admin_context
+from gateway.tls import ListenerMaterial, admin_context, follow_admin_context
 
 log = logging.getLogger("ota_gateway.runner")
 
@@ -69,7 +69,7 @@ def build_runtime(
     publish_state_metrics(metrics, loaded)
     keys = load_keyring(loaded.config) if ticket_keys is None else ticket_keys
     return Runtime(
-        snapshot=Snapshot.build(loaded.config, loaded.policies, loaded.material, origins, keys),
+        snapshot=Snapshot.build(loaded.config, loaded.policies, loaded.material, origins, keys, loaded.admin_tls),
         metrics=metrics,
         audit=AuditLog(loaded.config.audit.path, on_failure=metrics.audit_write_failures.inc),
     )
@@ -248,7 +248,11 @@ async def serve(
             )
             log.info("plain HTTP on http://%s:%s (redirects only)", plain.address, plain.port)
         if config.admin.enabled:
-            admin_tls = admin_context(config.admin.tls) if config.admin.tls else None
+            admin_tls = (
+                follow_admin_context(lambda: rt.snapshot.admin_tls, admin_context(config.admin.tls))
+                if config.admin.tls
+                else None
+            )
             admin = create_admin_app(rt)
             admin_guard = guard("admin", tls=admin_tls is not None)
             side_runners.append(

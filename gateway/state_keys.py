@@ -1,10 +1,10 @@
 """Typed keys for the aiohttp application and request state, and the runtime object they hold.
 
 Owns the shape of the running gateway's state, in three parts:
-- `Snapshot`: everything a reload swaps (config, policies, listener TLS material, origins, ticket keys) and what is
-  derived from them (client CAs by subject, front proxies by pin). Frozen: a reload builds a new one whole and
-  replaces it with one assignment (`Runtime.snapshot`); a failed reload leaves the old object in place. A request
-  takes the snapshot once, in the envelope (`request_snapshot`), and uses that object to its end.
+- `Snapshot`: everything a reload swaps (config, policies, listener and admin TLS material, origins, ticket keys) and
+  what is derived from them (client CAs by subject, front proxies by pin). Frozen: a reload builds a new one whole and
+  replaces it with one assignment (`Runtime.snapshot`); a failed reload leaves the old object in place. A request takes
+  the snapshot once, in the envelope (`request_snapshot`), and uses that object to its end.
 - `Live`: the small mutable health of the process (requests in flight, shutting down, last reload result, origin
   health, the state store's fault, the cached release halts).
 - `Runtime`: the current snapshot, the live health and the long-lived services (metrics, audit log, state store).
@@ -13,6 +13,7 @@ Owns the shape of the running gateway's state, in three parts:
 from __future__ import annotations
 
 import datetime as dt
+import ssl
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -45,6 +46,7 @@ class Snapshot:
     ticket_keys: tuple[TicketKey, ...]  # the first signs, all verify
     cas: Mapping[str, tuple[str, x509.Certificate]]  # CA subject -> (client CA name, certificate), all listeners
     proxies: Mapping[str, FrontProxy]  # pin (spki base64 or certificate sha256 hex) -> front proxy
+    admin_tls: ssl.SSLContext | None = None  # the admin listener's (admin.tls); new handshakes switch to it
 
     @classmethod
     def build(
@@ -54,6 +56,7 @@ class Snapshot:
         material: Mapping[str, ListenerMaterial],
         origins: Mapping[str, Origin],
         ticket_keys: tuple[TicketKey, ...],
+        admin_tls: ssl.SSLContext | None = None,
     ) -> Snapshot:
         """A snapshot with its derived values computed; the mappings are read-only copies."""
         cas = {k: v for m in material.values() for k, v in m.cas.items()}
@@ -71,6 +74,7 @@ class Snapshot:
             ticket_keys=tuple(ticket_keys),
             cas=MappingProxyType(cas),
             proxies=MappingProxyType(proxies),
+            admin_tls=admin_tls,
         )
 
     def front_proxy(self, identity: ClientIdentity) -> FrontProxy | None:

@@ -401,6 +401,20 @@ def admin_context(tls: AdminTls) -> ssl.SSLContext:
     return ctx
 
 
+def follow_admin_context(current: Callable[[], ssl.SSLContext | None], first: ssl.SSLContext) -> ssl.SSLContext:
+    """The context the admin listener is bound with (`first`, made like the current one): every handshake switches
+    to `current()` in OpenSSL's server-name callback, which runs on each ClientHello, with or without SNI. The new
+    context brings its certificate, key and CAs, so a reload applies to new connections without a new socket."""
+
+    def switch(conn: ssl.SSLObject, _name: str | None, _ctx: ssl.SSLContext) -> None:
+        ctx = current()
+        if ctx is not None and ctx is not conn.context:
+            conn.context = ctx
+
+    first.sni_callback = switch
+    return first
+
+
 def prefer_aes128(ctx: ssl.SSLContext) -> None:
     """Reorder the TLS 1.2 suites of `ctx` so that ECDHE with AES-128-GCM comes first, the rest in their order; the
     set of suites (and the security level) stays as it was."""

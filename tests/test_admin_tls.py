@@ -3,20 +3,30 @@
 
 from __future__ import annotations
 
+import hashlib
+import http.client
 import os
 import shutil
+import signal
 import socket
+import ssl
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 from gateway.publish import add_release
 from tests.support import (
     APP_ID,
+    Answer,
     GatewayProcess,
     Pki,
     https_request,
     refused_request,
     run_gateway,
     wait_until,
+    write_atomic,
     write_config,
 )
 
@@ -79,3 +89,69 @@ def test_connections_to_the_admin_tls_port_count_from_accept_and_a_scraper_gets_
 
 def gw_fds(gw: GatewayProcess) -> int:
     return len(os.listdir(f"/proc/{gw.proc.pid}/fd"))
+
+
+def _answers(url: str, ctx: ssl.SSLContext) -> Answer | None:
+    try:
+        return https_request(url, ctx, timeout=5)
+    except (OSError, http.client.HTTPException):
+        return None
+
+
+@pytest.mark.parametrize("trigger", ["watch", "sighup"])
+def test_admin_certificate_and_cas_follow_a_reload(tmp_path: Path, pki: Pki, trigger: str) -> None:
+    """A rotated admin certificate (cert-manager writes a new file) is presented on new connections after a reload,
+    so `ota-gateway health`, which accepts exactly the certificate in admin.tls.cert, keeps passing; and a client CA
+    replaced in admin.tls.client_ca stops admitting the old CA's scrapers (the twin: the new CA's are admitted)."""
+    adm = tmp_path / "admin"
+    adm.mkdir()
+    for name in ("server.pem", "server.key"):
+        shutil.copy(pki.dir / name, adm / name)
+    shutil.copy(pki.ca_pem, adm / "ca.pem")
+    admin_tls = {
+        "cert": str(adm / "server.pem"),
+        "key": str(adm / "server.key"),
+        "client_ca": [str(adm / "ca.pem")],
+        "health_cert": str(pki.client.cert),
+        "health_key": str(pki.client.key),
+    }
+    reload = {"watch": trigger == "watch", "interval": 0.3}
+    cfg = write_config(
+        tmp_path / "gw",
+        pki,
+        origins={"local": {"type": "directory", "path": str(tmp_path)}},
+        extra={"admin": {"tls": admin_tls}, "reload": reload},
+    )
+
+    def health() -> int:
+        cmd = [sys.executable, "-m", "gateway", "health", "--config", str(cfg), "--timeout", "5"]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=30).returncode
+
+    with run_gateway(cfg) as gw:
+        url = f"https://127.0.0.1:{gw.admin_port}/healthz"
+        assert health() == 0
+        rotated = pki.ca.issue_cert("localhost", "127.0.0.1")
+        write_atomic(adm / "server.pem", b"".join(blob.bytes() for blob in rotated.cert_chain_pems))
+        write_atomic(adm / "server.key", rotated.private_key_pem.bytes())
+        new_sha = hashlib.sha256(ssl.PEM_cert_to_DER_cert(rotated.cert_chain_pems[0].bytes().decode())).hexdigest()
+
+        def presented_new() -> bool:
+            if trigger == "sighup":
+                gw.proc.send_signal(signal.SIGHUP)
+            answer = _answers(url, pki.client_context(pki.client))
+            return answer is not None and answer.server_sha256 == new_sha
+
+        assert wait_until(presented_new, timeout=15, interval=0.5), "the admin listener kept the old certificate"
+        assert health() == 0
+        write_atomic(adm / "ca.pem", pki.rogue_ca_pem.read_bytes())
+
+        def old_ca_refused() -> bool:
+            if trigger == "sighup":
+                gw.proc.send_signal(signal.SIGHUP)
+            return _answers(url, pki.client_context(pki.client)) is None
+
+        assert wait_until(old_ca_refused, timeout=15, interval=0.5), (
+            "a CA removed from admin.tls.client_ca still admits"
+        )
+        answer = _answers(url, pki.client_context(pki.rogue_client))
+        assert answer is not None and answer.status == 200
