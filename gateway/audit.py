@@ -24,7 +24,7 @@ from typing import TextIO
 from gateway.core.faults import Fault
 from gateway.core.identity import ClientIdentity
 from gateway.core.jsonsafe import compact_json
-from gateway.logs import writable_now
+from gateway.logs import LineSink
 
 log = logging.getLogger("ota_gateway.audit")
 
@@ -60,10 +60,13 @@ class AuditLog:
 
     A write that fails (full disk, EIO, a file past its size limit) loses that line: it is counted (`on_failure`,
     ota_gateway_audit_write_failures_total), logged at most once a minute, and `failing` is true until a write
-    succeeds again. A short write (the disk filled up mid-line) is cut back to the line's start; where that is not
-    possible the next line starts with a newline, so a reader never sees two records run together. The first
-    line written after a failure is an `audit_gap` record saying how many lines were lost since when; `probe()`
-    (run periodically) writes it without waiting for the next request, and only once a whole line fits again.
+    succeeds again. On a pipe or terminal a line is written whole or not at all, without waiting for the reader
+    (`logs.LineSink`): a reader that does not keep up loses lines. A short write (the disk filled up mid-line) is
+    cut back to the line's start; where that is not possible (a terminal stopped mid-line, another worker taking a
+    pipe's last room first) the next line starts with a newline, so a reader never sees two records run together.
+    The first line written after a failure is an `audit_gap` record saying how many lines were lost since when;
+    `probe()` (run periodically) writes it without waiting for the next request, and only once a whole line fits
+    again.
     """
 
     def __init__(self, target: str, on_failure: Callable[[], None] | None = None) -> None:
@@ -85,6 +88,7 @@ class AuditLog:
         self._lost_since = ""
         self._failed_size = 0  # bytes of the last line that could not be written
         self._torn = False  # the file may end in the middle of a line: start the next one on a new line
+        self._sink: LineSink | None = None  # how lines reach standard output when it is a pipe or terminal
 
     @property
     def failing(self) -> bool:
@@ -138,19 +142,17 @@ class AuditLog:
             self._stream.write(data.decode())
             self._stream.flush()
             return
-        if not self._seekable and not writable_now(self._fd):
+        if not self._seekable:  # a pipe or terminal: the line goes whole or not at all, never waiting (LineSink)
+            if self._sink is None or self._sink.fd != self._fd:
+                self._sink = LineSink(self._fd)
+            written = self._sink.put(data)
+            if written == len(data):
+                self._torn = False
+                return
+            self._torn = self._torn or written > 0  # cut mid-line: the next line starts on a new line
             raise OSError(errno.EAGAIN, "its reader does not keep up (a stalled log collector or a paused terminal)")
         written = os.write(self._fd, data)
         if written == len(data):
-            self._torn = False
-            return
-        if not self._seekable:  # a pipe or terminal: the rest must follow, or the line stays torn
-            self._torn = True
-            view = memoryview(data)[written:]
-            while view:
-                if not writable_now(self._fd):
-                    raise OSError(errno.EAGAIN, "its reader stopped in the middle of a line")
-                view = view[os.write(self._fd, view) :]
             self._torn = False
             return
         # a regular file that filled up mid-line: cut the partial line off again, unless another worker has
@@ -165,6 +167,9 @@ class AuditLog:
         raise OSError(errno.ENOSPC, f"short write ({written} of {len(data)} bytes{', cut back' if cut else ''})")
 
     def close(self) -> None:
+        if self._sink is not None:
+            self._sink.close()
+            self._sink = None
         if self._own is not None:
             os.close(self._own)
             self._own = self._fd = None

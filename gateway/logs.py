@@ -11,7 +11,8 @@ lines); per-connection trouble that metrics already count is `debug`. Two format
   container log collectors; a traceback stays inside its line.
 
 Each record is written with one `write(2)` on stderr's file descriptor, so the workers, which share it, never
-interleave half lines (a pipe keeps writes up to 4,096 bytes whole). The readiness line (`ready_line`) is logged on
+interleave half lines, and never waits for stderr's reader (`LineSink`): a record it has no room for is lost and
+counted, and the next record written says how many were lost. The readiness line (`ready_line`) is logged on
 `ota_gateway.ready`, shown at every `--log-level`, once per server: by the supervisor when every worker has said
 ready, or by the single process when its last listener is bound. Start-up errors are not log records: the CLI
 prints them as one line each (`problem`), exactly as for every other command.
@@ -20,11 +21,15 @@ prints them as one line each (`problem`), exactly as for every other command.
 from __future__ import annotations
 
 import datetime as dt
+import fcntl
 import json
 import logging
 import os
 import select
+import stat
+import struct
 import sys
+import termios
 import traceback
 from typing import TYPE_CHECKING, TextIO
 
@@ -66,25 +71,103 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(doc, ensure_ascii=False)
 
 
-def writable_now(fd: int) -> bool:
-    """Whether a write of a line (up to PIPE_BUF) to `fd` completes without waiting: always for a file; for a pipe,
-    socket or terminal only while its reader keeps up. A reader that stalls (a log collector, a terminal paused
-    with Ctrl-S) must never stop the event loop in a blocking write."""
-    poller = select.poll()  # not select.select: it refuses descriptors past 1023
-    poller.register(fd, select.POLLOUT)
-    try:
-        return any(events & (select.POLLOUT | select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
-    except OSError:
-        return True  # not pollable: the write itself will say
+class LineSink:
+    """Writes whole lines to one descriptor (stderr, the audit log's stdout) and never waits for its reader.
+
+    A regular file takes every write. A pipe or terminal is written through a private non-blocking open of the same
+    pipe or terminal (`/proc/self/fd/N`; the shared descriptor's own flags stay as they are, for the shell and the
+    other workers): a line up to PIPE_BUF (4,096 bytes) goes into a pipe whole or not at all, and a longer one only
+    when the pipe's free room (its size less the bytes queued, less one page of slack) holds it all. A reader that
+    stalls (a log collector, a terminal paused with Ctrl-S) therefore loses lines, and `put` says so, instead of
+    stopping the event loop. Where no private open is possible (a socket, such as journald's stream), a line is
+    written when `poll` reports room, as the kernel's socket buffer (hundreds of KiB) takes a line whole then.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        try:
+            mode = os.fstat(fd).st_mode
+        except OSError:
+            mode = 0
+        self.regular = stat.S_ISREG(mode)
+        self.pipe = stat.S_ISFIFO(mode)
+        self._out = fd
+        self._private = False
+        self._poller: select.poll | None = None
+        if not self.regular:
+            flags = os.O_WRONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+            try:
+                self._out = os.open(f"/proc/self/fd/{fd}", flags)
+                self._private = True
+            except OSError:  # a socket, or a descriptor this user may not open again
+                self._poller = select.poll()  # one per descriptor; not select.select: it refuses fds past 1023
+                self._poller.register(fd, select.POLLOUT)
+
+    def put(self, data: bytes) -> int:
+        """Write `data` (one or more whole lines) now or not at all: the number of bytes written, `len(data)` when
+        whole, 0 when lost whole, fewer (a torn line: the next one must start on a new line) only when a terminal
+        stops mid-line or another worker takes a pipe's last room between the check and the write."""
+        if self.regular:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self.fd, view) :]
+            return len(data)
+        if not self.fits(len(data)):
+            return 0
+        try:
+            return os.write(self._out, data)
+        except BlockingIOError:
+            return 0
+
+    def fits(self, size: int) -> bool:
+        """Whether a line of `size` bytes can be written now without waiting (see the class)."""
+        if self.pipe and size > select.PIPE_BUF:
+            try:
+                queued = struct.unpack("i", fcntl.ioctl(self.fd, termios.FIONREAD, b"\0\0\0\0"))[0]
+                free = fcntl.fcntl(self.fd, fcntl.F_GETPIPE_SZ) - queued
+            except OSError:
+                return False
+            if free - _PAGE < size:  # a pipe stores pages: the last one's unused tail may not take the line
+                return False
+        if self._poller is not None:
+            try:
+                events = self._poller.poll(0)
+            except OSError:
+                return True  # not pollable: the write itself will say
+            return any(ev & (select.POLLOUT | select.POLLERR | select.POLLHUP) for _, ev in events)
+        return True
+
+    def close(self) -> None:
+        if self._private:
+            self._private = False
+            os.close(self._out)
+            self._out = self.fd
+
+
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
 class LineHandler(logging.Handler):
-    """Writes each formatted record and its newline with a single `os.write` on the stream's file descriptor
-    (falling back to the stream's `write` where it has none, as under pytest's capture)."""
+    """Writes each formatted record and its newline with a single write through a `LineSink` on the stream's file
+    descriptor (falling back to the stream's `write` where it has none, as under pytest's capture).
+
+    A record its reader has no room for is lost and counted (`lost`); the next record written is preceded by a
+    warning saying how many were lost, and starts on a new line should a record have been cut mid-line."""
 
     def __init__(self, stream: TextIO) -> None:
         super().__init__()
         self.stream = stream
+        self.lost = 0  # records lost since the last one written
+        self.lost_total = 0
+        self._torn = False
+        self._sink: LineSink | None = None
+
+    def _sink_for(self, fd: int) -> LineSink:
+        if self._sink is None or self._sink.fd != fd:
+            if self._sink is not None:
+                self._sink.close()
+            self._sink = LineSink(fd)
+        return self._sink
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -95,12 +178,41 @@ class LineHandler(logging.Handler):
                 self.stream.write(line)
                 self.stream.flush()
                 return
-            data = line.encode("utf-8", "replace")
+            sink = self._sink_for(fd)
             self.stream.flush()  # anything the stream still holds goes first
-            while data and writable_now(fd):  # a stalled reader loses the record, the server keeps running
-                data = data[os.write(fd, data) :]
+            if self.lost:
+                line = self.format(_lost_record(self.lost)) + "\n" + line
+            if self._torn:
+                line = "\n" + line
+            data = line.encode("utf-8", "replace")
+            written = sink.put(data)
+            if written == len(data):
+                self.lost = 0
+                self._torn = False
+                return
+            self.lost += 1  # a stalled reader loses the record, the server keeps running
+            self.lost_total += 1
+            self._torn = self._torn if written == 0 else True
         except Exception:  # logging must never take the server down
             self.handleError(record)
+
+    def close(self) -> None:
+        if self._sink is not None:
+            self._sink.close()
+            self._sink = None
+        super().close()
+
+
+def _lost_record(count: int) -> logging.LogRecord:
+    return logging.makeLogRecord(
+        {
+            "name": "ota_gateway.logs",
+            "levelno": logging.WARNING,
+            "levelname": "WARNING",
+            "msg": "%d log record(s) lost: stderr's reader did not keep up",
+            "args": (count,),
+        }
+    )
 
 
 def setup(level: str = "info", fmt: str = "text", stream: TextIO | None = None) -> None:
@@ -109,6 +221,7 @@ def setup(level: str = "info", fmt: str = "text", stream: TextIO | None = None) 
     root = logging.getLogger()
     for old in [h for h in root.handlers if isinstance(h, LineHandler)]:
         root.removeHandler(old)
+        old.close()
     handler = LineHandler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root.addHandler(handler)
