@@ -20,6 +20,7 @@ prints them as one line each (`problem`), exactly as for every other command.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import fcntl
 import json
@@ -74,13 +75,15 @@ class JsonFormatter(logging.Formatter):
 class LineSink:
     """Writes whole lines to one descriptor (stderr, the audit log's stdout) and never waits for its reader.
 
-    A regular file takes every write. A pipe or terminal is written through a private non-blocking open of the same
-    pipe or terminal (`/proc/self/fd/N`; the shared descriptor's own flags stay as they are, for the shell and the
-    other workers): a line up to PIPE_BUF (4,096 bytes) goes into a pipe whole or not at all, and a longer one only
-    when the pipe's free room (its size less the bytes queued, less one page of slack) holds it all. A reader that
-    stalls (a log collector, a terminal paused with Ctrl-S) therefore loses lines, and `put` says so, instead of
-    stopping the event loop. Where no private open is possible (a socket, such as journald's stream), a line is
-    written when `poll` reports room, as the kernel's socket buffer (hundreds of KiB) takes a line whole then.
+    A regular file takes every write. A pipe is written on the shared descriptor only when the write cannot wait:
+    a line up to PIPE_BUF (4,096 bytes) when `poll` reports a free page (the kernel then takes it whole), a longer
+    one only when the pipe's free room (its size less the bytes queued, less one page of slack) holds it all. A
+    pipe is never opened a second time: that second writer would keep the reader from seeing its end of file after
+    the stream is closed. A terminal is written through a private non-blocking open of it (`/proc/self/fd/N`; the
+    shared descriptor's own flags stay as they are, for the shell and the other workers). A reader that stalls (a
+    log collector, a terminal paused with Ctrl-S) therefore loses lines, and `put` says so, instead of stopping the
+    event loop. A socket (journald's stream) is written when `poll` reports room, as the kernel's socket buffer
+    (hundreds of KiB) takes a line whole then.
     """
 
     def __init__(self, fd: int) -> None:
@@ -94,14 +97,16 @@ class LineSink:
         self._out = fd
         self._private = False
         self._poller: select.poll | None = None
-        if not self.regular:
+        if not self.regular and not self.pipe and os.isatty(fd):
+            # a terminal only: a pipe opened again would be a second writer of its own, which keeps the reader from
+            # seeing its end of file once the stream is closed (a caller waiting for EOF would wait for ever)
             flags = os.O_WRONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
-            try:
+            with contextlib.suppress(OSError):
                 self._out = os.open(f"/proc/self/fd/{fd}", flags)
                 self._private = True
-            except OSError:  # a socket, or a descriptor this user may not open again
-                self._poller = select.poll()  # one per descriptor; not select.select: it refuses fds past 1023
-                self._poller.register(fd, select.POLLOUT)
+        if not self.regular and not self._private:
+            self._poller = select.poll()  # one per descriptor; not select.select: it refuses fds past 1023
+            self._poller.register(fd, select.POLLOUT)
 
     def put(self, data: bytes) -> int:
         """Write `data` (one or more whole lines) now or not at all: the number of bytes written, `len(data)` when

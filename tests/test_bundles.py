@@ -89,11 +89,11 @@ class Answer:
         return doc
 
 
-def get(gw: GatewayProcess, pki: Pki, path: str) -> Answer:
+def get(gw: GatewayProcess, pki: Pki, path: str, headers: dict[str, str] | None = None) -> Answer:
     """One GET over mTLS; the body is read with `read()`, which raises IncompleteRead on a short transfer."""
     conn = http.client.HTTPSConnection("127.0.0.1", gw.port, context=pki.client_context(pki.client), timeout=20)
     try:
-        conn.request("GET", path)
+        conn.request("GET", path, headers=headers or {})
         resp = conn.getresponse()
         try:
             return Answer(resp.status, resp.headers, resp.read(), None)
@@ -223,8 +223,8 @@ class Env:
             assert self.https is not None
             self.https.state.modes[self.key(version)] = f"flip:{at}"
 
-    def get(self, version: str, app_id: str = APP_ID) -> Answer:
-        return get(self.gw, self.pki, bundle_path(version, app_id))
+    def get(self, version: str, app_id: str = APP_ID, headers: dict[str, str] | None = None) -> Answer:
+        return get(self.gw, self.pki, bundle_path(version, app_id), headers)
 
 
 @contextlib.contextmanager
@@ -362,6 +362,55 @@ def test_flipped_byte_aborts_before_the_end(env: Env, bundle: bytes, where: str)
     assert len(answer.body) <= line["bytes"] < len(bundle)
     assert "does not match expected" in line["detail"]
     assert moved(before, counters(env.gw)) == {verification("checksum_mismatch"): 1, refusal("checksum_mismatch"): 1}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Range: `bytes=N-` (Android resumes so) is a 206 of exactly the bytes from N on, the whole body still verified
+
+
+def test_a_range_resume_gets_exactly_the_remaining_bytes_and_other_forms_a_416(env: Env, bundle: bytes) -> None:
+    env.publish("range-ok", bundle)
+    start = len(bundle) // 3
+    answer = env.get("range-ok", headers={"Range": f"bytes={start}-"})
+    assert (answer.status, answer.incomplete) == (206, None)
+    assert answer.headers["Content-Range"] == f"bytes {start}-{len(bundle) - 1}/{len(bundle)}"
+    assert answer.content_length == len(bundle) - start and answer.body == bundle[start:]
+    line = audit_lines(env.gw, bundle_path("range-ok"))[0]
+    assert (line["outcome"], line["status"], line["bytes"]) == ("ok", 206, len(bundle) - start)
+    beyond = env.get("range-ok", headers={"Range": f"bytes={len(bundle)}-"})
+    assert beyond.status == 416 and beyond.headers["Content-Range"] == f"bytes */{len(bundle)}"
+    assert beyond.problem()["reason"] == "range_not_satisfiable"
+    closed = env.get("range-ok", headers={"Range": "bytes=0-99"})  # never a 200: the plugin would append it
+    assert closed.status == 416 and closed.problem()["reason"] == "range_not_satisfiable"
+    unknown = env.get("no-such-version", headers={"Range": "bytes=0-"})  # the release is looked up first
+    assert unknown.status == 404 and unknown.problem()["reason"] == "release_unknown"
+
+
+def test_curl_resumes_a_bundle_download(env: Env, bundle: bytes, tmp_path: Path) -> None:
+    env.publish("range-curl", bundle)
+    out = tmp_path / "bundle.zip"
+    out.write_bytes(bundle[:100_000])  # a download cut short, resumed with `curl -C -` (Range: bytes=100000-)
+    cmd = ["curl", "-sS", "--max-time", "20", "-C", "-", "-o", str(out), "--cacert", str(env.pki.ca_pem)]
+    cmd += ["--cert", str(env.pki.client.cert), "--key", str(env.pki.client.key)]
+    result = subprocess.run([*cmd, f"{env.gw.base_url}{bundle_path('range-curl')}"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert out.read_bytes() == bundle
+
+
+@pytest.mark.parametrize("where", ["skipped_prefix", "sent_part"])
+def test_a_range_of_a_tampered_bundle_is_cut_wherever_the_bad_byte_is(env: Env, bundle: bytes, where: str) -> None:
+    """The prefix before N is fetched and hashed but not sent: a bad byte there fails the download as surely."""
+    start = len(bundle) // 2
+    at = {"skipped_prefix": 100, "sent_part": len(bundle) - 1}[where]
+    version = f"range-flip-{where}"
+    env.publish(version, bundle)
+    env.flip(version, at)
+    answer = env.get(version, headers={"Range": f"bytes={start}-"})
+    assert answer.status == 206 and answer.incomplete is not None, "the client's read must fail"
+    assert len(answer.body) < len(bundle) - start
+    assert answer.body == flipped(bundle, at)[start : start + len(answer.body)]
+    line = audit_line(env.gw, bundle_path(version))
+    assert (line["outcome"], line["reason"]) == ("aborted", "checksum_mismatch")
 
 
 @pytest.fixture(scope="module")

@@ -132,13 +132,23 @@ class DownloadPlan:
 
 
 def plan_release(
-    app: AppPolicy, index: ReleaseIndex, version: str, *, origin: str, max_bundle_bytes: int
+    app: AppPolicy,
+    index: ReleaseIndex,
+    version: str,
+    *,
+    origin: str,
+    max_bundle_bytes: int,
+    range_header: str | None = None,
 ) -> DownloadPlan | Refusal:
     """GET /bundles/{app}/{version}.zip of an admitted client, once the origin's release index is known: the release
-    must exist on a channel the policy allows and fit the size cap."""
+    must exist on a channel the policy allows and fit the size cap, and the Range be one the gateway can answer
+    exactly (`range_start`, as for a ticket download: `bytes=N-`, the prefix still hashed)."""
     release = index.find(version)
     if release is None or not channel_allowed(app, release.channel):
         return Refusal(Reason.RELEASE_UNKNOWN, f"{app.app_id} has no release {version} on an allowed channel")
+    start = range_start(range_header)
+    if isinstance(start, Refusal):
+        return start
     cap = size_cap(app, max_bundle_bytes)
     too_big = _over_cap(release.size, cap, "release")
     if too_big is not None:
@@ -151,7 +161,7 @@ def plan_release(
             "here; devices get it through an update answer, whose download is decrypted and scanned",
         )
     expect = Expectation(release.sha256, release.size, max_bytes=cap)
-    return DownloadPlan(app.app_id, version, origin, release.file, expect, zip_scan=rules)
+    return DownloadPlan(app.app_id, version, origin, release.file, expect, range_from=start, zip_scan=rules)
 
 
 def redeem_ticket(token: str, keys: Sequence[TicketKey], *, now: float, peer: Peer) -> Ticket | Refusal:

@@ -1,7 +1,8 @@
 """GET /bundles/{app_id}/{version}.zip: look the release up and stream it through the verifier.
 
 A thin shell: `core/plans.py` decides (the release on an allowed channel, the size cap, then the answer's shape
-once the origin declared its size), `core/verify.py` judges the bytes. The expected size and digest come from the
+once the origin declared its size, and the Range: `bytes=N-` is a 206 of the bytes from N on, the whole body still
+verified, as for a ticket download), `core/verify.py` judges the bytes. The expected size and digest come from the
 origin's release index before the first byte; the answer carries that Content-Length; the verifier holds back the
 newest chunk until the digest matches. On any failure after the headers went out the connection is aborted, so the
 client's transfer ends short and can never look complete. Before the headers, failures are problem-details answers.
@@ -72,7 +73,14 @@ async def get_bundle(request: web.Request) -> web.StreamResponse:
     except OriginError as exc:
         rt.origin_failed(origin.name, str(exc))
         raise Refusal(exc.reason, str(exc)) from exc
-    plan = plan_release(app, index, version, origin=origin.name, max_bundle_bytes=snap.config.limits.max_bundle_bytes)
+    plan = plan_release(
+        app,
+        index,
+        version,
+        origin=origin.name,
+        max_bundle_bytes=snap.config.limits.max_bundle_bytes,
+        range_header=request.headers.get("Range"),
+    )
     if isinstance(plan, Refusal):
         raise plan
     location = origin.locate(app_id, plan.location)

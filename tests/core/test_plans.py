@@ -286,6 +286,19 @@ def test_open_ended_range_is_served(header: str | None, start: int | None) -> No
 def test_other_range_forms_are_refused(header: str) -> None:
     refused(range_start(header), Reason.RANGE_NOT_SATISFIABLE)
     refused(ticket_plan(range_header=header), Reason.RANGE_NOT_SATISFIABLE)
+    release = plan_release(APP, INDEX, "1.0.0", origin="cdn", max_bundle_bytes=GLOBAL_CAP, range_header=header)
+    refused(release, Reason.RANGE_NOT_SATISFIABLE)
+
+
+@pytest.mark.parametrize(("header", "start"), [(None, None), ("bytes=0-", 0), ("bytes=42-", 42)])
+def test_a_download_by_version_takes_the_same_range_as_a_ticket(header: str | None, start: int | None) -> None:
+    plan = plan_release(APP, INDEX, "1.0.0", origin="cdn", max_bundle_bytes=GLOBAL_CAP, range_header=header)
+    assert isinstance(plan, DownloadPlan) and plan.range_from == start
+    answer = plan_response(plan, plan.expect.size)
+    assert isinstance(answer, ResponsePlan) and answer.send_from == (start or 0)
+    # the release is looked up first: an unknown one is 404 whatever the range
+    unknown = plan_release(APP, INDEX, "9.9.9", origin="cdn", max_bundle_bytes=GLOBAL_CAP, range_header="bytes=a-")
+    refused(unknown, Reason.RELEASE_UNKNOWN)
 
 
 # --- the response, once the origin declared its size -------------------------------------------------------------
