@@ -76,13 +76,20 @@ class _Acceptor(asyncio.Protocol):
         budget = self._listener.budget
         if budget is not None:
             self._slot = budget.open_slot(
-                self._listener.name, _peer_ip(transport), tls=True, abort=cast(asyncio.Transport, transport).abort
+                self._listener.name, _peer_ip(transport), tls=True, abort=self._close_for_room
             )
             if self._slot is None:
                 self._lost = True
                 cast(asyncio.Transport, transport).abort()  # over a cap: closed before any TLS work
                 return
         self._listener.spawn(self._handshake(transport))  # type: ignore[arg-type]
+
+    def _close_for_room(self) -> None:
+        """Closed to make room at a cap: its handshake ends as `aborted` (uvloop's start_tls returns the aborted
+        connection as if its handshake had ended, which read as a client without a certificate)."""
+        self._lost = True
+        if self._transport is not None:
+            self._transport.abort()
 
     def data_received(self, data: bytes) -> None:
         if not self._lost:

@@ -503,6 +503,9 @@ def test_silent_connections_at_a_handshake_cap_make_room_for_a_new_client(
         status, _, body = get_once(gw, pki, f"/bundles/{APP_ID}/1.1.0.zip")
         assert status == 200 and body == (capgo_dir / "app_1.1.0.zip").read_bytes()
         assert gw.metric("ota_gateway_connections_refused_total", listener="main", cause=cause) == 1
+        failures = "ota_gateway_tls_handshake_failures_total"  # the closed handshake is `aborted`, on either loop
+        assert wait_until(lambda: gw.metric(failures, listener="main", cause="aborted") == 1)
+        assert gw.metric(failures, listener="main", cause="no_cert") == 0  # uvloop's start_tls returned: no cert
         silent[0].settimeout(5)
         with contextlib.suppress(ConnectionResetError):
             assert silent[0].recv(1) == b""  # the oldest was closed
