@@ -86,18 +86,24 @@ async def _open_runtime(config_path: Path, loaded: Loaded) -> Runtime:
 
 
 async def open_state(config_path: Path, rt: Runtime) -> StateStore:
-    """The state store at `state.path`; problems are config errors."""
-    return await open_store(config_path, rt.snapshot.config)
+    """The state store at `state.path` (or `state.redis_url`); problems are config errors, except a Redis that
+    does not answer yet (a reboot that starts the gateway first): that is a store failure, which /readyz reports
+    and the periodic probe ends once Redis is up."""
+    return await open_store(config_path, rt.snapshot.config, redis_must_answer=False)
 
 
-async def open_store(config_path: Path, config: Config) -> StateStore:
+async def open_store(config_path: Path, config: Config, *, redis_must_answer: bool = True) -> StateStore:
     """The configured state store (SQLite or Redis); problems are config errors. `release status` uses it too."""
     redis_url = config.state.redis_url
     if redis_url is not None:
         from redis.exceptions import RedisError
 
         try:
-            return await RedisState.open(redis_url)
+            return await RedisState.open(redis_url, ping=redis_must_answer)
+        except ValueError as exc:  # a url redis cannot parse (a port that is no number, ...): it can never work
+            raise ConfigError.single(
+                str(config_path), "state.redis_url", None, f"not a usable Redis url: {exc}"
+            ) from None
         except (OSError, RedisError) as exc:
             raise ConfigError.single(
                 str(config_path),
@@ -184,6 +190,9 @@ async def serve(
         rt.metrics.worker_restarts.inc()
     config = rt.snapshot.config
     rt.state = guard_state(rt, await open_state(config_path, rt))
+    if config.state.redis_url is not None:  # a Redis not up yet: one line now, /readyz not ready until the probe
+        with contextlib.suppress(StateError):  # succeeds (every `state.probe_interval` s); requests meanwhile get
+            await rt.state.probe()  # the store-failure answers (`state.rate_limit_on_failure`, `state_error`)
     reloader = Reloader(config_path, rt)
     nofile = raise_open_files_limit()
     budget, timeouts = _budget(rt, nofile)

@@ -532,12 +532,15 @@ class RedisState:
         self._check_script = client.register_script(_CHECK_LUA)
 
     @classmethod
-    async def open(cls, url: str, prefix: str = "ota-gateway:") -> RedisState:
+    async def open(cls, url: str, prefix: str = "ota-gateway:", *, ping: bool = True) -> RedisState:
+        """A client for `url` (a url that cannot be parsed raises `ValueError`); with `ping`, Redis must answer now.
+        Without it (`serve`), a Redis not up yet is a store failure like any other, which the probe ends."""
         import redis.asyncio as aioredis
 
         client: Any = aioredis.from_url(url, socket_connect_timeout=5, socket_timeout=5, health_check_interval=30)
         try:
-            await client.ping()
+            if ping:
+                await client.ping()
         except BaseException:
             await client.aclose()
             raise

@@ -1,6 +1,6 @@
 """Two gateway hosts sharing one Redis state store (`state.redis_url`), through real `serve` processes and a real
-redis-server: the channel high-water mark and the rate-limit budget are the same on both; an unreachable Redis is
-a config error at start."""
+redis-server: the channel high-water mark and the rate-limit budget are the same on both; a Redis not up yet at start
+is a store failure the gateway recovers from by itself; a url that can never work is a config error at start."""
 
 from __future__ import annotations
 
@@ -15,12 +15,13 @@ import yaml
 from tests.support import (
     APP_ID,
     Pki,
+    RedisServer,
     capgo_call,
     capgo_origin,
     device_body,
-    free_port,
     redis_server,
     run_gateway,
+    wait_until,
     write_config,
 )
 
@@ -86,8 +87,38 @@ def test_a_mark_set_on_one_host_holds_on_the_other(tmp_path: Path, pki: Pki, ori
         assert gw2.metric("ota_gateway_refusals_total", reason="rollback") == 1
 
 
-def test_unreachable_redis_is_a_one_line_config_error(tmp_path: Path, pki: Pki, origin: Path) -> None:
-    cfg = _config(tmp_path / "gw", pki, origin, f"redis://127.0.0.1:{free_port()}/0")
+def test_a_gateway_up_before_redis_serves_not_ready_and_recovers_by_itself(
+    tmp_path: Path, pki: Pki, origin: Path
+) -> None:
+    """A reboot that starts the gateway before Redis: it starts (an exit 2 would never be retried by systemd's
+    RestartPreventExitStatus=2), /readyz names the failing store, update checks answer `state_error` meanwhile, and
+    the probe brings it back once a real redis-server comes up: one line when it fails, one when it recovers."""
+    server = RedisServer()  # its port chosen, not started yet
+    cfg = _config(tmp_path / "gw", pki, origin, server.url)
+    doc = yaml.safe_load(cfg.read_text())
+    doc["state"]["probe_interval"] = 0.5
+    cfg.write_text(yaml.safe_dump(doc))
+    try:
+        with run_gateway(cfg) as gw:
+            status, body = gw.readyz()
+            assert status == 503 and any("state store failing" in r for r in body["reasons"]), body
+            ctx = pki.client_context(pki.client)
+            meanwhile = capgo_call(f"{gw.base_url}/updates", ctx, device_body(version="1.0.0"))
+            assert meanwhile.status == 200 and meanwhile.json()["error"] == "state_error", meanwhile.json()
+            server.start()
+            assert wait_until(lambda: gw.readyz()[0] == 200, timeout=15), gw.readyz()
+            offered = capgo_call(f"{gw.base_url}/updates", ctx, device_body(version="1.0.0")).json()
+            assert offered["version"] == "1.1.0", offered
+            failing = [line for line in gw.stderr_lines if "state store failing" in line]
+            recovered = [line for line in gw.stderr_lines if "state store recovered" in line]
+            assert len(failing) == 1 and len(recovered) == 1, gw.stderr_lines
+            assert not any("Traceback" in line for line in gw.stderr_lines)
+    finally:
+        server.stop()
+
+
+def test_a_redis_url_that_can_never_work_is_a_one_line_config_error(tmp_path: Path, pki: Pki, origin: Path) -> None:
+    cfg = _config(tmp_path / "gw", pki, origin, "redis://127.0.0.1:notaport/0")
     out = subprocess.run(
         [sys.executable, "-m", "gateway", "serve", "--config", str(cfg), "--workers", "1"],
         capture_output=True,
@@ -96,4 +127,4 @@ def test_unreachable_redis_is_a_one_line_config_error(tmp_path: Path, pki: Pki, 
     )
     assert out.returncode == 2
     lines = out.stderr.strip().splitlines()
-    assert len(lines) == 1 and "state.redis_url" in lines[0] and "cannot reach the Redis state store" in lines[0]
+    assert len(lines) == 1 and str(cfg) in lines[0] and "state.redis_url: not a usable Redis url" in lines[0], lines
