@@ -130,6 +130,14 @@ def fingerprint(paths: list[Path]) -> tuple[tuple[object, ...], ...]:
     return tuple(_stamp(p) for p in paths)
 
 
+def _seen(before: tuple[tuple[object, ...], ...], paths: list[Path]) -> tuple[tuple[object, ...], ...]:
+    """What a reload has read, as stamps: each file as it was before the load (a write that lands while the load
+    reads, an editor's second write, is then still a change for the watcher), and a file the load newly names as
+    not seen yet (it may have come after the load listed it; one more reload reads it)."""
+    known = {str(stamp[0]): stamp for stamp in before}
+    return tuple(known.get(str(p), (str(p), "unseen")) for p in paths)
+
+
 class Reloader:
     def __init__(self, config_path: Path, rt: Runtime) -> None:
         self.config_path = config_path
@@ -143,7 +151,8 @@ class Reloader:
 
     async def reload(self, trigger: str) -> bool:
         async with self._lock:
-            self._last = fingerprint(watched_files(self.config_path, self.rt.snapshot.config))
+            before = fingerprint(watched_files(self.config_path, self.rt.snapshot.config))
+            self._last = before
             try:
                 loaded, keys = await asyncio.to_thread(_load_for_reload, self.config_path)
             except ConfigError as exc:
@@ -154,7 +163,7 @@ class Reloader:
                 log.log(_alike(logging.WARNING), "reload (%s) failed, keeping the last good state: %s", trigger, first)
                 return False
             self._swap(loaded, keys)
-            self._last = fingerprint(watched_files(self.config_path, loaded.config))
+            self._last = _seen(before, watched_files(self.config_path, loaded.config))
             self.rt.metrics.reloads.labels("success").inc()
             self.rt.live.last_reload_ok = True
             publish_state_metrics(self.rt.metrics, loaded)

@@ -367,3 +367,59 @@ def test_a_worker_other_than_slot_0_logs_reload_failures_as_warnings(monkeypatch
     assert _alike(logging.INFO) == logging.DEBUG
     monkeypatch.setenv(workers.SLOT_ENV, "0")
     assert (_alike(logging.WARNING), _alike(logging.INFO)) == (logging.WARNING, logging.INFO)
+
+
+def test_a_change_that_lands_while_a_reload_reads_is_reloaded_next(
+    tmp_path: Path, pki: Pki, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An editor's second write (truncate, then write; or two saves) can land while a reload is reading the files:
+    the reload then swaps in what it read, and the watcher must still see the later write as a change. It took the
+    files' stamps again after the load, so that write counted as seen and the half-written policy stayed in force
+    until the next edit. The twin: the write before the load is in force after that reload."""
+    import asyncio
+
+    from gateway import reload as reload_mod
+    from gateway.runner import build_runtime
+
+    cfg = write_config(
+        tmp_path / "gw",
+        pki,
+        origins={"local": {"type": "directory", "path": str(tmp_path)}},
+        extra={"reload": {"watch": True, "interval": 0.2}},
+    )
+    policy = cfg.parent / "policies" / "apps.yaml"
+    first = yaml.safe_load(policy.read_text())["apps"][0]
+    apps = [first, {**first, "app_id": "com.example.second"}, {**first, "app_id": "com.example.third"}]
+    rt = build_runtime(reload_mod.load_all(cfg))
+    real_load = reload_mod._load_for_reload
+    writes = iter([apps[2:], None])
+
+    def load_then_edit(path: Path) -> Any:
+        loaded = real_load(path)
+        later = next(writes)
+        if later is not None:  # the editor's next write, after the reload read the files
+            policy.write_text(yaml.safe_dump({"apps": [first, *later]}))
+        return loaded
+
+    monkeypatch.setattr(reload_mod, "_load_for_reload", load_then_edit)
+
+    async def main() -> set[str]:
+        reloader = reload_mod.Reloader(cfg, rt)
+        watcher = asyncio.get_running_loop().create_task(reloader.watch())
+        try:
+            policy.write_text(yaml.safe_dump({"apps": apps[:2]}))
+            for _ in range(50):
+                await asyncio.sleep(0.1)
+                if "com.example.third" in rt.snapshot.policies.apps:
+                    break
+            return set(rt.snapshot.policies.apps)
+        finally:
+            watcher.cancel()
+            await asyncio.gather(watcher, return_exceptions=True)
+            await reloader.close()
+
+    try:
+        in_force = asyncio.run(main())
+    finally:
+        rt.audit.close()
+    assert in_force == {first["app_id"], "com.example.third"}, in_force
