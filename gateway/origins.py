@@ -303,6 +303,10 @@ class Origin(Protocol):
 
     async def close(self) -> None: ...
 
+    async def retire(self) -> None:
+        """Close for good (a reload replaced this origin): a request still holding it gets an `OriginError`."""
+        ...
+
 
 class DirectoryOrigin:
     """A local folder laid out as `<root>/<app_id>/releases.yaml` plus the files it lists."""
@@ -373,6 +377,9 @@ class DirectoryOrigin:
 
     async def close(self) -> None:
         return None
+
+    async def retire(self) -> None:
+        return None  # holds nothing between requests
 
 
 class _OpenFile:
@@ -1013,6 +1020,7 @@ class HttpsOrigin:
         self.base = URL(config.url)
         self._ssl: ssl.SSLContext = upstream_context(config)
         self._session: aiohttp.ClientSession | None = None
+        self._retired = False  # a reload replaced it: no new pool is ever made (nothing would close it)
         self._connector: _PinningConnector | None = None
         self._timeout = aiohttp.ClientTimeout(  # `connect`: a new connection, or a wait for one, within total_timeout
             total=None,
@@ -1027,6 +1035,8 @@ class HttpsOrigin:
 
     def _get_session(self) -> aiohttp.ClientSession:
         if self._session is None:
+            if self._retired:  # a request that outlived `limits.shutdown_grace` after the reload that retired it
+                raise OriginError(f"origin {self.name}: retired by a reload; its connections are closed")
             connector = _PinningConnector(
                 frozenset(self.config.spki_pins), self._overrun, ssl=self._ssl, limit=256, ttl_dns_cache=60
             )
@@ -1350,6 +1360,13 @@ class HttpsOrigin:
             self._targets.clear()  # and any made meanwhile
             self._session = None
             self._connector = None
+
+    async def retire(self) -> None:
+        """`close()` for good: a reload replaced this origin and closes it `limits.shutdown_grace` seconds later. A
+        request that still holds it after that gets an `OriginError` instead of a new pool that nothing would ever
+        close (`close()` alone lets the same object serve again, from another event loop)."""
+        self._retired = True
+        await self.close()
 
 
 def make_origin(

@@ -197,7 +197,7 @@ class Reloader:
             try:
                 await asyncio.sleep(after)  # requests in flight keep using it until then
             finally:  # also when the gateway stops first
-                await origin.close()
+                await origin.retire()  # for good: a request past the grace gets an error, not a new pool
 
         task = asyncio.get_running_loop().create_task(close_later(), name="retire-origin")
         self._retired.add(task)

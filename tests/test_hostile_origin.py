@@ -865,6 +865,36 @@ def test_an_https_origin_closed_and_used_again_in_another_event_loop_serves(cdn:
     assert [asyncio.run(once()) for _ in range(2)] == [data, data]
 
 
+def test_an_origin_retired_by_a_reload_never_opens_a_pool_again(cdn: HttpsOrigin) -> None:
+    """A reload retires a replaced origin `shutdown_grace` seconds later (`Reloader._retire`): a request that still
+    holds it after that gets an `OriginError` and no new connection pool, which nothing would ever close. The twin
+    above: `close()` alone (not a retirement) lets the same object serve again."""
+    from gateway.reload import Reloader
+
+    data = os.urandom(5_000)
+    cdn.publish("com.example.retired", "1.0.0", data)
+
+    async def main() -> tuple[bytes, str, bool]:
+        origin = _InProcess(cdn)
+        assert await origin.bundle("com.example.retired", "1.0.0.zip") == data
+        reloader = Reloader.__new__(Reloader)
+        reloader._retired = set()
+        reloader._retire(origin.upstream, 0.01)  # type: ignore[arg-type]
+        await asyncio.gather(*reloader._retired)
+        try:
+            await origin.bundle("com.example.retired", "1.0.0.zip")
+            after = "served"
+        except OriginError as exc:
+            after = str(exc)
+        reopened = origin.upstream._session is not None
+        await origin.upstream.close()
+        return data, after, reopened
+
+    _, after, reopened = asyncio.run(main())
+    assert "retired by a reload" in after, after
+    assert not reopened, "a retired origin made a new connection pool"
+
+
 def test_a_get_while_an_https_origin_closes_is_refused_cleanly_and_it_serves_once_closed(cdn: HttpsOrigin) -> None:
     """A bundle GET that comes while `close()` waits for its pooled connection to close (a reload retiring the
     origin): an `OriginError`, never an AssertionError (a 500); a GET once `close()` is over gets a new pool."""
