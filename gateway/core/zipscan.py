@@ -1,8 +1,9 @@
 """The zip scan: what a bundle's zip may hold, judged on the plain bytes as they stream.
 
 Owns the "extraneous content" rule of the threat model: no entry may escape the folder a device unpacks the bundle
-into (an absolute name, a `..` component, a backslash, a NUL, a symbolic link), and, when asked, no native code
-(`.so`, `.dex`, `.dylib`, ...: store rules allow a live update to carry interpreted code only). Both readers a
+into (an absolute name, a `..` component, a backslash, a NUL, a symbolic link), and, unless the policy allows it,
+no native code (`.so`, `.dex`, `.dylib`, ...: store rules allow a live update interpreted code only). Names are judged
+as written in each header and in its Info-ZIP Unicode Path field, which some readers use instead. Both readers a
 device uses are covered: Android's `ZipInputStream` reads the local headers front to back, iOS's minizip reads the
 central directory found by scanning back from the end. So every local header is judged as it passes, the central
 directory must list exactly the same entries (name, offset, method, sizes, CRC, in the same order), sit where the
@@ -170,6 +171,7 @@ class ZipScanner:
         name = bytes(self._buf[_LOCAL.size : _LOCAL.size + n])
         start = self._offset - len(self._buf)
         problem = name_problem(name, self.rules) or _entry_problem(name, flags, method, csize, usize)
+        problem = problem or _extra_problem(name, bytes(self._buf[_LOCAL.size + n :]), self.rules)
         if problem is not None:
             self._fail(problem)
             return
@@ -241,7 +243,10 @@ class ZipScanner:
         name = bytes(self._buf[_CENTRAL.size : _CENTRAL.size + n])
         mode = external >> 16
         kind = mode & _S_IFMT
+        (m,) = struct.unpack_from("<H", self._buf, 30)
+        extra = bytes(self._buf[_CENTRAL.size + n : _CENTRAL.size + n + m])
         problem = name_problem(name, self.rules) or _entry_problem(name, flags, method, csize, usize)
+        problem = problem or _extra_problem(name, extra, self.rules)
         if problem is None and kind == _S_IFLNK:
             problem = f"entry {shown(name)!r} is a symbolic link"
         elif problem is None and kind not in (0, _S_IFREG, _S_IFDIR):
@@ -298,4 +303,22 @@ def _entry_problem(name: bytes, flags: int, method: int, csize: int, usize: int)
         return f"entry {shown(name)!r} needs zip64, which the zip scan does not read"
     if flags & _DESCRIPTOR_FLAG and method == _STORED:
         return f"entry {shown(name)!r} is stored with its size after its data (a stream reader cannot find its end)"
+    return None
+
+
+_UNICODE_PATH = 0x7075  # Info-ZIP Unicode Path extra field: version (1), CRC-32 of the name (4), the UTF-8 name
+
+
+def _extra_problem(name: bytes, extra: bytes, rules: ZipRules) -> str | None:
+    """An Info-ZIP Unicode Path field holds a second name that some readers unpack to instead of the entry's own:
+    it is held to the same rules."""
+    at = 0
+    while at + 4 <= len(extra):
+        kind, size = struct.unpack_from("<HH", extra, at)
+        body = extra[at + 4 : at + 4 + size]
+        if kind == _UNICODE_PATH and len(body) >= 5:
+            problem = name_problem(body[5:], rules)
+            if problem is not None:
+                return f"{problem}, in the Unicode path field of entry {shown(name)!r}"
+        at += 4 + size
     return None

@@ -277,3 +277,20 @@ def test_after_a_problem_nothing_more_is_judged() -> None:
     first = scanner.problem
     scanner.feed(b"anything at all")
     assert scanner.finish() == first
+
+
+def _unicode_path(header_name: str, unicode_name: str) -> zipfile.ZipInfo:
+    import zlib
+
+    info = regular(header_name)
+    u = unicode_name.encode()
+    info.extra = struct.pack("<HHB", 0x7075, 5 + len(u), 1) + struct.pack("<I", zlib.crc32(header_name.encode())) + u
+    return info
+
+
+@pytest.mark.parametrize("chunk", [1, None])
+def test_an_escape_hidden_in_the_unicode_path_field_is_refused_and_its_twin_passes(chunk: int | None) -> None:
+    """Some readers unpack to the Info-ZIP Unicode Path field's name rather than the entry's own."""
+    problem = scan(make_zip([*APP, (_unicode_path("aa/evil.js", "../evil.js"), b"x")]), DEFAULT, chunk)
+    assert problem is not None and "'..' component" in problem and "Unicode path field" in problem
+    assert scan(make_zip([*APP, (_unicode_path("aa/evil.js", "aa/\u00e9vil.js"), b"x")]), DEFAULT, chunk) is None
