@@ -21,7 +21,8 @@ window, at most 30 s), with one line on stderr, and counted in `ota_gateway_work
 with that worker's last error and exit code 1. After a stop signal the exit code is the worst of the workers': 3 if
 any had to abort requests; a worker that a stop signal ended before it was ready (killed by it during its start-up)
 counts as a clean stop. A supervisor that dies (even by SIGKILL) takes its workers with it: each gets SIGTERM from
-the kernel and drains as on a stop.
+the kernel and drains as on a stop. The metrics folder such a supervisor leaves behind is removed by the next
+supervisor of the same user that starts (`remove_stale_metrics_dirs`: its recorded pid is dead).
 """
 
 from __future__ import annotations
@@ -312,7 +313,12 @@ class _Supervisor:
 def supervise(config_path: Path, workers: int, extra_args: list[str], policy: RestartPolicy | None = None) -> int:
     policy = policy or RestartPolicy()
     own_dir = MULTIPROC_ENV not in os.environ
-    metrics_dir = Path(os.environ.get(MULTIPROC_ENV) or tempfile.mkdtemp(prefix="ota-gateway-metrics-"))
+    if own_dir:
+        remove_stale_metrics_dirs(Path(tempfile.gettempdir()))
+        metrics_dir = Path(tempfile.mkdtemp(prefix=METRICS_PREFIX))
+        (metrics_dir / OWNER_FILE).write_text(f"{os.getpid()}\n")
+    else:
+        metrics_dir = Path(os.environ[MULTIPROC_ENV])
     # before prometheus_client is imported: it picks its multiprocess value class at import time
     os.environ[MULTIPROC_ENV] = str(metrics_dir)
     try:
@@ -324,6 +330,41 @@ def supervise(config_path: Path, workers: int, extra_args: list[str], policy: Re
     finally:
         if own_dir:
             shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+METRICS_PREFIX = "ota-gateway-metrics-"
+OWNER_FILE = "supervisor.pid"  # the pid of the supervisor that made the folder (not a *.db: prometheus skips it)
+
+
+def remove_stale_metrics_dirs(tmp: Path) -> list[Path]:
+    """Remove the multiprocess metrics folders that supervisors killed with `kill -9` left in `tmp`: only folders
+    of this user (owner uid) whose recorded supervisor pid is no longer alive; a folder without a readable pid, or
+    whose pid runs, is kept. Returns what was removed."""
+    removed = []
+    for folder in tmp.glob(f"{METRICS_PREFIX}*"):
+        try:
+            if folder.is_symlink() or not folder.is_dir() or folder.lstat().st_uid != os.getuid():
+                continue
+            pid = int((folder / OWNER_FILE).read_text().strip())
+        except (OSError, ValueError):
+            continue
+        if pid <= 0 or _alive(pid):
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.append(folder)
+    if removed:
+        log.info("removed %d metrics folder(s) of supervisors that are gone: %s", len(removed), removed[0])
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def preload(config_path: Path) -> Config:

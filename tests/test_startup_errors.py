@@ -11,10 +11,12 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -342,20 +344,46 @@ def test_workers_stop_when_the_supervisor_is_killed(site: Path) -> None:
         workers = children(gw.proc.pid)
         assert len(workers) == 2 and not port_free(gw.port)
         try:
+            left = metrics_dir_of(gw.proc.pid)
             gw.proc.kill()
             gw.proc.wait(10)
             assert wait_until(lambda: not any(alive(pid) for pid in workers), timeout=15)
             assert wait_until(lambda: port_free(gw.port) and port_free(gw.admin_port), timeout=5)
+            assert left is not None and left.is_dir()  # kill -9: nothing could remove it
         finally:
             for pid in workers:
                 if alive(pid):
                     os.kill(pid, signal.SIGKILL)
-    # the twin: the supervisor's ordinary stop ends the workers as before
-    with run_gateway(site, "--workers", "2") as gw:
-        assert wait_until(lambda: ready_workers(gw) == 2, timeout=20)
-        workers = children(gw.proc.pid)
-        assert gw.stop() == 0
-        assert not any(alive(pid) for pid in workers) and port_free(gw.port)
+    # folders the next start must keep: one of a supervisor still alive (this test), one of another user
+    tmp = Path(tempfile.gettempdir())
+    living = Path(tempfile.mkdtemp(prefix="ota-gateway-metrics-", dir=tmp))
+    (living / "supervisor.pid").write_text(f"{os.getpid()}\n")
+    foreign = Path(tempfile.mkdtemp(prefix="ota-gateway-metrics-", dir=tmp))
+    (foreign / "supervisor.pid").write_text("999999999\n")  # no such pid
+    os.chown(foreign, SERVICE_UID, SERVICE_UID)
+    try:
+        # the twin: the supervisor's ordinary stop ends the workers as before, and it removed the stale folder
+        with run_gateway(site, "--workers", "2") as gw:
+            assert wait_until(lambda: ready_workers(gw) == 2, timeout=20)
+            assert not left.exists(), "the folder of the killed supervisor is still there"
+            assert living.is_dir() and foreign.is_dir()
+            workers = children(gw.proc.pid)
+            mine = metrics_dir_of(gw.proc.pid)
+            assert gw.stop() == 0
+            assert not any(alive(pid) for pid in workers) and port_free(gw.port)
+            assert mine is not None and not mine.exists()  # an ordinary stop removes its own
+    finally:
+        shutil.rmtree(living, ignore_errors=True)
+        shutil.rmtree(foreign, ignore_errors=True)
+
+
+def metrics_dir_of(pid: int) -> Path | None:
+    """The multiprocess metrics folder the supervisor `pid` made (it records its pid in it)."""
+    for folder in Path(tempfile.gettempdir()).glob("ota-gateway-metrics-*"):
+        with contextlib.suppress(OSError):
+            if (folder / "supervisor.pid").read_text().strip() == str(pid):
+                return folder
+    return None
 
 
 def test_a_signal_to_one_worker_ends_only_that_worker(site: Path) -> None:
