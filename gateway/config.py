@@ -28,8 +28,8 @@ DEFAULT_CONFIG = Path("gateway.yaml")
 
 
 def _resolve(value: Any, info: ValidationInfo) -> Any:
-    if not isinstance(value, str) or not value:
-        return value  # let the strict Path check name the wrong type
+    if not isinstance(value, str) or not value:  # an empty string, a number, a list: say what is expected
+        raise ValueError(f"must be a path, got {value!r}")
     base = Path((info.context or {}).get("base", "."))
     # absolute, but symlinks kept: a watched `current/tls.crt` must follow a swap of `current` (cert-manager,
     # Kubernetes secrets); a resolved path would stay pinned to the old target

@@ -186,6 +186,8 @@ CONFIG_CASES: list[tuple[str, Edit, int | None, str, str]] = [
     ("missing policies", delete(16), 1, "policies", "required key is missing"),  # no line of its own
     ("missing file", replace(5, "    cert: /nonexistent/server.pem"), 5, "listeners[0].cert", "file not found"),
     ("not a file", replace(5, "    cert: /"), 5, "listeners[0].cert", "not a file"),
+    ("empty path", replace(5, '    cert: ""'), 5, "listeners[0].cert", "must be a path, got ''"),
+    ("path as a number", replace(5, "    cert: 5"), 5, "listeners[0].cert", "must be a path, got 5"),
     ("key of another certificate", replace(6, "    key: {client_key}"), 6, "listeners[0].key", "does not match"),
     (
         "CA bundle that is not a CA",
