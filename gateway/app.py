@@ -256,6 +256,8 @@ def readiness(rt: Runtime, now: dt.datetime, monotonic: float, fds: tuple[int, i
         for exp in material.expiries:
             if exp.kind != "crl" and exp.not_after <= now:
                 problems.append(f"{exp.kind} {exp.name} expired at {exp.not_after:%Y-%m-%dT%H:%M:%SZ}")
+            elif exp.not_before is not None and now < exp.not_before:
+                problems.append(f"{exp.kind} {exp.name} is not valid before {exp.not_before:%Y-%m-%dT%H:%M:%SZ}")
         for crl in material.revocation.stale_lists(now):
             if material.revocation.expired_mode == "fail_closed":
                 problems.append(f"CRL {crl.source} of {crl.ca_name} is past its nextUpdate (fail_closed)")

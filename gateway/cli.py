@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime as dt
 import signal
 from collections.abc import Callable
 from pathlib import Path
@@ -52,13 +53,16 @@ def _fail(message: str) -> int:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
-    from gateway.preflight import runtime_issues
+    from gateway.preflight import certificate_issues, runtime_issues
     from gateway.reload import load_all
 
     loaded = load_all(args.config)
     issues = runtime_issues(str(args.config), loaded.config, live=args.live)
-    if issues:
-        raise ConfigError(issues)
+    expired, ending = certificate_issues(str(args.config), loaded.config, dt.datetime.now(dt.UTC))
+    for warning in ending:
+        problem(f"warning: {warning}")
+    if issues or expired:
+        raise ConfigError(issues + expired)
     print(
         f"ota-gateway: {args.config}: OK ({len(loaded.config.listeners)} listener(s), "
         f"{len(loaded.config.origins)} origin(s), {len(loaded.policies.apps)} app(s))"

@@ -11,6 +11,7 @@ disk that fills up.
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import pwd
 import socket
@@ -19,7 +20,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from gateway.core.startup import bind_problem, file_problem, sqlite_header_problem
+from gateway.core.startup import bind_problem, file_problem, sqlite_header_problem, validity_problem
 from gateway.errors import ConfigIssue
 
 if TYPE_CHECKING:
@@ -212,3 +213,21 @@ def runtime_issues(source: str, config: Config, *, live: bool = False) -> list[C
     if live:
         issues += port_issues(source, config)
     return issues
+
+
+def certificate_issues(source: str, config: Config, now: dt.datetime) -> tuple[list[ConfigIssue], list[ConfigIssue]]:
+    """(errors, warnings) about the validity of each listener's server certificate (`core/startup.validity_problem`):
+    expired or not yet valid is an error of `check`, ending within `EXPIRY_WARNING_DAYS` days a warning."""
+    from gateway.tls import TlsMaterialError, load_certificates
+
+    errors: list[ConfigIssue] = []
+    warnings: list[ConfigIssue] = []
+    for i, listener in enumerate(config.listeners):
+        try:
+            leaf = load_certificates(listener.cert, "cert")[0]
+        except TlsMaterialError:
+            continue  # already an issue of loading the config
+        found = validity_problem(str(listener.cert), leaf.not_valid_before_utc, leaf.not_valid_after_utc, now)
+        if found is not None:
+            (errors if found[0] else warnings).append(ConfigIssue(source, f"listeners[{i}].cert", None, found[1]))
+    return errors, warnings

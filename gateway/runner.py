@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import logging
 import resource
 import signal
@@ -44,12 +45,13 @@ from gateway.logs import announce_ready
 from gateway.memory import trim_after_churn
 from gateway.metrics import Metrics
 from gateway.origins import make_origin
-from gateway.preflight import bind_issue, current_user, damaged_store, os_issue
+from gateway.preflight import bind_issue, certificate_issues, current_user, damaged_store, os_issue
 from gateway.reload import Loaded, Reloader, load_all, load_ticket_keys, publish_state_metrics
 from gateway.state import GuardedState, RedisState, SqliteState, StateError, StateStore
 from gateway.state_keys import Runtime, Snapshot
 from gateway.ticket_keys import load_keyring
 from gateway.tls import ListenerMaterial, admin_context, follow_admin_context
+from gateway.workers import reports
 
 log = logging.getLogger("ota_gateway.runner")
 
@@ -189,6 +191,12 @@ async def serve(
     if restarted:
         rt.metrics.worker_restarts.inc()
     config = rt.snapshot.config
+    if reports():  # the server certificates' dates, said once at start (`check` fails on an expired one)
+        expired, ending = certificate_issues(str(config_path), config, dt.datetime.now(dt.UTC))
+        for issue in expired:
+            log.error("%s (/readyz answers 503 until a valid one is loaded)", issue)
+        for issue in ending:
+            log.warning("%s", issue)
     rt.state = guard_state(rt, await open_state(config_path, rt))
     if config.state.redis_url is not None:  # a Redis not up yet: one line now, /readyz not ready until the probe
         with contextlib.suppress(StateError):  # succeeds (every `state.probe_interval` s); requests meanwhile get

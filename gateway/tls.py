@@ -252,6 +252,7 @@ class Expiry:
     kind: str  # server_cert | client_ca | crl
     name: str  # from config: listener name, CA name
     not_after: dt.datetime
+    not_before: dt.datetime | None = None  # a server certificate's start: before it, clients refuse it too
 
 
 @dataclass(frozen=True)
@@ -285,7 +286,7 @@ def build_material(listener: TlsListener, now: dt.datetime | None = None) -> Lis
     expiries: list[Expiry] = []
     try:
         leaf = check_key_pair(listener.cert, listener.key)
-        expiries.append(Expiry("server_cert", listener.name, leaf.not_valid_after_utc))
+        expiries.append(Expiry("server_cert", listener.name, leaf.not_valid_after_utc, leaf.not_valid_before_utc))
     except TlsMaterialError as exc:
         issues.append(((exc.field,), str(exc)))
     lists: list[RevocationList] = []

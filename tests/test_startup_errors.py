@@ -497,3 +497,60 @@ def test_a_crash_loop_stops_the_server(site: Path) -> None:
         assert any("2 worker deaths within 60 s: stopping the server" in line for line in gw.stderr_lines)
         assert sum("starting a new one" in line for line in gw.stderr_lines) == 1
         assert wait_until(lambda: not children(gw.proc.pid), timeout=5)
+
+
+# --- the server certificate's dates ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "start_days", "end_days", "what"),
+    [("expired", -30, -1, "the certificate expired"), ("future", 2, 400, "the certificate is not valid yet")],
+)
+def test_check_fails_on_a_server_certificate_clients_refuse_now(
+    site: Path, name: str, start_days: int, end_days: int, what: str
+) -> None:
+    """`check` accepted an expired server certificate, and `serve` then only reported not-ready: `check` fails with
+    one line naming the key, the file and the dates; `serve` starts (a renewed file is reloaded) and says the same
+    at once. The twin: a certificate ending in 5 days is a warning (exit 0), one ending in a year nothing."""
+    import datetime as dt
+
+    import trustme
+    import yaml
+
+    from tests.support import _write_leaf
+
+    data = yaml.safe_load(site.read_text())
+    ca = trustme.CA(key_type=trustme.KeyType.ECDSA)  # check and serve judge the dates, not who issued it
+    now = dt.datetime.now(dt.UTC)
+
+    def server(label: str, start: int, end: int) -> Path:
+        files = _write_leaf(
+            site.parent / "certs",
+            label,
+            ca.issue_cert(
+                "localhost",
+                "127.0.0.1",
+                not_before=now + dt.timedelta(days=start),
+                not_after=now + dt.timedelta(days=end),
+            ),
+        )
+        data["listeners"][0]["cert"], data["listeners"][0]["key"] = str(files.cert), str(files.key)
+        site.write_text(yaml.safe_dump(data, sort_keys=False))
+        return files.cert
+
+    cert = server(name, start_days, end_days)
+    checked = gateway("check", "--config", site)
+    assert checked.returncode == 2
+    line = one_line(checked.stderr)
+    assert f"{site}: listeners[0].cert: {cert}: {what} (valid from " in line and " to " in line, line
+    with run_gateway(site) as gw:
+        said = [x for x in gw.stderr_lines if what in x]
+        assert len(said) == 1 and said[0].startswith("ota-gateway: error: ") and str(cert) in said[0], gw.stderr_lines
+        assert gw.readyz()[0] == 503
+    soon = server("soon", -1, 5)
+    warned = gateway("check", "--config", site)
+    assert warned.returncode == 0, warned.stderr
+    assert f"ota-gateway: warning: {site}: listeners[0].cert: {soon}: the certificate expires in " in warned.stderr
+    server("year", -1, 365)
+    fine = gateway("check", "--config", site)
+    assert fine.returncode == 0 and "warning" not in fine.stderr, fine.stderr

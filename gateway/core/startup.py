@@ -12,6 +12,7 @@ verdict out.
 
 from __future__ import annotations
 
+import datetime as dt
 import errno
 import ipaddress
 from dataclasses import dataclass
@@ -142,4 +143,24 @@ def sqlite_header_problem(head: bytes, size: int) -> str | None:
     page = 65536 if page == 1 else page
     if page < 512 or page & (page - 1) or size % page:
         return "it is a damaged SQLite database (its size does not fit its page size)"
+    return None
+
+
+EXPIRY_WARNING_DAYS = 14  # a server certificate that ends within this many days is a warning of `check` and `serve`
+
+
+def validity_problem(
+    path: str, not_before: dt.datetime, not_after: dt.datetime, now: dt.datetime, warn_days: int = EXPIRY_WARNING_DAYS
+) -> tuple[bool, str] | None:
+    """A server certificate's validity at `now`: (True, text) when clients refuse it now (expired, or not yet
+    valid), (False, text) when it ends within `warn_days` days, None when it is good for longer."""
+    dates = f"valid from {not_before:%Y-%m-%dT%H:%M:%SZ} to {not_after:%Y-%m-%dT%H:%M:%SZ}"
+    if now > not_after:
+        return True, f"{path}: the certificate expired ({dates}); every client refuses it: renew it"
+    if now < not_before:
+        return True, f"{path}: the certificate is not valid yet ({dates}); clients refuse it until then"
+    left = not_after - now
+    if left <= dt.timedelta(days=warn_days):
+        days = left.total_seconds() / 86400
+        return False, f"{path}: the certificate expires in {days:.1f} days ({dates}): renew it"
     return None

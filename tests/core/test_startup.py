@@ -165,3 +165,19 @@ def test_what_is_not_a_whole_sqlite_file_is_named(tmp_path: Path) -> None:
     assert "damaged" in (sqlite_header_problem(data[:100], len(data) - 100) or "")  # cut inside a page
     bad_page = data[:16] + (1000).to_bytes(2, "big") + data[18:100]
     assert "damaged" in (sqlite_header_problem(bad_page, len(data)) or "")
+
+
+def test_a_server_certificates_dates_are_an_error_when_clients_refuse_it_and_a_warning_when_it_ends_soon() -> None:
+    import datetime as dt
+
+    from gateway.core.startup import EXPIRY_WARNING_DAYS, validity_problem
+
+    now = dt.datetime(2026, 12, 3, tzinfo=dt.UTC)
+    day = dt.timedelta(days=1)
+    expired = validity_problem("s.pem", now - 30 * day, now - day, now)
+    assert expired is not None and expired[0] and "s.pem: the certificate expired (valid from 2026-11-03" in expired[1]
+    future = validity_problem("s.pem", now + day, now + 400 * day, now)
+    assert future is not None and future[0] and "not valid yet" in future[1]
+    soon = validity_problem("s.pem", now - day, now + (EXPIRY_WARNING_DAYS - 1) * day, now)
+    assert soon is not None and not soon[0] and "expires in 13.0 days" in soon[1]
+    assert validity_problem("s.pem", now - day, now + (EXPIRY_WARNING_DAYS + 1) * day, now) is None
