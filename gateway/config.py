@@ -28,6 +28,8 @@ DEFAULT_CONFIG = Path("gateway.yaml")
 
 
 def _resolve(value: Any, info: ValidationInfo) -> Any:
+    if isinstance(value, Path):  # built in code (tests, the CLI), not read from YAML
+        value = str(value)
     if not isinstance(value, str) or not value:  # an empty string, a number, a list: say what is expected
         raise ValueError(f"must be a path, got {value!r}")
     base = Path((info.context or {}).get("base", "."))
