@@ -233,23 +233,36 @@ def _file_id(path: Path) -> tuple[int, int] | None:
     return st.st_dev, st.st_ino
 
 
-def _journal_wal(conn: sqlite3.Connection, timeout: float) -> None:
-    """Put the file in WAL mode, waiting up to `timeout` seconds for another process that holds its write lock.
+# the waits between tries of a statement that met another process's write lock: short first, since the other
+# worker's write transactions take tens of microseconds (bench/README.md, "Scaling, session 5")
+_FIRST_WAIT = 50e-6
+_LONGEST_WAIT = 1e-3
 
-    While another connection writes to a file still in rollback mode (the other worker of `--workers 2`, starting
-    at the same moment, switching a new file to WAL), SQLite refuses the switch with "database is locked" at once,
-    without its busy timeout (it would deadlock waiting). Once that writer is done the switch succeeds, or finds
-    the file in WAL mode already: so retry until the timeout.
+
+def _while_locked(timeout: float, fn: Callable[..., T], *args: object) -> T:
+    """`fn(*args)`, tried again while SQLite answers "database is locked", for up to `timeout` seconds.
+
+    The gateway waits for another process's write lock here instead of in SQLite's busy handler (connections are
+    opened with a busy timeout of 0): that handler sleeps 1, 2, 5, 10 ... ms, so with two workers a check that met
+    the other's write of a few tens of microseconds waited milliseconds, and every request of that worker waited
+    behind it on the store thread. This waits 50 us, doubling up to 1 ms. A retry is safe: each store call is
+    statements that repeat without effect (upserts, reads) or one transaction rolled back on error. It also covers
+    the switch of a new file to WAL, which SQLite refuses at once, without any busy handler, while another worker
+    writes to the file still in rollback mode (it would deadlock waiting).
     """
-    deadline = time.monotonic() + timeout
+    wait, deadline = _FIRST_WAIT, 0.0
     while True:
         try:
-            conn.execute("PRAGMA journal_mode=WAL")
-            return
+            return fn(*args)
         except sqlite3.OperationalError as exc:
-            if exc.sqlite_errorcode & 0xFF != sqlite3.SQLITE_BUSY or time.monotonic() >= deadline:
+            if exc.sqlite_errorcode & 0xFF != sqlite3.SQLITE_BUSY:
                 raise
-        time.sleep(0.01)
+            now = time.monotonic()
+            deadline = deadline or now + timeout  # counted from the first refusal: the fast path reads no clock
+            if now >= deadline:
+                raise
+        time.sleep(wait)
+        wait = min(wait * 2, _LONGEST_WAIT)
 
 
 def _settle(future: asyncio.Future[Any], result: object, error: BaseException | None) -> None:
@@ -308,7 +321,7 @@ class SqliteState:
 
     def __init__(self, path: Path, busy_timeout: float = BUSY_TIMEOUT) -> None:
         self.path = path
-        self._busy_timeout = busy_timeout  # how long a statement waits for another process's lock
+        self._busy_timeout = busy_timeout  # how long a call waits for another process's lock (_while_locked)
         self._thread = StoreThread("ota-state")
         self._conn: sqlite3.Connection | None = None
         self._file: tuple[int, int] | None = None  # (device, inode) of the file opened
@@ -325,13 +338,13 @@ class SqliteState:
         return store
 
     async def _run(self, fn: Callable[..., T], *args: object) -> T:
-        return await self._thread.run(fn, *args)
+        return await self._thread.run(_while_locked, self._busy_timeout, fn, *args)
 
     def _connect(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(self.path, isolation_level=None, timeout=self._busy_timeout)
+        conn = sqlite3.connect(self.path, isolation_level=None, timeout=0)  # _while_locked waits, in short steps
         try:
-            _journal_wal(conn, self._busy_timeout)
+            conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.executescript(_SCHEMA)
             self._file = _file_id(self.path)

@@ -155,6 +155,90 @@ async def test_sqlite_open_gives_up_after_the_busy_timeout(tmp_path: Path) -> No
         other.close()
 
 
+def test_a_statement_behind_another_write_lock_is_tried_again_in_short_steps(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another worker's write lock: the statement is tried again after 50 us, then waits doubling up to 1 ms (not
+    SQLite's busy handler, which sleeps 1, 2, 5, 10 ... ms: two workers queued behind each other's short writes),
+    and runs once the lock is gone."""
+    import sqlite3
+
+    from gateway import state as state_module
+
+    path = tmp_path / "s.sqlite"
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("PRAGMA journal_mode=WAL")
+    holder.execute("CREATE TABLE t (x)")
+    conn = sqlite3.connect(path, isolation_level=None, timeout=0)
+    waits: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        waits.append(seconds)
+        if len(waits) == 8:
+            holder.execute("COMMIT")
+
+    holder.execute("BEGIN IMMEDIATE")
+    monkeypatch.setattr(state_module.time, "sleep", sleep)
+    try:
+        state_module._while_locked(10, conn.execute, "INSERT INTO t VALUES (1)")
+        assert waits == [50e-6, 100e-6, 200e-6, 400e-6, 800e-6, 1e-3, 1e-3, 1e-3]
+        assert holder.execute("SELECT COUNT(*) FROM t").fetchone() == (1,)
+    finally:
+        conn.close()
+        holder.close()
+
+
+def test_a_lock_held_past_the_timeout_or_another_error_is_raised(tmp_path: Path) -> None:
+    """The twins: a lock kept past the timeout ends the tries with SQLite's "locked"; any other error (here a
+    missing table) is raised at the first try, never waited on."""
+    import sqlite3
+
+    from gateway.state import _while_locked
+
+    path = tmp_path / "s.sqlite"
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("PRAGMA journal_mode=WAL")
+    holder.execute("CREATE TABLE t (x)")
+    conn = sqlite3.connect(path, isolation_level=None, timeout=0)
+    calls: list[str] = []
+
+    def insert(table: str) -> object:
+        calls.append(table)
+        return conn.execute(f"INSERT INTO {table} VALUES (1)")
+
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        with pytest.raises(sqlite3.OperationalError, match="locked"):
+            _while_locked(0.05, insert, "t")
+        assert len(calls) > 5
+        calls.clear()
+        with pytest.raises(sqlite3.OperationalError, match="no such table"):
+            _while_locked(10, insert, "missing")
+        assert calls == ["missing"]
+    finally:
+        holder.execute("ROLLBACK")
+        conn.close()
+        holder.close()
+
+
+async def test_sqlite_count_waits_for_another_workers_write_lock(tmp_path: Path) -> None:
+    """An open store whose file another process holds the write lock of (for 0.3 s): the rate-limit count waits
+    for it, within the busy timeout, and counts."""
+    import sqlite3
+
+    path = tmp_path / "s.sqlite"
+    state = await SqliteState.open(path, busy_timeout=10)
+    other = sqlite3.connect(path, isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")
+        asyncio.get_running_loop().call_later(0.3, other.execute, "COMMIT")
+        assert await state.hit("k", 1, 60, 1000.0) is None
+        assert other.execute("SELECT count FROM rate WHERE key = 'k'").fetchone() == (1,)
+    finally:
+        other.close()
+        await state.close()
+
+
 async def test_sqlite_offer_at_or_below_the_mark_takes_no_write_lock(tmp_path: Path) -> None:
     """An update check offers the channel's newest release again and again: that needs no write transaction, so
     another worker holding the write lock does not hold it up. The twin: raising the mark does wait for the lock."""
