@@ -255,7 +255,8 @@ def _while_locked(timeout: float, fn: Callable[..., T], *args: object) -> T:
         try:
             return fn(*args)
         except sqlite3.OperationalError as exc:
-            if exc.sqlite_errorcode & 0xFF != sqlite3.SQLITE_BUSY:
+            # one the gateway raises itself (the probe's "removed while open") carries no SQLite code
+            if getattr(exc, "sqlite_errorcode", 0) & 0xFF != sqlite3.SQLITE_BUSY:
                 raise
             now = time.monotonic()
             deadline = deadline or now + timeout  # counted from the first refusal: the fast path reads no clock

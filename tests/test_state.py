@@ -189,8 +189,8 @@ def test_a_statement_behind_another_write_lock_is_tried_again_in_short_steps(
 
 
 def test_a_lock_held_past_the_timeout_or_another_error_is_raised(tmp_path: Path) -> None:
-    """The twins: a lock kept past the timeout ends the tries with SQLite's "locked"; any other error (here a
-    missing table) is raised at the first try, never waited on."""
+    """The twins: a lock kept past the timeout ends the tries with SQLite's "locked"; any other error (a missing
+    table, or one the gateway raises itself, without a SQLite code) is raised at the first try, never waited on."""
     import sqlite3
 
     from gateway.state import _while_locked
@@ -215,6 +215,15 @@ def test_a_lock_held_past_the_timeout_or_another_error_is_raised(tmp_path: Path)
         with pytest.raises(sqlite3.OperationalError, match="no such table"):
             _while_locked(10, insert, "missing")
         assert calls == ["missing"]
+        calls.clear()
+
+        def own_error() -> None:  # the probe's "removed while open": an error with no SQLite code
+            calls.append("own")
+            raise sqlite3.OperationalError("removed while open")
+
+        with pytest.raises(sqlite3.OperationalError, match="removed while open"):
+            _while_locked(10, own_error)
+        assert calls == ["own"]
     finally:
         holder.execute("ROLLBACK")
         conn.close()
