@@ -90,6 +90,7 @@ bench: $(STAMP)
 	PYTHONPATH=. $(PY) bench/zipscan_cost.py
 	$(PY) bench/scaling.py
 	$(PY) bench/floor.py
+	$(PY) bench/stream_floor.py --runs 7
 
 clean:
 	rm -rf $(VENV) .venv-scan $(CERTS) $(ORIGIN) state .pytest_cache .mypy_cache .ruff_cache
