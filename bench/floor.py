@@ -39,11 +39,9 @@ import contextlib
 import os
 import random
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -131,24 +129,6 @@ def serve(kind: str, config: Path, port: int, small_file: Path) -> None:
         await asyncio.Event().wait()
 
     uvloop.run(main())
-
-
-@contextlib.contextmanager
-def run_floor(kind: str, config: Path, small_file: Path) -> Iterator[harness.Server]:
-    port = harness.free_port()
-    cmd = [*harness.pin_prefix(harness.PROXY_CORE), sys.executable, __file__, "--serve", kind, str(config)]
-    proc = subprocess.Popen([*cmd, str(port), str(small_file)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        try:
-            harness.wait_port(port, proc, KINDS[kind])
-        except harness.BenchError:
-            err = proc.stderr.read().decode() if proc.poll() is not None and proc.stderr else ""
-            raise harness.BenchError(f"{KINDS[kind]} did not start:\n{err}") from None
-        yield harness.Server(KINDS[kind], proc, port)
-    finally:
-        harness.stop_process(proc)
-        if proc.stderr:
-            proc.stderr.close()
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -312,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
             if kind in wanted:
                 port = harness.free_port()
                 cmd = [sys.executable, __file__, "--serve", kind, str(config), str(port), str(small)]
-                server = stack.enter_context(run_floor(kind, config, small))
+                server = stack.enter_context(harness.serve_script(__file__, KINDS[kind], kind, str(config), str(small)))
                 rows.append(Row(server, BUNDLE, (cmd, {}, base, port)))
         gateway_rows = [name for name in GATEWAY_ROWS if name in wanted]
         if gateway_rows:

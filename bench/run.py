@@ -520,6 +520,26 @@ def run_nginx_proxy(
 
 
 @contextlib.contextmanager
+def serve_script(script: str, name: str, *args: str) -> Iterator[Server]:
+    """`script --serve ARGS[0] ARGS[1] PORT ARGS[2:]...`: a floor server of `floor.py` or `stream_floor.py` in a
+    process of its own on the proxy core, yielded once it listens; its stderr is in the error if it does not."""
+    port = free_port()
+    cmd = [*pin_prefix(PROXY_CORE), sys.executable, script, "--serve", *args[:2], str(port), *args[2:]]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        try:
+            wait_port(port, proc, name)
+        except BenchError:
+            err = proc.stderr.read().decode() if proc.poll() is not None and proc.stderr else ""
+            raise BenchError(f"{name} did not start:\n{err}") from None
+        yield Server(name, proc, port)
+    finally:
+        stop_process(proc)
+        if proc.stderr:
+            proc.stderr.close()
+
+
+@contextlib.contextmanager
 def run_gateway(name: str, config: Path, core: int | None, *extra: str, src: Path | None = None) -> Iterator[Server]:
     """`ota-gateway serve --config config` (from `src` if given), pinned to `core`; waits for the readiness line."""
     cfg = yaml.safe_load(config.read_text())

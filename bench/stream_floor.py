@@ -33,12 +33,10 @@ import os
 import shutil
 import socket
 import ssl
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -153,24 +151,6 @@ def serve(kind: str, config: Path, port: int, big_file: Path) -> None:
     uvloop.run(main())
 
 
-@contextlib.contextmanager
-def run_floor(kind: str, config: Path, big_file: Path) -> Iterator[harness.Server]:
-    port = harness.free_port()
-    cmd = [*harness.pin_prefix(harness.PROXY_CORE), sys.executable, __file__, "--serve", kind, str(config)]
-    proc = subprocess.Popen([*cmd, str(port), str(big_file)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        try:
-            harness.wait_port(port, proc, KINDS[kind])
-        except harness.BenchError:
-            err = proc.stderr.read().decode() if proc.poll() is not None and proc.stderr else ""
-            raise harness.BenchError(f"{KINDS[kind]} did not start:\n{err}") from None
-        yield harness.Server(KINDS[kind], proc, port)
-    finally:
-        harness.stop_process(proc)
-        if proc.stderr:
-            proc.stderr.close()
-
-
 # --------------------------------------------------------------------------------------------------------------
 # measuring and the report
 
@@ -230,7 +210,9 @@ def main(argv: list[str] | None = None) -> int:
             rows: list[tuple[str, harness.Server, str]] = [
                 (NGINX_ROW, nginx, f"/files/{harness.APP_DIR}/{harness.BIG_VERSION}.zip")
             ]
-            rows += [(KINDS[k], stack.enter_context(run_floor(k, cfg, big_file)), big) for k in KINDS]
+            for k in KINDS:
+                floor = harness.serve_script(__file__, KINDS[k], k, str(cfg), str(big_file))
+                rows.append((KINDS[k], stack.enter_context(floor), big))
             rows.append((GATEWAY_ROW, gateway, big))
             results: dict[str, harness.StreamResult] = {}
             for rnd in range(args.runs):

@@ -9,38 +9,23 @@ A/B interleaved, 7 rounds, medians of process CPU time; prints the load average 
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import statistics
 import time
-import zipfile
 
 from gateway.core.digests import ScanningDigest
 from gateway.core.zipscan import ZipRules
+from tests.core.test_zipscan import make_zip  # the tests' zip writer: sizes in the headers, or data descriptors
 
 SLICE = 64 * 1024
 ROUNDS = 7
 
 
-class _Unseekable(io.RawIOBase):
-    def __init__(self) -> None:
-        self.data = bytearray()
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, b: bytes) -> int:  # type: ignore[override]
-        self.data += b
-        return len(b)
-
-
 def bundle(streamed: bool) -> bytes:
     """64 entries of 256 KiB: half random (incompressible), half repetitive script."""
-    out: io.BytesIO | _Unseekable = _Unseekable() if streamed else io.BytesIO()
-    with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_DEFLATED) as zf:  # type: ignore[arg-type]
-        for i in range(64):
-            zf.writestr(f"assets/f{i}.js", os.urandom(256 * 1024) if i % 2 else b"function x(){return 1}\n" * 11_000)
-    return bytes(out.data) if isinstance(out, _Unseekable) else out.getvalue()
+    script = b"function x(){return 1}\n" * 11_000
+    entries = [(f"assets/f{i}.js", os.urandom(256 * 1024) if i % 2 else script) for i in range(64)]
+    return make_zip(entries, streamed=streamed)
 
 
 def cpu(data: bytes, scan: bool) -> float:

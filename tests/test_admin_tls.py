@@ -31,18 +31,24 @@ from tests.support import (
 )
 
 
-def test_admin_mtls(tmp_path: Path, pki: Pki, capgo_dir: Path) -> None:
+def _admin_tls_config(tmp_path: Path, pki: Pki, capgo_dir: Path, **admin: object) -> Path:
+    """A gateway config with one release in a directory origin and an mTLS admin listener (the server's certificate,
+    the test CA's clients), plus `admin` keys."""
     origin = tmp_path / "origin"
     origin.mkdir()
     shutil.copy(capgo_dir / "app_1.0.0.zip", tmp_path / "b.zip")
     add_release(origin, APP_ID, "1.0.0", "production", tmp_path / "b.zip")
     admin_tls = {"cert": str(pki.server.cert), "key": str(pki.server.key), "client_ca": [str(pki.ca_pem)]}
-    cfg = write_config(
+    return write_config(
         tmp_path / "gw",
         pki,
         origins={"local": {"type": "directory", "path": str(origin)}},
-        extra={"admin": {"tls": admin_tls}},
+        extra={"admin": {"tls": admin_tls, **admin}},
     )
+
+
+def test_admin_mtls(tmp_path: Path, pki: Pki, capgo_dir: Path) -> None:
+    cfg = _admin_tls_config(tmp_path, pki, capgo_dir)
     with run_gateway(cfg) as gw:
         assert any(line.startswith("ota-gateway: admin on https://") for line in gw.stderr_lines)
         url = f"https://127.0.0.1:{gw.admin_port}/metrics"
@@ -61,17 +67,7 @@ def test_connections_to_the_admin_tls_port_count_from_accept_and_a_scraper_gets_
     downloads failed, and the scraper too). They count against `admin.max_connections` from accept; at the cap the
     oldest one that has no request being answered is closed for the new one, so the flood churns within the cap and
     a scraper with a certificate gets in. The twin: without a certificate the scraper still gets nothing."""
-    origin = tmp_path / "origin"
-    origin.mkdir()
-    shutil.copy(capgo_dir / "app_1.0.0.zip", tmp_path / "b.zip")
-    add_release(origin, APP_ID, "1.0.0", "production", tmp_path / "b.zip")
-    admin_tls = {"cert": str(pki.server.cert), "key": str(pki.server.key), "client_ca": [str(pki.ca_pem)]}
-    cfg = write_config(
-        tmp_path / "gw",
-        pki,
-        origins={"local": {"type": "directory", "path": str(origin)}},
-        extra={"admin": {"tls": admin_tls, "max_connections": 4}},
-    )
+    cfg = _admin_tls_config(tmp_path, pki, capgo_dir, max_connections=4)
     with run_gateway(cfg, nofile=256) as gw:
         silent = [socket.create_connection(("127.0.0.1", gw.admin_port), timeout=10) for _ in range(300)]
         try:

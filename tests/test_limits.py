@@ -164,6 +164,19 @@ def one_response(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
 # --- header timeout --------------------------------------------------------------------------------------------
 
 
+def _oldest_closed_others_held(socks: list[socket.socket]) -> None:
+    """The first (oldest) of `socks` was closed by the gateway, the others are still open; then all are closed."""
+    socks[0].settimeout(5)
+    with contextlib.suppress(ConnectionResetError):
+        assert socks[0].recv(1) == b""
+    for sock in socks[1:]:
+        sock.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            sock.recv(1)
+    for sock in socks:
+        sock.close()
+
+
 def test_slowloris_headers_on_the_tls_listener_get_408_and_are_counted(env: Env) -> None:
     before = env.metric("ota_gateway_timeouts_total", listener="main", cause="header")
     audit_before = len(env.gw.audit())
@@ -506,15 +519,7 @@ def test_silent_connections_at_a_handshake_cap_make_room_for_a_new_client(
         failures = "ota_gateway_tls_handshake_failures_total"  # the closed handshake is `aborted`, on either loop
         assert wait_until(lambda: gw.metric(failures, listener="main", cause="aborted") == 1)
         assert gw.metric(failures, listener="main", cause="no_cert") == 0  # uvloop's start_tls returned: no cert
-        silent[0].settimeout(5)
-        with contextlib.suppress(ConnectionResetError):
-            assert silent[0].recv(1) == b""  # the oldest was closed
-        for sock in silent[1:]:  # the others are still held
-            sock.setblocking(False)
-            with pytest.raises(BlockingIOError):
-                sock.recv(1)
-        for sock in silent:
-            sock.close()
+        _oldest_closed_others_held(silent)
 
 
 def test_at_both_handshake_caps_no_other_addresses_handshake_is_closed_for_nothing(
@@ -755,15 +760,7 @@ def test_partial_header_connections_at_a_listener_cap_make_room_for_a_new_reques
         assert status == (200 if which == "admin" else 308)
         refused = gw.metric("ota_gateway_connections_refused_total", listener=which, cause="listener_max_connections")
         assert refused == 1
-        held[0].settimeout(5)
-        with contextlib.suppress(ConnectionResetError):
-            assert held[0].recv(1) == b""  # the oldest was closed
-        for sock in held[1:]:  # the others are still held
-            sock.setblocking(False)
-            with pytest.raises(BlockingIOError):
-                sock.recv(1)
-        for sock in held:
-            sock.close()
+        _oldest_closed_others_held(held)
 
 
 @pytest.mark.parametrize("which", ["plain_http", "admin"])

@@ -4,6 +4,7 @@ windows count per key, the SQLite store persists and is shared by several connec
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -123,8 +124,6 @@ async def test_sqlite_opens_a_new_file_while_another_process_writes_to_it(tmp_pa
     """Two workers starting together: one is converting the new file (rollback mode, its write lock held) while the
     other opens it. SQLite refuses the other's switch to WAL at once, without its busy timeout; the store waits
     for the writer instead (this failed 1 start in about 100 of `serve --workers 2`: exit 2)."""
-    import sqlite3
-
     path = tmp_path / "s.sqlite"
     other = sqlite3.connect(path, isolation_level=None)
     other.execute("BEGIN IMMEDIATE")  # a new file, still in rollback mode, its write lock held
@@ -142,8 +141,6 @@ async def test_sqlite_opens_a_new_file_while_another_process_writes_to_it(tmp_pa
 
 async def test_sqlite_open_gives_up_after_the_busy_timeout(tmp_path: Path) -> None:
     """The twin: a writer that keeps the lock past the busy timeout makes the open fail (a start-up error)."""
-    import sqlite3
-
     path = tmp_path / "s.sqlite"
     other = sqlite3.connect(path, isolation_level=None)
     other.execute("BEGIN IMMEDIATE")
@@ -155,21 +152,25 @@ async def test_sqlite_open_gives_up_after_the_busy_timeout(tmp_path: Path) -> No
         other.close()
 
 
+def _holder_and_waiter(tmp_path: Path) -> tuple[sqlite3.Connection, sqlite3.Connection]:
+    """Two connections to one WAL file with a table `t`: one to hold the write lock, one (busy timeout 0, as the
+    store's) whose statements meet it."""
+    path = tmp_path / "s.sqlite"
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("PRAGMA journal_mode=WAL")
+    holder.execute("CREATE TABLE t (x)")
+    return holder, sqlite3.connect(path, isolation_level=None, timeout=0)
+
+
 def test_a_statement_behind_another_write_lock_is_tried_again_in_short_steps(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Another worker's write lock: the statement is tried again after 50 us, then waits doubling up to 1 ms (not
     SQLite's busy handler, which sleeps 1, 2, 5, 10 ... ms: two workers queued behind each other's short writes),
     and runs once the lock is gone."""
-    import sqlite3
-
     from gateway import state as state_module
 
-    path = tmp_path / "s.sqlite"
-    holder = sqlite3.connect(path, isolation_level=None)
-    holder.execute("PRAGMA journal_mode=WAL")
-    holder.execute("CREATE TABLE t (x)")
-    conn = sqlite3.connect(path, isolation_level=None, timeout=0)
+    holder, conn = _holder_and_waiter(tmp_path)
     waits: list[float] = []
 
     def sleep(seconds: float) -> None:
@@ -191,15 +192,9 @@ def test_a_statement_behind_another_write_lock_is_tried_again_in_short_steps(
 def test_a_lock_held_past_the_timeout_or_another_error_is_raised(tmp_path: Path) -> None:
     """The twins: a lock kept past the timeout ends the tries with SQLite's "locked"; any other error (a missing
     table, or one the gateway raises itself, without a SQLite code) is raised at the first try, never waited on."""
-    import sqlite3
-
     from gateway.state import _while_locked
 
-    path = tmp_path / "s.sqlite"
-    holder = sqlite3.connect(path, isolation_level=None)
-    holder.execute("PRAGMA journal_mode=WAL")
-    holder.execute("CREATE TABLE t (x)")
-    conn = sqlite3.connect(path, isolation_level=None, timeout=0)
+    holder, conn = _holder_and_waiter(tmp_path)
     calls: list[str] = []
 
     def insert(table: str) -> object:
@@ -233,8 +228,6 @@ def test_a_lock_held_past_the_timeout_or_another_error_is_raised(tmp_path: Path)
 async def test_sqlite_count_waits_for_another_workers_write_lock(tmp_path: Path) -> None:
     """An open store whose file another process holds the write lock of (for 0.3 s): the rate-limit count waits
     for it, within the busy timeout, and counts."""
-    import sqlite3
-
     path = tmp_path / "s.sqlite"
     state = await SqliteState.open(path, busy_timeout=10)
     other = sqlite3.connect(path, isolation_level=None)
@@ -251,8 +244,6 @@ async def test_sqlite_count_waits_for_another_workers_write_lock(tmp_path: Path)
 async def test_sqlite_offer_at_or_below_the_mark_takes_no_write_lock(tmp_path: Path) -> None:
     """An update check offers the channel's newest release again and again: that needs no write transaction, so
     another worker holding the write lock does not hold it up. The twin: raising the mark does wait for the lock."""
-    import sqlite3
-
     path = tmp_path / "s.sqlite"
     state = await SqliteState.open(path, busy_timeout=0.2)
     other = sqlite3.connect(path, isolation_level=None)
@@ -352,8 +343,6 @@ async def test_guarded_state_lets_bugs_through(tmp_path: Path) -> None:
 async def test_guarded_sqlite_locked_by_another_process_fails_visibly_and_recovers(tmp_path: Path) -> None:
     """Another connection (a backup tool, an operator's sqlite3 shell) holds the write lock past the busy timeout:
     writes fail as `StateError`; once the lock is released the probe ends the failure."""
-    import sqlite3
-
     path = tmp_path / "s.sqlite"
     fault, counted = Fault("state store"), []
     state = GuardedState(await SqliteState.open(path, busy_timeout=0.2), fault, counted.append)
@@ -376,8 +365,6 @@ async def test_guarded_sqlite_locked_by_another_process_fails_visibly_and_recove
 async def test_guarded_check_on_a_locked_sqlite_counts_the_failed_count_and_still_reads(tmp_path: Path) -> None:
     """Another process holds the write lock: the trip's count fails (counted as `hit`), its read of the mark works
     (WAL), as the two separate operations did; with the rate limit failing closed the trip does not read at all."""
-    import sqlite3
-
     path = tmp_path / "s.sqlite"
     fault, counted = Fault("state store"), []
     state = GuardedState(await SqliteState.open(path, busy_timeout=0.2), fault, counted.append)

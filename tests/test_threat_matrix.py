@@ -140,6 +140,13 @@ class Bed:
     def metric(self, name: str, **labels: str) -> float:
         return self.gw.metric(name, **labels)
 
+    @contextlib.contextmanager
+    def counted(self, name: str, n: int = 1, **labels: str) -> Iterator[None]:
+        """The block raises the counter `name{labels}` by exactly `n` (checked after the block's own asserts)."""
+        before = self.metric(name, **labels)
+        yield
+        assert self.metric(name, **labels) == before + n, (name, labels)
+
 
 @dataclass
 class Outcome:
@@ -208,11 +215,10 @@ def arbitrary_installation_unsigned(bed: Bed) -> None:
                             "checksum": sha(evil), "session_key": ""})  # fmt: skip
     bare = bed.device("unsigned", "1.0.0", bare=True, public_key=True)
     assert bare.code == 0 and bare.installed == evil, bare.said
-    before = bed.metric("ota_gateway_refusals_total", reason="signature_invalid")
-    gated = bed.device("unsigned", "1.0.0", bare=False, public_key=True)
-    assert gated.code == 1 and gated.received is None and gated.installed is None, gated.said
-    assert "signature_invalid" in gated.said
-    assert bed.metric("ota_gateway_refusals_total", reason="signature_invalid") == before + 1
+    with bed.counted("ota_gateway_refusals_total", reason="signature_invalid"):
+        gated = bed.device("unsigned", "1.0.0", bare=False, public_key=True)
+        assert gated.code == 1 and gated.received is None and gated.installed is None, gated.said
+        assert "signature_invalid" in gated.said
 
 
 def arbitrary_installation_tampered(bed: Bed) -> None:
@@ -224,11 +230,10 @@ def arbitrary_installation_tampered(bed: Bed) -> None:
     bare = bed.device("tampered", "1.0.0", bare=True)
     # the device receives the whole bad body; its own SHA-256 check refuses it
     assert bare.code == 1 and bare.received == len(good) and "checksum_fail" in bare.said, bare.said
-    before = bed.metric("ota_gateway_bundle_verifications_total", result="checksum_mismatch")
-    gated = bed.device("tampered", "1.0.0", bare=False)
-    assert gated.code == 1 and gated.received is not None and gated.received < len(good), gated.said
-    assert "download cut off" in gated.said
-    assert bed.metric("ota_gateway_bundle_verifications_total", result="checksum_mismatch") == before + 1
+    with bed.counted("ota_gateway_bundle_verifications_total", result="checksum_mismatch"):
+        gated = bed.device("tampered", "1.0.0", bare=False)
+        assert gated.code == 1 and gated.received is not None and gated.received < len(good), gated.said
+        assert "download cut off" in gated.said
 
 
 def arbitrary_installation_no_checksum(bed: Bed) -> None:
@@ -240,10 +245,9 @@ def arbitrary_installation_no_checksum(bed: Bed) -> None:
     assert bare.code == 0 and bare.installed == evil, bare.said
     for checksum in ("", f"{0x1234ABCD:08x}"):  # missing, and a CRC32 (which older plugins matched)
         bed.answer("nochecksum", {"version": "1.1.0", "url": url, "checksum": checksum, "session_key": ""})
-        before = bed.metric("ota_gateway_refusals_total", reason="unverifiable")
-        gated = bed.device("nochecksum", "1.0.0", bare=False)
-        assert gated.code == 1 and gated.received is None and "unverifiable" in gated.said, gated.said
-        assert bed.metric("ota_gateway_refusals_total", reason="unverifiable") == before + 1
+        with bed.counted("ota_gateway_refusals_total", reason="unverifiable"):
+            gated = bed.device("nochecksum", "1.0.0", bare=False)
+            assert gated.code == 1 and gated.received is None and "unverifiable" in gated.said, gated.said
 
 
 def wrong_software(bed: Bed) -> None:
@@ -254,10 +258,9 @@ def wrong_software(bed: Bed) -> None:
     bed.answer("wrongapp", {"version": "1.1.0", "url": url, "checksum": sha(other), "session_key": ""})
     bare = bed.device("wrongapp", "1.0.0", bare=True)
     assert bare.code == 0 and bare.installed == other, bare.said
-    before = bed.metric("ota_gateway_refusals_total", reason="foreign_app")
-    gated = bed.device("wrongapp", "1.0.0", bare=False)
-    assert gated.code == 1 and gated.received is None and "foreign_app" in gated.said, gated.said
-    assert bed.metric("ota_gateway_refusals_total", reason="foreign_app") == before + 1
+    with bed.counted("ota_gateway_refusals_total", reason="foreign_app"):
+        gated = bed.device("wrongapp", "1.0.0", bare=False)
+        assert gated.code == 1 and gated.received is None and "foreign_app" in gated.said, gated.said
 
 
 def rollback(bed: Bed) -> None:
@@ -267,11 +270,10 @@ def rollback(bed: Bed) -> None:
     bed.answer("rollback", {"version": "1.0.0", "url": url, "checksum": sha(old), "session_key": ""})
     bare = bed.device("rollback", "1.1.0", bare=True)
     assert bare.code == 0 and bare.installed == old, bare.said
-    before = bed.metric("ota_gateway_refusals_total", reason="downgrade")
-    gated = bed.device("rollback", "1.1.0", bare=False)
-    assert gated.code == 0 and gated.installed is None and gated.received is None, gated.said  # up to date
-    assert "up_to_date" in gated.said
-    assert bed.metric("ota_gateway_refusals_total", reason="downgrade") == before + 1
+    with bed.counted("ota_gateway_refusals_total", reason="downgrade"):
+        gated = bed.device("rollback", "1.1.0", bare=False)
+        assert gated.code == 0 and gated.installed is None and gated.received is None, gated.said  # up to date
+        assert "up_to_date" in gated.said
 
 
 def fast_forward(bed: Bed) -> None:
@@ -281,10 +283,9 @@ def fast_forward(bed: Bed) -> None:
     bed.answer("fastforward", {"version": "99999.0.0", "url": url, "checksum": sha(inflated), "session_key": ""})
     bare = bed.device("fastforward", "1.0.0", bare=True)
     assert bare.code == 0 and bare.installed == inflated, bare.said
-    before = bed.metric("ota_gateway_refusals_total", reason="version_jump")
-    gated = bed.device("fastforward", "1.0.0", bare=False)
-    assert gated.code == 1 and gated.received is None and "blocked" in gated.said, gated.said
-    assert bed.metric("ota_gateway_refusals_total", reason="version_jump") == before + 1
+    with bed.counted("ota_gateway_refusals_total", reason="version_jump"):
+        gated = bed.device("fastforward", "1.0.0", bare=False)
+        assert gated.code == 1 and gated.received is None and "blocked" in gated.said, gated.said
 
 
 def indefinite_freeze(bed: Bed) -> None:
@@ -301,12 +302,12 @@ def indefinite_freeze(bed: Bed) -> None:
         raise RuntimeError("the update server fails")  # a text/plain 500
 
     bed.answer("freeze", broken)
-    failed = bed.metric("ota_gateway_update_answers_total", kind="failed")
-    errors = bed.metric("ota_gateway_refusals_total", reason="origin_error")
-    outcome = bed.device("freeze", "1.0.0", bare=False)
-    assert outcome.code == 1 and "failed: origin_error" in outcome.said, outcome.said
-    assert bed.metric("ota_gateway_update_answers_total", kind="failed") == failed + 1
-    assert bed.metric("ota_gateway_refusals_total", reason="origin_error") == errors + 1
+    with (
+        bed.counted("ota_gateway_update_answers_total", kind="failed"),
+        bed.counted("ota_gateway_refusals_total", reason="origin_error"),
+    ):
+        outcome = bed.device("freeze", "1.0.0", bare=False)
+        assert outcome.code == 1 and "failed: origin_error" in outcome.said, outcome.said
 
 
 ENDLESS_CAP = 202_000  # the app's verification.max_bundle_bytes
@@ -322,10 +323,9 @@ def endless_data(bed: Bed) -> None:
                            "checksum": sha(good), "session_key": ""})  # fmt: skip
     bare = bed.device("endless", "1.0.0", bare=True)
     assert bare.received is not None and bare.received > len(good), bare.said  # it took all that came
-    before = bed.metric("ota_gateway_bundle_verifications_total", result="size_exceeded")
-    gated = bed.device("endless", "1.0.0", bare=False)
-    assert gated.code == 1 and gated.received is not None and gated.received < len(good), gated.said
-    assert bed.metric("ota_gateway_bundle_verifications_total", result="size_exceeded") == before + 1
+    with bed.counted("ota_gateway_bundle_verifications_total", result="size_exceeded"):
+        gated = bed.device("endless", "1.0.0", bare=False)
+        assert gated.code == 1 and gated.received is not None and gated.received < len(good), gated.said
 
 
 def slow_retrieval(bed: Bed) -> None:
@@ -342,10 +342,9 @@ def slow_retrieval(bed: Bed) -> None:
     assert thread.is_alive()  # 3 s on, more than the gateway's whole window: the device still waits, undisturbed
     thread.join(30)
     assert result and result[0].code == 0 and result[0].installed == tiny  # and it ends only when the origin wants
-    before = bed.metric("ota_gateway_bundle_verifications_total", result="origin_too_slow")
-    gated = bed.device("slow", "1.0.0", bare=False)
-    assert gated.code == 1 and gated.received == 0, gated.said  # a small body is read whole: not a byte went out
-    assert bed.metric("ota_gateway_bundle_verifications_total", result="origin_too_slow") == before + 1
+    with bed.counted("ota_gateway_bundle_verifications_total", result="origin_too_slow"):
+        gated = bed.device("slow", "1.0.0", bare=False)
+        assert gated.code == 1 and gated.received == 0, gated.said  # a small body is read whole: not a byte went out
 
 
 def extraneous_content(bed: Bed) -> None:
@@ -358,12 +357,12 @@ def extraneous_content(bed: Bed) -> None:
         bare = bed.device("zip", "1.0.0", bare=True)
         assert bare.code == 0 and bare.installed == bad, bare.said
         assert name in zipfile.ZipFile(io.BytesIO(bare.installed)).namelist()
-        before = bed.metric("ota_gateway_bundle_verifications_total", result="zip_content")
-        refusals = bed.metric("ota_gateway_refusals_total", reason="zip_content")
-        gated = bed.device("zip", "1.0.0", bare=False)
-        assert gated.code == 1 and gated.received is not None and gated.received < len(bad), gated.said
-        assert bed.metric("ota_gateway_bundle_verifications_total", result="zip_content") == before + 1
-        assert bed.metric("ota_gateway_refusals_total", reason="zip_content") == refusals + 1
+        with (
+            bed.counted("ota_gateway_bundle_verifications_total", result="zip_content"),
+            bed.counted("ota_gateway_refusals_total", reason="zip_content"),
+        ):
+            gated = bed.device("zip", "1.0.0", bare=False)
+            assert gated.code == 1 and gated.received is not None and gated.received < len(bad), gated.said
         audit = [r for r in bed.gw.audit() if r.get("reason") == "zip_content"][-1]
         assert audit["outcome"] == "aborted" and "verification.zip_scan" in audit["detail"]
     # the twin: names that only look like an escape or like native code, installed through the gateway
@@ -392,9 +391,8 @@ def mix_and_match(bed: Bed) -> None:
     gated_doc = capgo_call(f"{bed.gw.base_url}/updates", bed.pki.client_context(bed.pki.client), body).json()
     ticket_url = gated_doc["manifest"][0]["download_url"]
     assert ticket_url.startswith(f"{bed.gw.base_url}/bundles/t/")
-    before = bed.metric("ota_gateway_bundle_verifications_total", result="checksum_mismatch")
-    assert _incomplete(ticket_url, bed.pki.client_context(bed.pki.client)) < len(v1)
-    assert bed.metric("ota_gateway_bundle_verifications_total", result="checksum_mismatch") == before + 1
+    with bed.counted("ota_gateway_bundle_verifications_total", result="checksum_mismatch"):
+        assert _incomplete(ticket_url, bed.pki.client_context(bed.pki.client)) < len(v1)
 
 
 def ticket_replay(bed: Bed) -> None:
@@ -408,14 +406,13 @@ def ticket_replay(bed: Bed) -> None:
     assert anyone.status == 200 and anyone.body == good  # no certificate at all, and the whole bundle
     doc = capgo_call(f"{bed.gw.base_url}/updates", bed.pki.client_context(bed.pki.client), body).json()
     ticket = doc["url"]
-    before = bed.metric("ota_gateway_refusals_total", reason="ticket_invalid")
-    other = https_request(ticket, bed.pki.client_context(bed.pki.client2))  # another device's certificate
-    assert other.status == 403 and other.json()["reason"] == "ticket_invalid" and good not in other.body
-    at = ticket.index("/bundles/t/") + len("/bundles/t/v1.k1.") + 5
-    flipped = ticket[:at] + ("A" if ticket[at] != "A" else "B") + ticket[at + 1 :]
-    edited = https_request(flipped, bed.pki.client_context(bed.pki.client))
-    assert edited.status == 403 and edited.json()["reason"] == "ticket_invalid"
-    assert bed.metric("ota_gateway_refusals_total", reason="ticket_invalid") == before + 2
+    with bed.counted("ota_gateway_refusals_total", 2, reason="ticket_invalid"):
+        other = https_request(ticket, bed.pki.client_context(bed.pki.client2))  # another device's certificate
+        assert other.status == 403 and other.json()["reason"] == "ticket_invalid" and good not in other.body
+        at = ticket.index("/bundles/t/") + len("/bundles/t/v1.k1.") + 5
+        flipped = ticket[:at] + ("A" if ticket[at] != "A" else "B") + ticket[at + 1 :]
+        edited = https_request(flipped, bed.pki.client_context(bed.pki.client))
+        assert edited.status == 403 and edited.json()["reason"] == "ticket_invalid"
     own = https_request(ticket, bed.pki.client_context(bed.pki.client))  # the twin: its holder downloads it
     assert own.status == 200 and own.body == good
 
@@ -577,10 +574,9 @@ def test_the_encrypted_bundle_is_scanned_after_decryption(bed: Bed) -> None:
         checksum = capgo_crypto.sign_checksum(private, sha(plain))
         session_key = capgo_crypto.make_session_key(private, aes_key, iv)
         bed.answer("unsigned", {"version": "1.1.0", "url": url, "checksum": checksum, "session_key": session_key})
-        before = bed.metric("ota_gateway_bundle_verifications_total", result="zip_content")
-        gated = bed.device("unsigned", "1.0.0", bare=False, public_key=True)
+        with bed.counted("ota_gateway_bundle_verifications_total", int(refused), result="zip_content"):
+            gated = bed.device("unsigned", "1.0.0", bare=False, public_key=True)
         if refused:
             assert gated.code == 1 and gated.received is not None and gated.received < len(encrypted), gated.said
-            assert bed.metric("ota_gateway_bundle_verifications_total", result="zip_content") == before + 1
         else:
             assert gated.code == 0 and gated.installed == plain, gated.said
