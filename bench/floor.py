@@ -292,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
             if kind in wanted:
                 port = harness.free_port()
                 cmd = [sys.executable, __file__, "--serve", kind, str(config), str(port), str(small)]
-                server = stack.enter_context(harness.serve_script(__file__, KINDS[kind], kind, str(config), str(small)))
+                server = stack.enter_context(harness.serve_script(__file__, KINDS[kind], kind, config, small))
                 rows.append(Row(server, BUNDLE, (cmd, {}, base, port)))
         gateway_rows = [name for name in GATEWAY_ROWS if name in wanted]
         if gateway_rows:

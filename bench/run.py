@@ -520,11 +520,11 @@ def run_nginx_proxy(
 
 
 @contextlib.contextmanager
-def serve_script(script: str, name: str, *args: str) -> Iterator[Server]:
-    """`script --serve ARGS[0] ARGS[1] PORT ARGS[2:]...`: a floor server of `floor.py` or `stream_floor.py` in a
-    process of its own on the proxy core, yielded once it listens; its stderr is in the error if it does not."""
+def serve_script(script: str, name: str, kind: str, config: Path, file: Path) -> Iterator[Server]:
+    """`script --serve KIND CONFIG PORT FILE`: a floor server of `floor.py` or `stream_floor.py` in a process of its
+    own on the proxy core, yielded once it listens; its stderr is in the error if it does not."""
     port = free_port()
-    cmd = [*pin_prefix(PROXY_CORE), sys.executable, script, "--serve", *args[:2], str(port), *args[2:]]
+    cmd = [*pin_prefix(PROXY_CORE), sys.executable, script, "--serve", kind, str(config), str(port), str(file)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         try:
@@ -848,10 +848,15 @@ def machine_info() -> dict[str, str]:
     }
 
 
+def with_hash(mb_per_cpu: float, sha_mbps: float) -> float:
+    """MB per CPU-second of a server doing `mb_per_cpu` that also computed SHA-256 (at `sha_mbps`) over every byte."""
+    return 1 / (1 / mb_per_cpu + 1 / sha_mbps)
+
+
 def hashing_estimates(by: dict[str, StreamResult], sha_mbps: float) -> dict[str, float]:
     """MB per CPU-second that each nginx row would reach if it also computed SHA-256 over every byte."""
     return {
-        label: 1 / (1 / by[label].mb_per_cpu + 1 / sha_mbps)
+        label: with_hash(by[label].mb_per_cpu, sha_mbps)
         for label in ("nginx mTLS proxy -> HTTPS origin", "nginx mTLS, file from disk")
         if label in by and by[label].mb_per_cpu > 0
     }

@@ -159,7 +159,7 @@ def render(
     results: dict[str, harness.StreamResult], sha_mbps: float, load: list[float], args: argparse.Namespace
 ) -> str:
     nginx = results[NGINX_ROW]
-    nginx_hash = 1 / (1 / nginx.mb_per_cpu + 1 / sha_mbps)
+    nginx_hash = harness.with_hash(nginx.mb_per_cpu, sha_mbps)
     lines = [
         "# The floor of the verified stream (bench/stream_floor.py)",
         "",
@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
                 (NGINX_ROW, nginx, f"/files/{harness.APP_DIR}/{harness.BIG_VERSION}.zip")
             ]
             for k in KINDS:
-                floor = harness.serve_script(__file__, KINDS[k], k, str(cfg), str(big_file))
+                floor = harness.serve_script(__file__, KINDS[k], k, cfg, big_file)
                 rows.append((KINDS[k], stack.enter_context(floor), big))
             rows.append((GATEWAY_ROW, gateway, big))
             results: dict[str, harness.StreamResult] = {}
